@@ -1,0 +1,81 @@
+"""Argument validation shared by the public modules (private).
+
+Every helper raises ``TypeError`` or ``ValueError`` whose message names the
+argument, what was expected and what was given. None of them reads tensor
+*values*, so none of them synchronises host and device.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Collection
+
+import torch
+
+
+def check_float_matrix(name: str, x: object, dim: int | None = None) -> torch.Tensor:
+    """Require a 2-D floating-point tensor, optionally with ``dim`` columns."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} must have {dim} columns (N, {dim}), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Require ``x.shape == ref.shape``; never broadcast."""
+    if x.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have the same shape as {ref_name} {tuple(ref.shape)}, "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def check_same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Require ``x`` to live on the device of ``ref``."""
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {x.device}")
+
+
+def check_real(name: str, value: object) -> float:
+    """Require a real Python number (not a tensor, not a bool) and return it as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(name: str, value: object) -> float:
+    """Require a real number > 0."""
+    v = check_real(name, value)
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return v
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    """Require a real number in [0, 1]."""
+    v = check_real(name, value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return v
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Require a Python int >= 1 (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value: object, choices: Collection[str]) -> str:
+    """Require one of a fixed set of strings."""
+    if not isinstance(value, str) or value not in choices:
+        expected = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {expected}, got {value!r}")
+    return value

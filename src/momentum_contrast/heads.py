@@ -1,0 +1,179 @@
+"""Projection and prediction heads of MoCo v1, v2 and v3, and backbone surgery."""
+
+from __future__ import annotations
+
+import itertools
+
+from torch import nn
+
+from momentum_contrast._checks import check_positive_int
+
+_CLASSIFIER_NAMES = ("fc", "head", "heads", "classifier")
+
+
+def build_mlp(
+    num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, *, last_bn: bool = True
+) -> nn.Sequential:
+    """MLP of MoCo v3: ``[Linear → BatchNorm1d → ReLU] * (num_layers - 1) → Linear``.
+
+    Every ``Linear`` is bias-free (BatchNorm follows it). With ``last_bn`` the
+    last ``Linear`` is followed by a ``BatchNorm1d(affine=False)``, as in the
+    paper's projector (and ViT predictor).
+
+    Args:
+        num_layers: number of ``Linear`` layers, ``>= 1``.
+        in_dim: input features.
+        hidden_dim: width of the hidden layers.
+        out_dim: output features.
+        last_bn: end with a non-affine ``BatchNorm1d``.
+
+    Returns:
+        ``nn.Sequential`` mapping ``(N, in_dim)`` to ``(N, out_dim)``.
+
+    Examples:
+        >>> from momentum_contrast import build_mlp
+        >>> build_mlp(2, 2048, 4096, 256)
+        Sequential(
+          (0): Linear(in_features=2048, out_features=4096, bias=False)
+          (1): BatchNorm1d(4096, eps=1e-05, momentum=0.1, affine=True...)
+          (2): ReLU(inplace=True)
+          (3): Linear(in_features=4096, out_features=256, bias=False)
+          (4): BatchNorm1d(256, eps=1e-05, momentum=0.1, affine=False...)
+        )
+    """
+    layers = check_positive_int("num_layers", num_layers)
+    dims = [check_positive_int("in_dim", in_dim)]
+    dims += [check_positive_int("hidden_dim", hidden_dim)] * (layers - 1)
+    dims += [check_positive_int("out_dim", out_dim)]
+    modules: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+        modules.append(nn.Linear(d_in, d_out, bias=False))
+        if i < layers - 1:
+            modules += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            modules.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*modules)
+
+
+def moco_v1_head(in_dim: int, out_dim: int = 128) -> nn.Linear:
+    """MoCo v1 head: the classifier replaced by ``Linear(in_dim, out_dim)`` (with bias).
+
+    Examples:
+        >>> from momentum_contrast import moco_v1_head
+        >>> moco_v1_head(2048)
+        Linear(in_features=2048, out_features=128, bias=True)
+    """
+    return nn.Linear(check_positive_int("in_dim", in_dim), check_positive_int("out_dim", out_dim))
+
+
+def moco_v2_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
+    """MoCo v2 head: ``Linear → ReLU → Linear``, with biases (the reference v2 MLP).
+
+    Examples:
+        >>> from momentum_contrast import moco_v2_head
+        >>> moco_v2_head(2048)
+        Sequential(
+          (0): Linear(in_features=2048, out_features=2048, bias=True)
+          (1): ReLU()
+          (2): Linear(in_features=2048, out_features=128, bias=True)
+        )
+    """
+    return nn.Sequential(
+        nn.Linear(
+            check_positive_int("in_dim", in_dim), check_positive_int("hidden_dim", hidden_dim)
+        ),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, check_positive_int("out_dim", out_dim)),
+    )
+
+
+def moco_v3_projector(
+    in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2
+) -> nn.Sequential:
+    """MoCo v3 projector: :func:`build_mlp` with a last non-affine BatchNorm.
+
+    Use ``num_layers=2`` for ResNets (the default) and ``3`` for ViTs.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast import moco_v3_projector
+        >>> vit_projector = moco_v3_projector(768, num_layers=3)
+        >>> sum(isinstance(m, torch.nn.Linear) for m in vit_projector)
+        3
+    """
+    return build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True)
+
+
+def moco_v3_predictor(
+    dim: int = 256, hidden_dim: int = 4096, *, last_bn: bool = False
+) -> nn.Sequential:
+    """MoCo v3 predictor: 2-layer :func:`build_mlp` ``dim → hidden_dim → dim``.
+
+    ``last_bn=False`` for ResNets (the default), ``True`` for ViTs, as the reference.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast import moco_v3_predictor
+        >>> predictor = moco_v3_predictor()
+        >>> predictor(torch.randn(4, 256)).shape
+        torch.Size([4, 256])
+    """
+    return build_mlp(2, dim, hidden_dim, dim, last_bn=last_bn)
+
+
+def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
+    """Remove a model's classifier so it outputs features; return them and their size.
+
+    Modifies ``model`` in place and returns it. Understood:
+
+    - timm models (anything with ``reset_classifier`` and ``num_features``):
+      ``reset_classifier(0)``.
+    - models whose last child is an ``nn.Linear`` named ``fc``, ``head``,
+      ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
+      ``nn.Sequential`` under such a name ending in one (torchvision ViT's
+      ``heads``, EfficientNet's ``classifier``): that ``Linear`` becomes ``nn.Identity``.
+
+    Args:
+        model: a classification network.
+
+    Returns:
+        ``(feature_extractor, feature_dim)``: the same ``model``, now mapping
+        images to ``(N, feature_dim)`` features.
+
+    Raises:
+        TypeError: when the classifier cannot be found; build the feature
+            extractor yourself and pass it with its output size instead.
+
+    Examples:
+        >>> import torch, torchvision
+        >>> from momentum_contrast import moco_v2_head, strip_classifier
+        >>> backbone, dim = strip_classifier(torchvision.models.resnet18())
+        >>> dim
+        512
+        >>> encoder = torch.nn.Sequential(backbone, moco_v2_head(dim))
+        >>> encoder(torch.randn(2, 3, 64, 64)).shape
+        torch.Size([2, 128])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    reset = getattr(model, "reset_classifier", None)
+    num_features = getattr(model, "num_features", None)
+    if callable(reset) and isinstance(num_features, int):
+        reset(0)
+        return model, num_features
+    children = list(model.named_children())
+    if children and children[-1][0] in _CLASSIFIER_NAMES:
+        name, last = children[-1]
+        parent: nn.Module = model
+        if isinstance(last, nn.Sequential) and len(last) > 0:
+            parent, (name, last) = last, list(last.named_children())[-1]
+        if isinstance(last, nn.Linear):
+            setattr(parent, name, nn.Identity())
+            return model, last.in_features
+    found = ", ".join(f"{n}: {type(m).__name__}" for n, m in children[-3:]) or "no children"
+    raise TypeError(
+        f"strip_classifier: cannot find the classifier of {type(model).__name__}; expected a "
+        f"timm model or a last child nn.Linear named one of {', '.join(_CLASSIFIER_NAMES)} "
+        f"(last children: {found}). Build the feature extractor yourself and pass it with "
+        "its output size, e.g. moco_v2_head(feature_dim) on top of it."
+    )

@@ -1,0 +1,244 @@
+"""Contrastive losses: InfoNCE (MoCo v1/v2) and the symmetric loss of MoCo v3."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from momentum_contrast._checks import (
+    check_choice,
+    check_float_matrix,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+)
+from momentum_contrast.distributed import concat_all_gather, rank
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def _float32_context(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Disable autocast so logits and loss are computed in (at least) float32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def info_nce(
+    query: torch.Tensor,
+    positive_key: torch.Tensor,
+    negative_keys: torch.Tensor | None = None,
+    *,
+    temperature: float = 0.07,
+    reduction: Reduction = "mean",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """InfoNCE loss of MoCo v1/v2: each query against its key and the negatives.
+
+    With ``negative_keys`` the logits of query ``i`` are ``[q_i·k_i, q_i·n_1, …,
+    q_i·n_M] / T`` and the target is index 0, exactly the reference's ``cat`` +
+    cross-entropy. Without them, the other rows of ``positive_key`` are the
+    negatives: logits ``q @ k.T / T``, targets ``arange(N)``.
+
+    Logits and loss are computed in float32 (float64 for float64 inputs), also
+    under ``torch.autocast``. Keys and negatives are detached: no gradient
+    flows into them.
+
+    Args:
+        query: ``(N, D)`` float tensor from the query encoder.
+        positive_key: ``(N, D)`` float tensor, the key of each query.
+        negative_keys: ``(M, D)`` float tensor, e.g. ``KeyQueue.negatives()``,
+            used as given: they must already be unit-norm (a ``KeyQueue`` with
+            ``normalize=True`` guarantees it). Any float dtype (bf16 queues included).
+        temperature: ``T > 0``; 0.07 as MoCo v1 (v2 uses 0.2).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a ``(N,)`` tensor).
+        normalize: L2-normalise ``query`` and ``positive_key`` first.
+
+    Returns:
+        The loss: a scalar, or ``(N,)`` with ``reduction="none"``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast import info_nce
+        >>> q, k = torch.randn(8, 128, requires_grad=True), torch.randn(8, 128)
+        >>> queue = torch.nn.functional.normalize(torch.randn(4096, 128), dim=1)
+        >>> loss = info_nce(q, k, queue, temperature=0.2)
+        >>> loss.backward()
+        >>> loss.shape, q.grad.shape
+        (torch.Size([]), torch.Size([8, 128]))
+        >>> info_nce(q, k, reduction="none").shape  # in-batch negatives
+        torch.Size([8])
+    """
+    check_float_matrix("query", query)
+    check_float_matrix("positive_key", positive_key)
+    check_same_shape("positive_key", positive_key, "query", query)
+    check_same_device("positive_key", positive_key, "query", query)
+    if negative_keys is not None:
+        check_float_matrix("negative_keys", negative_keys, query.shape[1])
+        check_same_device("negative_keys", negative_keys, "query", query)
+    t = check_positive("temperature", temperature)
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    n = query.shape[0]
+    with _float32_context(query.device):
+        q = query.to(dtype)  # (N, D)
+        k = positive_key.detach().to(dtype)  # (N, D)
+        if normalize:
+            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        if negative_keys is None:
+            logits = q @ k.T / t  # (N, N)
+            targets = torch.arange(n, device=q.device)
+        else:
+            l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+            l_neg = q @ negative_keys.detach().to(dtype).T  # (N, M)
+            logits = torch.cat([l_pos, l_neg], dim=1) / t  # (N, 1 + M)
+            targets = torch.zeros(n, dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def _ctr(q: torch.Tensor, k: torch.Tensor, t: float, gather: bool) -> torch.Tensor:
+    """MoCo v3's ``ctr``: cross-entropy of q against all ranks' keys, times 2T."""
+    q = F.normalize(q, dim=1)  # (N, D)
+    k = F.normalize(k.detach(), dim=1)  # (N, D)
+    offset = 0
+    if gather:
+        k = concat_all_gather(k)  # (world * N, D)
+        offset = q.shape[0] * rank()
+    logits = q @ k.T / t  # (N, world * N)
+    labels = torch.arange(q.shape[0], device=q.device) + offset  # own key's column
+    return F.cross_entropy(logits, labels) * (2 * t)
+
+
+def symmetric_contrastive_loss(
+    q1: torch.Tensor,
+    q2: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    gather: bool = True,
+) -> torch.Tensor:
+    """MoCo v3 loss ``ctr(q1, k2) + ctr(q2, k1)`` with in-batch negatives.
+
+    ``ctr(q, k)`` is the cross-entropy of ``normalize(q) @ normalize(all_gather(k)).T / T``
+    against ``arange(N) + N * rank``, multiplied by ``2 * T`` as the reference
+    (which keeps the gradient scale independent of ``T``). Keys are detached and
+    gathered from every rank when ``gather`` and ``torch.distributed`` is
+    initialised; without a process group it is the single-process loss.
+    Computed in float32 (float64 for float64 inputs), also under autocast.
+
+    Args:
+        q1: ``(N, D)`` predictor output for view one.
+        q2: ``(N, D)`` predictor output for view two.
+        k1: ``(N, D)`` momentum-encoder output for view one.
+        k2: ``(N, D)`` momentum-encoder output for view two.
+        temperature: ``T > 0``; 1.0 as the MoCo v3 ResNet recipe (0.2 for ViT).
+        gather: use the keys of all ranks as negatives (the reference does).
+
+    Returns:
+        Scalar loss.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast import symmetric_contrastive_loss
+        >>> q1, q2 = torch.randn(16, 256, requires_grad=True), torch.randn(16, 256)
+        >>> k1, k2 = torch.randn(16, 256), torch.randn(16, 256)
+        >>> loss = symmetric_contrastive_loss(q1, q2, k1, k2, temperature=0.2)
+        >>> loss.backward()
+        >>> loss.shape
+        torch.Size([])
+    """
+    for name, x in (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2)):
+        check_float_matrix(name, x)
+        if name != "q1":
+            check_same_shape(name, x, "q1", q1)
+            check_same_device(name, x, "q1", q1)
+    t = check_positive("temperature", temperature)
+    dtype = torch.promote_types(q1.dtype, torch.float32)
+    with _float32_context(q1.device):
+        a, b, c, d = (x.to(dtype) for x in (q1, q2, k1, k2))
+        return _ctr(a, d, t, gather) + _ctr(b, c, t, gather)
+
+
+class InfoNCE(nn.Module):
+    """Module form of :func:`info_nce`, holding ``temperature`` and ``reduction``.
+
+    Args:
+        temperature: ``T > 0``; 0.07 as MoCo v1 (v2 uses 0.2).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise query and positive key first.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast import InfoNCE, KeyQueue
+        >>> criterion, queue = InfoNCE(temperature=0.2), KeyQueue(4096, 128)
+        >>> q, k = torch.randn(8, 128), torch.randn(8, 128)
+        >>> criterion(q, k, queue.negatives()).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self, temperature: float = 0.07, reduction: Reduction = "mean", normalize: bool = True
+    ) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.reduction: Reduction = check_choice(  # type: ignore[assignment]
+            "reduction", reduction, ("mean", "sum", "none")
+        )
+        self.normalize = bool(normalize)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        positive_key: torch.Tensor,
+        negative_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args as :func:`info_nce`: query and positive key ``(N, D)``, negatives ``(M, D)``."""
+        return info_nce(
+            query,
+            positive_key,
+            negative_keys,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            normalize=self.normalize,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class SymmetricContrastiveLoss(nn.Module):
+    """Module form of :func:`symmetric_contrastive_loss` (MoCo v3).
+
+    Args:
+        temperature: ``T > 0``; 1.0 as the MoCo v3 ResNet recipe (0.2 for ViT).
+        gather: use the keys of all ranks as negatives.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast import SymmetricContrastiveLoss
+        >>> criterion = SymmetricContrastiveLoss(temperature=1.0)
+        >>> q1, q2, k1, k2 = torch.randn(4, 16, 256).unbind(0)
+        >>> criterion(q1, q2, k1, k2).shape
+        torch.Size([])
+    """
+
+    def __init__(self, temperature: float = 1.0, gather: bool = True) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.gather = bool(gather)
+
+    def forward(
+        self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor
+    ) -> torch.Tensor:
+        """Args as :func:`symmetric_contrastive_loss`: four ``(N, D)`` tensors."""
+        return symmetric_contrastive_loss(
+            q1, q2, k1, k2, temperature=self.temperature, gather=self.gather
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather={self.gather}"

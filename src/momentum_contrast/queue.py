@@ -1,0 +1,140 @@
+"""The dictionary of MoCo v1/v2: a ring buffer of the newest keys."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from momentum_contrast._checks import (
+    check_choice,
+    check_float_matrix,
+    check_positive_int,
+    check_same_device,
+)
+from momentum_contrast.distributed import concat_all_gather
+
+QueueInit = Literal["random", "empty"]
+
+
+class KeyQueue(nn.Module):
+    """Ring buffer holding the newest ``size`` keys: MoCo's negatives.
+
+    ``push`` writes at a device-side pointer with ``index_copy_``, so it never
+    synchronises host and device and takes any batch size (the reference
+    asserts ``size % batch_size == 0``). Keys, pointer and length are persistent
+    buffers: the queue survives ``state_dict`` round trips, so a resumed run
+    continues with the dictionary it had.
+
+    Args:
+        size: number of keys ``K`` kept (65,536 in the papers), ``>= 1``.
+        dim: key dimension ``D`` (128 in the papers), ``>= 1``.
+        dtype: storage dtype; ``torch.bfloat16`` / ``torch.float16`` halve the
+            memory, and :func:`~momentum_contrast.info_nce` still computes in float32.
+        init: ``"random"`` (default, as the papers): full from the start with
+            unit-norm random keys. ``"empty"``: starts with no keys and grows.
+        normalize: L2-normalise every pushed key (the queue then always holds
+            unit-norm keys, as ``info_nce`` expects of its negatives).
+        gather: when ``torch.distributed`` is initialised, all-gather the keys of
+            every rank (in rank order) before writing, so all ranks hold the same queue.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast import KeyQueue
+        >>> queue = KeyQueue(size=1000, dim=128)
+        >>> len(queue)
+        1000
+        >>> negatives = queue.negatives()  # (1000, 128), a snapshot safe for backward
+        >>> queue.push(torch.randn(96, 128))  # any batch size; detached and normalised
+        >>> queue.negatives().norm(dim=1).allclose(torch.ones(1000))
+        True
+    """
+
+    keys: torch.Tensor
+    ptr: torch.Tensor
+    length: torch.Tensor
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        init: QueueInit = "random",
+        normalize: bool = True,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        self.size = check_positive_int("size", size)
+        self.dim = check_positive_int("dim", dim)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_choice("init", init, ("random", "empty"))
+        self.normalize = bool(normalize)
+        self.gather = bool(gather)
+        if init == "random":
+            keys = F.normalize(torch.randn(self.size, self.dim), dim=1).to(dtype)
+            self._length = self.size
+        else:
+            keys = torch.zeros(self.size, self.dim, dtype=dtype)
+            self._length = 0
+        self.register_buffer("keys", keys)  # (K, D)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next write row
+        self.register_buffer("length", torch.tensor(self._length, dtype=torch.long))
+        self.register_load_state_dict_post_hook(_sync_length)  # type: ignore[no-untyped-call]
+
+    def __len__(self) -> int:
+        """Number of valid keys: ``size`` once full (from the start with ``init="random"``)."""
+        return self._length
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        """Enqueue a batch of keys, overwriting the oldest.
+
+        Args:
+            keys: ``(N, dim)`` float tensor on the queue's device, any ``N``.
+                Detached; gathered from all ranks first when ``gather`` and
+                ``torch.distributed`` is initialised; L2-normalised when
+                ``normalize``. With ``N > size`` only the newest ``size`` are kept.
+        """
+        check_float_matrix("keys", keys, self.dim)
+        check_same_device("keys", keys, "the queue", self.keys)
+        keys = keys.detach()
+        if self.gather:
+            keys = concat_all_gather(keys)  # (world * N, D)
+        n = keys.shape[0]
+        if n == 0:
+            return
+        offset = max(n - self.size, 0)  # rows that would be overwritten at once
+        keys = keys[offset:]
+        if self.normalize:
+            keys = F.normalize(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=1)
+        rows = torch.arange(offset, n, device=self.keys.device)
+        self.keys.index_copy_(0, (self.ptr + rows) % self.size, keys.to(self.keys.dtype))
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self._length = min(self._length + n, self.size)
+        self.length.fill_(self._length)
+
+    def negatives(self) -> torch.Tensor:
+        """The valid keys, as a copy that a later :meth:`push` cannot change.
+
+        Returns:
+            ``(len(self), dim)`` tensor in the storage dtype, without gradient.
+            It is a snapshot (as the reference's ``queue.clone()``), so a loss
+            built from it backpropagates correctly even after the next ``push``.
+        """
+        return self.keys[: self._length].clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, dim={self.dim}, dtype={self.keys.dtype}, "
+            f"normalize={self.normalize}, gather={self.gather}"
+        )
+
+
+def _sync_length(module: nn.Module, incompatible_keys: Any) -> None:
+    # Loading is not a steady-state step: one read of the loaded length is fine.
+    if isinstance(module, KeyQueue):
+        module._length = int(module.length)

@@ -1,0 +1,147 @@
+"""Heads: structure and parameter counts of the reference heads; strip_classifier."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from momentum_contrast import (
+    build_mlp,
+    moco_v1_head,
+    moco_v2_head,
+    moco_v3_predictor,
+    moco_v3_projector,
+    strip_classifier,
+)
+
+
+def layout(module: nn.Module) -> list[tuple[str, ...]]:
+    """(type, in, out, bias) for Linear, (type, features, affine) for BatchNorm1d."""
+    out: list[tuple[str, ...]] = []
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            out.append(("Linear", str(m.in_features), str(m.out_features), str(m.bias is not None)))
+        elif isinstance(m, nn.BatchNorm1d):
+            out.append(("BN", str(m.num_features), str(m.affine)))
+        elif isinstance(m, nn.ReLU):
+            out.append(("ReLU",))
+    return out
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_v1_head() -> None:
+    head = moco_v1_head(2048)
+    assert layout(head) == [("Linear", "2048", "128", "True")]
+    assert n_params(head) == 2048 * 128 + 128
+
+
+def test_v2_head() -> None:
+    head = moco_v2_head(2048)
+    assert layout(head) == [
+        ("Linear", "2048", "2048", "True"),
+        ("ReLU",),
+        ("Linear", "2048", "128", "True"),
+    ]
+    assert n_params(head) == (2048 * 2048 + 2048) + (2048 * 128 + 128)
+
+
+def test_v3_resnet_projector_and_predictor() -> None:
+    projector = moco_v3_projector(2048)
+    assert layout(projector) == [
+        ("Linear", "2048", "4096", "False"),
+        ("BN", "4096", "True"),
+        ("ReLU",),
+        ("Linear", "4096", "256", "False"),
+        ("BN", "256", "False"),
+    ]
+    assert n_params(projector) == 2048 * 4096 + 2 * 4096 + 4096 * 256
+    predictor = moco_v3_predictor()
+    assert layout(predictor) == [
+        ("Linear", "256", "4096", "False"),
+        ("BN", "4096", "True"),
+        ("ReLU",),
+        ("Linear", "4096", "256", "False"),
+    ]
+    assert n_params(predictor) == 256 * 4096 + 2 * 4096 + 4096 * 256
+
+
+def test_v3_vit_projector_and_predictor() -> None:
+    projector = moco_v3_projector(768, num_layers=3)
+    assert layout(projector) == [
+        ("Linear", "768", "4096", "False"),
+        ("BN", "4096", "True"),
+        ("ReLU",),
+        ("Linear", "4096", "4096", "False"),
+        ("BN", "4096", "True"),
+        ("ReLU",),
+        ("Linear", "4096", "256", "False"),
+        ("BN", "256", "False"),
+    ]
+    predictor = moco_v3_predictor(last_bn=True)
+    assert layout(predictor)[-1] == ("BN", "256", "False")
+    assert n_params(predictor) == 256 * 4096 + 2 * 4096 + 4096 * 256
+
+
+def test_build_mlp_single_layer_and_forward() -> None:
+    assert layout(build_mlp(1, 5, 99, 3, last_bn=False)) == [("Linear", "5", "3", "False")]
+    mlp = build_mlp(3, 5, 7, 3)
+    out = mlp(torch.randn(10, 5))
+    assert out.shape == (10, 3)
+    # the last BatchNorm is not affine: every output feature is standardised in training
+    torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_strip_torchvision_resnet50() -> None:
+    model, dim = strip_classifier(torchvision.models.resnet50())
+    assert dim == 2048 and isinstance(model.fc, nn.Identity)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2048)
+
+
+def test_strip_torchvision_vit_b_16() -> None:
+    model, dim = strip_classifier(torchvision.models.vit_b_16())
+    assert dim == 768
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 768)
+
+
+def test_strip_custom_head_and_sequential_classifier() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 20), nn.ReLU())
+            self.head = nn.Linear(20, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    model, dim = strip_classifier(Net())
+    assert dim == 20 and model(torch.randn(3, 3, 2, 2)).shape == (3, 20)
+
+    seq = nn.Sequential()
+    seq.add_module("features", nn.Flatten())
+    seq.add_module("classifier", nn.Sequential(nn.Dropout(0.2), nn.Linear(12, 7)))
+    model, dim = strip_classifier(seq)
+    assert dim == 12 and model(torch.randn(2, 3, 2, 2)).shape == (2, 12)
+
+
+@pytest.mark.parametrize(("name", "dim"), [("resnet18", 512), ("vit_tiny_patch16_224", 192)])
+def test_strip_timm_models(name: str, dim: int) -> None:
+    model, got = strip_classifier(timm.create_model(name, pretrained=False))
+    assert got == dim
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, dim)
+
+
+def test_strip_unknown_model_says_what_to_do() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(TypeError, match="Build the feature extractor yourself"):
+        strip_classifier(model)
+    mid = nn.Module()
+    mid.fc = nn.Linear(3, 3)
+    mid.after = nn.ReLU()  # fc is not the last layer
+    with pytest.raises(TypeError, match="last children: fc: Linear, after: ReLU"):
+        strip_classifier(mid)

@@ -1,0 +1,62 @@
+"""Packaging: the public names, the version, typing marker and runtime dependencies."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import pathlib
+import re
+import subprocess
+import sys
+
+import momentum_contrast
+
+PUBLIC = {
+    "MomentumEncoder",
+    "cosine_momentum",
+    "KeyQueue",
+    "info_nce",
+    "symmetric_contrastive_loss",
+    "InfoNCE",
+    "SymmetricContrastiveLoss",
+    "build_mlp",
+    "moco_v1_head",
+    "moco_v2_head",
+    "moco_v3_projector",
+    "moco_v3_predictor",
+    "strip_classifier",
+}
+
+
+def test_public_names_import_from_the_top_level() -> None:
+    assert set(momentum_contrast.__all__) == PUBLIC | {"__version__"}
+    for name in PUBLIC:
+        assert getattr(momentum_contrast, name).__doc__, name
+
+
+def test_version_matches_metadata() -> None:
+    assert momentum_contrast.__version__ == "0.1.0"
+    assert importlib.metadata.version("momentum-contrast") == momentum_contrast.__version__
+
+
+def test_py_typed_marker_ships() -> None:
+    assert (pathlib.Path(momentum_contrast.__file__).parent / "py.typed").is_file()
+
+
+def test_runtime_dependencies_are_torch_einops_typing_extensions() -> None:
+    requires = importlib.metadata.requires("momentum-contrast") or []
+    runtime = {re.split(r"[<>=!~ ;\[]", r)[0].lower() for r in requires if "extra ==" not in r}
+    assert runtime == {"torch", "einops", "typing-extensions"}
+
+
+def test_import_loads_nothing_beyond_torch() -> None:
+    code = (
+        "import sys, torch; before = set(sys.modules); import momentum_contrast; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    new = set(eval(out.stdout))
+    assert "momentum_contrast" in new
+    assert new - {"momentum_contrast", "einops", "typing_extensions"} <= set(
+        sys.stdlib_module_names
+    )
+    assert not new & {"torchvision", "timm", "kornia", "matplotlib", "numpy"}

@@ -1,0 +1,162 @@
+"""KeyQueue: ring-buffer semantics, persistence, snapshots, storage dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import no_host_sync
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from momentum_contrast import KeyQueue, info_nce
+
+
+def ring_buffer_reference(size: int, dim: int, batches: list[torch.Tensor]) -> torch.Tensor:
+    """A plain Python ring buffer: key number g lives in slot g % size."""
+    slots: list[list[float] | None] = [None] * size
+    g = 0
+    for batch in batches:
+        for row in batch.tolist():
+            slots[g % size] = row
+            g += 1
+    valid = [s for s in slots if s is not None]
+    return torch.tensor(valid, dtype=torch.float32).reshape(len(valid), dim)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 12),
+    batch_sizes=st.lists(st.integers(0, 30), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_holds_exactly_the_newest_keys(size: int, batch_sizes: list[int], seed: int) -> None:
+    dim = 3
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(n, dim, generator=g) for n in batch_sizes]
+    queue = KeyQueue(size, dim, init="empty", normalize=False)
+    for b in batches:
+        queue.push(b)
+    total = sum(batch_sizes)
+    assert len(queue) == min(total, size)
+    assert torch.equal(queue.negatives(), ring_buffer_reference(size, dim, batches))
+    # as a set: exactly the newest min(total, size) keys
+    newest = torch.cat(batches)[max(total - size, 0) :]
+    got = sorted(map(tuple, queue.negatives().tolist()))
+    assert got == sorted(map(tuple, newest.tolist()))
+    assert int(queue.ptr) == total % size
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 10, 25])
+def test_any_batch_size(n: int) -> None:
+    queue = KeyQueue(10, 4, normalize=False)  # random init, as the papers
+    pushed = [torch.randn(n, 4) for _ in range(10 // n + 3)]
+    for b in pushed:
+        queue.push(b)
+    newest = torch.cat(pushed)[-10:]
+    assert sorted(map(tuple, queue.negatives().tolist())) == sorted(map(tuple, newest.tolist()))
+
+
+def test_random_init_is_full_of_unit_keys() -> None:
+    queue = KeyQueue(300, 16)
+    assert len(queue) == 300
+    keys = queue.negatives()
+    assert keys.shape == (300, 16)
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(300))
+    assert keys.std() > 0.1  # random, not constant
+
+
+def test_empty_init_grows_from_zero() -> None:
+    queue = KeyQueue(5, 2, init="empty")
+    assert len(queue) == 0 and queue.negatives().shape == (0, 2)
+    queue.push(torch.randn(3, 2))
+    assert len(queue) == 3 and queue.negatives().shape == (3, 2)
+    queue.push(torch.randn(3, 2))
+    assert len(queue) == 5 and queue.negatives().shape == (5, 2)
+
+
+def test_pushed_keys_are_normalised_and_detached() -> None:
+    queue = KeyQueue(8, 4, init="empty")
+    keys = (5 * torch.randn(8, 4)).requires_grad_()
+    queue.push(keys)
+    torch.testing.assert_close(queue.negatives().norm(dim=1), torch.ones(8))
+    torch.testing.assert_close(
+        queue.negatives(), keys.detach() / keys.detach().norm(dim=1, keepdim=True)
+    )
+    assert not queue.keys.requires_grad
+
+
+def test_state_dict_round_trip_resumes_bit_identically() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 6, generator=g) for n in (4, 7, 9, 2, 11, 5, 13)]
+    start = KeyQueue(17, 6)
+    start_state = {k: v.clone() for k, v in start.state_dict().items()}
+    a = KeyQueue(17, 6)
+    a.load_state_dict(start_state)
+    for b in batches[:3]:
+        a.push(b)
+    saved = {k: v.clone() for k, v in a.state_dict().items()}
+    assert set(saved) == {"keys", "ptr", "length"}
+
+    resumed = KeyQueue(17, 6, init="empty")  # fresh object, different contents
+    resumed.load_state_dict(saved)
+    assert len(resumed) == 17
+    for b in batches[3:]:
+        resumed.push(b)
+    reference = KeyQueue(17, 6)
+    reference.load_state_dict(start_state)
+    for b in batches:
+        reference.push(b)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_empty_queue_length_survives_state_dict() -> None:
+    queue = KeyQueue(10, 3, init="empty")
+    queue.push(torch.randn(4, 3))
+    resumed = KeyQueue(10, 3, init="empty")
+    resumed.load_state_dict(queue.state_dict())
+    assert len(resumed) == 4
+    assert torch.equal(resumed.negatives(), queue.negatives())
+
+
+def test_negatives_snapshot_backpropagates_after_push() -> None:
+    torch.manual_seed(0)
+    queue = KeyQueue(64, 8, dtype=torch.float64)
+    q = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 8, dtype=torch.float64)
+    negatives = queue.negatives()
+    frozen = negatives.clone()
+    loss = info_nce(q, k, negatives, temperature=0.2)
+    queue.push(torch.randn(32, 8, dtype=torch.float64))  # overwrites half the queue
+    assert not torch.equal(queue.negatives(), frozen)
+    loss.backward()
+    q_ref = q.detach().clone().requires_grad_()
+    info_nce(q_ref, k, frozen, temperature=0.2).backward()
+    assert q.grad is not None and q_ref.grad is not None
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_storage(dtype: torch.dtype) -> None:
+    full = KeyQueue(4096, 128)
+    half = KeyQueue(4096, 128, dtype=dtype)
+    assert half.keys.dtype == dtype
+    assert half.keys.nbytes * 2 == full.keys.nbytes
+    half.push(torch.randn(256, 128))
+    q, k = torch.randn(256, 128), torch.randn(256, 128)
+    loss = info_nce(q, k, half.negatives(), temperature=0.2)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    expected = info_nce(q, k, half.negatives().float(), temperature=0.2)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+def test_push_and_negatives_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = KeyQueue(100, 8)
+    empty = KeyQueue(100, 8, init="empty")
+    keys = torch.randn(30, 8)
+    with no_host_sync(monkeypatch):
+        for q in (queue, empty):
+            q.push(keys)
+            q.push(keys[:7])
+            q.negatives()
+            q.push(torch.randn(250, 8))

@@ -1,0 +1,232 @@
+"""Every bad input gets a ValueError/TypeError naming the argument, expected and actual."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import momentum_contrast as mc
+
+q8, k8 = torch.randn(4, 8), torch.randn(4, 8)
+neg8 = torch.randn(16, 8)
+
+
+def queue_push(keys: torch.Tensor, dim: int = 8) -> None:
+    mc.KeyQueue(32, dim).push(keys)
+
+
+CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
+    # losses
+    (
+        "query/key shape mismatch",
+        lambda: mc.info_nce(q8, torch.randn(5, 8)),
+        ValueError,
+        ["positive_key", "(4, 8)", "(5, 8)"],
+    ),
+    (
+        "key dim mismatch",
+        lambda: mc.info_nce(q8, torch.randn(4, 7)),
+        ValueError,
+        ["positive_key", "(4, 8)", "(4, 7)"],
+    ),
+    (
+        "queue of another dim",
+        lambda: mc.info_nce(q8, k8, torch.randn(16, 6)),
+        ValueError,
+        ["negative_keys", "8 columns", "(16, 6)"],
+    ),
+    (
+        "1-D query",
+        lambda: mc.info_nce(torch.randn(8), torch.randn(8)),
+        ValueError,
+        ["query", "2-D", "(8,)"],
+    ),
+    (
+        "3-D negatives",
+        lambda: mc.info_nce(q8, k8, torch.randn(2, 16, 8)),
+        ValueError,
+        ["negative_keys", "2-D", "(2, 16, 8)"],
+    ),
+    (
+        "integer query",
+        lambda: mc.info_nce(torch.ones(4, 8, dtype=torch.long), k8),
+        TypeError,
+        ["query", "floating-point", "torch.int64"],
+    ),
+    (
+        "integer negatives",
+        lambda: mc.info_nce(q8, k8, torch.ones(3, 8, dtype=torch.int32)),
+        TypeError,
+        ["negative_keys", "floating-point", "torch.int32"],
+    ),
+    (
+        "non-tensor query",
+        lambda: mc.info_nce([[1.0]], k8),
+        TypeError,  # type: ignore[arg-type]
+        ["query", "torch.Tensor", "list"],
+    ),
+    (
+        "zero temperature",
+        lambda: mc.info_nce(q8, k8, temperature=0.0),
+        ValueError,
+        ["temperature", "> 0", "0.0"],
+    ),
+    (
+        "negative temperature",
+        lambda: mc.info_nce(q8, k8, temperature=-1),
+        ValueError,
+        ["temperature", "> 0", "-1"],
+    ),
+    (
+        "tensor temperature",
+        lambda: mc.info_nce(q8, k8, temperature=torch.tensor(0.1)),  # type: ignore[arg-type]
+        TypeError,
+        ["temperature", "real number", "Tensor"],
+    ),
+    (
+        "unknown reduction",
+        lambda: mc.info_nce(q8, k8, reduction="avg"),
+        ValueError,  # type: ignore[arg-type]
+        ["reduction", "'mean'", "'avg'"],
+    ),
+    (
+        "negatives on another device",
+        lambda: mc.info_nce(q8, k8, torch.empty(3, 8, device="meta")),
+        ValueError,
+        ["negative_keys", "cpu", "meta"],
+    ),
+    (
+        "symmetric shape mismatch",
+        lambda: mc.symmetric_contrastive_loss(q8, q8, k8, torch.randn(3, 8)),
+        ValueError,
+        ["k2", "(4, 8)", "(3, 8)"],
+    ),
+    (
+        "symmetric bad temperature",
+        lambda: mc.symmetric_contrastive_loss(q8, q8, k8, k8, temperature=0),
+        ValueError,
+        ["temperature", "> 0"],
+    ),
+    (
+        "InfoNCE bad reduction",
+        lambda: mc.InfoNCE(reduction="max"),
+        ValueError,  # type: ignore[arg-type]
+        ["reduction", "'max'"],
+    ),
+    (
+        "SymmetricContrastiveLoss bad temperature",
+        lambda: mc.SymmetricContrastiveLoss(-0.5),
+        ValueError,
+        ["temperature", "-0.5"],
+    ),
+    # momentum encoder
+    (
+        "momentum above 1",
+        lambda: mc.MomentumEncoder(nn.Linear(2, 2), momentum=1.5),
+        ValueError,
+        ["momentum", "[0, 1]", "1.5"],
+    ),
+    (
+        "momentum below 0 in update",
+        lambda: mc.MomentumEncoder(nn.Linear(2, 2)).update(-0.1),
+        ValueError,
+        ["momentum", "[0, 1]", "-0.1"],
+    ),
+    (
+        "momentum as string",
+        lambda: mc.MomentumEncoder(nn.Linear(2, 2), momentum="0.9"),  # type: ignore[arg-type]
+        TypeError,
+        ["momentum", "real number", "str"],
+    ),
+    (
+        "unknown buffers",
+        lambda: mc.MomentumEncoder(nn.Linear(2, 2), buffers="average"),  # type: ignore[arg-type]
+        ValueError,
+        ["buffers", "'own'", "'average'"],
+    ),
+    (
+        "online not a module",
+        lambda: mc.MomentumEncoder(torch.randn(2)),
+        TypeError,  # type: ignore[arg-type]
+        ["online", "nn.Module", "Tensor"],
+    ),
+    (
+        "cosine step past the end",
+        lambda: mc.cosine_momentum(11, 10),
+        ValueError,
+        ["step", "[0, total_steps=10]", "11"],
+    ),
+    ("cosine zero total", lambda: mc.cosine_momentum(0, 0), ValueError, ["total_steps", "> 0"]),
+    (
+        "cosine base above 1",
+        lambda: mc.cosine_momentum(0, 10, base=1.2),
+        ValueError,
+        ["base", "[0, 1]", "1.2"],
+    ),
+    # queue
+    ("queue size 0", lambda: mc.KeyQueue(0, 8), ValueError, ["size", ">= 1", "0"]),
+    ("queue negative dim", lambda: mc.KeyQueue(8, -3), ValueError, ["dim", ">= 1", "-3"]),
+    ("queue float size", lambda: mc.KeyQueue(8.0, 3), TypeError, ["size", "int", "float"]),  # type: ignore[arg-type]
+    (
+        "queue integer dtype",
+        lambda: mc.KeyQueue(8, 3, dtype=torch.int64),
+        TypeError,
+        ["dtype", "floating-point", "torch.int64"],
+    ),
+    (
+        "queue unknown init",
+        lambda: mc.KeyQueue(8, 3, init="zeros"),
+        ValueError,  # type: ignore[arg-type]
+        ["init", "'random'", "'zeros'"],
+    ),
+    (
+        "push of another dim",
+        lambda: queue_push(torch.randn(4, 6)),
+        ValueError,
+        ["keys", "8 columns", "(4, 6)"],
+    ),
+    ("push 1-D", lambda: queue_push(torch.randn(8)), ValueError, ["keys", "2-D", "(8,)"]),
+    (
+        "push integers",
+        lambda: queue_push(torch.ones(2, 8, dtype=torch.long)),
+        TypeError,
+        ["keys", "floating-point", "torch.int64"],
+    ),
+    (
+        "push on another device",
+        lambda: queue_push(torch.empty(2, 8, device="meta")),
+        ValueError,
+        ["keys", "cpu", "meta"],
+    ),
+    # heads
+    ("mlp zero layers", lambda: mc.build_mlp(0, 4, 4, 4), ValueError, ["num_layers", ">= 1", "0"]),
+    ("head zero dim", lambda: mc.moco_v2_head(0), ValueError, ["in_dim", ">= 1", "0"]),
+    (
+        "projector bad hidden",
+        lambda: mc.moco_v3_projector(8, hidden_dim=-1),
+        ValueError,
+        ["hidden_dim", "-1"],
+    ),
+    (
+        "strip a tensor",
+        lambda: mc.strip_classifier(torch.randn(3)),
+        TypeError,  # type: ignore[arg-type]
+        ["model", "nn.Module", "Tensor"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_is_reported_clearly(
+    call: Callable[[], object], error: type[Exception], fragments: list[str]
+) -> None:
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

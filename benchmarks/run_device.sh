@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go: the full test suite (GPU tests included) and the
+# benchmarks. Figures and logs go to $OUT (default ./runs/device).
+#   bash benchmarks/run_device.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/device}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 BENCH_OUT=$OUT
+PY=${PYTHON:-python3}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  $PY -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+# test_package checks installed metadata; here the package runs from src/ without installing.
+$PY -m pytest -q -p no:cacheprovider --ignore=tests/test_package.py -rs 2>&1 | tee "$OUT/pytest.log"
+status=${PIPESTATUS[0]}
+for bench in ema_update info_nce moco_v2_step; do
+  $PY "benchmarks/$bench.py" 2>&1 | tee "$OUT/$bench.log"
+done
+exit "$status"

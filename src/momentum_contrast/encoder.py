@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
-from momentum_contrast._pairing import TensorPairs, pair_by_name
+from momentum_contrast._pairing import TensorPairs, pair_by_name, structure_clock
 
 BufferMode = Literal["own", "copy", "ema"]
 _BUFFER_MODES = ("own", "copy", "ema")
@@ -34,8 +34,11 @@ class MomentumEncoder(nn.Module):
     After every optimiser step call :meth:`update`, which does, in place and for
     every parameter ``key = m * key + (1 - m) * online``, as one fused
     multi-tensor ``torch._foreach_lerp_`` per device/dtype group. Parameters are
-    paired by name; if the online model's structure changes, the next update
-    raises a ``ValueError`` instead of averaging the wrong tensors.
+    paired by name; if the online model's structure changes (a parameter,
+    buffer or submodule added, renamed or replaced; a tensor reshaped or moved),
+    the next update raises a ``ValueError`` instead of averaging the wrong
+    tensors. The pairing is cached, so a steady-state update does not walk the
+    model: it costs one fused op per group, and is safe to capture in a CUDA graph.
 
     ``online`` is kept as a plain reference (``.online``), not a submodule, so
     ``state_dict()``, ``parameters()`` and ``.to()`` concern the key encoder only.
@@ -80,6 +83,7 @@ class MomentumEncoder(nn.Module):
             p.grad = None
         self._param_pairs: TensorPairs | None = None
         self._buffer_pairs: TensorPairs | None = None
+        structure_clock()  # start watching for structure changes
 
     @property
     def online(self) -> nn.Module:
@@ -101,8 +105,19 @@ class MomentumEncoder(nn.Module):
                 ``1`` leaves the key unchanged, ``0`` copies the online weights.
         """
         m = self.momentum if momentum is None else check_unit_interval("momentum", momentum)
-        pairs = self._pairs("parameter")
-        for keys, onlines in pairs.groups:
+        try:
+            self._update(m)
+        except RuntimeError:
+            # A tensor changed shape, dtype or device behind the cache (``.data = ...``,
+            # ``online.to(...)``): re-validate to raise a clear ValueError naming it.
+            self._param_pairs = self._buffer_pairs = None
+            self._pairs("parameter")
+            if self.buffers_mode != "own":
+                self._pairs("buffer")
+            raise
+
+    def _update(self, m: float) -> None:
+        for keys, onlines in self._pairs("parameter").groups:
             torch._foreach_lerp_(keys, onlines, 1.0 - m)  # key += (1-m) * (online - key)
         if self.buffers_mode == "own":
             return
@@ -116,14 +131,15 @@ class MomentumEncoder(nn.Module):
                 torch._foreach_copy_(keys, onlines)
 
     def _pairs(self, kind: str) -> TensorPairs:
-        online_named: list[tuple[str, torch.Tensor]]
-        if kind == "parameter":
-            online_named = list(self.online.named_parameters())
-            cached = self._param_pairs
-        else:
-            online_named = list(self.online.named_buffers())
-            cached = self._buffer_pairs
+        clock = structure_clock()
+        cached = self._param_pairs if kind == "parameter" else self._buffer_pairs
+        if cached is not None and cached.clock == clock:
+            return cached  # no module anywhere changed structure: skip the walk
+        online_named: list[tuple[str, torch.Tensor]] = list(
+            self.online.named_parameters() if kind == "parameter" else self.online.named_buffers()
+        )
         if cached is not None and cached.still_valid(online_named):
+            cached.clock = clock
             return cached
         key_named = list(
             self.key_encoder.named_parameters()
@@ -131,6 +147,7 @@ class MomentumEncoder(nn.Module):
             else self.key_encoder.named_buffers()
         )
         pairs = pair_by_name(kind, online_named, key_named)
+        pairs.clock = clock
         if kind == "parameter":
             self._param_pairs = pairs
         else:

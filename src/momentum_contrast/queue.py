@@ -26,7 +26,9 @@ class KeyQueue(nn.Module):
     synchronises host and device and takes any batch size (the reference
     asserts ``size % batch_size == 0``). Keys, pointer and length are persistent
     buffers: the queue survives ``state_dict`` round trips, so a resumed run
-    continues with the dictionary it had.
+    continues with the dictionary it had. Once the queue is full (from the start
+    with ``init="random"``) ``push`` can be captured in a CUDA graph: the
+    pointer advances on the device at every replay.
 
     Args:
         size: number of keys ``K`` kept (65,536 in the papers), ``>= 1``.
@@ -111,11 +113,12 @@ class KeyQueue(nn.Module):
         keys = keys[offset:]
         if self.normalize:
             keys = F.normalize(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=1)
-        rows = torch.arange(offset, n, device=self.keys.device)
-        self.keys.index_copy_(0, (self.ptr + rows) % self.size, keys.to(self.keys.dtype))
-        self.ptr.copy_((self.ptr + n) % self.size)
-        self._length = min(self._length + n, self.size)
-        self.length.fill_(self._length)
+        rows = torch.arange(offset, n, device=self.keys.device).add_(self.ptr).remainder_(self.size)
+        self.keys.index_copy_(0, rows, keys.to(self.keys.dtype))  # row g -> slot (ptr + g) % K
+        self.ptr.add_(n).remainder_(self.size)
+        if self._length < self.size:  # known on the host: no read of the device
+            self._length = min(self._length + n, self.size)
+            self.length.fill_(self._length)
 
     def negatives(self) -> torch.Tensor:
         """The valid keys, as a copy that a later :meth:`push` cannot change.

@@ -30,7 +30,8 @@ PUBLIC = {
 def test_public_names_import_from_the_top_level() -> None:
     assert set(momentum_contrast.__all__) == PUBLIC | {"__version__"}
     for name in PUBLIC:
-        assert getattr(momentum_contrast, name).__doc__, name
+        doc = getattr(momentum_contrast, name).__doc__ or ""
+        assert "Examples:" in doc and ">>> " in doc, f"{name} has no runnable example"
 
 
 def test_version_matches_metadata() -> None:

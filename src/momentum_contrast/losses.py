@@ -16,7 +16,7 @@ from momentum_contrast._checks import (
     check_same_device,
     check_same_shape,
 )
-from momentum_contrast.distributed import concat_all_gather, rank
+from momentum_contrast.distributed import concat_all_gather, gather_sizes, rank, world_size
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -105,9 +105,10 @@ def _ctr(q: torch.Tensor, k: torch.Tensor, t: float, gather: bool) -> torch.Tens
     q = F.normalize(q, dim=1)  # (N, D)
     k = F.normalize(k.detach(), dim=1)  # (N, D)
     offset = 0
-    if gather:
-        k = concat_all_gather(k)  # (world * N, D)
-        offset = q.shape[0] * rank()
+    if gather and world_size() > 1:
+        sizes = gather_sizes(k.shape[0])  # host ints; ranks may differ in N
+        k = concat_all_gather(k)  # (sum of N over ranks, D)
+        offset = sum(sizes[: rank()])  # N * rank when every rank has N rows
     logits = q @ k.T / t  # (N, world * N)
     labels = torch.arange(q.shape[0], device=q.device) + offset  # own key's column
     return F.cross_entropy(logits, labels) * (2 * t)
@@ -125,7 +126,8 @@ def symmetric_contrastive_loss(
     """MoCo v3 loss ``ctr(q1, k2) + ctr(q2, k1)`` with in-batch negatives.
 
     ``ctr(q, k)`` is the cross-entropy of ``normalize(q) @ normalize(all_gather(k)).T / T``
-    against ``arange(N) + N * rank``, multiplied by ``2 * T`` as the reference
+    against ``arange(N) + N * rank`` (the rows of earlier ranks, when batch sizes
+    differ), multiplied by ``2 * T`` as the reference
     (which keeps the gradient scale independent of ``T``). Keys are detached and
     gathered from every rank when ``gather`` and ``torch.distributed`` is
     initialised; without a process group it is the single-process loss.

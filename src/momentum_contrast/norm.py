@@ -1,0 +1,151 @@
+"""Split BatchNorm: Shuffle-BN's batch statistics on a single device.
+
+Shuffle-BN (MoCo v1) keeps BatchNorm from leaking which key matches which query:
+each GPU normalises its own sub-batch, and the key encoder sees its samples in a
+shuffled assignment to GPUs. On one device, :class:`SplitBatchNorm` normalises
+``num_splits`` sub-batches separately, as that many GPUs would, and
+:func:`~momentum_contrast.distributed.batch_shuffle` shuffles which samples share a
+sub-batch; together they are Shuffle-BN for single-GPU training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from momentum_contrast._checks import check_positive_int
+
+__all__ = ["SplitBatchNorm", "convert_split_batchnorm"]
+
+
+class SplitBatchNorm(_BatchNorm):
+    """BatchNorm over ``num_splits`` equal, contiguous sub-batches, separately.
+
+    In training, rows ``[s * N/S, (s+1) * N/S)`` are normalised with their own
+    statistics, and the running statistics move by the average of the
+    sub-batches' updates (what ``num_splits`` ordinary BatchNorms on
+    ``num_splits`` devices would hold on average). In eval mode it is ordinary
+    BatchNorm. Parameters, buffers and ``state_dict`` keys are those of
+    ``nn.BatchNorm2d``, so checkpoints move freely between the two.
+
+    Args:
+        num_features: channels ``C`` of the ``(N, C, *)`` input.
+        num_splits: number of sub-batches ``S``; ``N`` must be divisible by it.
+        eps, momentum, affine, track_running_stats: as ``nn.BatchNorm2d``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.norm import SplitBatchNorm
+        >>> bn = SplitBatchNorm(16, num_splits=4)
+        >>> y = bn(torch.randn(32, 16, 8, 8))  # four sub-batches of 8
+        >>> y[:8].mean().abs() < 1e-5
+        tensor(True)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_splits: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.num_splits = check_positive_int("num_splits", num_splits)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"input must be (N, C, *), got shape {tuple(input.shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalise ``(N, C, *)``; in training, each of the ``num_splits`` sub-batches alone."""
+        self._check_input_dim(input)
+        if not self.training or self.num_splits == 1:
+            return super().forward(input)
+        s, (n, c), rest = self.num_splits, input.shape[:2], input.shape[2:]
+        if n % s:
+            raise ValueError(f"input batch size must be divisible by num_splits={s}, got {n} rows")
+        factor = 0.0 if self.momentum is None else self.momentum
+        running_mean = running_var = None
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average, as nn.BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked)
+            assert self.running_mean is not None and self.running_var is not None
+            running_mean = self.running_mean.repeat(s)  # (S * C,)
+            running_var = self.running_var.repeat(s)
+        # (N, C, *) -> (N/S, S*C, *): channel s*C + c holds channel c of sub-batch s
+        x = input.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
+        y = F.batch_norm(
+            x,
+            running_mean,
+            running_var,
+            None if self.weight is None else self.weight.repeat(s),
+            None if self.bias is None else self.bias.repeat(s),
+            True,
+            factor,
+            self.eps,
+        )
+        if running_mean is not None and running_var is not None:
+            assert self.running_mean is not None and self.running_var is not None
+            self.running_mean.copy_(running_mean.view(s, c).mean(dim=0))
+            self.running_var.copy_(running_var.view(s, c).mean(dim=0))
+        return y.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"  # type: ignore[no-untyped-call]
+
+
+def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every ``BatchNorm1d/2d/3d`` in ``model`` by a :class:`SplitBatchNorm`.
+
+    Weights, running statistics, ``requires_grad`` flags, device, dtype and the
+    train/eval mode are kept, so ``state_dict()`` is unchanged. Modifies ``model``
+    in place and returns it (or the replacement, if ``model`` is itself a BatchNorm).
+
+    Args:
+        model: any module.
+        num_splits: sub-batches per forward (e.g. 8 to emulate 8 GPUs).
+
+    Examples:
+        >>> import torchvision
+        >>> from momentum_contrast.norm import SplitBatchNorm, convert_split_batchnorm
+        >>> net = convert_split_batchnorm(torchvision.models.resnet18(), num_splits=8)
+        >>> isinstance(net.bn1, SplitBatchNorm)
+        True
+    """
+    splits = check_positive_int("num_splits", num_splits)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    if isinstance(model, plain) and not isinstance(model, SplitBatchNorm):
+        ref = model.running_mean if model.weight is None else model.weight
+        new = SplitBatchNorm(
+            model.num_features,
+            splits,
+            model.eps,
+            model.momentum,
+            model.affine,
+            model.track_running_stats,
+            device=None if ref is None else ref.device,
+            dtype=None if ref is None else ref.dtype,
+        )
+        with torch.no_grad():
+            new.load_state_dict(model.state_dict())
+        if model.affine:
+            new.weight.requires_grad_(model.weight.requires_grad)
+            new.bias.requires_grad_(model.bias.requires_grad)
+        new.train(model.training)
+        return new
+    for name, child in model.named_children():
+        converted = convert_split_batchnorm(child, splits)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model

@@ -1,0 +1,97 @@
+"""SplitBatchNorm against ordinary BatchNorm applied to each split; conversion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from momentum_contrast.distributed import batch_shuffle, batch_unshuffle
+from momentum_contrast.norm import SplitBatchNorm, convert_split_batchnorm
+
+f64 = torch.float64
+
+
+@pytest.mark.parametrize(
+    ("bn_cls", "shape"),
+    [(nn.BatchNorm2d, (12, 5, 4, 3)), (nn.BatchNorm1d, (12, 5)), (nn.BatchNorm1d, (12, 5, 7))],
+)
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
+def test_training_equals_batchnorm_per_split(
+    bn_cls: type[nn.Module], shape: tuple[int, ...], splits: int
+) -> None:
+    torch.manual_seed(0)
+    reference = bn_cls(5, momentum=0.3).to(f64)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2)
+        reference.bias.uniform_(-1, 1)
+        reference.running_mean.uniform_(-1, 1)
+        reference.running_var.uniform_(0.5, 2)
+    split_bn = convert_split_batchnorm(copy.deepcopy(reference), splits)
+    assert isinstance(split_bn, SplitBatchNorm)
+    x = torch.randn(*shape, dtype=f64) * 3 + 1
+    y = split_bn(x)
+    parts = [copy.deepcopy(reference) for _ in range(splits)]
+    expected = torch.cat([bn(chunk) for bn, chunk in zip(parts, x.chunk(splits), strict=True)])
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    mean_of = lambda name: torch.stack([getattr(bn, name) for bn in parts]).mean(0)  # noqa: E731
+    torch.testing.assert_close(split_bn.running_mean, mean_of("running_mean"), rtol=0, atol=1e-12)
+    torch.testing.assert_close(split_bn.running_var, mean_of("running_var"), rtol=0, atol=1e-12)
+    assert int(split_bn.num_batches_tracked) == 1
+    # gradients flow to the shared affine parameters as in the separate BatchNorms
+    y.square().sum().backward()
+    sum(bn(c).square().sum() for bn, c in zip(parts, x.chunk(splits), strict=True)).backward()
+    torch.testing.assert_close(
+        split_bn.weight.grad, sum(bn.weight.grad for bn in parts), rtol=0, atol=1e-9
+    )
+
+
+def test_eval_equals_batchnorm() -> None:
+    reference = nn.BatchNorm2d(4).to(f64)
+    reference(torch.randn(8, 4, 3, 3, dtype=f64))  # non-trivial running statistics
+    split_bn = convert_split_batchnorm(copy.deepcopy(reference), 4).eval()
+    reference.eval()
+    x = torch.randn(6, 4, 3, 3, dtype=f64)  # in eval, any batch size
+    torch.testing.assert_close(split_bn(x), reference(x), rtol=0, atol=0)
+
+
+def test_convert_keeps_state_dict_mode_and_grad_flags() -> None:
+    model = torchvision.models.resnet18()
+    model(torch.randn(4, 3, 32, 32))  # move the running statistics
+    model.layer1[0].bn1.weight.requires_grad_(False)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_split_batchnorm(model, 2)
+    assert converted is model
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 20 and all(isinstance(m, SplitBatchNorm) for m in bns)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not model.training and not model.layer1[0].bn1.weight.requires_grad
+
+
+def test_single_device_shuffle_bn() -> None:
+    """batch_shuffle + SplitBatchNorm: per-sample outputs depend on who shares the split."""
+    torch.manual_seed(0)
+    net = convert_split_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), 4)
+    x = torch.randn(16, 3, 5, 5)
+    plain = net(x)
+    shuffled, idx = batch_shuffle(x)
+    out = batch_unshuffle(net(shuffled), idx)
+    assert out.shape == plain.shape
+    assert not torch.allclose(out, plain)  # different sub-batches, different statistics
+    net.eval()
+    torch.testing.assert_close(batch_unshuffle(net(shuffled), idx), net(x))
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"divisible by num_splits=3, got 10 rows"):
+        SplitBatchNorm(4, 3)(torch.randn(10, 4, 2, 2))
+    with pytest.raises(ValueError, match=r"num_splits must be >= 1, got 0"):
+        convert_split_batchnorm(nn.BatchNorm2d(3), 0)
+    with pytest.raises(ValueError, match=r"\(N, C, \*\), got shape \(4,\)"):
+        SplitBatchNorm(4, 2)(torch.randn(4))

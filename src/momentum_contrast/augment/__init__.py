@@ -1,0 +1,26 @@
+"""Batched, per-sample-random MoCo augmentation that runs where the images are (pure torch).
+
+``MoCoV1Augment``, ``MoCoV2Augment`` and ``MoCoV3Augment`` take a uint8 or float batch
+(or a list of differently sized images) on any device and return two augmented,
+normalised views; :mod:`momentum_contrast.augment.functional` holds the batched ops.
+"""
+
+from momentum_contrast.augment import functional
+from momentum_contrast.augment.moco import MoCoV1Augment, MoCoV2Augment, MoCoV3Augment
+from momentum_contrast.augment.recipes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TwoViewAugment,
+    ViewRecipe,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MoCoV1Augment",
+    "MoCoV2Augment",
+    "MoCoV3Augment",
+    "TwoViewAugment",
+    "ViewRecipe",
+    "functional",
+]

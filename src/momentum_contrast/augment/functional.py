@@ -1,0 +1,218 @@
+"""Batched image operations with per-sample parameters, in pure torch.
+
+Images are float ``(B, C, H, W)`` tensors in ``[0, 1]`` (``C`` = 3, or 1 where noted);
+per-sample parameters are ``(B,)`` tensors on the same device. Each op computes
+the same result as ``torchvision.transforms.v2.functional`` applied to every
+sample with its own parameter, without a Python loop over the batch.
+
+Examples:
+    >>> import torch
+    >>> from momentum_contrast.augment import functional as AF
+    >>> x = torch.rand(4, 3, 32, 32)
+    >>> y = AF.adjust_brightness(x, torch.tensor([0.5, 1.0, 1.2, 1.4]))
+    >>> y.shape, bool(y.max() <= 1)
+    (torch.Size([4, 3, 32, 32]), True)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from momentum_contrast.augment._resample import apply_resample, pad_to_batch, resized_crop_weights
+
+__all__ = [
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "color_jitter",
+    "gaussian_blur",
+    "grayscale",
+    "hflip",
+    "normalize",
+    "resized_crop",
+    "solarize",
+]
+
+_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
+
+
+def _per_sample(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if factor.shape != (x.shape[0],):
+        raise ValueError(
+            f"per-sample parameters must have shape ({x.shape[0]},), got {tuple(factor.shape)}"
+        )
+    return factor.to(x.dtype).view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma ``0.2989 R + 0.587 G + 0.114 B``: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(dim=1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``clamp(x * factor, 0, 1)`` per sample; ``factor``: ``(B,)``."""
+    return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its mean luma: ``clamp(f * x + (1 - f) * mean)``."""
+    f = _per_sample(factor, x)
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its own grayscale version (no-op for 1 channel)."""
+    if x.shape[1] == 1:
+        return x
+    f = _per_sample(factor, x)
+    return (f * x + (1 - f) * grayscale(x)).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by ``factor`` turns (``(B,)`` in ``[-0.5, 0.5]``), via HSV."""
+    if x.shape[1] == 1:
+        return x
+    f = _per_sample(factor, x)[:, 0]  # (B, 1, 1)
+    r, g, b = x.unbind(dim=1)
+    v, _ = x.max(dim=1)
+    chroma = v - x.min(dim=1).values
+    flat = chroma == 0
+    s = torch.where(flat, torch.zeros_like(v), chroma / torch.where(flat, torch.ones_like(v), v))
+    c = torch.where(flat, torch.ones_like(chroma), chroma)
+    h = torch.where(
+        v == r,
+        (g - b) / c,
+        torch.where(v == g, (b - r) / c + 2.0, (r - g) / c + 4.0),
+    )
+    h = torch.where(flat, torch.zeros_like(h), h)
+    h = torch.remainder(h / 6.0 + f, 1.0)  # shifted hue in [0, 1)
+    # back to RGB: each channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1)
+    # with k = (n + 6h) mod 6 (the standard piecewise-linear hue ramps)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return (v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)).clamp_(0.0, 1.0)
+
+
+def color_jitter(
+    x: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    hue: torch.Tensor,
+    order: torch.Tensor,
+    apply: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` with per-sample factors and a per-sample op order.
+
+    Args:
+        x: ``(B, 3, H, W)`` float images in ``[0, 1]``.
+        brightness, contrast, saturation: ``(B,)`` blend factors (1 = unchanged).
+        hue: ``(B,)`` hue shifts in turns (0 = unchanged).
+        order: ``(B, 4)`` permutation of ``0..3`` (brightness, contrast, saturation,
+            hue) per sample: the order the four are applied in, each clamped to [0, 1].
+        apply: optional ``(B,)`` bool; samples where it is False are returned unchanged.
+
+    Brightness, contrast and saturation are all ``clamp(f * x + (1 - f) * ref)`` with
+    ``ref`` = 0, the mean luma, or the luma image; so the batch runs three generic
+    blend slots before the hue rotation and three after it, each sample using the
+    slots its order puts on that side (identity elsewhere), and one hue rotation.
+    """
+    factors = torch.stack([brightness, contrast, saturation], dim=1).to(x.dtype)  # (B, 3)
+    hue_at = (order == 3).long().argmax(dim=1)  # (B,) position of the hue op
+    slots = [(t, order[:, t], t < hue_at) for t in range(3)]  # before the hue rotation
+    out = x
+    for phase in ("before", "after"):
+        for _, op, active in slots:
+            op_c = op.clamp(max=2)
+            f = torch.where(active, factors.gather(1, op_c[:, None])[:, 0], 1.0).view(-1, 1, 1, 1)
+            gray = grayscale(out)  # (B, 1, H, W)
+            ref = torch.where(
+                (op_c == 2).view(-1, 1, 1, 1),
+                gray,
+                (op_c == 1).view(-1, 1, 1, 1) * gray.mean(dim=(1, 2, 3), keepdim=True),
+            )
+            out = (f * out + (1 - f) * ref).clamp_(0.0, 1.0)
+        if phase == "before":
+            out = adjust_hue(out, hue)
+            slots = [(t, order[:, t], t > hue_at) for t in range(1, 4)]  # after it
+    if apply is None:
+        return out
+    return torch.where(apply.view(-1, 1, 1, 1), out, x)
+
+
+def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Invert pixels ``>= threshold`` in the samples where ``apply`` (``(B,)`` bool) is set."""
+    mask = apply.view(-1, 1, 1, 1) & (x >= threshold)
+    return torch.where(mask, 1.0 - x, x)
+
+
+def hflip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the samples where ``apply`` (``(B,)`` bool) is set."""
+    return torch.where(apply.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -> torch.Tensor:
+    """Separable Gaussian blur with per-sample ``sigma`` (``(B,)``) and reflect padding.
+
+    The kernel is ``exp(-t^2 / (2 sigma^2))`` at the integer offsets
+    ``t = -(k-1)/2 ... (k-1)/2``, normalised, as torchvision. A sample with a tiny
+    sigma (``< 1e-3``) gets the identity kernel, so "no blur" costs the same and
+    changes nothing.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+    b, c, h, w = x.shape
+    half = kernel_size // 2
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)  # (k,)
+    sig = _per_sample(sigma, x).view(b, 1).clamp(min=1e-3)
+    kernel = torch.exp(-0.5 * (t / sig) ** 2)  # (B, k)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (B*C, k): one filter per channel
+    y = F.pad(x.reshape(1, b * c, h, w), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)  # vertical
+    y = F.conv2d(y, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)  # horizontal
+    return y.view(b, c, h, w)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` per channel; ``mean`` and ``std``: ``(C,)``."""
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def resized_crop(
+    images: torch.Tensor | list[torch.Tensor],
+    boxes: torch.Tensor,
+    size: int,
+    *,
+    flip: torch.Tensor | None = None,
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Crop ``(top, left, height, width)`` from each image and resize it to ``size x size``.
+
+    Args:
+        images: ``(B, C, H, W)`` batch, or a list of ``(C, H_i, W_i)`` images (uint8
+            values in ``[0, 255]`` or floats in ``[0, 1]``).
+        boxes: ``(B, 4)`` integer boxes inside each image.
+        size: output side ``S``.
+        flip: optional ``(B,)`` bool; those outputs are mirrored left-right (free).
+        antialias: antialiased bilinear filter when shrinking (as PIL / torchvision).
+
+    Returns:
+        ``(B, C, S, S)`` float32 in ``[0, 1]``.
+    """
+    # variable-size images are padded into one batch; the weights ignore the padding
+    batch = images if isinstance(images, torch.Tensor) else pad_to_batch(images)
+    wy, wx = resized_crop_weights(
+        boxes, batch.shape[2], batch.shape[3], size, flip, antialias, torch.float32
+    )
+    out = apply_resample(batch, wy, wx)
+    if not batch.is_floating_point():
+        out = out.mul_(1.0 / 255.0)
+    return out.clamp_(0.0, 1.0)

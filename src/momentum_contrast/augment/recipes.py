@@ -1,0 +1,186 @@
+"""The MoCo v1, v2 and v3 augmentation recipes as batched GPU modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from momentum_contrast.augment import functional as AF
+from momentum_contrast.augment._random import Sampler, crop_boxes
+from momentum_contrast.augment._resample import pad_to_batch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_SIZE = 4096  # larger outputs are a mistake, not a training resolution
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """What one view does, in the reference order (crop, [grayscale,] jitter, grayscale,
+    blur, solarize, flip). Probabilities are per sample."""
+
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    grayscale_first: bool = False  # MoCo v1 converts to grayscale before the jitter
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    flip_p: float = 0.5
+
+    def check(self, view: str) -> None:
+        for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p", "flip_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{view} {name} must be a probability in [0, 1], got {p}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{view} {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"{view} hue must be in [0, 0.5], got {self.hue}")
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"{view} scale must satisfy 0 < low <= high <= 1, got {self.scale}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"{view} ratio must satisfy 0 < low <= high, got {self.ratio}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(
+                f"{view} blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}"
+            )
+
+
+class TwoViewAugment(nn.Module):
+    """Two independently augmented views of every image, computed batched on its device.
+
+    Args:
+        view_one: recipe of the first view.
+        view_two: recipe of the second view.
+        size: output side ``S`` (224 in the papers).
+        mean: per-channel normalisation mean (ImageNet by default).
+        std: per-channel normalisation std.
+        blur_kernel_size: Gaussian kernel side (23 at 224 px, 10% of the image, as
+            torchvision-based MoCo pipelines).
+        antialias: antialiased downscaling in the resized crop (as PIL).
+
+    Call with a ``(B, C, H, W)`` uint8 (0 to 255) or float (0 to 1) batch, or a list of
+    ``(C, H_i, W_i)`` images of different sizes, ``C`` in {1, 3} (one channel is
+    repeated to RGB, as ``PIL.Image.convert("RGB")``), and optionally a
+    ``torch.Generator``. Returns ``(view_one, view_two)``, each ``(B, 3, S, S)`` float32.
+    """
+
+    def __init__(
+        self,
+        view_one: ViewRecipe,
+        view_two: ViewRecipe,
+        *,
+        size: int = 224,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        blur_kernel_size: int = 23,
+        antialias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+            raise ValueError(f"size must be an int in [1, {MAX_SIZE}], got {size!r}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must have 3 values, std > 0; got {mean}, {std}")
+        if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
+            raise ValueError(f"blur_kernel_size must be a positive odd int, got {blur_kernel_size}")
+        view_one.check("view_one")
+        view_two.check("view_two")
+        self.view_one, self.view_two = view_one, view_two
+        self.size, self.blur_kernel_size, self.antialias = size, blur_kernel_size, antialias
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
+
+    def forward(
+        self, images: torch.Tensor | list[torch.Tensor], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heights, widths = _as_batch(images)
+        sampler = Sampler(batch.device, generator)
+        return (
+            self._view(batch, heights, widths, self.view_one, sampler),
+            self._view(batch, heights, widths, self.view_two, sampler),
+        )
+
+    def _view(
+        self,
+        batch: torch.Tensor,
+        heights: torch.Tensor,
+        widths: torch.Tensor,
+        r: ViewRecipe,
+        sampler: Sampler,
+    ) -> torch.Tensor:
+        b = batch.shape[0]
+        boxes = crop_boxes(sampler, heights, widths, r.scale, r.ratio)
+        flip = sampler.bernoulli(b, r.flip_p)  # folded into the resize weights
+        x = AF.resized_crop(batch, boxes, self.size, flip=flip, antialias=self.antialias)
+        x = x.expand(b, 3, self.size, self.size)  # (B, 3, S, S), gray input repeated
+        gray_mask = sampler.bernoulli(b, r.grayscale_p)
+        if r.grayscale_first:
+            x = torch.where(gray_mask.view(-1, 1, 1, 1), AF.grayscale(x).expand_as(x), x)
+        jitter_mask = sampler.bernoulli(b, r.jitter_p)
+        bri, con, sat = (
+            sampler.uniform((b,), max(0.0, 1 - s), 1 + s)
+            for s in (r.brightness, r.contrast, r.saturation)
+        )
+        hue = sampler.uniform((b,), -r.hue, r.hue)
+        x = AF.color_jitter(x, bri, con, sat, hue, sampler.permutations(b, 4), jitter_mask)
+        if not r.grayscale_first:
+            x = torch.where(gray_mask.view(-1, 1, 1, 1), AF.grayscale(x).expand_as(x), x)
+        if r.blur_p > 0:
+            sigma = sampler.uniform((b,), *r.blur_sigma)
+            blur = sampler.bernoulli(b, r.blur_p)
+            x = AF.gaussian_blur(x, torch.where(blur, sigma, 0.0), self.blur_kernel_size)
+        if r.solarize_p > 0:
+            x = AF.solarize(x, sampler.bernoulli(b, r.solarize_p))
+        return AF.normalize(x, self.mean, self.std)
+
+
+def _as_batch(
+    images: torch.Tensor | list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the input; return a (B, C, H, W) batch and per-sample heights and widths."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            shape = tuple(images.shape)
+            raise ValueError(f"images must be (B, C, H, W) or a list of (C, H, W), got {shape}")
+        b, c, h, w = images.shape
+        if b == 0:
+            raise ValueError("images must hold at least one image, got an empty batch")
+        if c not in (1, 3):
+            raise ValueError(
+                f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})"
+            )
+        full = torch.full((b,), 1, device=images.device)
+        return images, full * h, full * w
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError(
+            f"images must be a non-empty list of (C, H, W) tensors, got {images!r:.60}"
+        )
+    for i, im in enumerate(images):
+        if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] not in (1, 3):
+            shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+            raise ValueError(
+                f"images[{i}] must be a (C, H, W) tensor with C in (1, 3), got {shape}"
+            )
+        if (
+            im.shape[0] != images[0].shape[0]
+            or im.dtype != images[0].dtype
+            or im.device != images[0].device
+        ):
+            raise ValueError(f"images[{i}] must match images[0] in channels, dtype and device")
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
+    if images[0].device.type == "cuda":
+        sizes = sizes.pin_memory()
+    sizes = sizes.to(images[0].device, non_blocking=True)
+    return pad_to_batch(list(images)), sizes[:, 0], sizes[:, 1]

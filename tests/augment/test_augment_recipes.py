@@ -153,3 +153,19 @@ def test_bad_input_is_reported(make, call, message) -> None:  # type: ignore[no-
         aug = make()
         call(aug)
     assert message in str(info.value)
+
+
+def test_half_precision_pipeline_stays_close_to_float32() -> None:
+    images = uint8_batch()
+    full = MoCoV2Augment(size=24)(images, torch.Generator().manual_seed(4))
+    half = MoCoV2Augment(size=24, dtype=torch.float16, resample_dtype=torch.float16)(
+        images, torch.Generator().manual_seed(4)
+    )
+    for a, b in zip(full, half, strict=True):
+        assert b.dtype == torch.float16
+        torch.testing.assert_close(b.float(), a, rtol=0, atol=3e-2)  # normalised units
+
+
+def test_dtype_must_be_floating() -> None:
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        MoCoV2Augment(dtype=torch.uint8)

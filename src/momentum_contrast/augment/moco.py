@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from momentum_contrast.augment.recipes import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,11 +38,15 @@ class MoCoV1Augment(TwoViewAugment):
         flip_p: float = 0.5,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        dtype: torch.dtype = torch.float32,
+        resample_dtype: torch.dtype | None = None,
     ) -> None:
         view = ViewRecipe(
             scale, (3 / 4, 4 / 3), *jitter, jitter_p, grayscale_p, True, flip_p=flip_p
         )
-        super().__init__(view, view, size=size, mean=mean, std=std)
+        super().__init__(
+            view, view, size=size, mean=mean, std=std, dtype=dtype, resample_dtype=resample_dtype
+        )
 
 
 class MoCoV2Augment(TwoViewAugment):
@@ -70,6 +76,8 @@ class MoCoV2Augment(TwoViewAugment):
         blur_kernel_size: int = 23,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        dtype: torch.dtype = torch.float32,
+        resample_dtype: torch.dtype | None = None,
     ) -> None:
         view = ViewRecipe(
             scale,
@@ -83,7 +91,14 @@ class MoCoV2Augment(TwoViewAugment):
             flip_p=flip_p,
         )
         super().__init__(
-            view, view, size=size, mean=mean, std=std, blur_kernel_size=blur_kernel_size
+            view,
+            view,
+            size=size,
+            mean=mean,
+            std=std,
+            blur_kernel_size=blur_kernel_size,
+            dtype=dtype,
+            resample_dtype=resample_dtype,
         )
 
 
@@ -117,6 +132,8 @@ class MoCoV3Augment(TwoViewAugment):
         blur_kernel_size: int = 23,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        dtype: torch.dtype = torch.float32,
+        resample_dtype: torch.dtype | None = None,
     ) -> None:
         one, two = (
             ViewRecipe(
@@ -133,4 +150,13 @@ class MoCoV3Augment(TwoViewAugment):
             )
             for v in (0, 1)
         )
-        super().__init__(one, two, size=size, mean=mean, std=std, blur_kernel_size=blur_kernel_size)
+        super().__init__(
+            one,
+            two,
+            size=size,
+            mean=mean,
+            std=std,
+            blur_kernel_size=blur_kernel_size,
+            dtype=dtype,
+            resample_dtype=resample_dtype,
+        )

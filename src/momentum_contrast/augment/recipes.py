@@ -68,6 +68,10 @@ class TwoViewAugment(nn.Module):
         blur_kernel_size: Gaussian kernel side (23 at 224 px, 10% of the image, as
             torchvision-based MoCo pipelines).
         antialias: antialiased downscaling in the resized crop (as PIL).
+        dtype: dtype of the colour operations and of the output (``torch.float16``
+            halves the memory traffic on a GPU).
+        resample_dtype: dtype of the crop-and-resize matrix products; ``None`` picks
+            ``torch.float16`` (tensor cores) for CUDA input and ``torch.float32`` otherwise.
 
     Call with a ``(B, C, H, W)`` uint8 (0 to 255) or float (0 to 1) batch, or a list of
     ``(C, H_i, W_i)`` images of different sizes, ``C`` in {1, 3} (one channel is
@@ -85,6 +89,8 @@ class TwoViewAugment(nn.Module):
         std: tuple[float, ...] = IMAGENET_STD,
         blur_kernel_size: int = 23,
         antialias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        resample_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.mean: torch.Tensor
@@ -98,7 +104,10 @@ class TwoViewAugment(nn.Module):
         view_one.check("view_one")
         view_two.check("view_two")
         self.view_one, self.view_two = view_one, view_two
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.size, self.blur_kernel_size, self.antialias = size, blur_kernel_size, antialias
+        self.dtype, self.resample_dtype = dtype, resample_dtype
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
 
@@ -123,7 +132,12 @@ class TwoViewAugment(nn.Module):
         b = batch.shape[0]
         boxes = crop_boxes(sampler, heights, widths, r.scale, r.ratio)
         flip = sampler.bernoulli(b, r.flip_p)  # folded into the resize weights
-        x = AF.resized_crop(batch, boxes, self.size, flip=flip, antialias=self.antialias)
+        resample = self.resample_dtype or (
+            torch.float16 if batch.device.type == "cuda" else torch.float32
+        )
+        x = AF.resized_crop(
+            batch, boxes, self.size, flip=flip, antialias=self.antialias, dtype=resample
+        ).to(self.dtype)
         x = x.expand(b, 3, self.size, self.size)  # (B, 3, S, S), gray input repeated
         gray_mask = sampler.bernoulli(b, r.grayscale_p)
         if r.grayscale_first:

@@ -167,5 +167,5 @@ def test_half_precision_pipeline_stays_close_to_float32() -> None:
 
 
 def test_dtype_must_be_floating() -> None:
-    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
         MoCoV2Augment(dtype=torch.uint8)

@@ -94,7 +94,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     h = torch.remainder(h / 6.0 + f, 1.0)  # shifted hue in [0, 1)
     # back to RGB: each channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1)
     # with k = (n + 6h) mod 6 (the standard piecewise-linear hue ramps)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = (5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
     return (v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)).clamp_(0.0, 1.0)
@@ -127,7 +127,8 @@ def color_jitter(
     """
     factors = torch.stack([brightness, contrast, saturation], dim=1).to(x.dtype)  # (B, 3)
     hue_at = (order == 3).long().argmax(dim=1, keepdim=True)  # (B, 1) position of hue
-    slot_t = torch.tensor([0, 1, 2, 1, 2, 3], device=x.device)  # 3 slots before, 3 after
+    slot_t = torch.arange(6, device=x.device)
+    slot_t = slot_t - 2 * (slot_t >= 3)  # 0 1 2 | 1 2 3: three slots before hue, three after
     ops = order[:, slot_t].clamp(max=2)  # (B, 6) op of each slot (hue -> inactive below)
     active = torch.cat([slot_t[:3] < hue_at, slot_t[3:] > hue_at], dim=1)  # (B, 6)
     f = torch.where(active, factors.gather(1, ops), 1.0)  # 1 = identity (lerp exact)

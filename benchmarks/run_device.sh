@@ -2,12 +2,19 @@
 # Everything that needs a GPU, in one go: the full test suite (GPU tests included) and the
 # benchmarks. Figures and logs go to $OUT (default ./runs/device).
 #   bash benchmarks/run_device.sh
+# Optional wheels in .whl/ (e.g. kornia, for the augmentation comparison) are installed
+# into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 BENCH_OUT=$OUT
 PY=${PYTHON:-python3}
+EXTRA=""
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && EXTRA=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${EXTRA:+:$EXTRA} PYTHONUNBUFFERED=1 BENCH_OUT=$OUT
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
@@ -16,7 +23,7 @@ PY=${PYTHON:-python3}
 # test_package checks installed metadata; here the package runs from src/ without installing.
 $PY -m pytest -q -p no:cacheprovider --ignore=tests/test_package.py -rs 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
-for bench in ema_update info_nce moco_v2_step; do
-  $PY "benchmarks/$bench.py" 2>&1 | tee "$OUT/$bench.log"
-done
+for bench in ${BENCHES:-ema_update info_nce moco_v2_step augment}; do
+  $PY "benchmarks/$bench.py" 2>&1
+done | tee "$OUT/bench.log"
 exit "$status"

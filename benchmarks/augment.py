@@ -1,0 +1,264 @@
+"""MoCo v2 two-view augmentation: reference CPU pipeline vs this library's batched GPU ops.
+
+    python benchmarks/augment.py          # GPU if available (full sizes)
+    python benchmarks/augment.py --cpu    # small sizes on the CPU
+
+Measures, in one run on one machine:
+  (a) the reference pipeline: PIL decode + torchvision transforms + PIL Gaussian blur,
+      two views per image, DataLoader with one worker per CPU core;
+  (b) kornia's equivalent pipeline on the GPU, if kornia is installed;
+  (c) momentum_contrast.augment on decoded uint8 batches (equal and variable sizes),
+      and JPEG -> two views with decoding on the GPU (nvjpeg) or in CPU workers;
+  (d) a MoCo v2 ResNet-50 step fed by ready views vs by GPU augmentation each step.
+Images are synthetic ImageNet-like JPEGs (500x375 and nearby sizes, quality 90).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+from typing import Any
+
+import torch
+from common import median_ms, pick_device, save
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision import transforms as T
+
+from momentum_contrast.augment import MoCoV1Augment, MoCoV2Augment, MoCoV3Augment
+
+device = pick_device()
+gpu = device.type == "cuda"
+B = 256 if gpu else 16
+N_JPEG = 1024 if gpu else 48
+WORKERS = os.cpu_count() or 1
+
+
+def synthetic_jpeg(i: int) -> bytes:
+    rnd = random.Random(i)
+    w, h = rnd.choice([(500, 375), (500, 333), (375, 500), (500, 400), (480, 360)])
+    img = Image.linear_gradient("L").resize((w, h)).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = rnd.randrange(w), rnd.randrange(h)
+        box = (x0, y0, x0 + rnd.randrange(20, 200), y0 + rnd.randrange(20, 200))
+        colour = tuple(rnd.randrange(256) for _ in range(3))
+        (draw.ellipse if rnd.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(1)).effect_spread(2)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+class PILBlur:
+    """The reference v2 blur: PIL GaussianBlur with radius ~ U(0.1, 2.0)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+REFERENCE_V2 = T.Compose(
+    [
+        T.RandomResizedCrop(224, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([PILBlur()], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ]
+)
+
+
+class ReferenceDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, jpegs: list[bytes]) -> None:
+        self.jpegs = jpegs
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = Image.open(io.BytesIO(self.jpegs[i])).convert("RGB")
+        return REFERENCE_V2(img), REFERENCE_V2(img)
+
+
+class DecodeDataset(torch.utils.data.Dataset[torch.Tensor]):
+    """CPU workers only decode (libjpeg via torchvision.io); augmentation runs on the GPU."""
+
+    def __init__(self, jpegs: list[bytes]) -> None:
+        self.data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from torchvision.io import decode_jpeg
+
+        return decode_jpeg(self.data[i])
+
+
+def loader_rate(dataset: Any, batches: int, collate: Any = None, consume: Any = None) -> float:
+    """Two-view samples/s of a DataLoader over ``batches`` batches after the first."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=B,
+        shuffle=True,
+        num_workers=WORKERS,
+        collate_fn=collate,
+        pin_memory=gpu,
+        drop_last=True,
+        persistent_workers=True,
+        prefetch_factor=4,
+    )
+    done, start = 0, 0.0
+    while done < batches + 1:
+        for batch in loader:
+            if consume is not None:
+                consume(batch)
+            if gpu:
+                torch.cuda.synchronize()
+            if done == 0:
+                start = time.perf_counter()
+            done += 1
+            if done == batches + 1:
+                break
+    return batches * B / (time.perf_counter() - start)
+
+
+rows: list[dict[str, object]] = []
+
+
+def record(label: str, ms: float | None = None, rate: float | None = None) -> None:
+    rate = rate if rate is not None else B / (ms * 1e-3)  # type: ignore[operator]
+    rows.append({"pipeline": label, "ms per batch": B / rate * 1e3, "two-view samples/s": rate})
+    print(rows[-1], flush=True)
+
+
+t0 = time.perf_counter()
+jpegs = [synthetic_jpeg(i) for i in range(N_JPEG)]
+kb = sum(map(len, jpegs)) / N_JPEG / 1e3
+print(f"{N_JPEG} JPEGs in {time.perf_counter() - t0:.1f} s, {kb:.0f} kB each")
+
+# (a) reference CPU pipeline
+record(
+    f"reference CPU pipeline (PIL + torchvision), {WORKERS} workers",
+    rate=loader_rate(ReferenceDataset(jpegs), batches=4 if gpu else 2),
+)
+
+# decoded batches for (b) and (c)
+decoded = [DecodeDataset(jpegs)[i] for i in range(B)]
+equal = torch.stack(
+    [
+        torch.nn.functional.interpolate(im[None].float(), size=(375, 500))[0].round().byte()
+        for im in decoded
+    ]
+).to(device)
+varied = [im.to(device) for im in decoded]
+
+# (b) kornia, if installed
+try:
+    import kornia.augmentation as K
+
+    kornia_v2 = torch.nn.Sequential(
+        K.RandomResizedCrop((224, 224), scale=(0.2, 1.0)),
+        K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+        K.RandomGrayscale(p=0.2),
+        K.RandomGaussianBlur((23, 23), (0.1, 2.0), p=0.5),
+        K.RandomHorizontalFlip(),
+        K.Normalize(
+            mean=torch.tensor([0.485, 0.456, 0.406]), std=torch.tensor([0.229, 0.224, 0.225])
+        ),
+    ).to(device)
+    as_float = equal.float() / 255
+    record(
+        "kornia v2, decoded 375x500 batch",
+        median_ms(lambda: (kornia_v2(as_float), kornia_v2(as_float)), device, 2, 10),
+    )
+except ImportError:
+    print("kornia not installed: skipped")
+
+# (c) this library
+for label, aug in [
+    ("v2, float32 colour ops", MoCoV2Augment().to(device)),
+    ("v2, float16 colour ops", MoCoV2Augment(dtype=torch.float16).to(device)),
+    ("v2, float32 resampling", MoCoV2Augment(resample_dtype=torch.float32).to(device)),
+    ("v1", MoCoV1Augment().to(device)),
+    ("v3", MoCoV3Augment().to(device)),
+]:
+    record(
+        f"momentum_contrast {label}, decoded 375x500 uint8 batch",
+        median_ms(lambda a=aug: a(equal), device, 3, 20),
+    )
+aug = MoCoV2Augment().to(device)
+record(
+    "momentum_contrast v2, list of variable-size uint8 images",
+    median_ms(lambda: aug(varied), device, 3, 20),
+)
+
+if gpu:
+    from torchvision.io import decode_jpeg
+
+    raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:B]]
+    record(
+        "GPU decode (nvjpeg) only",
+        median_ms(lambda: decode_jpeg(raw, device="cuda"), device, 3, 10),
+    )
+    record(
+        "GPU decode + momentum_contrast v2",
+        median_ms(lambda: aug(decode_jpeg(raw, device="cuda")), device, 3, 10),
+    )
+record(
+    f"CPU decode in {WORKERS} workers + momentum_contrast v2 on {device.type}",
+    rate=loader_rate(
+        DecodeDataset(jpegs),
+        batches=8 if gpu else 2,
+        collate=list,
+        consume=lambda batch: aug([im.to(device, non_blocking=True) for im in batch]),
+    ),
+)
+
+# (d) the training step, fed by ready views vs by augmentation on the GPU each step
+if gpu:
+    import torchvision
+
+    from momentum_contrast import (
+        KeyQueue,
+        MomentumEncoder,
+        info_nce,
+        moco_v2_head,
+        strip_classifier,
+    )
+
+    backbone, dim = strip_classifier(torchvision.models.resnet50())
+    model = torch.nn.Sequential(backbone, moco_v2_head(dim)).to(
+        device, memory_format=torch.channels_last
+    )
+    key = MomentumEncoder(model)
+    queue = KeyQueue(65536, 128).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    ready = [v.contiguous(memory_format=torch.channels_last) for v in aug(equal)]
+
+    def step(x_q: torch.Tensor, x_k: torch.Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q = model(x_q.contiguous(memory_format=torch.channels_last))
+            key.update()
+            k = key(x_k.contiguous(memory_format=torch.channels_last))
+            loss = info_nce(q, k, queue.negatives(), temperature=0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        queue.push(k)
+
+    fed = median_ms(lambda: step(*ready), device, 3, 10)
+    record("R50 MoCo v2 step, views ready on the GPU (tensor-fed)", fed)
+    record(
+        "R50 step + momentum_contrast v2 from a decoded uint8 batch",
+        median_ms(lambda: step(*aug(equal)), device, 3, 10),
+    )
+    record(
+        "R50 step + GPU decode + momentum_contrast v2",
+        median_ms(lambda: step(*aug(decode_jpeg(raw, device="cuda"))), device, 3, 10),
+    )
+
+save("augment", rows, {"device": str(device), "batch": B, "cpu_workers": WORKERS})

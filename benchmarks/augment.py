@@ -27,11 +27,13 @@ from PIL import Image, ImageDraw, ImageFilter
 from torchvision import transforms as T
 
 from momentum_contrast.augment import MoCoV1Augment, MoCoV2Augment, MoCoV3Augment
+from momentum_contrast.augment import functional as AF
 
 device = pick_device()
 gpu = device.type == "cuda"
 B = 256 if gpu else 16
-N_JPEG = 1024 if gpu else 48
+N_JPEG = 1024 if gpu else 48  # 256 distinct images (128 on the CPU), each used 4 times
+LOADER_BATCH = 32 if gpu else 8  # small loader batches keep every worker busy
 WORKERS = os.cpu_count() or 1
 
 
@@ -98,32 +100,35 @@ class DecodeDataset(torch.utils.data.Dataset[torch.Tensor]):
         return decode_jpeg(self.data[i])
 
 
-def loader_rate(dataset: Any, batches: int, collate: Any = None, consume: Any = None) -> float:
-    """Two-view samples/s of a DataLoader over ``batches`` batches after the first."""
+def loader_rate(dataset: Any, samples: int, collate: Any = None, consume: Any = None) -> float:
+    """Two-view samples/s of a DataLoader once every worker has delivered its first batch."""
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=B,
+        batch_size=LOADER_BATCH,
         shuffle=True,
         num_workers=WORKERS,
         collate_fn=collate,
         pin_memory=gpu,
         drop_last=True,
         persistent_workers=True,
-        prefetch_factor=4,
+        prefetch_factor=2,
     )
+    warm, timed = WORKERS, samples // LOADER_BATCH
     done, start = 0, 0.0
-    while done < batches + 1:
+    while done < warm + timed:
         for batch in loader:
             if consume is not None:
                 consume(batch)
-            if gpu:
-                torch.cuda.synchronize()
-            if done == 0:
-                start = time.perf_counter()
             done += 1
-            if done == batches + 1:
+            if done == warm:
+                if gpu:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            if done == warm + timed:
                 break
-    return batches * B / (time.perf_counter() - start)
+    if gpu:
+        torch.cuda.synchronize()
+    return timed * LOADER_BATCH / (time.perf_counter() - start)
 
 
 rows: list[dict[str, object]] = []
@@ -136,14 +141,15 @@ def record(label: str, ms: float | None = None, rate: float | None = None) -> No
 
 
 t0 = time.perf_counter()
-jpegs = [synthetic_jpeg(i) for i in range(N_JPEG)]
+distinct = [synthetic_jpeg(i) for i in range(N_JPEG // 4)]
+jpegs = distinct * 4
 kb = sum(map(len, jpegs)) / N_JPEG / 1e3
 print(f"{N_JPEG} JPEGs in {time.perf_counter() - t0:.1f} s, {kb:.0f} kB each")
 
 # (a) reference CPU pipeline
 record(
     f"reference CPU pipeline (PIL + torchvision), {WORKERS} workers",
-    rate=loader_rate(ReferenceDataset(jpegs), batches=4 if gpu else 2),
+    rate=loader_rate(ReferenceDataset(jpegs), samples=2048 if gpu else 32),
 )
 
 # decoded batches for (b) and (c)
@@ -179,17 +185,22 @@ except ImportError:
     print("kornia not installed: skipped")
 
 # (c) this library
+conv_blur = AF.gaussian_blur
 for label, aug in [
     ("v2, float32 colour ops", MoCoV2Augment().to(device)),
+    ("v2, float32, blur as matrix products", MoCoV2Augment().to(device)),
+    ("v2, float16, blur as matrix products", MoCoV2Augment(dtype=torch.float16).to(device)),
     ("v2, float16 colour ops", MoCoV2Augment(dtype=torch.float16).to(device)),
     ("v2, float32 resampling", MoCoV2Augment(resample_dtype=torch.float32).to(device)),
     ("v1", MoCoV1Augment().to(device)),
     ("v3", MoCoV3Augment().to(device)),
 ]:
+    AF.gaussian_blur = AF._gaussian_blur_matmul if "matrix" in label else conv_blur  # type: ignore[assignment]
     record(
         f"momentum_contrast {label}, decoded 375x500 uint8 batch",
         median_ms(lambda a=aug: a(equal), device, 3, 20),
     )
+AF.gaussian_blur = conv_blur  # type: ignore[assignment]
 aug = MoCoV2Augment().to(device)
 record(
     "momentum_contrast v2, list of variable-size uint8 images",
@@ -208,15 +219,31 @@ if gpu:
         "GPU decode + momentum_contrast v2",
         median_ms(lambda: aug(decode_jpeg(raw, device="cuda")), device, 3, 10),
     )
+pending: list[torch.Tensor] = []
+
+
+def augment_when_full(batch: list[torch.Tensor]) -> None:
+    """Gather the workers' decoded images into batches of B and augment them."""
+    pending.extend(im.to(device, non_blocking=True) for im in batch)
+    if len(pending) >= B:
+        aug(pending[:B])
+        del pending[:B]
+
+
 record(
     f"CPU decode in {WORKERS} workers + momentum_contrast v2 on {device.type}",
     rate=loader_rate(
-        DecodeDataset(jpegs),
-        batches=8 if gpu else 2,
-        collate=list,
-        consume=lambda batch: aug([im.to(device, non_blocking=True) for im in batch]),
+        DecodeDataset(jpegs), samples=4096 if gpu else 32, collate=list, consume=augment_when_full
     ),
 )
+
+if gpu:  # where the GPU time of one v2 call goes
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        aug(equal)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 # (d) the training step, fed by ready views vs by augmentation on the GPU each step
 if gpu:

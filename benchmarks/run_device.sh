@@ -22,7 +22,7 @@ export PYTHONPATH=$PWD/src${EXTRA:+:$EXTRA} PYTHONUNBUFFERED=1 BENCH_OUT=$OUT
 } 2>&1 | tee "$OUT/machine.txt"
 # test_package checks installed metadata (the package runs from src/ here); the gloo
 # distributed tests are CPU-only and run in CI.
-$PY -m pytest -q -p no:cacheprovider --ignore=tests/test_package.py --ignore=tests/test_distributed.py -rs 2>&1 | tee "$OUT/pytest.log"
+$PY -m pytest -q -p no:cacheprovider --ignore=tests/test_package.py --ignore=tests/test_distributed.py -rs ${TESTS:-} 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 for bench in ${BENCHES:-ema_update info_nce moco_v2_step augment}; do
   $PY "benchmarks/$bench.py" 2>&1

@@ -150,3 +150,14 @@ def test_per_sample_parameters_must_match_the_batch(images: torch.Tensor) -> Non
         AF.adjust_brightness(images, torch.ones(5))
     with pytest.raises(ValueError, match="kernel_size must be a positive odd int, got 4"):
         AF.gaussian_blur(images, torch.ones(B), kernel_size=4)
+
+
+def test_blur_as_matrix_products_equals_the_convolution(images: torch.Tensor) -> None:
+    sigmas = torch.tensor([0.0, 0.1, 0.7, 1.2, 2.0, 3.0])
+    for k in (3, 9, 23):
+        torch.testing.assert_close(
+            AF._gaussian_blur_matmul(images, sigmas, k),
+            AF.gaussian_blur(images, sigmas, k),
+            rtol=0,
+            atol=1e-5,
+        )

@@ -50,8 +50,8 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma ``0.2989 R + 0.587 G + 0.114 B``: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``."""
     if x.shape[1] == 1:
         return x
-    r, g, b = x.unbind(dim=1)
-    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+    weights = torch.tensor(_GRAY, dtype=x.dtype).to(x.device, non_blocking=True)
+    return torch.einsum("c,bchw->bhw", weights, x).unsqueeze(1)  # one pass over the image
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -79,25 +79,20 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
     f = _per_sample(factor, x)[:, 0]  # (B, 1, 1)
-    r, g, b = x.unbind(dim=1)
-    v, _ = x.max(dim=1)
-    chroma = v - x.min(dim=1).values
+    v, top = x.max(dim=1, keepdim=True)  # value, and which channel is largest (r first)
+    chroma = v - x.min(dim=1, keepdim=True).values  # (B, 1, H, W)
     flat = chroma == 0
-    s = torch.where(flat, torch.zeros_like(v), chroma / torch.where(flat, torch.ones_like(v), v))
-    c = torch.where(flat, torch.ones_like(chroma), chroma)
-    h = torch.where(
-        v == r,
-        (g - b) / c,
-        torch.where(v == g, (b - r) / c + 2.0, (r - g) / c + 4.0),
-    )
-    h = torch.where(flat, torch.zeros_like(h), h)
-    h = torch.remainder(h / 6.0 + f, 1.0)  # shifted hue in [0, 1)
+    s = chroma / torch.where(flat, 1.0, v)  # 0 where flat
+    # hue sector: max r -> (g - b)/c, max g -> (b - r)/c + 2, max b -> (r - g)/c + 4
+    first, second = x.gather(1, (top + 1) % 3), x.gather(1, (top + 2) % 3)
+    h = (first - second) / torch.where(flat, 1.0, chroma) + 2.0 * top.to(x.dtype)
+    h = torch.remainder(h[:, 0] / 6.0 + f, 1.0)  # shifted hue in [0, 1); flat: h = f
     # back to RGB: each channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1)
     # with k = (n + 6h) mod 6 (the standard piecewise-linear hue ramps)
     n = (5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return (v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)).clamp_(0.0, 1.0)
+    return (v * (1.0 - s * ramp)).clamp_(0.0, 1.0)
 
 
 def color_jitter(
@@ -180,9 +175,38 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
     return y.view(b, c, h, w)
 
 
+def _reflect_blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, n, n)`` matrices applying 1-D kernels ``(B, k)`` with reflect padding."""
+    b, k = kernel.shape
+    half = k // 2
+    idx = torch.arange(n, device=kernel.device)[:, None] + torch.arange(
+        -half, half + 1, device=kernel.device
+    )
+    idx = idx.abs()  # reflect at 0 (index -1 -> 1)
+    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)  # reflect at n - 1
+    m = kernel.new_zeros((b, n, n))
+    return m.scatter_add_(2, idx.expand(b, n, k), kernel[:, None, :].expand(b, n, k))
+
+
+def _gaussian_blur_matmul(
+    x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23
+) -> torch.Tensor:
+    """:func:`gaussian_blur` as two batched matrix products (same result)."""
+    b, c, h, w = x.shape
+    half = kernel_size // 2
+    t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
+    sig = _per_sample(sigma, x).view(b, 1).float().clamp(min=1e-3)
+    kernel = torch.exp(-0.5 * (t / sig) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)  # (B, k)
+    gy, gx = _reflect_blur_matrix(kernel, h), _reflect_blur_matrix(kernel, w)
+    y = (x.reshape(b, c * h, w) @ gx.transpose(1, 2)).view(b, c, h, w)  # horizontal
+    return gy[:, None] @ y  # vertical
+
+
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(x - mean) / std`` per channel; ``mean`` and ``std``: ``(C,)``."""
-    return (x - mean.to(x.dtype).view(1, -1, 1, 1)) / std.to(x.dtype).view(1, -1, 1, 1)
+    scale = (1.0 / std).to(x.dtype).view(1, -1, 1, 1)
+    return torch.addcmul((-mean * (1.0 / std)).to(x.dtype).view(1, -1, 1, 1), x, scale)
 
 
 def resized_crop(

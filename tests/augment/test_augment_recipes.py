@@ -169,3 +169,12 @@ def test_half_precision_pipeline_stays_close_to_float32() -> None:
 def test_dtype_must_be_floating() -> None:
     with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
         MoCoV2Augment(dtype=torch.uint8)
+
+
+def test_compiled_colour_stages_equal_eager() -> None:
+    images = uint8_batch(4, 40, 50)
+    for recipe in (MoCoV1Augment, MoCoV3Augment):
+        eager = recipe(size=24)(images, torch.Generator().manual_seed(9))
+        fused = recipe(size=24, compile=True)(images, torch.Generator().manual_seed(9))
+        for a, b in zip(eager, fused, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)

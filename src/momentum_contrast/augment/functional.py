@@ -50,8 +50,8 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma ``0.2989 R + 0.587 G + 0.114 B``: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(_GRAY, dtype=x.dtype).to(x.device, non_blocking=True)
-    return torch.einsum("c,bchw->bhw", weights, x).unsqueeze(1)  # one pass over the image
+    r, g, b = x.unbind(dim=1)
+    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -158,12 +158,18 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
     The kernel is ``exp(-t^2 / (2 sigma^2))`` at the integer offsets
     ``t = -(k-1)/2 ... (k-1)/2``, normalised, as torchvision. A sample with a tiny
     sigma (``< 1e-3``) gets the identity kernel, so "no blur" costs the same and
-    changes nothing.
+    changes nothing. On CUDA the two 1-D passes run as batched matrix products with
+    per-sample reflect-padded Toeplitz matrices (measured faster there than a grouped
+    convolution); elsewhere as a grouped convolution. Both give the same result.
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
     b, c, h, w = x.shape
     half = kernel_size // 2
+    if half >= min(h, w):
+        raise ValueError(f"kernel_size {kernel_size} needs images larger than {half} px")
+    if x.device.type == "cuda":
+        return _gaussian_blur_matmul(x, sigma, kernel_size)
     t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)  # (k,)
     sig = _per_sample(sigma, x).view(b, 1).clamp(min=1e-3)
     kernel = torch.exp(-0.5 * (t / sig) ** 2)  # (B, k)

@@ -40,12 +40,20 @@ class MoCoV1Augment(TwoViewAugment):
         std: tuple[float, ...] = IMAGENET_STD,
         dtype: torch.dtype = torch.float32,
         resample_dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> None:
         view = ViewRecipe(
             scale, (3 / 4, 4 / 3), *jitter, jitter_p, grayscale_p, True, flip_p=flip_p
         )
         super().__init__(
-            view, view, size=size, mean=mean, std=std, dtype=dtype, resample_dtype=resample_dtype
+            view,
+            view,
+            size=size,
+            mean=mean,
+            std=std,
+            dtype=dtype,
+            resample_dtype=resample_dtype,
+            compile=compile,
         )
 
 
@@ -78,6 +86,7 @@ class MoCoV2Augment(TwoViewAugment):
         std: tuple[float, ...] = IMAGENET_STD,
         dtype: torch.dtype = torch.float32,
         resample_dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> None:
         view = ViewRecipe(
             scale,
@@ -99,6 +108,7 @@ class MoCoV2Augment(TwoViewAugment):
             blur_kernel_size=blur_kernel_size,
             dtype=dtype,
             resample_dtype=resample_dtype,
+            compile=compile,
         )
 
 
@@ -134,6 +144,7 @@ class MoCoV3Augment(TwoViewAugment):
         std: tuple[float, ...] = IMAGENET_STD,
         dtype: torch.dtype = torch.float32,
         resample_dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> None:
         one, two = (
             ViewRecipe(
@@ -159,4 +170,5 @@ class MoCoV3Augment(TwoViewAugment):
             blur_kernel_size=blur_kernel_size,
             dtype=dtype,
             resample_dtype=resample_dtype,
+            compile=compile,
         )

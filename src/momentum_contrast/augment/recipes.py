@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from momentum_contrast.augment import functional as AF
 from momentum_contrast.augment._random import Sampler, crop_boxes
-from momentum_contrast.augment._resample import pad_to_batch
+from momentum_contrast.augment._resample import apply_resample, pad_to_batch, resized_crop_weights
+from momentum_contrast.augment._stages import after_crop_stage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,11 +113,11 @@ class TwoViewAugment(nn.Module):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.size, self.blur_kernel_size, self.antialias = size, blur_kernel_size, antialias
         self.dtype, self.resample_dtype = dtype, resample_dtype
-        self._colour: Callable[..., torch.Tensor] = colour_stage
-        self._finish: Callable[..., torch.Tensor] = finish_stage
-        if compile:
-            self._colour = torch.compile(colour_stage, dynamic=False)
-            self._finish = torch.compile(finish_stage, dynamic=False)
+        self._weights: Callable[..., tuple[torch.Tensor, torch.Tensor]] = resized_crop_weights
+        self._stage: Callable[..., torch.Tensor] = after_crop_stage
+        if compile:  # fuse the elementwise work between (and around) the matrix products
+            self._weights = torch.compile(resized_crop_weights, dynamic=False)
+            self._stage = torch.compile(after_crop_stage, dynamic=False)
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
 
@@ -126,29 +126,30 @@ class TwoViewAugment(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heights, widths = _as_batch(images)
         sampler = Sampler(batch.device, generator)
+        resample = self.resample_dtype or (
+            torch.float16 if batch.device.type == "cuda" else torch.float32
+        )
+        scale = 1.0 if batch.is_floating_point() else 1.0 / 255.0
+        pixels = batch.to(resample)  # converted once, for both views
         return (
-            self._view(batch, heights, widths, self.view_one, sampler),
-            self._view(batch, heights, widths, self.view_two, sampler),
+            self._view(pixels, scale, heights, widths, self.view_one, sampler),
+            self._view(pixels, scale, heights, widths, self.view_two, sampler),
         )
 
     def _view(
         self,
-        batch: torch.Tensor,
+        pixels: torch.Tensor,
+        scale: float,
         heights: torch.Tensor,
         widths: torch.Tensor,
         r: ViewRecipe,
         sampler: Sampler,
     ) -> torch.Tensor:
-        b = batch.shape[0]
+        b, _, h, w = pixels.shape
         boxes = crop_boxes(sampler, heights, widths, r.scale, r.ratio)
         flip = sampler.bernoulli(b, r.flip_p)  # folded into the resize weights
-        resample = self.resample_dtype or (
-            torch.float16 if batch.device.type == "cuda" else torch.float32
-        )
-        x = AF.resized_crop(
-            batch, boxes, self.size, flip=flip, antialias=self.antialias, dtype=resample
-        ).to(self.dtype)
-        x = x.expand(b, 3, self.size, self.size)  # (B, 3, S, S), gray input repeated
+        wy, wx = self._weights(boxes, h, w, self.size, flip, self.antialias, pixels.dtype)
+        x = apply_resample(pixels, wy, wx)  # (B, C, S, S)
         gray_mask = sampler.bernoulli(b, r.grayscale_p)
         jitter_mask = sampler.bernoulli(b, r.jitter_p)
         bri, con, sat = (
@@ -157,42 +158,29 @@ class TwoViewAugment(nn.Module):
         )
         hue = sampler.uniform((b,), -r.hue, r.hue)
         order = sampler.permutations(b, 4)
-        x = self._colour(x, gray_mask, bri, con, sat, hue, order, jitter_mask, r.grayscale_first)
+        sigma = None
         if r.blur_p > 0:
             sigma = sampler.uniform((b,), *r.blur_sigma)
-            blur = sampler.bernoulli(b, r.blur_p)
-            x = AF.gaussian_blur(x, torch.where(blur, sigma, 0.0), self.blur_kernel_size)
+            sigma = torch.where(sampler.bernoulli(b, r.blur_p), sigma, 0.0)  # 0: no blur
         solarize = sampler.bernoulli(b, r.solarize_p) if r.solarize_p > 0 else None
-        return self._finish(x, solarize, self.mean, self.std)
-
-
-def colour_stage(
-    x: torch.Tensor,
-    gray_mask: torch.Tensor,
-    brightness: torch.Tensor,
-    contrast: torch.Tensor,
-    saturation: torch.Tensor,
-    hue: torch.Tensor,
-    order: torch.Tensor,
-    jitter_mask: torch.Tensor,
-    grayscale_first: bool,
-) -> torch.Tensor:
-    """Random grayscale and colour jitter, in the recipe's order (elementwise work)."""
-    if grayscale_first:
-        x = torch.where(gray_mask.view(-1, 1, 1, 1), AF.grayscale(x).expand_as(x), x)
-    x = AF.color_jitter(x, brightness, contrast, saturation, hue, order, jitter_mask)
-    if not grayscale_first:
-        x = torch.where(gray_mask.view(-1, 1, 1, 1), AF.grayscale(x).expand_as(x), x)
-    return x
-
-
-def finish_stage(
-    x: torch.Tensor, solarize: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor
-) -> torch.Tensor:
-    """Random solarisation, then normalisation."""
-    if solarize is not None:
-        x = AF.solarize(x, solarize)
-    return AF.normalize(x, mean, std)
+        return self._stage(
+            x,
+            scale,
+            gray_mask,
+            bri,
+            con,
+            sat,
+            hue,
+            order,
+            jitter_mask,
+            sigma,
+            solarize,
+            self.mean,
+            self.std,
+            r.grayscale_first,
+            self.blur_kernel_size,
+            self.dtype,
+        )
 
 
 def _as_batch(

@@ -1,0 +1,128 @@
+"""Vision Transformer helpers of MoCo v3: frozen random patch projection, fixed 2-D sin-cos
+position embedding. Work on torchvision's ``VisionTransformer`` and on timm ViTs (timm is
+never imported here: its models are recognised by their attributes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from momentum_contrast._checks import check_positive_int
+
+__all__ = ["freeze_patch_embedding", "sincos_position_embedding", "use_sincos_position_embedding"]
+
+
+def _patch_projection(vit: nn.Module) -> nn.Conv2d:
+    proj = getattr(vit, "conv_proj", None)  # torchvision
+    if proj is None:
+        proj = getattr(getattr(vit, "patch_embed", None), "proj", None)  # timm
+    if not isinstance(proj, nn.Conv2d):
+        raise TypeError(
+            f"vit must be a torchvision VisionTransformer (conv_proj) or a timm ViT "
+            f"(patch_embed.proj), got {type(vit).__name__}"
+        )
+    return proj
+
+
+def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
+    """Keep the patch projection a fixed random projection (MoCo v3's stability trick).
+
+    With ``reinit`` (as the reference) the projection is first re-drawn uniformly in
+    ``±sqrt(6 / (3 * patch_area + dim))`` (Xavier-uniform over the flattened patch) with
+    a zero bias. Its parameters then get ``requires_grad=False``. Modifies ``vit`` in place.
+
+    Examples:
+        >>> import torchvision
+        >>> from momentum_contrast.vit import freeze_patch_embedding
+        >>> vit = freeze_patch_embedding(torchvision.models.vit_b_16())
+        >>> vit.conv_proj.weight.requires_grad
+        False
+    """
+    proj = _patch_projection(vit)
+    if reinit:
+        fan = proj.in_channels * math.prod(proj.kernel_size) + proj.out_channels
+        bound = math.sqrt(6.0 / fan)
+        with torch.no_grad():
+            proj.weight.uniform_(-bound, bound)
+            if proj.bias is not None:
+                proj.bias.zero_()
+    for p in proj.parameters():
+        p.requires_grad_(False)
+    return vit
+
+
+def sincos_position_embedding(
+    h: int, w: int, dim: int, *, cls_token: bool = True, temperature: float = 10000.0
+) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding of an ``h x w`` patch grid.
+
+    Patch ``(row r, column c)`` (row-major, as ViTs flatten patches) gets
+    ``[sin(r w_i), cos(r w_i), sin(c w_i), cos(c w_i)]`` with
+    ``w_i = temperature ** (-i / (dim / 4))``, ``i < dim / 4``; on square grids this
+    is MoCo v3's embedding. The class token's embedding is zero.
+
+    Args:
+        h: grid rows; w: grid columns; dim: embedding size, divisible by 4.
+
+    Returns:
+        ``(1, [1 +] h * w, dim)`` float32 tensor.
+
+    Examples:
+        >>> from momentum_contrast.vit import sincos_position_embedding
+        >>> sincos_position_embedding(14, 14, 384).shape
+        torch.Size([1, 197, 384])
+    """
+    h, w, dim = (
+        check_positive_int("h", h),
+        check_positive_int("w", w),
+        check_positive_int("dim", dim),
+    )
+    if dim % 4:
+        raise ValueError(f"dim must be divisible by 4 for a 2-D sin-cos embedding, got {dim}")
+    quarter = dim // 4
+    omega = temperature ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)  # (h*w,) r of patch p
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)  # (h*w,) c of patch p
+    r, c = rows[:, None] * omega, cols[:, None] * omega  # (h*w, D/4)
+    emb = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1).float()  # (h*w, D)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim), emb])
+    return emb[None]
+
+
+def use_sincos_position_embedding(vit: nn.Module) -> nn.Module:
+    """Replace a ViT's learned position embedding by the fixed sin-cos one (frozen).
+
+    Examples:
+        >>> import torchvision
+        >>> from momentum_contrast.vit import use_sincos_position_embedding
+        >>> vit = use_sincos_position_embedding(torchvision.models.vit_b_16())
+        >>> vit.encoder.pos_embedding.requires_grad
+        False
+    """
+    encoder = getattr(vit, "encoder", None)
+    pos = getattr(encoder, "pos_embedding", None)  # torchvision
+    if isinstance(pos, torch.Tensor):
+        side = int(getattr(vit, "image_size")) // int(getattr(vit, "patch_size"))  # noqa: B009
+        grid = (side, side)
+    else:
+        pos = getattr(vit, "pos_embed", None)  # timm
+        if not isinstance(pos, torch.Tensor):
+            raise TypeError(
+                "vit must be a torchvision VisionTransformer (encoder.pos_embedding) or a "
+                f"timm ViT (pos_embed), got {type(vit).__name__}"
+            )
+        size = getattr(getattr(vit, "patch_embed", None), "grid_size", None)
+        if size is None:
+            raise TypeError(f"{type(vit).__name__}.patch_embed has no grid_size")
+        grid = (int(size[0]), int(size[1]))
+    n_patches = grid[0] * grid[1]
+    prefix = pos.shape[1] - n_patches
+    emb = sincos_position_embedding(grid[0], grid[1], pos.shape[2], cls_token=False)
+    with torch.no_grad():
+        pos[:, :prefix].zero_()
+        pos[:, prefix:].copy_(emb.to(pos.dtype))
+    pos.requires_grad_(False)
+    return vit

@@ -1,0 +1,60 @@
+"""LARS against a step written out by hand in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from momentum_contrast.optim import LARS
+
+
+def reference_lars_steps(params, grads_per_step, lr, wd, momentum, eta):  # type: ignore[no-untyped-def]
+    """MoCo v3's LARS, written from its description, one parameter at a time."""
+    params = [p.clone() for p in params]
+    mus = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            d = g.clone()
+            if p.dim() > 1:
+                d = d + wd * p
+                pn, dn = float(p.norm()), float(d.norm())
+                q = eta * pn / dn if pn > 0 and dn > 0 else 1.0
+                d = d * q
+            mus[i] = momentum * mus[i] + d
+            params[i] = p - lr * mus[i]
+    return params
+
+
+def test_matches_the_hand_written_reference_in_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (6,), (3, 2, 2, 2), (5,)]
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    params[3].zero_()  # a zero parameter: trust ratio 1 (1-D anyway)
+    steps = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    live = [p.clone().requires_grad_() for p in params]
+    opt = LARS(live, lr=0.3, weight_decay=1e-2, momentum=0.9, trust_coefficient=0.001)
+    for grads in steps:
+        for p, grad in zip(live, grads, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+    expected = reference_lars_steps(params, steps, 0.3, 1e-2, 0.9, 0.001)
+    for got, want in zip(live, expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-12)
+
+
+def test_zero_weight_matrix_uses_ratio_one_and_1d_gets_no_decay() -> None:
+    w = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = LARS([w, b], lr=1.0, weight_decay=0.5, momentum=0.0)
+    w.grad = torch.ones(3, 3, dtype=torch.float64)
+    b.grad = torch.zeros(3, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(w.detach(), -torch.ones(3, 3, dtype=torch.float64))  # ||p|| = 0: ratio 1
+    assert torch.equal(b.detach(), torch.ones(3, dtype=torch.float64))  # no decay on 1-D
+
+
+def test_defaults_and_bad_arguments() -> None:
+    opt = LARS([torch.zeros(2, requires_grad=True)])
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["trust_coefficient"] == 0.001
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1"):
+        LARS([torch.zeros(2, requires_grad=True)], weight_decay=-1)

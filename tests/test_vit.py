@@ -1,0 +1,87 @@
+"""ViT helpers on torchvision and timm ViTs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from momentum_contrast import MomentumEncoder
+from momentum_contrast.vit import (
+    freeze_patch_embedding,
+    sincos_position_embedding,
+    use_sincos_position_embedding,
+)
+
+
+def small_torchvision_vit() -> torchvision.models.VisionTransformer:
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+
+
+def test_sincos_values_from_the_formula() -> None:
+    h, w, dim = 3, 5, 16
+    emb = sincos_position_embedding(h, w, dim)
+    assert emb.shape == (1, 1 + h * w, dim) and emb.dtype == torch.float32
+    assert torch.equal(emb[0, 0], torch.zeros(dim))  # class token
+    for r in range(h):
+        for c in range(w):
+            row = emb[0, 1 + r * w + c]
+            for i in range(dim // 4):
+                omega = 1.0 / 10000 ** (i / (dim // 4))
+                expected = [
+                    math.sin(r * omega),
+                    math.cos(r * omega),
+                    math.sin(c * omega),
+                    math.cos(c * omega),
+                ]
+                got = [row[i], row[dim // 4 + i], row[dim // 2 + i], row[3 * dim // 4 + i]]
+                for a, b in zip(got, expected, strict=True):
+                    assert abs(float(a) - b) < 1e-6
+    assert sincos_position_embedding(2, 2, 8, cls_token=False).shape == (1, 4, 8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embedding(2, 2, 10)
+
+
+def test_torchvision_vit_helpers() -> None:
+    vit = small_torchvision_vit()
+    use_sincos_position_embedding(vit)
+    pos = vit.encoder.pos_embedding
+    assert not pos.requires_grad
+    torch.testing.assert_close(pos, sincos_position_embedding(4, 4, 32))
+    freeze_patch_embedding(vit)
+    bound = math.sqrt(6 / (3 * 8 * 8 + 32))
+    assert not vit.conv_proj.weight.requires_grad and not vit.conv_proj.bias.requires_grad
+    assert vit.conv_proj.weight.abs().max() <= bound and torch.equal(
+        vit.conv_proj.bias, torch.zeros(32)
+    )
+    # frozen pieces get no gradient and stay equal through a training step and an EMA update
+    before = vit.conv_proj.weight.clone()
+    opt = torch.optim.SGD([p for p in vit.parameters() if p.requires_grad], lr=0.1)
+    key = MomentumEncoder(vit)
+    vit(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    key.update()
+    assert vit.conv_proj.weight.grad is None and torch.equal(vit.conv_proj.weight, before)
+    assert torch.equal(key.key_encoder.conv_proj.weight, before)
+
+
+def test_timm_vit_helpers() -> None:
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+    use_sincos_position_embedding(vit)
+    torch.testing.assert_close(vit.pos_embed, sincos_position_embedding(4, 4, 192))
+    assert not vit.pos_embed.requires_grad
+    freeze_patch_embedding(vit)
+    assert not vit.patch_embed.proj.weight.requires_grad
+    assert vit(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_unknown_models_are_refused() -> None:
+    with pytest.raises(TypeError, match="torchvision VisionTransformer"):
+        freeze_patch_embedding(torchvision.models.resnet18())
+    with pytest.raises(TypeError, match="pos_embed"):
+        use_sincos_position_embedding(torchvision.models.resnet18())

@@ -1,0 +1,137 @@
+"""Linear evaluation of a pre-trained backbone: frozen features, a trained linear classifier.
+
+    python examples/linear_eval.py --pretrained runs/example/checkpoint_0000496.pt
+    torchrun --nproc-per-node 8 examples/linear_eval.py --data /data/imagenet \\
+        --pretrained runs/moco_v2/checkpoint_0100000.pt
+
+The protocol follows the reference code: the backbone is frozen with its BatchNorm in eval
+mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9,
+no weight decay, on random-resized crops and flips: MoCo v1/v2 lr 30 for 100 epochs,
+divided by 10 at 60 and 80; MoCo v3 lr 0.1 x batch/256 for 90 epochs, cosine. Reports
+top-1 and top-5 on the held-out split, and checks that the backbone did not change.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from common import (
+    backbone,
+    cosine_lr,
+    datasets,
+    evaluation_batches,
+    loader,
+    parse_args,
+    setup,
+    to_device,
+)
+from torch import nn
+from tqdm import tqdm
+
+from momentum_contrast.augment import TwoViewAugment, ViewRecipe
+
+PAPER_DEFAULTS = {"epochs": 100, "batch_size": 256, "lr": 30.0, "schedule_milestones": "60,80",
+                  "shapes_train": 4000, "shapes_val": 1000}  # fmt: skip
+V3_DEFAULTS = {"epochs": 90, "batch_size": 1024, "lr": 0.1}
+SHAPES_DEFAULTS = {"epochs": 5, "batch_size": 64, "schedule_milestones": "3,4"}
+
+
+def main() -> None:
+    pretrained = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--pretrained=")), None)
+    if pretrained is None and "--pretrained" in sys.argv:
+        pretrained = sys.argv[sys.argv.index("--pretrained") + 1]
+    if not pretrained:
+        sys.exit("error: --pretrained PATH (a pre-training checkpoint) is required")
+    ckpt = torch.load(pretrained, map_location="cpu", weights_only=True)
+    if not str(ckpt.get("recipe", "")).startswith("moco_"):
+        sys.exit(f"error: {pretrained} is not a momentum_contrast pre-training checkpoint")
+    v3 = ckpt["recipe"] == "moco_v3"
+    trained = ckpt["args"]
+    args = parse_args(
+        "Linear evaluation",
+        [
+            (lambda a: a.data == "shapes", SHAPES_DEFAULTS),
+            (lambda a: v3, V3_DEFAULTS),
+            (
+                lambda a: True,
+                {
+                    **PAPER_DEFAULTS,
+                    "pretrained": "",
+                    "arch": trained["arch"],
+                    "image_size": trained["image_size"],
+                },
+            ),
+        ],
+    )
+    device, rank, world = setup(args)
+
+    features, dim = backbone(args.arch, args.image_size)
+    prefix = "0.0." if v3 else "0."  # query encoder = Sequential(features, head) [+ predictor]
+    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    features.load_state_dict(state)
+    features.to(device).eval().requires_grad_(False)  # frozen, BatchNorm in eval mode
+    frozen = {k: v.clone() for k, v in features.state_dict().items()}
+    train, val, classes = datasets(args)
+    classifier = nn.Linear(dim, classes).to(device)
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
+    if world > 1:
+        classifier = nn.parallel.DistributedDataParallel(classifier)
+    lr = args.lr * args.batch_size / 256 if v3 else args.lr
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    crop_flip = ViewRecipe(scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    augment = TwoViewAugment(crop_flip, crop_flip, size=args.image_size).to(device)
+    milestones = [int(m) for m in args.schedule_milestones.split(",")]
+    steps = len(train) // args.batch_size
+    for epoch in range(args.epochs):
+        batches = loader(
+            train, args, args.batch_size // world, epoch=epoch, start=0, rank=rank, world=world
+        )
+        for i, (images, labels) in enumerate(
+            tqdm(
+                batches,
+                total=steps,
+                desc=f"epoch {epoch + 1}",
+                disable=rank != 0,
+                mininterval=2,
+                file=sys.stdout,
+            )
+        ):
+            at = epoch + i / steps
+            step_lr = (
+                cosine_lr(lr, at, args.epochs)
+                if v3
+                else lr * 0.1 ** sum(at >= m for m in milestones)
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            x = augment(to_device(images, device))[0]
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+            ):
+                f = features(x).float()
+            loss = nn.functional.cross_entropy(classifier(f), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    top1 = top5 = total = 0
+    with torch.no_grad():
+        for x, y in evaluation_batches(val, args, device):
+            top = classifier(features(x).float()).topk(min(5, classes), dim=1).indices
+            top1 += int((top[:, 0] == y).sum())
+            top5 += int((top == y[:, None]).any(dim=1).sum())
+            total += len(y)
+    unchanged = all(torch.equal(v, frozen[k]) for k, v in features.state_dict().items())
+    if not unchanged:
+        sys.exit("error: the frozen backbone changed during linear evaluation")
+    print(
+        f"linear evaluation of {pretrained}: top-1 {100 * top1 / total:.1f}%, "
+        f"top-5 {100 * top5 / total:.1f}% on {total} held-out images (backbone unchanged)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""MoCo v2 (and v1) pre-training, built from momentum_contrast's pieces.
+
+    python examples/moco_v2.py                                   # built-in shapes, CPU or GPU
+    python examples/moco_v2.py --data /data/imagenet --arch resnet50           # one GPU
+    torchrun --nproc-per-node 8 examples/moco_v2.py --data /data/imagenet --arch resnet50
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        examples/moco_v2.py --data /data/imagenet --arch resnet50 --batch-size 1024 --lr 0.12
+    python examples/moco_v2.py --resume auto                     # continue the last run
+
+On ImageNet the defaults are the paper's (ResNet-50, 200 epochs, batch 256, SGD lr 0.03,
+K 65,536, m 0.999, T 0.2, cosine schedule); with the built-in `shapes` data they are
+scaled down to finish on a CPU in minutes (see examples/README.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from common import backbone, cosine_lr, datasets, parse_args, setup
+from torch import nn
+from training import fit
+
+from momentum_contrast import KeyQueue, MomentumEncoder, info_nce, moco_v1_head, moco_v2_head
+from momentum_contrast.augment import MoCoV1Augment, MoCoV2Augment
+from momentum_contrast.distributed import batch_shuffle, batch_unshuffle
+from momentum_contrast.norm import convert_split_batchnorm
+
+# What differs between the two papers (everything else is shared).
+PAPERS = {
+    "v1": {"head": moco_v1_head, "temperature": 0.07, "augment": MoCoV1Augment, "cosine": False},
+    "v2": {"head": moco_v2_head, "temperature": 0.2, "augment": MoCoV2Augment, "cosine": True},
+}
+PAPER_DEFAULTS = {
+    "arch": "resnet50", "epochs": 200, "batch_size": 256, "lr": 0.03, "image_size": 224,
+    "queue_size": 65536, "moco_momentum": 0.999, "dim": 128, "weight_decay": 1e-4,
+    "schedule_milestones": "120,160", "shuffle_splits": 8, "knn_bank": 50000, "knn_queries": 10000,
+    "shapes_train": 4000, "shapes_val": 1000, "crop_min": 0.2,
+}  # fmt: skip
+SHAPES_DEFAULTS = {
+    "arch": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.06, "image_size": 32,
+    "queue_size": 1024, "moco_momentum": 0.99, "schedule_milestones": "20,25",
+    "knn_bank": 4000, "knn_queries": 1000,
+}  # fmt: skip
+
+
+def main(version: str = "v2") -> None:
+    paper = PAPERS[version]
+    on_shapes = lambda a: a.data == "shapes"  # noqa: E731
+    args = parse_args(
+        f"MoCo {version} pre-training",
+        [(on_shapes, SHAPES_DEFAULTS), (lambda a: True, PAPER_DEFAULTS)],
+    )
+    device, rank, world = setup(args)
+
+    features, feature_dim = backbone(args.arch, args.image_size)
+    model = nn.Sequential(features, paper["head"](feature_dim, out_dim=args.dim)).to(device)
+    if world > 1:  # the query encoder trains under DDP; the key encoder uses Shuffle-BN
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    key_encoder = MomentumEncoder(model, momentum=args.moco_momentum)
+    if world == 1 and args.shuffle_splits > 1:  # single process: emulate per-GPU BN
+        convert_split_batchnorm(key_encoder.key_encoder, args.shuffle_splits)
+    queue = KeyQueue(args.queue_size, args.dim).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
+    )
+    augment = paper["augment"](args.image_size, scale=(args.crop_min, 1.0)).to(device)
+    milestones = [int(m) for m in args.schedule_milestones.split(",")]
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        key_encoder.to(memory_format=torch.channels_last)
+    encode_q = torch.compile(model) if args.compile else model
+    encode_k = torch.compile(key_encoder) if args.compile else key_encoder
+
+    def train_step(
+        x_q: torch.Tensor, x_k: torch.Tensor, epoch: float
+    ) -> dict[str, float | torch.Tensor]:
+        if paper["cosine"]:
+            lr = cosine_lr(args.lr, epoch, args.epochs)
+        else:
+            lr = args.lr * 0.1 ** sum(epoch >= m for m in milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if channels_last:
+            x_q, x_k = (x.contiguous(memory_format=torch.channels_last) for x in (x_q, x_k))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            q = encode_q(x_q)  # (N, dim) queries
+            key_encoder.update()  # m * key + (1 - m) * query, before computing the keys
+            shuffled, idx = batch_shuffle(x_k)  # Shuffle-BN
+            k = batch_unshuffle(encode_k(shuffled), idx)  # (N, dim) keys, no grad
+            loss = info_nce(q, k, queue.negatives(), temperature=paper["temperature"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        queue.push(k)  # all ranks' keys, newest first out
+        return {"loss": loss.detach(), "lr": lr, "momentum": args.moco_momentum}
+
+    stateful = {"model": model, "key_encoder": key_encoder, "queue": queue, "optimizer": optimizer}
+    fit(
+        args,
+        f"moco_{version}",
+        stateful,
+        train_step,
+        augment,
+        features,
+        datasets(args),
+        device,
+        rank,
+        world,
+    )
+
+
+if __name__ == "__main__":
+    main("v2")

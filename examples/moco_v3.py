@@ -1,0 +1,129 @@
+"""MoCo v3 pre-training (ResNet or ViT), built from momentum_contrast's pieces.
+
+    python examples/moco_v3.py                                   # built-in shapes, CPU or GPU
+    python examples/moco_v3.py --arch vit_tiny                   # a small ViT on shapes
+    torchrun --nproc-per-node 8 examples/moco_v3.py --data /data/imagenet --arch resnet50 \\
+        --batch-size 4096 --epochs 100
+    torchrun --nproc-per-node 8 examples/moco_v3.py --data /data/imagenet --arch vit_small \\
+        --batch-size 4096 --epochs 300
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        examples/moco_v3.py --data /data/imagenet --arch vit_base --batch-size 4096
+
+Paper defaults (ImageNet): ResNet-50 with LARS, lr 0.6 x batch/256, weight decay 1e-6, T 1.0,
+10 warm-up epochs; ViTs with AdamW, lr 1.5e-4 x batch/256, weight decay 0.1, T 0.2, 40
+warm-up epochs, a frozen random patch projection and sin-cos position embeddings. Both: two
+symmetric views, keys from all GPUs as negatives, momentum 0.99 -> 1 on a cosine, a
+projector (2 layers for ResNets, 3 for ViTs) and a predictor, SyncBatchNorm across GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+from common import backbone, cosine_lr, datasets, parse_args, setup
+from torch import nn
+from training import fit
+
+from momentum_contrast import (
+    MomentumEncoder,
+    cosine_momentum,
+    moco_v3_predictor,
+    moco_v3_projector,
+    symmetric_contrastive_loss,
+)
+from momentum_contrast.augment import MoCoV3Augment
+from momentum_contrast.optim import LARS
+from momentum_contrast.vit import freeze_patch_embedding, use_sincos_position_embedding
+
+PAPER_DEFAULTS = {
+    "arch": "resnet50", "epochs": 100, "batch_size": 4096, "lr": 0.6, "image_size": 224,
+    "optimizer": "lars", "weight_decay": 1e-6, "temperature": 1.0, "warmup_epochs": 10,
+    "moco_momentum": 0.99, "dim": 256, "mlp_dim": 4096, "knn_bank": 50000, "knn_queries": 10000,
+    "shapes_train": 4000, "shapes_val": 1000,
+}  # fmt: skip
+VIT_DEFAULTS = {
+    "epochs": 300, "lr": 1.5e-4, "optimizer": "adamw", "weight_decay": 0.1, "temperature": 0.2,
+    "warmup_epochs": 40,
+}  # fmt: skip
+SHAPES_DEFAULTS = {
+    "arch": "small_cnn", "epochs": 30, "batch_size": 64, "image_size": 32, "temperature": 0.2,
+    "warmup_epochs": 1, "mlp_dim": 1024, "knn_bank": 4000, "knn_queries": 1000,
+}  # fmt: skip
+SHAPES_VIT_DEFAULTS = {"lr": 5e-4, "warmup_epochs": 1}
+
+
+def main() -> None:
+    on_shapes, is_vit = (lambda a: a.data == "shapes"), (lambda a: a.arch.startswith("vit"))
+    args = parse_args(
+        "MoCo v3 pre-training",
+        [
+            (lambda a: on_shapes(a) and is_vit(a), SHAPES_VIT_DEFAULTS),
+            (on_shapes, SHAPES_DEFAULTS),
+            (is_vit, VIT_DEFAULTS),
+            (lambda a: True, PAPER_DEFAULTS),
+        ],
+    )
+    device, rank, world = setup(args)
+    vit = is_vit(args)
+
+    features, feature_dim = backbone(args.arch, args.image_size)
+    if vit:  # the v3 ViT recipe: fixed random patch projection, fixed sin-cos positions
+        freeze_patch_embedding(features)
+        use_sincos_position_embedding(features)
+    projector = moco_v3_projector(feature_dim, args.mlp_dim, args.dim, num_layers=3 if vit else 2)
+    base = nn.Sequential(features, projector).to(device)  # what the momentum encoder follows
+    predictor = moco_v3_predictor(args.dim, args.mlp_dim, last_bn=vit).to(device)
+    if world > 1:  # BatchNorm statistics over all GPUs, as the reference
+        base = nn.SyncBatchNorm.convert_sync_batchnorm(base)
+        predictor = nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
+    key_encoder = MomentumEncoder(base, momentum=args.moco_momentum)
+    query = nn.Sequential(base, predictor)
+    if world > 1:
+        query = nn.parallel.DistributedDataParallel(
+            query, device_ids=[device] if device.type == "cuda" else None
+        )
+    lr = args.lr * args.batch_size / 256  # linear scaling rule
+    params = [p for p in query.parameters() if p.requires_grad]
+    if args.optimizer == "lars":
+        optimizer: torch.optim.Optimizer = LARS(
+            params, lr=lr, weight_decay=args.weight_decay, momentum=0.9
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    augment = MoCoV3Augment(args.image_size).to(device)
+    encode_q = torch.compile(query) if args.compile else query
+    encode_k = torch.compile(key_encoder) if args.compile else key_encoder
+
+    def train_step(
+        x1: torch.Tensor, x2: torch.Tensor, epoch: float
+    ) -> dict[str, float | torch.Tensor]:
+        step_lr = cosine_lr(lr, epoch, args.epochs, warmup=args.warmup_epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        m = cosine_momentum(epoch, args.epochs, base=args.moco_momentum)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            q1, q2 = encode_q(x1), encode_q(x2)  # (N, dim) predictions
+            key_encoder.update(m)
+            k1, k2 = encode_k(x1), encode_k(x2)  # (N, dim) targets, no grad
+            loss = symmetric_contrastive_loss(q1, q2, k1, k2, temperature=args.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach(), "lr": step_lr, "momentum": m}
+
+    stateful = {"model": query, "key_encoder": key_encoder, "optimizer": optimizer}
+    fit(
+        args,
+        "moco_v3",
+        stateful,
+        train_step,
+        augment,
+        features,
+        datasets(args),
+        device,
+        rank,
+        world,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The loop around a recipe's training step: epochs, resume, checkpoints, progress, metrics."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Images, knn_accuracy, loader, to_device
+from torch import nn
+
+Step = Callable[[torch.Tensor, torch.Tensor, float], dict[str, Any]]
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a killed run leaves the previous checkpoint, never a truncated one."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted(output_dir.glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot(output_dir: Path, rows: list[dict[str, str]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [int(r["step"]) for r in rows if r["loss"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(steps, [float(r["loss"]) for r in rows if r["loss"]], lw=0.8)
+    a.set(xlabel="step", ylabel="loss", title="pre-training loss")
+    knn = [(int(r["step"]), float(r["knn_top1"])) for r in rows if r["knn_top1"]]
+    if knn:
+        b.plot(*zip(*knn, strict=True), marker="o")
+    b.set(xlabel="step", ylabel="kNN top-1 (%)", title="held-out kNN accuracy")
+    fig.tight_layout()
+    fig.savefig(output_dir / "metrics.png", dpi=100)
+    plt.close(fig)
+
+
+def fit(
+    args: argparse.Namespace,
+    recipe: str,
+    stateful: dict[str, Any],
+    train_step: Step,
+    augment: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+    features: nn.Module,
+    data: tuple[Images, Images, int],
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> None:
+    """Train ``args.epochs`` epochs of ``train_step`` on two views per image."""
+    from tqdm import tqdm
+
+    train, val, classes = data
+    if args.augment_on == "cpu":  # two views made per image in the loader workers
+        train = Images(train.items, train.labels, transform=copy.deepcopy(augment).cpu())
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(train)} training images make no batch of {args.batch_size}")
+    step, baseline = 0, None
+    resume = (
+        latest_checkpoint(out)
+        if args.resume == "auto"
+        else (Path(args.resume) if args.resume else None)
+    )
+    if resume is not None:
+        ckpt = torch.load(resume, map_location=device, weights_only=True)
+        if ckpt["recipe"] != recipe:
+            sys.exit(f"error: {resume} is a {ckpt['recipe']} checkpoint, not {recipe}")
+        for name, obj in stateful.items():
+            obj.load_state_dict(ckpt[name])
+        set_rng_state(ckpt["rng"])
+        step, baseline = ckpt["step"], ckpt["knn_baseline"]
+        print(f"resumed from {resume} at step {step}")
+    if baseline is None:
+        baseline = knn_accuracy(features, train, val, classes, args, device) if rank == 0 else 0.0
+        print(f"kNN top-1 at random initialisation: {baseline:.1f}%")
+    metrics = out / "metrics.csv"
+    fields = ["step", "epoch", "loss", "lr", "momentum", "images_per_s", "knn_top1"]
+    if rank == 0 and (resume is None or not metrics.exists()):
+        with open(metrics, "w", newline="") as f:
+            csv.DictWriter(f, fields).writeheader()
+
+    def checkpoint(tag: str) -> None:
+        if rank == 0:
+            state = {name: obj.state_dict() for name, obj in stateful.items()}
+            state.update(
+                recipe=recipe, step=step, rng=rng_state(), args=vars(args), knn_baseline=baseline
+            )
+            save_checkpoint(out / f"checkpoint_{tag}.pt", state)
+            for old in out.glob("checkpoint_*.pt"):  # keep only the newest
+                if old.name != f"checkpoint_{tag}.pt":
+                    old.unlink()
+
+    def log(row: dict[str, Any]) -> None:
+        if rank == 0:
+            with open(metrics, "a", newline="") as f:
+                csv.DictWriter(f, fields).writerow(row)
+
+    total = args.epochs * steps_per_epoch
+    last = args.max_steps if args.max_steps else total
+    knn = baseline
+    while step < min(last, total):
+        epoch, start = divmod(step, steps_per_epoch)
+        batches = loader(
+            train, args, args.batch_size // world, epoch=epoch, start=start, rank=rank, world=world
+        )
+        bar = tqdm(
+            batches,
+            total=steps_per_epoch,
+            initial=start,
+            disable=rank != 0,
+            mininterval=2,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            file=sys.stdout,
+        )
+        tick = time.perf_counter()
+        for images, _ in bar:
+            views = (
+                to_device(images, device)
+                if isinstance(images, tuple)
+                else augment(to_device(images, device))
+            )
+            stats = train_step(*views, epoch + (step - epoch * steps_per_epoch) / steps_per_epoch)
+            step += 1
+            loss = float(stats["loss"])  # one read per step, for the progress bar and the log
+            rate = args.batch_size / (time.perf_counter() - tick)
+            tick = time.perf_counter()
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                lr=f"{stats['lr']:.3g}",
+                m=f"{stats['momentum']:.4f}",
+                img_s=f"{rate:.0f}",
+            )
+            log(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": repr(loss),
+                    "lr": stats["lr"],
+                    "momentum": stats["momentum"],
+                    "images_per_s": round(rate, 1),
+                    "knn_top1": "",
+                }
+            )
+            if step == last or step % steps_per_epoch == 0:
+                break
+        bar.close()
+        if step % steps_per_epoch == 0 and rank == 0:
+            knn = knn_accuracy(features, train, val, classes, args, device)
+            log(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": "",
+                    "lr": "",
+                    "momentum": "",
+                    "images_per_s": "",
+                    "knn_top1": round(knn, 2),
+                }
+            )
+            with open(metrics) as f:
+                plot(out, list(csv.DictReader(f)))
+            print(f"epoch {epoch + 1}: kNN top-1 {knn:.1f}%")
+        checkpoint(f"{step:07d}")
+    if rank == 0:
+        print(
+            f"done: {step} steps; kNN top-1 {knn:.1f}% (random initialisation {baseline:.1f}%); "
+            f"checkpoints and metrics in {out}"
+        )

@@ -1,0 +1,128 @@
+"""The example scripts, run for a few steps on the CPU with tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TINY = [
+    "--device", "cpu", "--image-size", "32", "--batch-size", "16", "--epochs", "2",
+    "--workers", "0", "--shapes-train", "64", "--shapes-val", "32", "--knn-bank", "64",
+    "--knn-queries", "32",
+]  # fmt: skip
+V12 = [*TINY, "--queue-size", "64", "--shuffle-splits", "2"]
+V3 = [*TINY, "--mlp-dim", "64", "--dim", "32"]
+
+
+def run(script: str, *flags: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=EXAMPLES,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def losses(out: Path) -> list[str]:
+    with open(out / "metrics.csv") as f:
+        return [row["loss"] for row in csv.DictReader(f) if row["loss"]]
+
+
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [
+        ("moco_v1.py", V12),
+        ("moco_v2.py", V12),
+        ("moco_v3.py", V3),
+        ("moco_v3.py", [*V3, "--arch", "vit_tiny"]),
+        ("moco_v2.py", [*V12, "--augment-on", "cpu"]),
+    ],
+    ids=["v1", "v2", "v3-resnet", "v3-vit", "v2-cpu-augment"],
+)
+def test_script_runs_and_checkpoints(script: str, flags: list[str], tmp_path: Path) -> None:
+    result = run(script, *flags, "--max-steps", "3", "--output-dir", str(tmp_path))
+    assert "kNN top-1 at random initialisation" in result.stdout
+    assert len(losses(tmp_path)) == 3
+    (ckpt,) = tmp_path.glob("checkpoint_*.pt")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 3 and state["recipe"].startswith("moco_")
+    assert {"model", "key_encoder", "optimizer", "rng", "args"} <= state.keys()
+    if "v3" not in script:
+        assert state["queue"]["keys"].shape == (64, 128)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run("moco_v2.py", *V12, "--max-steps", "7", "--output-dir", str(straight))
+    run("moco_v2.py", *V12, "--max-steps", "3", "--output-dir", str(interrupted))
+    result = run(
+        "moco_v2.py", *V12, "--max-steps", "7", "--resume", "auto", "--output-dir", str(interrupted)
+    )
+    assert "resumed from" in result.stdout
+    assert losses(interrupted) == losses(straight)  # bit for bit, across an epoch boundary
+    assert (straight / "metrics.png").is_file()
+
+
+@pytest.mark.parametrize(("script", "flags"), [("moco_v2.py", V12), ("moco_v3.py", V3)])
+def test_linear_evaluation(script: str, flags: list[str], tmp_path: Path) -> None:
+    run(script, *flags, "--max-steps", "4", "--output-dir", str(tmp_path))
+    (ckpt,) = tmp_path.glob("checkpoint_*.pt")
+    result = run("linear_eval.py", *TINY[:-4], "--epochs", "1", "--pretrained", str(ckpt))
+    assert "top-1" in result.stdout and "backbone unchanged" in result.stdout
+
+
+def test_image_folder_data(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for c, colour in enumerate((0, 255)):
+            folder = tmp_path / "data" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(12):
+                img = torch.full((3, 40 + 3 * i, 50 - i), colour, dtype=torch.uint8)
+                torchvision.io.write_png(img, str(folder / f"{i}.png"))
+    out = tmp_path / "run"
+    run(
+        "moco_v2.py",
+        *V12,
+        "--data",
+        str(tmp_path / "data"),
+        "--max-steps",
+        "2",
+        "--output-dir",
+        str(out),
+    )
+    assert len(losses(out)) == 2
+
+
+def test_clear_errors(tmp_path: Path) -> None:
+    missing = run("moco_v2.py", *V12, "--data", str(tmp_path / "nope"), check=False)
+    assert missing.returncode != 0 and "has no train/ folder" in missing.stderr
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    empty = run("moco_v2.py", *V12, "--data", str(tmp_path / "empty"), check=False)
+    assert empty.returncode != 0 and "empty" in (empty.stderr + empty.stdout).lower()
+    arch = run("moco_v2.py", "--arch", "alexnet", check=False)
+    assert arch.returncode != 0 and "invalid choice: 'alexnet'" in arch.stderr
+    run("moco_v2.py", *V12, "--max-steps", "1", "--output-dir", str(tmp_path / "v2"))
+    other = run(
+        "moco_v3.py", *V3, "--resume", "auto", "--output-dir", str(tmp_path / "v2"), check=False
+    )
+    assert other.returncode != 0 and "is a moco_v2 checkpoint, not moco_v3" in other.stderr
+
+
+def test_batch_that_does_not_split_across_processes() -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    from common import check_batch_split
+
+    check_batch_split(64, 4)
+    with pytest.raises(SystemExit, match="--batch-size 30 does not split across 4 processes"):
+        check_batch_split(30, 4)

@@ -33,11 +33,12 @@ PAPER_DEFAULTS = {
     "arch": "resnet50", "epochs": 200, "batch_size": 256, "lr": 0.03, "image_size": 224,
     "queue_size": 65536, "moco_momentum": 0.999, "dim": 128, "weight_decay": 1e-4,
     "schedule_milestones": "120,160", "shuffle_splits": 8, "knn_bank": 50000, "knn_queries": 10000,
-    "shapes_train": 4000, "shapes_val": 1000, "crop_min": 0.2,
+    "shapes_train": 4000, "shapes_val": 1000, "crop_min": 0.2, "blur_p": 0.5,
 }  # fmt: skip
 SHAPES_DEFAULTS = {
     "arch": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.06, "image_size": 32,
     "queue_size": 1024, "moco_momentum": 0.99, "schedule_milestones": "20,25",
+    "crop_min": 0.5, "blur_p": 0.0,  # 32-px images: gentler crops, no blur (as CIFAR recipes)
     "knn_bank": 4000, "knn_queries": 1000,
 }  # fmt: skip
 
@@ -49,7 +50,7 @@ def main(version: str = "v2") -> None:
         f"MoCo {version} pre-training",
         [(on_shapes, SHAPES_DEFAULTS), (lambda a: True, PAPER_DEFAULTS)],
     )
-    device, rank, world = setup(args)
+    env = device, _, world = setup(args)
 
     features, feature_dim = backbone(args.arch, args.image_size)
     model = nn.Sequential(features, paper["head"](feature_dim, out_dim=args.dim)).to(device)
@@ -64,7 +65,8 @@ def main(version: str = "v2") -> None:
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
     )
-    augment = paper["augment"](args.image_size, scale=(args.crop_min, 1.0)).to(device)
+    blur = {"blur_p": args.blur_p} if version == "v2" else {}  # v1 has no blur
+    augment = paper["augment"](args.image_size, scale=(args.crop_min, 1.0), **blur).to(device)
     milestones = [int(m) for m in args.schedule_milestones.split(",")]
     channels_last = device.type == "cuda"
     if channels_last:
@@ -97,18 +99,7 @@ def main(version: str = "v2") -> None:
         return {"loss": loss.detach(), "lr": lr, "momentum": args.moco_momentum}
 
     stateful = {"model": model, "key_encoder": key_encoder, "queue": queue, "optimizer": optimizer}
-    fit(
-        args,
-        f"moco_{version}",
-        stateful,
-        train_step,
-        augment,
-        features,
-        datasets(args),
-        device,
-        rank,
-        world,
-    )
+    fit(args, f"moco_{version}", stateful, train_step, augment, features, datasets(args), env)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main() -> None:
             (lambda a: True, PAPER_DEFAULTS),
         ],
     )
-    device, rank, world = setup(args)
+    env = device, _, world = setup(args)
     vit = is_vit(args)
 
     features, feature_dim = backbone(args.arch, args.image_size)
@@ -111,18 +111,7 @@ def main() -> None:
         return {"loss": loss.detach(), "lr": step_lr, "momentum": m}
 
     stateful = {"model": query, "key_encoder": key_encoder, "optimizer": optimizer}
-    fit(
-        args,
-        "moco_v3",
-        stateful,
-        train_step,
-        augment,
-        features,
-        datasets(args),
-        device,
-        rank,
-        world,
-    )
+    fit(args, "moco_v3", stateful, train_step, augment, features, datasets(args), env)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """`shapes`: a built-in labelled image dataset, drawn procedurally (no download).
 
 Ten classes of shapes (circle, square, triangle, pentagon, hexagon, star, ring, cross,
-ellipse, half-disc), each with a random size, position and rotation, on a
-plain grey background (one of three levels); the foreground colour is one of four.
+ellipse, half-disc), each with a random size, position, tilt and brightness, on a
+plain background: only the shape identifies the class.
 Deterministic from the seed; drawn batched in torch.
 """
 
@@ -35,7 +35,7 @@ def make_shapes(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, to
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     r = u(n, 1, 1, lo=0.35, hi=0.65)
     cx, cy = u(n, 1, 1, lo=-0.25, hi=0.25), u(n, 1, 1, lo=-0.25, hi=0.25)
-    theta = u(n, 1, 1, hi=2 * math.pi)
+    theta = u(n, 1, 1, lo=-0.3, hi=0.3)  # a slight tilt only: orientation is no identity
     dx, dy = xx - cx, yy - cy
     uu = dx * torch.cos(theta) + dy * torch.sin(theta)  # rotated coordinates
     vv = -dx * torch.sin(theta) + dy * torch.cos(theta)
@@ -55,12 +55,10 @@ def make_shapes(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, to
         ]
     )  # (10, n, size, size)
     mask = masks[labels, torch.arange(n)].float()[:, None]  # (n, 1, size, size)
-    # background: one of three plain grey levels; foreground: one of four colours. Nothing
-    # but the shape (and its rotation) tells images apart, so contrastive learning has to
-    # look at the shape rather than at colours or textures unique to each image.
-    levels = torch.tensor([0.25, 0.5, 0.75])
-    bg = levels[torch.randint(0, 3, (n,), generator=g)].view(n, 1, 1, 1).expand(n, 3, size, size)
-    palette = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.7, 0.2], [0.2, 0.3, 0.9], [0.95, 0.85, 0.2]])
-    fg = palette[torch.randint(0, 4, (n,), generator=g)].view(n, 3, 1, 1)
+    # a light shape on a dark background, the same for every image: nothing but the shape
+    # (its class, size, position and a slight tilt) tells images apart, so contrastive
+    # learning has to learn shapes rather than colours or textures unique to an image.
+    bg = torch.full((n, 3, 1, 1), 0.15)
+    fg = torch.full((n, 3, 1, 1), 0.9)
     img = mask * fg + (1 - mask) * bg + 0.02 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels

@@ -73,14 +73,15 @@ def fit(
     augment: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
     features: nn.Module,
     data: tuple[Images, Images, int],
-    device: torch.device,
-    rank: int,
-    world: int,
+    env: tuple[torch.device, int, int],
 ) -> None:
-    """Train ``args.epochs`` epochs of ``train_step`` on two views per image."""
+    """Train ``args.epochs`` epochs of ``train_step`` on two views per image.
+
+    ``env`` is ``(device, rank, world_size)`` from ``common.setup``."""
     from tqdm import tqdm
 
     train, val, classes = data
+    device, rank, world = env
     if args.augment_on == "cpu":  # two views made per image in the loader workers
         train = Images(train.items, train.labels, transform=copy.deepcopy(augment).cpu())
     out = Path(args.output_dir)

@@ -196,7 +196,10 @@ def fit(
             print(f"epoch {epoch + 1}: kNN top-1 {knn:.1f}%")
         checkpoint(f"{step:07d}")
     if rank == 0:
+        peak = ""
+        if device.type == "cuda":
+            peak = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
         print(
-            f"done: {step} steps; kNN top-1 {knn:.1f}% (random initialisation {baseline:.1f}%); "
-            f"checkpoints and metrics in {out}"
+            f"done: {step} steps; kNN top-1 {knn:.1f}% (random initialisation {baseline:.1f}%)"
+            f"{peak}; checkpoints and metrics in {out}"
         )

@@ -95,6 +95,17 @@ def gather_sizes(n: int) -> list[int]:
     return [int(p[0]) for p in parts]  # CPU tensors: no device synchronisation
 
 
+@torch.no_grad()
+def _gather_with_sizes(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """:func:`concat_all_gather` that also returns every rank's row count, so that callers
+    needing both exchange the sizes once."""
+    x = x.detach()
+    if world_size() == 1:
+        return x, [x.shape[0]]
+    sizes = gather_sizes(x.shape[0])
+    return _all_gather(x.contiguous(), sizes), sizes
+
+
 def _all_gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Concatenate every rank's rows; ``sizes[r]`` rows come from rank ``r``."""
     longest = max(sizes)
@@ -133,10 +144,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (N, ...), got a 0-d tensor")
-    x = x.detach()
-    if world_size() == 1:
-        return x
-    return _all_gather(x.contiguous(), gather_sizes(x.shape[0]))
+    return _gather_with_sizes(x)[0]
 
 
 @torch.no_grad()
@@ -169,8 +177,7 @@ def batch_shuffle(
     """
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise TypeError(f"x must be a torch.Tensor with a batch dimension, got {x!r:.40}")
-    sizes = gather_sizes(x.shape[0])
-    gathered = concat_all_gather(x)  # (sum N_r, ...)
+    gathered, sizes = _gather_with_sizes(x)  # (sum N_r, ...)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)
     if world_size() > 1:
         dist.broadcast(perm, src=0)
@@ -202,12 +209,11 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     if not isinstance(idx_unshuffle, torch.Tensor) or idx_unshuffle.dtype != torch.long:
         raise TypeError("idx_unshuffle must be the long tensor returned by batch_shuffle")
     check_same_device("idx_unshuffle", idx_unshuffle, "x", x)
-    sizes = gather_sizes(x.shape[0])
+    gathered, sizes = _gather_with_sizes(x)  # rows in shuffled order
     if idx_unshuffle.shape != (sum(sizes),):
         raise ValueError(
             f"idx_unshuffle must have shape ({sum(sizes)},) (all ranks' rows), "
             f"got {tuple(idx_unshuffle.shape)}"
         )
-    gathered = concat_all_gather(x)  # rows in shuffled order
     start = sum(sizes[: rank()])
     return gathered[idx_unshuffle[start : start + x.shape[0]]]

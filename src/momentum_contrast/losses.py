@@ -16,7 +16,7 @@ from momentum_contrast._checks import (
     check_same_device,
     check_same_shape,
 )
-from momentum_contrast.distributed import concat_all_gather, gather_sizes, rank, world_size
+from momentum_contrast.distributed import _gather_with_sizes, rank, world_size
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -106,8 +106,7 @@ def _ctr(q: torch.Tensor, k: torch.Tensor, t: float, gather: bool) -> torch.Tens
     k = F.normalize(k.detach(), dim=1)  # (N, D)
     offset = 0
     if gather and world_size() > 1:
-        sizes = gather_sizes(k.shape[0])  # host ints; ranks may differ in N
-        k = concat_all_gather(k)  # (sum of N over ranks, D)
+        k, sizes = _gather_with_sizes(k)  # (sum of N over ranks, D); sizes as host ints
         offset = sum(sizes[: rank()])  # N * rank when every rank has N rows
     logits = q @ k.T / t  # (N, world * N)
     labels = torch.arange(q.shape[0], device=q.device) + offset  # own key's column

@@ -10,6 +10,7 @@ from momentum_contrast.augment.moco import MoCoV1Augment, MoCoV2Augment, MoCoV3A
 from momentum_contrast.augment.recipes import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    AugmentOptions,
     TwoViewAugment,
     ViewRecipe,
 )
@@ -17,6 +18,7 @@ from momentum_contrast.augment.recipes import (
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "AugmentOptions",
     "MoCoV1Augment",
     "MoCoV2Augment",
     "MoCoV3Augment",

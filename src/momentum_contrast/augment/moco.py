@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+from typing_extensions import Unpack
 
-from momentum_contrast.augment.recipes import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TwoViewAugment,
-    ViewRecipe,
-)
+from momentum_contrast.augment.recipes import AugmentOptions, TwoViewAugment, ViewRecipe
 
 __all__ = ["MoCoV1Augment", "MoCoV2Augment", "MoCoV3Augment"]
 
@@ -17,6 +12,10 @@ __all__ = ["MoCoV1Augment", "MoCoV2Augment", "MoCoV3Augment"]
 class MoCoV1Augment(TwoViewAugment):
     """MoCo v1 (reference ``--aug-plus`` off): crop (0.2, 1), grayscale 0.2, then color
     jitter 0.4/0.4/0.4/0.4 always, flip. Both views alike.
+
+    The recipe's probabilities and ranges are keyword arguments with the paper's values;
+    ``mean``, ``std``, ``blur_kernel_size``, ``antialias``, ``dtype``, ``resample_dtype``
+    and ``compile`` go to :class:`TwoViewAugment` (the same for all three recipes).
 
     Examples:
         >>> import torch
@@ -36,25 +35,12 @@ class MoCoV1Augment(TwoViewAugment):
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4),
         jitter_p: float = 1.0,
         flip_p: float = 0.5,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-        dtype: torch.dtype = torch.float32,
-        resample_dtype: torch.dtype | None = None,
-        compile: bool = False,
+        **options: Unpack[AugmentOptions],
     ) -> None:
         view = ViewRecipe(
             scale, (3 / 4, 4 / 3), *jitter, jitter_p, grayscale_p, True, flip_p=flip_p
         )
-        super().__init__(
-            view,
-            view,
-            size=size,
-            mean=mean,
-            std=std,
-            dtype=dtype,
-            resample_dtype=resample_dtype,
-            compile=compile,
-        )
+        super().__init__(view, view, size=size, **options)
 
 
 class MoCoV2Augment(TwoViewAugment):
@@ -81,12 +67,7 @@ class MoCoV2Augment(TwoViewAugment):
         blur_p: float = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         flip_p: float = 0.5,
-        blur_kernel_size: int = 23,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-        dtype: torch.dtype = torch.float32,
-        resample_dtype: torch.dtype | None = None,
-        compile: bool = False,
+        **options: Unpack[AugmentOptions],
     ) -> None:
         view = ViewRecipe(
             scale,
@@ -99,17 +80,7 @@ class MoCoV2Augment(TwoViewAugment):
             blur_sigma,
             flip_p=flip_p,
         )
-        super().__init__(
-            view,
-            view,
-            size=size,
-            mean=mean,
-            std=std,
-            blur_kernel_size=blur_kernel_size,
-            dtype=dtype,
-            resample_dtype=resample_dtype,
-            compile=compile,
-        )
+        super().__init__(view, view, size=size, **options)
 
 
 class MoCoV3Augment(TwoViewAugment):
@@ -139,12 +110,7 @@ class MoCoV3Augment(TwoViewAugment):
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize_p: tuple[float, float] = (0.0, 0.2),
         flip_p: float = 0.5,
-        blur_kernel_size: int = 23,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-        dtype: torch.dtype = torch.float32,
-        resample_dtype: torch.dtype | None = None,
-        compile: bool = False,
+        **options: Unpack[AugmentOptions],
     ) -> None:
         one, two = (
             ViewRecipe(
@@ -161,14 +127,4 @@ class MoCoV3Augment(TwoViewAugment):
             )
             for v in (0, 1)
         )
-        super().__init__(
-            one,
-            two,
-            size=size,
-            mean=mean,
-            std=std,
-            blur_kernel_size=blur_kernel_size,
-            dtype=dtype,
-            resample_dtype=resample_dtype,
-            compile=compile,
-        )
+        super().__init__(one, two, size=size, **options)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from typing_extensions import TypedDict
 
 from momentum_contrast.augment._random import Sampler, crop_boxes
 from momentum_contrast.augment._resample import apply_resample, pad_to_batch, resized_crop_weights
@@ -55,6 +56,18 @@ class ViewRecipe:
             raise ValueError(
                 f"{view} blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}"
             )
+
+
+class AugmentOptions(TypedDict, total=False):
+    """Options every recipe passes on to :class:`TwoViewAugment` (see its arguments)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    blur_kernel_size: int
+    antialias: bool
+    dtype: torch.dtype
+    resample_dtype: torch.dtype | None
+    compile: bool
 
 
 class TwoViewAugment(nn.Module):

@@ -23,8 +23,8 @@ class LARS(Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (v3 ResNet-50: ``0.6 * batch / 256`` after warm-up... set by your
-            schedule; the v3 recipe multiplies the base lr 0.3 by ``batch / 256``).
+        lr: learning rate, set by your schedule (the MoCo v3 ResNet recipe warms up to
+            ``0.6 * batch_size / 256``, then decays it on a half-cosine).
         weight_decay: v3 ResNet uses 1e-6.
         momentum: 0.9 as the reference.
         trust_coefficient: 0.001 as the reference.

@@ -148,6 +148,10 @@ def test_normalize(images: torch.Tensor) -> None:
 def test_per_sample_parameters_must_match_the_batch(images: torch.Tensor) -> None:
     with pytest.raises(ValueError, match=r"shape \(6,\), got \(5,\)"):
         AF.adjust_brightness(images, torch.ones(5))
+    with pytest.raises(
+        ValueError, match=r"boxes must be an integer tensor of shape \(6, 4\), got \(6, 3\)"
+    ):
+        AF.resized_crop(images, torch.zeros(6, 3, dtype=torch.long), 8)
     with pytest.raises(ValueError, match="kernel_size must be a positive odd int, got 4"):
         AF.gaussian_blur(images, torch.ones(B), kernel_size=4)
 

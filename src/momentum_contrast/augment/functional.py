@@ -47,7 +47,14 @@ def _per_sample(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma ``0.2989 R + 0.587 G + 0.114 B``: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``."""
+    """Luma ``0.2989 R + 0.587 G + 0.114 B``: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import grayscale
+        >>> grayscale(torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 1, 4, 4])
+    """
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(dim=1)
@@ -55,19 +62,43 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``clamp(x * factor, 0, 1)`` per sample; ``factor``: ``(B,)``."""
+    """``clamp(x * factor, 0, 1)`` per sample; ``factor``: ``(B,)``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import adjust_brightness
+        >>> adjust_brightness(torch.full((2, 3, 4, 4), 0.5), torch.tensor([0.5, 3.0]))[:, 0, 0, 0]
+        tensor([0.2500, 1.0000])
+    """
     return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend each image with its mean luma: ``clamp(f * x + (1 - f) * mean)``."""
+    """Blend each image with its mean luma: ``clamp(f * x + (1 - f) * mean)``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import adjust_contrast
+        >>> x = torch.rand(2, 3, 4, 4)
+        >>> flat = adjust_contrast(x, torch.zeros(2))  # factor 0: every pixel = the mean luma
+        >>> bool((flat == flat[:, :1, :1, :1]).all())
+        True
+    """
     f = _per_sample(factor, x)
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend each image with its own grayscale version (no-op for 1 channel)."""
+    """Blend each image with its own grayscale version (no-op for 1 channel).
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import adjust_saturation
+        >>> gray = adjust_saturation(torch.rand(2, 3, 4, 4), torch.zeros(2))  # factor 0: grayscale
+        >>> torch.allclose(gray[:, 0], gray[:, 1])
+        True
+    """
     if x.shape[1] == 1:
         return x
     f = _per_sample(factor, x)
@@ -75,7 +106,15 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``factor`` turns (``(B,)`` in ``[-0.5, 0.5]``), via HSV."""
+    """Rotate the hue by ``factor`` turns (``(B,)`` in ``[-0.5, 0.5]``), via HSV.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import adjust_hue
+        >>> red = torch.zeros(1, 3, 2, 2); red[:, 0] = 1.0
+        >>> adjust_hue(red, torch.tensor([1 / 3]))[0, :, 0, 0]  # a third of a turn: green
+        tensor([0., 1., 0.])
+    """
     if x.shape[1] == 1:
         return x
     f = _per_sample(factor, x)[:, 0]  # (B, 1, 1)
@@ -119,6 +158,16 @@ def color_jitter(
     blend slots before the hue rotation and three after it, each sample using the
     slots its order puts on that side (identity, ``f = 1``, elsewhere), and one hue
     rotation: seven passes whatever the orders, with no Python loop over the batch.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import color_jitter
+        >>> x, n = torch.rand(4, 3, 8, 8), 4
+        >>> order = torch.stack([torch.randperm(4) for _ in range(n)])
+        >>> ones = torch.ones(n)
+        >>> y = color_jitter(x, 1.2 * ones, ones, ones, 0 * ones, order)  # brightness only
+        >>> torch.allclose(y, (1.2 * x).clamp(0, 1), atol=1e-6)
+        True
     """
     factors = torch.stack([brightness, contrast, saturation], dim=1).to(x.dtype)  # (B, 3)
     hue_at = (order == 3).long().argmax(dim=1, keepdim=True)  # (B, 1) position of hue
@@ -142,13 +191,29 @@ def color_jitter(
 
 
 def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Invert pixels ``>= threshold`` in the samples where ``apply`` (``(B,)`` bool) is set."""
+    """Invert pixels ``>= threshold`` in the samples where ``apply`` (``(B,)`` bool) is set.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import solarize
+        >>> x = torch.tensor([0.2, 0.7]).view(2, 1, 1, 1)
+        >>> solarize(x, torch.tensor([True, True])).flatten()
+        tensor([0.2000, 0.3000])
+    """
     mask = apply.view(-1, 1, 1, 1) & (x >= threshold)
     return torch.where(mask, 1.0 - x, x)
 
 
 def hflip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right the samples where ``apply`` (``(B,)`` bool) is set."""
+    """Mirror left-right the samples where ``apply`` (``(B,)`` bool) is set.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import hflip
+        >>> x = torch.arange(4.0).view(1, 1, 1, 4)
+        >>> hflip(x, torch.tensor([True])).flatten()
+        tensor([3., 2., 1., 0.])
+    """
     return torch.where(apply.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
@@ -161,6 +226,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
     changes nothing. On CUDA the two 1-D passes run as batched matrix products with
     per-sample reflect-padded Toeplitz matrices (measured faster there than a grouped
     convolution); elsewhere as a grouped convolution. Both give the same result.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import gaussian_blur
+        >>> x = torch.rand(2, 3, 32, 32)
+        >>> torch.equal(gaussian_blur(x, torch.zeros(2)), x)  # sigma 0: unchanged
+        True
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
@@ -210,7 +282,15 @@ def _gaussian_blur_matmul(
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``(x - mean) / std`` per channel; ``mean`` and ``std``: ``(C,)``."""
+    """``(x - mean) / std`` per channel; ``mean`` and ``std``: ``(C,)``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import normalize
+        >>> x = torch.full((1, 3, 1, 1), 0.5)
+        >>> normalize(x, torch.full((3,), 0.5), torch.full((3,), 0.25)).flatten()
+        tensor([0., 0., 0.])
+    """
     scale = (1.0 / std).to(x.dtype).view(1, -1, 1, 1)
     return torch.addcmul((-mean * (1.0 / std)).to(x.dtype).view(1, -1, 1, 1), x, scale)
 
@@ -239,7 +319,19 @@ def resized_crop(
 
     Returns:
         ``(B, C, S, S)`` float32 in ``[0, 1]``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment.functional import resized_crop
+        >>> images = torch.randint(0, 256, (2, 3, 60, 80), dtype=torch.uint8)
+        >>> boxes = torch.tensor([[0, 0, 60, 80], [10, 20, 30, 30]])  # (top, left, h, w)
+        >>> resized_crop(images, boxes, 32).shape
+        torch.Size([2, 3, 32, 32])
     """
+    n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+    if not isinstance(boxes, torch.Tensor) or boxes.shape != (n, 4) or boxes.is_floating_point():
+        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes must be an integer tensor of shape ({n}, 4), got {shape}")
     # variable-size images are padded into one batch; the weights ignore the padding
     batch = images if isinstance(images, torch.Tensor) else pad_to_batch(images)
     wy, wx = resized_crop_weights(

@@ -21,7 +21,14 @@ MAX_SIZE = 4096  # larger outputs are a mistake, not a training resolution
 @dataclass(frozen=True)
 class ViewRecipe:
     """What one view does, in the reference order (crop, [grayscale,] jitter, grayscale,
-    blur, solarize, flip). Probabilities are per sample."""
+    blur, solarize, flip). Probabilities are per sample.
+
+    Examples:
+        >>> from momentum_contrast.augment import ViewRecipe
+        >>> crop_and_flip = ViewRecipe(scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0)
+        >>> crop_and_flip.flip_p, crop_and_flip.blur_p
+        (0.5, 0.0)
+    """
 
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -59,7 +66,15 @@ class ViewRecipe:
 
 
 class AugmentOptions(TypedDict, total=False):
-    """Options every recipe passes on to :class:`TwoViewAugment` (see its arguments)."""
+    """Options every recipe passes on to :class:`TwoViewAugment` (see its arguments).
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment import AugmentOptions, MoCoV2Augment
+        >>> fast: AugmentOptions = {"dtype": torch.float16, "compile": False}
+        >>> MoCoV2Augment(size=32, **fast).dtype
+        torch.float16
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -93,7 +108,16 @@ class TwoViewAugment(nn.Module):
     Call with a ``(B, C, H, W)`` uint8 (0 to 255) or float (0 to 1) batch, or a list of
     ``(C, H_i, W_i)`` images of different sizes, ``C`` in {1, 3} (one channel is
     repeated to RGB, as ``PIL.Image.convert("RGB")``), and optionally a
-    ``torch.Generator``. Returns ``(view_one, view_two)``, each ``(B, 3, S, S)`` float32.
+    ``torch.Generator``. Returns ``(view_one, view_two)``, each ``(B, 3, S, S)`` in ``dtype``.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.augment import TwoViewAugment, ViewRecipe
+        >>> strong, mild = ViewRecipe(blur_p=1.0), ViewRecipe(jitter_p=0.0)
+        >>> augment = TwoViewAugment(strong, mild, size=48)
+        >>> one, two = augment(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+        >>> one.shape, two.shape
+        (torch.Size([2, 3, 48, 48]), torch.Size([2, 3, 48, 48]))
     """
 
     def __init__(

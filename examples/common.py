@@ -4,6 +4,7 @@ progress, metrics and the kNN monitor. The MoCo parts live in the recipe scripts
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -55,6 +56,9 @@ def parse_args(description: str, layers: Defaults) -> argparse.Namespace:
         for name, value in values.items():
             if f"--{name.replace('_', '-')}" not in p._option_string_actions:
                 p.add_argument(f"--{name.replace('_', '-')}", type=type(value))
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved settings and exit"
+    )
     args = p.parse_args()
     for field in ["arch"] + [n for _, values in layers for n in values if n != "arch"]:
         if getattr(args, field, None) is None:
@@ -62,6 +66,9 @@ def parse_args(description: str, layers: Defaults) -> argparse.Namespace:
                 if field in values and applies(args):
                     setattr(args, field, values[field])
                     break
+    if args.print_config:
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+        sys.exit(0)
     return args
 
 

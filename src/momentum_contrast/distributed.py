@@ -3,7 +3,8 @@
 Every function is safe to call whether or not a process group is initialised.
 Without one, ``rank() == 0``, ``world_size() == 1``, ``concat_all_gather(x)``
 returns ``x`` detached, and ``batch_shuffle`` permutes the local batch (so that
-with :class:`~momentum_contrast.norm.SplitBatchNorm` one device gets Shuffle-BN).
+with [`SplitBatchNorm`][momentum_contrast.norm.SplitBatchNorm] one device gets
+Shuffle-BN).
 
 Ranks may hold batches of different sizes (a last batch that does not divide
 evenly): the sizes are exchanged as host integers over a CPU (gloo) group, never
@@ -97,7 +98,7 @@ def gather_sizes(n: int) -> list[int]:
 
 @torch.no_grad()
 def _gather_with_sizes(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """:func:`concat_all_gather` that also returns every rank's row count, so that callers
+    """[`concat_all_gather`][] that also returns every rank's row count, so that callers
     needing both exchange the sizes once."""
     x = x.detach()
     if world_size() == 1:
@@ -156,7 +157,7 @@ def batch_shuffle(
     The permutation of the gathered batch is drawn on rank 0 and broadcast, so it is
     the same on every rank; rank ``r`` keeps as many rows as it passed in. Without a
     process group the local batch is permuted. Run the key encoder on the result,
-    then restore the order with :func:`batch_unshuffle`. No gradient flows through.
+    then restore the order with [`batch_unshuffle`][]. No gradient flows through.
 
     Args:
         x: ``(N_r, ...)`` batch on this rank.
@@ -165,7 +166,7 @@ def batch_shuffle(
 
     Returns:
         ``(x_shuffled, idx_unshuffle)``: ``(N_r, ...)`` rows for this rank, and the
-        ``(sum_r N_r,)`` inverse permutation to pass to :func:`batch_unshuffle`.
+        ``(sum_r N_r,)`` inverse permutation to pass to [`batch_unshuffle`][].
 
     Examples:
         >>> import torch
@@ -187,11 +188,11 @@ def batch_shuffle(
 
 @torch.no_grad()
 def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-    """Shuffle-BN, step two: undo :func:`batch_shuffle` on the key encoder's output.
+    """Shuffle-BN, step two: undo [`batch_shuffle`][] on the key encoder's output.
 
     Args:
         x: ``(N_r, ...)`` output computed on this rank's shuffled sub-batch.
-        idx_unshuffle: the ``(sum_r N_r,)`` index returned by :func:`batch_shuffle`.
+        idx_unshuffle: the ``(sum_r N_r,)`` index returned by [`batch_shuffle`][].
 
     Returns:
         ``(N_r, ...)``: row ``i`` is the output for this rank's original row ``i``.

@@ -12,13 +12,43 @@ from torch import nn
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
 from momentum_contrast._pairing import TensorPairs, pair_by_name, structure_clock
 
+__all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
+
 BufferMode = Literal["own", "copy", "ema"]
+"""What [`MomentumEncoder`][] does with the online model's buffers (``buffers=``).
+
+``"own"``: the key encoder keeps and updates its own buffers in its forward (the
+papers' reference: BatchNorm statistics of the key encoder are its own); ``"copy"``:
+buffers are copied from the online model at every update; ``"ema"``: floating-point
+buffers are averaged like parameters (integer buffers, such as BatchNorm's
+``num_batches_tracked``, are always copied, never averaged).
+
+Examples:
+    >>> from typing import get_args
+    >>> from momentum_contrast.encoder import BufferMode
+    >>> get_args(BufferMode)
+    ('own', 'copy', 'ema')
+"""
 _BUFFER_MODES = ("own", "copy", "ema")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip ``DataParallel``/``DistributedDataParallel`` (``.module``) and
-    ``torch.compile`` (``._orig_mod``) wrappers, in any nesting."""
+    ``torch.compile`` (``._orig_mod``) wrappers, in any nesting.
+
+    Args:
+        model: a module, possibly wrapped.
+
+    Returns:
+        The innermost module, the one whose parameters the wrappers share.
+
+    Examples:
+        >>> from torch import nn
+        >>> from momentum_contrast.encoder import unwrap_model
+        >>> net = nn.Linear(4, 2)
+        >>> unwrap_model(nn.DataParallel(net)) is net
+        True
+    """
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
@@ -31,7 +61,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class MomentumEncoder(nn.Module):
     """Key encoder of MoCo: a frozen copy of ``online`` updated as a moving average.
 
-    After every optimiser step call :meth:`update`, which does, in place and for
+    After every optimiser step call [`update`][], which does, in place and for
     every parameter ``key = m * key + (1 - m) * online``, as one fused
     multi-tensor ``torch._foreach_lerp_`` per device/dtype group. Parameters are
     paired by name; if the online model's structure changes (a parameter,
@@ -47,7 +77,7 @@ class MomentumEncoder(nn.Module):
         online: the query encoder being trained (any ``nn.Module``). ``DataParallel``,
             ``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped.
         momentum: default ``m`` in ``[0, 1]``; 0.999 as MoCo v1/v2 (v3 uses 0.99
-            with :func:`cosine_momentum`).
+            with [`cosine_momentum`][]).
         buffers: what happens to buffers (BatchNorm running statistics) on update.
             ``"own"`` (default, as the papers): the key encoder keeps its own,
             updated by its own forward passes. ``"copy"``: copied from the online

@@ -8,6 +8,15 @@ from torch import nn
 
 from momentum_contrast._checks import check_positive_int
 
+__all__ = [
+    "build_mlp",
+    "moco_v1_head",
+    "moco_v2_head",
+    "moco_v3_predictor",
+    "moco_v3_projector",
+    "strip_classifier",
+]
+
 _CLASSIFIER_NAMES = ("fc", "head", "heads", "classifier")
 
 
@@ -90,7 +99,7 @@ def moco_v2_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.
 def moco_v3_projector(
     in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2
 ) -> nn.Sequential:
-    """MoCo v3 projector: :func:`build_mlp` with a last non-affine BatchNorm.
+    """MoCo v3 projector: [`build_mlp`][] with a last non-affine BatchNorm.
 
     Use ``num_layers=2`` for ResNets (the default) and ``3`` for ViTs.
 
@@ -107,7 +116,7 @@ def moco_v3_projector(
 def moco_v3_predictor(
     dim: int = 256, hidden_dim: int = 4096, *, last_bn: bool = False
 ) -> nn.Sequential:
-    """MoCo v3 predictor: 2-layer :func:`build_mlp` ``dim → hidden_dim → dim``.
+    """MoCo v3 predictor: 2-layer [`build_mlp`][] ``dim → hidden_dim → dim``.
 
     ``last_bn=False`` for ResNets (the default), ``True`` for ViTs, as the reference.
 

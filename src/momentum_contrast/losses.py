@@ -18,7 +18,24 @@ from momentum_contrast._checks import (
 )
 from momentum_contrast.distributed import _gather_with_sizes, rank, world_size
 
+__all__ = [
+    "InfoNCE",
+    "Reduction",
+    "SymmetricContrastiveLoss",
+    "info_nce",
+    "symmetric_contrastive_loss",
+]
+
 Reduction = Literal["mean", "sum", "none"]
+"""How the per-query losses are combined (``reduction=``): their mean, their sum, or none
+(a ``(N,)`` tensor).
+
+Examples:
+    >>> from typing import get_args
+    >>> from momentum_contrast.losses import Reduction
+    >>> get_args(Reduction)
+    ('mean', 'sum', 'none')
+"""
 
 
 def _float32_context(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -166,7 +183,7 @@ def symmetric_contrastive_loss(
 
 
 class InfoNCE(nn.Module):
-    """Module form of :func:`info_nce`, holding ``temperature`` and ``reduction``.
+    """Module form of [`info_nce`][], holding ``temperature`` and ``reduction``.
 
     Args:
         temperature: ``T > 0``; 0.07 as MoCo v1 (v2 uses 0.2).
@@ -198,7 +215,7 @@ class InfoNCE(nn.Module):
         positive_key: torch.Tensor,
         negative_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Args as :func:`info_nce`: query and positive key ``(N, D)``, negatives ``(M, D)``."""
+        """Args as [`info_nce`][]: query and positive key ``(N, D)``, negatives ``(M, D)``."""
         return info_nce(
             query,
             positive_key,
@@ -213,7 +230,7 @@ class InfoNCE(nn.Module):
 
 
 class SymmetricContrastiveLoss(nn.Module):
-    """Module form of :func:`symmetric_contrastive_loss` (MoCo v3).
+    """Module form of [`symmetric_contrastive_loss`][] (MoCo v3).
 
     Args:
         temperature: ``T > 0``; 1.0 as the MoCo v3 ResNet recipe (0.2 for ViT).
@@ -236,7 +253,7 @@ class SymmetricContrastiveLoss(nn.Module):
     def forward(
         self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor
     ) -> torch.Tensor:
-        """Args as :func:`symmetric_contrastive_loss`: four ``(N, D)`` tensors."""
+        """Args as [`symmetric_contrastive_loss`][]: four ``(N, D)`` tensors."""
         return symmetric_contrastive_loss(
             q1, q2, k1, k2, temperature=self.temperature, gather=self.gather
         )

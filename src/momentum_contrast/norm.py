@@ -2,10 +2,10 @@
 
 Shuffle-BN (MoCo v1) keeps BatchNorm from leaking which key matches which query:
 each GPU normalises its own sub-batch, and the key encoder sees its samples in a
-shuffled assignment to GPUs. On one device, :class:`SplitBatchNorm` normalises
+shuffled assignment to GPUs. On one device, [`SplitBatchNorm`][] normalises
 ``num_splits`` sub-batches separately, as that many GPUs would, and
-:func:`~momentum_contrast.distributed.batch_shuffle` shuffles which samples share a
-sub-batch; together they are Shuffle-BN for single-GPU training.
+[`batch_shuffle`][momentum_contrast.distributed.batch_shuffle] shuffles which
+samples share a sub-batch; together they are Shuffle-BN for single-GPU training.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ class SplitBatchNorm(_BatchNorm):
     Args:
         num_features: channels ``C`` of the ``(N, C, *)`` input.
         num_splits: number of sub-batches ``S``; ``N`` must be divisible by it.
-        eps, momentum, affine, track_running_stats: as ``nn.BatchNorm2d``.
+        eps: added to the variance, as ``nn.BatchNorm2d``.
+        momentum: running-statistics momentum, as ``nn.BatchNorm2d``.
+        affine: learnable scale and shift, as ``nn.BatchNorm2d``.
+        track_running_stats: keep running statistics, as ``nn.BatchNorm2d``.
+        device: where the parameters and buffers are created.
+        dtype: their floating-point type.
 
     Examples:
         >>> import torch
@@ -104,7 +109,7 @@ class SplitBatchNorm(_BatchNorm):
 
 
 def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every ``BatchNorm1d/2d/3d`` in ``model`` by a :class:`SplitBatchNorm`.
+    """Replace every ``BatchNorm1d/2d/3d`` in ``model`` by a [`SplitBatchNorm`][].
 
     Weights, running statistics, ``requires_grad`` flags, device, dtype and the
     train/eval mode are kept, so ``state_dict()`` is unchanged. Modifies ``model``

@@ -18,6 +18,8 @@ from momentum_contrast.distributed import concat_all_gather
 
 QueueInit = Literal["random", "empty"]
 
+__all__ = ["KeyQueue"]
+
 
 class KeyQueue(nn.Module):
     """Ring buffer holding the newest ``size`` keys: MoCo's negatives.
@@ -34,7 +36,7 @@ class KeyQueue(nn.Module):
         size: number of keys ``K`` kept (65,536 in the papers), ``>= 1``.
         dim: key dimension ``D`` (128 in the papers), ``>= 1``.
         dtype: storage dtype; ``torch.bfloat16`` / ``torch.float16`` halve the
-            memory, and :func:`~momentum_contrast.info_nce` still computes in float32.
+            memory, and [`info_nce`][] still computes in float32.
         init: ``"random"`` (default, as the papers): full from the start with
             unit-norm random keys. ``"empty"``: starts with no keys and grows.
         normalize: L2-normalise every pushed key (the queue then always holds
@@ -121,7 +123,7 @@ class KeyQueue(nn.Module):
             self.length.fill_(self._length)
 
     def negatives(self) -> torch.Tensor:
-        """The valid keys, as a copy that a later :meth:`push` cannot change.
+        """The valid keys, as a copy that a later [`push`][] cannot change.
 
         Returns:
             ``(len(self), dim)`` tensor in the storage dtype, without gradient.

@@ -2,7 +2,7 @@
 
 ``MoCoV1Augment``, ``MoCoV2Augment`` and ``MoCoV3Augment`` take a uint8 or float batch
 (or a list of differently sized images) on any device and return two augmented,
-normalised views; :mod:`momentum_contrast.augment.functional` holds the batched ops.
+normalised views; [`momentum_contrast.augment.functional`][] holds the batched ops.
 """
 
 from momentum_contrast.augment import functional

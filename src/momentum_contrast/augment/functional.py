@@ -147,7 +147,9 @@ def color_jitter(
 
     Args:
         x: ``(B, 3, H, W)`` float images in ``[0, 1]``.
-        brightness, contrast, saturation: ``(B,)`` blend factors (1 = unchanged).
+        brightness: ``(B,)`` brightness factors (1 = unchanged).
+        contrast: ``(B,)`` contrast factors (1 = unchanged).
+        saturation: ``(B,)`` saturation factors (1 = unchanged).
         hue: ``(B,)`` hue shifts in turns (0 = unchanged).
         order: ``(B, 4)`` permutation of ``0..3`` (brightness, contrast, saturation,
             hue) per sample: the order the four are applied in, each clamped to [0, 1].
@@ -269,7 +271,7 @@ def _reflect_blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:
 def _gaussian_blur_matmul(
     x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23
 ) -> torch.Tensor:
-    """:func:`gaussian_blur` as two batched matrix products (same result)."""
+    """[`gaussian_blur`][] as two batched matrix products (same result)."""
     b, c, h, w = x.shape
     half = kernel_size // 2
     t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)

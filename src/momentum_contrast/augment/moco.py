@@ -15,7 +15,7 @@ class MoCoV1Augment(TwoViewAugment):
 
     The recipe's probabilities and ranges are keyword arguments with the paper's values;
     ``mean``, ``std``, ``blur_kernel_size``, ``antialias``, ``dtype``, ``resample_dtype``
-    and ``compile`` go to :class:`TwoViewAugment` (the same for all three recipes).
+    and ``compile`` go to [`TwoViewAugment`][] (the same for all three recipes).
 
     Examples:
         >>> import torch

@@ -13,8 +13,25 @@ from momentum_contrast.augment._random import Sampler, crop_boxes
 from momentum_contrast.augment._resample import apply_resample, pad_to_batch, resized_crop_weights
 from momentum_contrast.augment._stages import after_crop_stage
 
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentOptions", "TwoViewAugment", "ViewRecipe"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel mean (RGB) the recipes normalise with by default.
+
+Examples:
+    >>> from momentum_contrast.augment import IMAGENET_MEAN
+    >>> IMAGENET_MEAN
+    (0.485, 0.456, 0.406)
+"""
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Per-channel standard deviation (RGB) the recipes normalise with by default.
+
+Examples:
+    >>> from momentum_contrast.augment import IMAGENET_STD
+    >>> IMAGENET_STD
+    (0.229, 0.224, 0.225)
+"""
 MAX_SIZE = 4096  # larger outputs are a mistake, not a training resolution
 
 
@@ -45,6 +62,18 @@ class ViewRecipe:
     flip_p: float = 0.5
 
     def check(self, view: str) -> None:
+        """Raise ``ValueError`` naming ``view`` and the field if a value is out of range.
+
+        Args:
+            view: how the error message names this recipe (e.g. ``"view_one"``).
+
+        Examples:
+            >>> from momentum_contrast.augment import ViewRecipe
+            >>> ViewRecipe(flip_p=1.5).check("view_one")
+            Traceback (most recent call last):
+            ...
+            ValueError: view_one flip_p must be a probability in [0, 1], got 1.5
+        """
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p", "flip_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
@@ -66,7 +95,7 @@ class ViewRecipe:
 
 
 class AugmentOptions(TypedDict, total=False):
-    """Options every recipe passes on to :class:`TwoViewAugment` (see its arguments).
+    """Options every recipe passes on to [`TwoViewAugment`][] (see its arguments).
 
     Examples:
         >>> import torch
@@ -161,6 +190,25 @@ class TwoViewAugment(nn.Module):
     def forward(
         self, images: torch.Tensor | list[torch.Tensor], generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment every image twice, each view with its own random parameters per image.
+
+        Args:
+            images: ``(B, C, H, W)`` uint8 (0 to 255) or float (0 to 1) batch, or a list
+                of ``B`` ``(C, H_i, W_i)`` images; ``C`` is 1 or 3.
+            generator: random generator on the images' device; the global one if None.
+
+        Returns:
+            ``(view_one, view_two)``, each ``(B, 3, size, size)`` in ``dtype``, normalised
+            with ``mean`` and ``std``.
+
+        Examples:
+            >>> import torch
+            >>> from momentum_contrast.augment import MoCoV2Augment
+            >>> images = torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8)
+            >>> one, two = MoCoV2Augment(32)(images, generator=torch.Generator().manual_seed(0))
+            >>> one.shape, bool((one != two).any())
+            (torch.Size([2, 3, 32, 32]), True)
+        """
         batch, heights, widths = _as_batch(images)
         sampler = Sampler(batch.device, generator)
         resample = self.resample_dtype or (

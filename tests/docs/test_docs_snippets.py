@@ -1,0 +1,155 @@
+"""Every code block of the docs runs: Python blocks are executed page by page (each page's
+blocks in one namespace, in order), and every shell command is checked against the
+repository: example-script commands resolve their flags with ``--print-config``,
+scripts and ``pip`` extras exist, anything else must be on a short list."""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
+KNOWN_TOOLS = {"mkdocs", "ruff", "mypy"}
+
+
+def blocks(page: Path) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in FENCE.finditer(page.read_text())]
+
+
+PAGES = sorted(DOCS.rglob("*.md"))
+PYTHON_PAGES = [p for p in PAGES if any(lang == "python" for lang, _ in blocks(p))]
+
+
+def shell_commands() -> list[tuple[str, str]]:
+    out = []
+    for page in [*PAGES, ROOT / "README.md", ROOT / "examples" / "README.md"]:
+        for lang, code in blocks(page):
+            if lang != "bash":
+                continue
+            for line in code.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if line and not line.startswith("#"):
+                    for part in line.split("&&"):
+                        out.append((str(page.relative_to(ROOT)), part.strip()))
+    return out
+
+
+def test_every_block_is_python_or_bash() -> None:
+    for page in PAGES:
+        for lang, _ in blocks(page):
+            assert lang in {"python", "bash"}, (
+                f"{page}: a ```{lang} block is neither run nor checked"
+            )
+    assert len(PYTHON_PAGES) >= 8, PYTHON_PAGES
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # blocks may write files (checkpoints)
+    # torchrun's environment, for the blocks that join a process group (a one-process group)
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
+    try:
+        for i, (lang, code) in enumerate(blocks(page)):
+            if lang == "python":
+                exec(compile(code, f"{page.relative_to(ROOT)} block {i}", "exec"), namespace)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _pip_extras() -> set[str]:
+    return set(metadata.metadata("momentum-contrast").get_all("Provides-Extra") or [])
+
+
+@pytest.mark.parametrize("where, command", shell_commands(), ids=lambda x: x[:60])
+def test_shell_commands_match_the_repository(where: str, command: str) -> None:
+    argv = shlex.split(command)
+    if argv[0] == "torchrun":  # drop torchrun's own options: the script is the first .py
+        argv = ["python", *argv[next(i for i, a in enumerate(argv) if a.endswith(".py")) :]]
+    if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "venv"]:
+        return
+    if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "pytest"]:
+        return
+    if argv[0] == ".":  # activating a virtual environment
+        assert argv[1].endswith("bin/activate"), command
+        return
+    if argv[0] == "pip":
+        assert argv[1] == "install", command
+        for spec in argv[2:]:
+            if spec.startswith(".["):
+                assert set(spec[2:-1].split(",")) <= _pip_extras(), (where, command)
+            elif spec != "-e":
+                assert re.fullmatch(
+                    r"momentum-contrast|torch(vision)?==[\d.]+|lightly==[\d.]+", spec
+                ), (
+                    where,
+                    command,
+                )
+        return
+    if argv[0] in KNOWN_TOOLS:
+        return
+    if argv[0] == "bash":
+        assert (ROOT / argv[1]).is_file(), (where, command)
+        return
+    assert argv[0] in {"python", "python3"}, f"{where}: unknown command {command!r}"
+    script = ROOT / argv[1]
+    assert script.is_file(), (where, command)
+    py_compile.compile(str(script), doraise=True)
+    if script.parent.name == "examples" and script.name != "linear_eval.py":
+        out = subprocess.run(
+            [sys.executable, str(script), *argv[2:], "--print-config"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        )
+        assert out.returncode == 0, (where, command, out.stderr[-2000:])
+        assert json.loads(out.stdout)["arch"], out.stdout
+    elif script.name == "linear_eval.py":  # needs a checkpoint; check its flags exist
+        source = (ROOT / "examples" / "common.py").read_text() + script.read_text()
+        for flag in (a for a in argv[2:] if a.startswith("--")):
+            assert f'"{flag}"' in source or f'"{flag[2:].replace("-", "_")}"' in source, flag
+
+
+@pytest.mark.parametrize("script", ["augment_grid.py", "performance_plot.py"])
+def test_docs_figure_scripts_draw_their_figures(script: str, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figure.png"
+    done = subprocess.run(
+        [sys.executable, str(DOCS / "scripts" / script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 20_000

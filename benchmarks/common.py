@@ -108,3 +108,16 @@ def save(name: str, rows: list[dict[str, object]], extra: dict[str, object]) -> 
             + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
             + " |"
         )
+
+
+def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory ``fn`` allocates above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 1e6

@@ -24,7 +24,11 @@ export PYTHONPATH=$PWD/src${EXTRA:+:$EXTRA} PYTHONUNBUFFERED=1 BENCH_OUT=$OUT
 # distributed tests are CPU-only and run in CI.
 $PY -m pytest -q -p no:cacheprovider --ignore=tests/test_package.py --ignore=tests/test_distributed.py -rs ${TESTS:-} 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
-for bench in ${BENCHES:-ema_update info_nce moco_v2_step augment examples_end_to_end}; do
-  $PY "benchmarks/$bench.py" 2>&1
+for bench in ${BENCHES:-run augment examples_end_to_end}; do
+  if [ "$bench" = run ]; then  # the suite: every piece against reference-style code
+    $PY benchmarks/run.py --device cuda --out "$OUT/bench-cuda.json" 2>&1
+  else
+    $PY "benchmarks/$bench.py" 2>&1
+  fi
 done | tee "$OUT/bench.log"
 exit "$status"

@@ -50,6 +50,34 @@ def test_info_nce_with_queue_matches_reference(t: float) -> None:
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 4097])
+def test_info_nce_any_queue_length_matches_reference_with_weighted_rows(m: int) -> None:
+    # the queue path pads rows to a multiple of four: every remainder, weighted per row
+    torch.manual_seed(m)
+    q = torch.randn(7, 12, dtype=f64, requires_grad=True)
+    k = torch.randn(7, 12, dtype=f64)
+    queue = unit(torch.randn(m, 12, dtype=f64))
+    weights = torch.rand(7, dtype=f64)
+    loss = (info_nce(q, k, queue, temperature=0.1, reduction="none") * weights).sum()
+    (grad,) = torch.autograd.grad(loss, q)
+    q_ref = q.detach().clone().requires_grad_()
+    ref = (reference_moco_loss(q_ref, k, queue, 0.1) * weights).sum()
+    (grad_ref,) = torch.autograd.grad(ref, q_ref)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-10)
+
+
+def test_info_nce_gradcheck_and_repeated_backward() -> None:
+    torch.manual_seed(3)
+    q = torch.randn(4, 6, dtype=f64, requires_grad=True)
+    k, queue = torch.randn(4, 6, dtype=f64), unit(torch.randn(9, 6, dtype=f64))
+    assert torch.autograd.gradcheck(lambda x: info_nce(x, k, queue, temperature=0.5), (q,))
+    loss = info_nce(q, k, queue, temperature=0.5)
+    (first,) = torch.autograd.grad(loss, q, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, q)  # the saved tensors were not modified
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 def test_info_nce_reductions() -> None:
     torch.manual_seed(1)
     q, k = torch.randn(6, 8, dtype=f64), torch.randn(6, 8, dtype=f64)

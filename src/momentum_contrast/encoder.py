@@ -32,6 +32,18 @@ Examples:
 _BUFFER_MODES = ("own", "copy", "ema")
 
 
+def _lerp_(keys: list[torch.Tensor], onlines: list[torch.Tensor], weight: float) -> None:
+    """``key += weight * (online - key)`` for every pair: one fused ``_foreach_lerp_``
+    eagerly. Under ``torch.compile`` the same per tensor, which the compiler fuses and
+    which keeps a weight that changes every step a graph input (the foreach op's scalar
+    argument would be specialised, recompiling at every new momentum)."""
+    if torch.compiler.is_compiling():
+        for key, online in zip(keys, onlines, strict=True):
+            key.add_((online - key) * weight)
+    else:
+        torch._foreach_lerp_(keys, onlines, weight)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip ``DataParallel``/``DistributedDataParallel`` (``.module``) and
     ``torch.compile`` (``._orig_mod``) wrappers, in any nesting.
@@ -148,7 +160,7 @@ class MomentumEncoder(nn.Module):
 
     def _update(self, m: float) -> None:
         for keys, onlines in self._pairs("parameter").groups:
-            torch._foreach_lerp_(keys, onlines, 1.0 - m)  # key += (1-m) * (online - key)
+            _lerp_(keys, onlines, 1.0 - m)  # key += (1-m) * (online - key)
         if self.buffers_mode == "own":
             return
         bufs = self._pairs("buffer")
@@ -156,7 +168,7 @@ class MomentumEncoder(nn.Module):
             torch._foreach_copy_(keys, onlines)
         for keys, onlines in bufs.float_groups:
             if self.buffers_mode == "ema":
-                torch._foreach_lerp_(keys, onlines, 1.0 - m)
+                _lerp_(keys, onlines, 1.0 - m)
             else:
                 torch._foreach_copy_(keys, onlines)
 

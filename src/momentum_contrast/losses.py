@@ -16,6 +16,7 @@ from momentum_contrast._checks import (
     check_same_device,
     check_same_shape,
 )
+from momentum_contrast._queue_cross_entropy import QueueCrossEntropy
 from momentum_contrast.distributed import _gather_with_sizes, rank, world_size
 
 __all__ = [
@@ -110,10 +111,16 @@ def info_nce(
             logits = q @ k.T / t  # (N, N)
             targets = torch.arange(n, device=q.device)
         else:
-            l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-            l_neg = q @ negative_keys.detach().to(dtype).T  # (N, M)
-            logits = torch.cat([l_pos, l_neg], dim=1) / t  # (N, 1 + M)
-            targets = torch.zeros(n, dtype=torch.long, device=q.device)
+            negatives = negative_keys.detach().to(dtype)  # (M, D)
+            if torch.compiler.is_compiling():  # the compiler fuses the plain form itself
+                l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+                logits = torch.cat([l_pos, q @ negatives.T], dim=1) / t  # (N, 1 + M)
+                targets = torch.zeros(n, dtype=torch.long, device=q.device)
+                return F.cross_entropy(logits, targets, reduction=reduction)
+            losses: torch.Tensor = QueueCrossEntropy.apply(q / t, k, negatives)  # (N,)
+            if reduction == "none":
+                return losses
+            return losses.mean() if reduction == "mean" else losses.sum()
         return F.cross_entropy(logits, targets, reduction=reduction)
 
 

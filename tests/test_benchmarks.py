@@ -1,0 +1,66 @@
+"""The benchmark suite runs, and its reference-style code computes what the library does
+(so that the suite compares like with like). Timings are not asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from momentum_contrast import KeyQueue, info_nce, symmetric_contrastive_loss
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import reference  # noqa: E402
+
+
+def test_run_py_writes_rows_and_target_verdicts(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--only", "queue,losses",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=BENCH,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert payload["copy_GBps"] > 0 and payload["machine"]["torch"] == torch.__version__
+    pieces = {
+        (r["piece"].split(",")[0].split(" N ")[0], r["implementation"]) for r in payload["rows"]
+    }
+    assert ("info_nce", "info_nce") in pieces and ("info_nce", "reference") in pieces
+    assert all(r["ms"] > 0 for r in payload["rows"])
+    (verdict,) = [t for t in payload["targets"] if t["implementation"] == "info_nce"]
+    assert verdict["target"] == ">= 1.0" and isinstance(verdict["met"], bool)
+    assert "MET" in done.stdout or "MISSED" in done.stdout
+
+
+def test_run_py_rejects_unknown_sections() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--only", "emma"],
+        capture_output=True, text=True, timeout=120, cwd=BENCH,
+    )  # fmt: skip
+    assert done.returncode == 2 and "unknown sections ['emma']" in done.stderr
+
+
+def test_reference_code_computes_what_the_library_does() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(16, 32, dtype=torch.float64), torch.randn(16, 32, dtype=torch.float64)
+    queue = F.normalize(torch.randn(100, 32, dtype=torch.float64), dim=1)
+    torch.testing.assert_close(
+        reference.info_nce(q, k, queue.T, 0.2), info_nce(q, k, queue, temperature=0.2)
+    )
+    q2, k2 = torch.randn(16, 32, dtype=torch.float64), torch.randn(16, 32, dtype=torch.float64)
+    torch.testing.assert_close(
+        reference.v3_loss(q, q2, k, k2, 0.2),
+        symmetric_contrastive_loss(q, q2, k, k2, temperature=0.2),
+    )
+    ref_queue, ours = reference.HostPointerQueue(64, 32, torch.device("cpu")), KeyQueue(64, 32)
+    for _ in range(3):
+        keys = F.normalize(torch.randn(16, 32), dim=1)
+        ref_queue.push(keys)
+        ours.push(keys)
+    torch.testing.assert_close(ref_queue.negatives().T[:48], ours.negatives()[:48])

@@ -1,0 +1,94 @@
+"""torch.compile(fullgraph=True) of the losses and of MomentumEncoder.update: one graph,
+the same numbers as eager, and no recompilation when the momentum changes every step.
+
+On the CPU these run with the ``aot_eager`` backend (Dynamo's tracing and AOT autograd,
+without generating C++); ``tests/test_gpu_steps.py`` repeats them with inductor on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import perturb_
+from torch import nn
+
+from momentum_contrast import (
+    MomentumEncoder,
+    cosine_momentum,
+    info_nce,
+    symmetric_contrastive_loss,
+)
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given, then delegates."""
+
+    def __init__(self, backend: str = "aot_eager") -> None:
+        self.graphs = 0
+        self.inner = torch._dynamo.lookup_backend(backend)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.graphs += 1
+        return self.inner(gm, example_inputs)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+def check_update_compiles(device: torch.device, backend: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    model = model.to(device)
+    compiled_enc, eager_enc = MomentumEncoder(model), MomentumEncoder(model)
+    counter = CountingBackend(backend)
+    update = torch.compile(compiled_enc.update, fullgraph=True, backend=counter)
+    graphs_after: list[int] = []
+    for step in range(10):
+        perturb_(model, seed=step)  # the online model moves, as after an optimizer step
+        m = cosine_momentum(step, 10, base=0.9)  # a new momentum every step
+        update(m)
+        eager_enc.update(m)
+        graphs_after.append(counter.graphs)
+    assert graphs_after[-1] <= 2, graphs_after  # the first call, and one with m dynamic
+    assert graphs_after[2:] == [graphs_after[2]] * 8, graphs_after  # none after that
+    for a, b in zip(
+        compiled_enc.key_encoder.parameters(), eager_enc.key_encoder.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def check_losses_compile(device: torch.device, backend: str) -> None:
+    torch.manual_seed(0)
+    counter = CountingBackend(backend)
+    nce = torch.compile(info_nce, fullgraph=True, backend=counter)
+    sym = torch.compile(symmetric_contrastive_loss, fullgraph=True, backend=counter)
+    queue = nn.functional.normalize(torch.randn(300, 16, device=device), dim=1)
+    for step in range(4):  # new data every step: no recompilation
+        q1, q2 = (torch.randn(8, 16, device=device, requires_grad=True) for _ in range(2))
+        k1, k2 = (torch.randn(8, 16, device=device) for _ in range(2))
+        for fn, compiled, args, kwargs in (
+            (info_nce, nce, (q1, k1, queue), {"temperature": 0.2}),
+            (symmetric_contrastive_loss, sym, (q1, q2, k1, k2), {"temperature": 0.2}),
+        ):
+            got = compiled(*args, **kwargs)
+            grads = torch.autograd.grad(got, (q1,))
+            want = fn(*args, **kwargs)
+            want_grads = torch.autograd.grad(want, (q1,))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grads, want_grads, rtol=1e-5, atol=1e-6)
+        if step == 0:
+            first = counter.graphs
+    assert first == 2 and counter.graphs == 2, (first, counter.graphs)  # one graph each
+
+
+def test_update_compiles_fullgraph_without_recompiling() -> None:
+    check_update_compiles(torch.device("cpu"), "aot_eager")
+
+
+def test_losses_compile_fullgraph_and_match_eager() -> None:
+    check_losses_compile(torch.device("cpu"), "aot_eager")

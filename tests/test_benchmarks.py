@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from momentum_contrast import KeyQueue, info_nce, symmetric_contrastive_loss
 
@@ -64,3 +67,56 @@ def test_reference_code_computes_what_the_library_does() -> None:
         ref_queue.push(keys)
         ours.push(keys)
     torch.testing.assert_close(ref_queue.negatives().T[:48], ours.negatives()[:48])
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of tensor storages that ops create and that are still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, storage.nbytes())
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def peak_bytes(fn) -> int:  # type: ignore[no-untyped-def]
+    gc.collect()
+    with LiveBytes() as tracker:
+        fn()
+        gc.collect()
+    return tracker.peak
+
+
+def test_info_nce_peak_memory_is_below_the_reference() -> None:
+    # issue 7: no more peak memory than the reference's einsum + cat + cross-entropy
+    torch.manual_seed(0)
+    n, d, m = 256, 16, 8192  # (N, M) logits of 8 MB dominate every other allocation
+    q = torch.randn(n, d, requires_grad=True)
+    k = torch.randn(n, d)
+    queue = F.normalize(torch.randn(m, d), dim=1)
+    queue_dk = queue.T.contiguous()
+    ours = peak_bytes(lambda: info_nce(q, k, queue, temperature=0.2).backward())
+    ref = peak_bytes(lambda: reference.info_nce(q, k, queue_dk, 0.2).backward())
+    logits_bytes = n * m * 4
+    assert ours < ref, (ours / logits_bytes, ref / logits_bytes)
+    assert ours <= 2.2 * logits_bytes, ours / logits_bytes  # two (N, M) buffers at most

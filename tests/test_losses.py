@@ -76,6 +76,7 @@ def test_info_nce_gradcheck_and_repeated_backward() -> None:
     (first,) = torch.autograd.grad(loss, q, retain_graph=True)
     (second,) = torch.autograd.grad(loss, q)  # the saved tensors were not modified
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert torch.autograd.gradgradcheck(lambda x: info_nce(x, k, queue, temperature=0.5), (q,))
 
 
 def test_info_nce_reductions() -> None:

@@ -2,8 +2,7 @@
 
 On CUDA every run is timed with CUDA events around the call (GPU time, the
 host's launch cost included only where it stalls the GPU); on the CPU with
-``time.perf_counter``. Host time per call (how long the Python side takes to
-enqueue the work) is reported separately where it matters.
+``time.perf_counter``.
 """
 
 from __future__ import annotations
@@ -42,21 +41,6 @@ def median_ms(
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def host_ms(fn: Callable[[], object], device: torch.device, iters: int = 30) -> float:
-    """Median host (CPU) time to issue ``fn``, without waiting for the device."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     return statistics.median(times)
 
 

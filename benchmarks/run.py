@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=None, help="JSON path (default runs/bench-<device>.json)")
     args = p.parse_args(argv)
-    sections = args.only.split(",")
-    if unknown := set(sections) - set(SECTIONS):
+    if unknown := set(args.only.split(",")) - set(SECTIONS):
         p.error(f"--only: unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -83,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device)
     print(f"{machine()}\ncopy bandwidth {bandwidth:,.0f} GB/s", flush=True)
+    sections = {
+        "ema": lambda: pieces.ema(device, bandwidth),
+        "queue": lambda: pieces.queue_push(device),
+        "losses": lambda: pieces.contrastive_losses(device),
+        "step": lambda: pieces.v2_step(device),
+    }
     rows: list[dict[str, object]] = []
-    for name in sections:
-        new = pieces.ema(device, bandwidth) if name == "ema" else (
-            pieces.queue_push(device) if name == "queue" else (
-                pieces.contrastive_losses(device) if name == "losses" else pieces.v2_step(device)
-            )
-        )  # fmt: skip
+    for name in args.only.split(","):
+        new = sections[name]()
         rows += new
         print(table(new), flush=True)
     verdicts = check_targets(rows, args.device)

@@ -177,3 +177,33 @@ def scenario_ddp_moco_v2() -> dict[str, Any]:
         "queue": {k: v.clone() for k, v in queue.state_dict().items()},
         "losses": torch.stack(losses),
     }
+
+
+def scenario_queue_random_init() -> dict[str, Any]:
+    """Every rank draws different random initial keys; the first use makes them rank 0's."""
+    r = rank()
+    torch.manual_seed(1000 + r)  # the ranks' generators differ, as with seed + rank
+    first, second = KeyQueue(32, 8), KeyQueue(32, 8)
+    drawn = first.keys.clone()
+    out: dict[str, Any] = {"drawn": drawn, "negatives": first.negatives()}
+    second.push(torch.randn(2, 8, generator=torch.Generator().manual_seed(r)))
+    out["after_push"] = second.keys.clone()
+    return out
+
+
+def scenario_gather_mismatch() -> dict[str, Any]:
+    """Ranks pass different trailing shapes or dtypes: every rank must raise."""
+    r = rank()
+    out: dict[str, Any] = {}
+    for label, x in (
+        ("shape", torch.zeros(3, 4 + r)),
+        ("dtype", torch.zeros(3, 4, dtype=torch.float32 if r == 0 else torch.float64)),
+        ("ndim", torch.zeros(3, 4) if r == 0 else torch.zeros(3, 2, 2)),
+    ):
+        try:
+            concat_all_gather(x)
+            out[label] = "no error"
+        except ValueError as e:
+            out[label] = str(e)
+    out["after"] = concat_all_gather(torch.full((2, 3), float(r)))  # the group still works
+    return out

@@ -15,6 +15,8 @@ from _dist_workers import (
     local_rows,
     scenario_core,
     scenario_ddp_moco_v2,
+    scenario_gather_mismatch,
+    scenario_queue_random_init,
 )
 
 from momentum_contrast import KeyQueue
@@ -146,3 +148,21 @@ def test_single_process_helpers_are_correct_no_ops() -> None:
     assert torch.equal(batch_unshuffle(shuffled**2, idx), data**2)
     with pytest.raises(ValueError, match=r"must have shape \(10,\).*got \(64,\)"):
         batch_unshuffle(shuffled[:10], idx)
+
+
+def test_random_queue_is_rank_zeros_on_every_rank_from_the_first_use(tmp_path: Path) -> None:
+    a, b = launch(scenario_queue_random_init, 2, tmp_path)
+    assert not torch.equal(a["drawn"], b["drawn"])  # each rank drew its own keys
+    assert torch.equal(a["negatives"], a["drawn"])  # rank 0's keys ...
+    assert torch.equal(b["negatives"], a["drawn"])  # ... on rank 1 too, before any push
+    assert torch.equal(a["after_push"], b["after_push"])  # and when a push comes first
+
+
+def test_concat_all_gather_mismatch_raises_on_every_rank(tmp_path: Path) -> None:
+    ranks = launch(scenario_gather_mismatch, 2, tmp_path)
+    for r, result in enumerate(ranks):
+        assert f"this is rank {r}" in result["shape"]
+        assert "rank 0: (N, 4)" in result["shape"] and "rank 1: (N, 5)" in result["shape"]
+        assert "rank 0: (N, 4) torch.float32; rank 1: (N, 4) torch.float64" in result["dtype"]
+        assert "rank 1: (N, 2, 2)" in result["ndim"]
+        assert torch.equal(result["after"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))

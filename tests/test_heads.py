@@ -51,6 +51,23 @@ def test_v2_head() -> None:
     assert n_params(head) == (2048 * 2048 + 2048) + (2048 * 128 + 128)
 
 
+def test_v2_head_hidden_width_is_the_feature_width_as_the_reference() -> None:
+    """The reference widens the backbone's fc: Linear(dim_mlp, dim_mlp) with dim_mlp = fc's
+    input width, so a ResNet-18 gets 512 -> 512 -> 128, not 512 -> 2048 -> 128."""
+    assert layout(moco_v2_head(512)) == [
+        ("Linear", "512", "512", "True"),
+        ("ReLU",),
+        ("Linear", "512", "128", "True"),
+    ]
+    assert layout(moco_v2_head(512, hidden_dim=1024, out_dim=64)) == [
+        ("Linear", "512", "1024", "True"),
+        ("ReLU",),
+        ("Linear", "1024", "64", "True"),
+    ]
+    with pytest.raises(ValueError, match="hidden_dim"):
+        moco_v2_head(512, hidden_dim=0)
+
+
 def test_v3_resnet_projector_and_predictor() -> None:
     projector = moco_v3_projector(2048)
     assert layout(projector) == [

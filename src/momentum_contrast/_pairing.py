@@ -1,12 +1,17 @@
 """Pair the online model's tensors with the key encoder's by name (private).
 
-`MomentumEncoder.update` runs every step, so walking the online model every
-time (about 0.3 ms of host time for a ResNet-50) would cost more than the fused
-update itself. The pairing is therefore cached and trusted while the *structure
-clock* has not moved: a counter bumped by PyTorch's global registration hooks
-whenever any module anywhere gains or replaces a parameter, buffer or
-submodule. When it has moved, the cache is checked (names, tensor identity,
-shape, dtype, device) and rebuilt, with a clear error on a mismatch.
+`MomentumEncoder.update` must never average the wrong tensors, nor keep writing to
+tensors that are no longer in either model. Tensors can change behind any cache in
+many ways that no hook reports: ``load_state_dict(assign=True)``, a replaced
+submodule (``convert_split_batchnorm`` on the key encoder), a replaced
+``.key_encoder``, ``module.to(...)`` (which swaps ``.data`` in place), FSDP2's
+parameter swaps (``module._parameters[name] = ...``). So every update walks *both*
+models (``named_parameters()``) and checks that each side still holds the same
+names and the very tensor objects of the cached pairing, with the same shape, dtype
+and device. That walk is host work only (no device read); it costs tens to hundreds of microseconds
+(``benchmarks/pieces.py`` measures it on a ResNet-50 and a ViT-B) and overlaps the
+GPU. When anything differs, the pairing is rebuilt by name, and a real mismatch
+raises a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -16,28 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.modules import module as _module
 
 Signature = tuple[torch.Size, torch.dtype, torch.device]
-
-
-_clock = [0]
-_clock_started = False
-
-
-def _tick(*args: object) -> None:
-    _clock[0] += 1
-
-
-def structure_clock() -> int:
-    """Number of parameter/buffer/submodule registrations seen in this process."""
-    global _clock_started
-    if not _clock_started:
-        _module.register_module_parameter_registration_hook(_tick)
-        _module.register_module_buffer_registration_hook(_tick)
-        _module.register_module_module_registration_hook(_tick)
-        _clock_started = True
-    return _clock[0]
+Group = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 def signature(t: torch.Tensor) -> Signature:
@@ -46,28 +32,41 @@ def signature(t: torch.Tensor) -> Signature:
 
 @dataclass
 class TensorPairs:
-    """Online and key tensors matched by name, grouped by (device, dtype)."""
+    """Online and key tensors matched by name, grouped by (device, dtype).
 
-    names: tuple[str, ...]
-    online: tuple[torch.Tensor, ...]
-    key: tuple[torch.Tensor, ...]
-    key_signatures: list[Signature]
-    clock: int = -1  # structure_clock() when last validated
-    # (key tensors, online tensors) per (device, dtype, is_floating_point) group
-    groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
-    float_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
-    other_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
+    ``online_seen``/``key_seen`` are the two walks (in each model's own order) the
+    pairing was built from, with their signatures, for [`still_valid`][].
+    """
 
-    def still_valid(self, online_named: Sequence[tuple[str, torch.Tensor]]) -> bool:
-        """Cheap check that the cached pairing still describes ``online_named``."""
-        if len(online_named) != len(self.names):
+    online_names: tuple[str, ...]
+    key_names: tuple[str, ...]
+    online_seen: tuple[torch.Tensor, ...]
+    key_seen: tuple[torch.Tensor, ...]
+    online_signatures: tuple[Signature, ...]
+    key_signatures: tuple[Signature, ...]
+    # (key tensors, online tensors) per (device, dtype) group
+    groups: list[Group] = field(default_factory=list)
+    float_groups: list[Group] = field(default_factory=list)
+    other_groups: list[Group] = field(default_factory=list)
+
+    def still_valid(
+        self,
+        online_named: Sequence[tuple[str, torch.Tensor]],
+        key_named: Sequence[tuple[str, torch.Tensor]],
+    ) -> bool:
+        """Both walks return the cached names and tensor objects, unchanged in
+        shape, dtype and device."""
+        if len(online_named) != len(self.online_seen) or len(key_named) != len(self.key_seen):
             return False
-        names = tuple(n for n, _ in online_named)
-        tensors = [t for _, t in online_named]
+        online_names, online = zip(*online_named, strict=True) if online_named else ((), ())
+        key_names, key = zip(*key_named, strict=True) if key_named else ((), ())
         return (
-            names == self.names
-            and all(map(operator.is_, tensors, self.online))
-            and [signature(t) for t in tensors] == self.key_signatures
+            online_names == self.online_names
+            and key_names == self.key_names
+            and all(map(operator.is_, online, self.online_seen))
+            and all(map(operator.is_, key, self.key_seen))
+            and tuple(map(signature, online)) == self.online_signatures
+            and tuple(map(signature, key)) == self.key_signatures
         )
 
 
@@ -92,7 +91,8 @@ def pair_by_name(
         problems.append(f"{kind}s missing from the online model: {missing}")
     if added:
         problems.append(f"{kind}s the key encoder does not have: {added}")
-    for name in key.keys() & online.keys():
+    shared = []
+    for name in sorted(key.keys() & online.keys()):
         k, o = key[name], online[name]
         for what, kv, ov in (
             ("shape", tuple(k.shape), tuple(o.shape)),
@@ -103,6 +103,19 @@ def pair_by_name(
                 problems.append(
                     f"{kind} {name!r} has {what} {ov} online but {kv} in the key encoder"
                 )
+        if k is o or (
+            not torch.compiler.is_compiling()  # Dynamo cannot compare data pointers
+            and k.device == o.device
+            and k.device.type != "meta"
+            and k.numel() > 0
+            and k.data_ptr() == o.data_ptr()
+        ):
+            shared.append(name)
+    if shared:
+        problems.append(
+            f"the key encoder shares these {kind}s' memory with the online model, so it "
+            f"could never lag behind it: {shared}"
+        )
     if problems:
         raise ValueError(
             "MomentumEncoder: the online model no longer matches the key encoder; "
@@ -110,20 +123,24 @@ def pair_by_name(
             + ". Move the MomentumEncoder with the model (.to(...)), or build a new "
             "MomentumEncoder after changing the model's structure."
         )
-    names = tuple(n for n, _ in online_named)
-    pairs = TensorPairs(
-        names=names,
-        online=tuple(online[n] for n in names),
-        key=tuple(key[n] for n in names),
-        key_signatures=[signature(key[n]) for n in names],
-    )
-    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]]
-    buckets = {}
-    for k, o in zip(pairs.key, pairs.online, strict=True):
+    names = [n for n, _ in online_named]
+    buckets: dict[tuple[torch.device, torch.dtype], Group] = {}
+    for name in names:
+        k = key[name]
         ks, os_ = buckets.setdefault((k.device, k.dtype), ([], []))
         ks.append(k)
-        os_.append(o)
-    pairs.groups = list(buckets.values())
-    pairs.float_groups = [g for g in pairs.groups if g[0][0].is_floating_point()]
-    pairs.other_groups = [g for g in pairs.groups if not g[0][0].is_floating_point()]
-    return pairs
+        os_.append(online[name])
+    groups = list(buckets.values())
+    online_seen = tuple(t for _, t in online_named)
+    key_seen = tuple(t for _, t in key_named)
+    return TensorPairs(
+        online_names=tuple(n for n, _ in online_named),
+        key_names=tuple(n for n, _ in key_named),
+        online_seen=online_seen,
+        key_seen=key_seen,
+        online_signatures=tuple(map(signature, online_seen)),
+        key_signatures=tuple(map(signature, key_seen)),
+        groups=groups,
+        float_groups=[g for g in groups if g[0][0].is_floating_point()],
+        other_groups=[g for g in groups if not g[0][0].is_floating_point()],
+    )

@@ -14,6 +14,8 @@ every gather are in rank order, so all ranks see the same concatenation.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -90,21 +92,51 @@ def gather_sizes(n: int) -> list[int]:
     """
     if world_size() == 1:
         return [int(n)]
-    local = torch.tensor([int(n)], dtype=torch.long)
+    return [int(row[0]) for row in _all_gather_host([int(n)])]
+
+
+def _all_gather_host(values: list[int]) -> list[list[int]]:
+    """Every rank's list of host integers (all of the same length), in rank order."""
+    local = torch.tensor(values, dtype=torch.long)
     parts = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(parts, local, group=_size_group())
-    return [int(p[0]) for p in parts]  # CPU tensors: no device synchronisation
+    return [p.tolist() for p in parts]  # CPU tensors: no device synchronisation
+
+
+_SHOWN_DIMS = 6  # trailing dimensions exchanged verbatim (the rest only through a checksum)
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+def _layout(x: torch.Tensor) -> list[int]:
+    """Rows, a checksum of (dtype, trailing shape), then dtype and trailing dims for messages."""
+    tail = tuple(x.shape[1:])
+    checksum = zlib.crc32(f"{x.dtype}|{tail}".encode())
+    shown = list(tail[:_SHOWN_DIMS]) + [-1] * (_SHOWN_DIMS - min(len(tail), _SHOWN_DIMS))
+    return [x.shape[0], checksum, _DTYPES.index(x.dtype), len(tail), *shown]
+
+
+def _describe(row: list[int]) -> str:
+    ndim, dims = row[3], [d for d in row[4:] if d >= 0]
+    shape = "(N, " + ", ".join(map(str, dims)) + (", ...)" if ndim > _SHOWN_DIMS else ")")
+    return f"{shape} {_DTYPES[row[2]]}"
 
 
 @torch.no_grad()
 def _gather_with_sizes(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """[`concat_all_gather`][] that also returns every rank's row count, so that callers
-    needing both exchange the sizes once."""
+    needing both exchange the sizes once. Every rank checks that all ranks passed the
+    same trailing shape and dtype, and raises the same ``ValueError`` if not."""
     x = x.detach()
     if world_size() == 1:
         return x, [x.shape[0]]
-    sizes = gather_sizes(x.shape[0])
-    return _all_gather(x.contiguous(), sizes), sizes
+    rows = _all_gather_host(_layout(x))
+    if any(row[1:] != rows[0][1:] for row in rows):
+        described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
+        raise ValueError(
+            "concat_all_gather: every rank must pass the same trailing shape and dtype "
+            f"(this is rank {rank()}, {tuple(x.shape)} {x.dtype}); got {described}"
+        )
+    return _all_gather(x.contiguous(), [row[0] for row in rows]), [row[0] for row in rows]
 
 
 def _all_gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -126,7 +158,9 @@ def _all_gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0, in rank order, without gradient.
 
-    Ranks may pass different numbers of rows (same trailing shape and dtype).
+    Ranks may pass different numbers of rows, but the same trailing shape and dtype:
+    otherwise every rank raises the same ``ValueError`` listing each rank's shape
+    (they are exchanged with the row counts, in the same host all-gather).
 
     Args:
         x: ``(N_r, ...)`` tensor on rank ``r``.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
-from momentum_contrast._pairing import TensorPairs, pair_by_name, structure_clock
+from momentum_contrast._pairing import TensorPairs, pair_by_name
 
 __all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
 
@@ -76,11 +76,16 @@ class MomentumEncoder(nn.Module):
     After every optimiser step call [`update`][], which does, in place and for
     every parameter ``key = m * key + (1 - m) * online``, as one fused
     multi-tensor ``torch._foreach_lerp_`` per device/dtype group. Parameters are
-    paired by name; if the online model's structure changes (a parameter,
-    buffer or submodule added, renamed or replaced; a tensor reshaped or moved),
-    the next update raises a ``ValueError`` instead of averaging the wrong
-    tensors. The pairing is cached, so a steady-state update does not walk the
-    model: it costs one fused op per group, and is safe to capture in a CUDA graph.
+    paired by name. Nothing can leave the key encoder silently stale: every
+    update first checks, on the host, that both models still hold the paired
+    tensor objects with the same shape, dtype and device. A replaced or reloaded
+    tensor on either side (``load_state_dict(assign=True)``, a swapped submodule, a
+    new ``.key_encoder`` or ``.online``) is re-paired by name; a real mismatch (a
+    parameter added, renamed or reshaped, one side moved alone) raises a
+    ``ValueError`` naming it, instead of averaging the wrong tensors. The check
+    reads no tensor value (no host-device synchronisation), so an update is still
+    one fused op per group plus a short walk of both models, and is safe to
+    capture in a CUDA graph.
 
     ``online`` is kept as a plain reference (``.online``), not a submodule, so
     ``state_dict()``, ``parameters()`` and ``.to()`` concern the key encoder only.
@@ -118,20 +123,47 @@ class MomentumEncoder(nn.Module):
         self.momentum = check_unit_interval("momentum", momentum)
         self.buffers_mode: BufferMode = check_choice("buffers", buffers, _BUFFER_MODES)  # type: ignore[assignment]
         base = unwrap_model(online)
-        object.__setattr__(self, "_online", base)  # a reference, not a submodule
+        self.__dict__["_online"] = base  # a reference, not a submodule
         self.key_encoder = copy.deepcopy(base)
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
             p.grad = None
         self._param_pairs: TensorPairs | None = None
         self._buffer_pairs: TensorPairs | None = None
-        structure_clock()  # start watching for structure changes
 
     @property
     def online(self) -> nn.Module:
-        """The (unwrapped) online model whose weights the key encoder follows."""
+        """The (unwrapped) online model whose weights the key encoder follows.
+
+        Assigning a new model re-pairs it with the key encoder by name and raises
+        ``ValueError`` if the two no longer match (the new model is never registered
+        as a submodule, so ``state_dict()`` still holds the key encoder only).
+        """
         online: nn.Module = self.__dict__["_online"]
         return online
+
+    @online.setter
+    def online(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"online must be an nn.Module, got {type(model).__name__}")
+        base = unwrap_model(model)
+        previous = self.__dict__["_online"]
+        self.__dict__["_online"] = base
+        try:
+            self._param_pairs = self._buffer_pairs = None
+            self._pairs("parameter")
+            if self.buffers_mode != "own":
+                self._pairs("buffer")
+        except ValueError:
+            self.__dict__["_online"] = previous
+            self._param_pairs = self._buffer_pairs = None
+            raise
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "online":  # nn.Module.__setattr__ would register it as a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the key encoder under ``torch.no_grad()`` (same signature as ``online``)."""
@@ -142,23 +174,15 @@ class MomentumEncoder(nn.Module):
     def update(self, momentum: float | None = None) -> None:
         """One in-place step ``key = m * key + (1 - m) * online`` on every parameter.
 
+        Both models are checked first (host metadata only, no device read): if either
+        side's tensors were replaced, moved or reshaped since the last update, the
+        pairing is rebuilt by name, or a ``ValueError`` names what no longer matches.
+
         Args:
             momentum: ``m`` in ``[0, 1]`` for this step; ``None`` uses ``self.momentum``.
                 ``1`` leaves the key unchanged, ``0`` copies the online weights.
         """
         m = self.momentum if momentum is None else check_unit_interval("momentum", momentum)
-        try:
-            self._update(m)
-        except RuntimeError:
-            # A tensor changed shape, dtype or device behind the cache (``.data = ...``,
-            # ``online.to(...)``): re-validate to raise a clear ValueError naming it.
-            self._param_pairs = self._buffer_pairs = None
-            self._pairs("parameter")
-            if self.buffers_mode != "own":
-                self._pairs("buffer")
-            raise
-
-    def _update(self, m: float) -> None:
         for keys, onlines in self._pairs("parameter").groups:
             _lerp_(keys, onlines, 1.0 - m)  # key += (1-m) * (online - key)
         if self.buffers_mode == "own":
@@ -173,33 +197,25 @@ class MomentumEncoder(nn.Module):
                 torch._foreach_copy_(keys, onlines)
 
     def _pairs(self, kind: str) -> TensorPairs:
-        clock = structure_clock()
-        cached = self._param_pairs if kind == "parameter" else self._buffer_pairs
-        if cached is not None and cached.clock == clock:
-            return cached  # no module anywhere changed structure: skip the walk
-        online_named: list[tuple[str, torch.Tensor]] = list(
-            self.online.named_parameters() if kind == "parameter" else self.online.named_buffers()
+        """The (cached) pairing of ``kind`` tensors, validated against both models."""
+        params = kind == "parameter"
+        cached = self._param_pairs if params else self._buffer_pairs
+        online_named = list(
+            self.online.named_parameters() if params else self.online.named_buffers()
         )
-        if cached is not None and cached.still_valid(online_named):
-            cached.clock = clock
-            return cached
         key_named = list(
-            self.key_encoder.named_parameters()
-            if kind == "parameter"
-            else self.key_encoder.named_buffers()
+            self.key_encoder.named_parameters() if params else self.key_encoder.named_buffers()
         )
+        if cached is not None and cached.still_valid(online_named, key_named):
+            return cached
         pairs = pair_by_name(kind, online_named, key_named)
-        pairs.clock = clock
-        if kind == "parameter":
+        if params:
+            for _, p in key_named:  # a reloaded or replaced key encoder stays frozen
+                p.requires_grad_(False)
             self._param_pairs = pairs
         else:
             self._buffer_pairs = pairs
         return pairs
-
-    def _apply(self, *args: Any, **kwargs: Any) -> Any:
-        # .to() / .cuda() / .half() change the key tensors: re-pair on the next update.
-        self._param_pairs = self._buffer_pairs = None
-        return super()._apply(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, buffers={self.buffers_mode!r}"

@@ -75,24 +75,33 @@ def moco_v1_head(in_dim: int, out_dim: int = 128) -> nn.Linear:
     return nn.Linear(check_positive_int("in_dim", in_dim), check_positive_int("out_dim", out_dim))
 
 
-def moco_v2_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
+def moco_v2_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 128) -> nn.Sequential:
     """MoCo v2 head: ``Linear → ReLU → Linear``, with biases (the reference v2 MLP).
+
+    The reference widens the backbone's own ``fc`` into this MLP, so the hidden width
+    is the backbone's feature width: 2048 → 2048 → 128 for a ResNet-50, 512 → 512 →
+    128 for a ResNet-18.
+
+    Args:
+        in_dim: the backbone's feature width.
+        hidden_dim: hidden width; ``None`` (default, as the reference) uses ``in_dim``.
+        out_dim: the embedding width (128 in the paper).
 
     Examples:
         >>> from momentum_contrast import moco_v2_head
-        >>> moco_v2_head(2048)
+        >>> moco_v2_head(512)
         Sequential(
-          (0): Linear(in_features=2048, out_features=2048, bias=True)
+          (0): Linear(in_features=512, out_features=512, bias=True)
           (1): ReLU()
-          (2): Linear(in_features=2048, out_features=128, bias=True)
+          (2): Linear(in_features=512, out_features=128, bias=True)
         )
     """
+    in_dim = check_positive_int("in_dim", in_dim)
+    hidden = in_dim if hidden_dim is None else check_positive_int("hidden_dim", hidden_dim)
     return nn.Sequential(
-        nn.Linear(
-            check_positive_int("in_dim", in_dim), check_positive_int("hidden_dim", hidden_dim)
-        ),
+        nn.Linear(in_dim, hidden),
         nn.ReLU(),
-        nn.Linear(hidden_dim, check_positive_int("out_dim", out_dim)),
+        nn.Linear(hidden, check_positive_int("out_dim", out_dim)),
     )
 
 

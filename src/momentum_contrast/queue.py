@@ -14,7 +14,7 @@ from momentum_contrast._checks import (
     check_positive_int,
     check_same_device,
 )
-from momentum_contrast.distributed import concat_all_gather
+from momentum_contrast.distributed import concat_all_gather, is_distributed
 
 QueueInit = Literal["random", "empty"]
 
@@ -43,6 +43,10 @@ class KeyQueue(nn.Module):
             unit-norm keys, as ``info_nce`` expects of its negatives).
         gather: when ``torch.distributed`` is initialised, all-gather the keys of
             every rank (in rank order) before writing, so all ranks hold the same queue.
+            With ``init="random"`` the first [`push`][] or [`negatives`][] under a
+            process group also broadcasts rank 0's initial keys (one collective, once),
+            as the reference's DDP-registered buffer: every rank's queue is the same
+            from the first step.
 
     Examples:
         >>> import torch
@@ -87,6 +91,8 @@ class KeyQueue(nn.Module):
         self.register_buffer("keys", keys)  # (K, D)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next write row
         self.register_buffer("length", torch.tensor(self._length, dtype=torch.long))
+        # Each rank drew its own random keys: make them rank 0's on first use.
+        self._broadcast_pending = init == "random" and self.gather
         self.register_load_state_dict_post_hook(_sync_length)  # type: ignore[no-untyped-call]
 
     def __len__(self) -> int:
@@ -106,6 +112,7 @@ class KeyQueue(nn.Module):
         check_float_matrix("keys", keys, self.dim)
         check_same_device("keys", keys, "the queue", self.keys)
         keys = keys.detach()
+        self._sync_initial_keys()
         if self.gather:
             keys = concat_all_gather(keys)  # (world * N, D)
         n = keys.shape[0]
@@ -130,7 +137,14 @@ class KeyQueue(nn.Module):
             It is a snapshot (as the reference's ``queue.clone()``), so a loss
             built from it backpropagates correctly even after the next ``push``.
         """
+        self._sync_initial_keys()
         return self.keys[: self._length].clone()
+
+    def _sync_initial_keys(self) -> None:
+        """Once, under a process group: every rank takes rank 0's random initial keys."""
+        if self._broadcast_pending and is_distributed():
+            torch.distributed.broadcast(self.keys, src=0)
+            self._broadcast_pending = False
 
     def extra_repr(self) -> str:
         return (
@@ -143,3 +157,4 @@ def _sync_length(module: nn.Module, incompatible_keys: Any) -> None:
     # Loading is not a steady-state step: one read of the loaded length is fine.
     if isinstance(module, KeyQueue):
         module._length = int(module.length)
+        module._broadcast_pending = False  # loaded keys are what the caller wants

@@ -1,0 +1,157 @@
+"""MomentumEncoder never goes silently stale: whatever replaces, reloads or moves the
+tensors of either model, the next update follows the models as they are now, or raises."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import SmallCNN, perturb_
+from torch import nn
+
+from momentum_contrast import MomentumEncoder
+from momentum_contrast.norm import SplitBatchNorm, convert_split_batchnorm
+
+
+def fill_online(online: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in online.parameters():
+            p.fill_(value)
+
+
+def assert_key_equals_online(enc: MomentumEncoder) -> None:
+    online = dict(enc.online.named_parameters())
+    for name, k in enc.key_encoder.named_parameters():
+        assert torch.equal(k, online[name]), name
+
+
+def test_reload_with_assign_is_followed() -> None:
+    online = nn.Linear(4, 4)
+    enc = MomentumEncoder(online)
+    enc.update()
+    enc.load_state_dict(copy.deepcopy(enc.state_dict()), assign=True)  # new key tensors
+    fill_online(online, 3.0)
+    enc.update(0.0)
+    assert torch.equal(enc.key_encoder.weight, torch.full((4, 4), 3.0))
+    assert not enc.key_encoder.weight.requires_grad  # the reloaded key encoder stays frozen
+
+
+def test_online_reloaded_with_assign_is_followed() -> None:
+    online = nn.Linear(4, 4)
+    enc = MomentumEncoder(online)
+    enc.update()
+    state = {k: torch.full_like(v, 2.0) for k, v in online.state_dict().items()}
+    online.load_state_dict(state, assign=True)  # new online tensors
+    enc.update(0.0)
+    assert torch.equal(enc.key_encoder.weight, torch.full((4, 4), 2.0))
+
+
+def test_split_batchnorm_on_the_key_encoder_after_updates_is_followed() -> None:
+    online = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    enc = MomentumEncoder(online)
+    enc.update()
+    convert_split_batchnorm(enc.key_encoder, 2)  # as the docs suggest for one GPU
+    assert isinstance(enc.key_encoder[1], SplitBatchNorm)
+    with torch.no_grad():
+        online[1].weight.fill_(5.0)
+    enc.update(0.0)
+    assert torch.equal(enc.key_encoder[1].weight, torch.full((4,), 5.0))
+
+
+def test_replaced_key_encoder_is_followed_and_frozen() -> None:
+    online = SmallCNN()
+    enc = MomentumEncoder(online)
+    enc.update()
+    enc.key_encoder = copy.deepcopy(online)
+    perturb_(online)
+    enc.update(0.0)
+    assert_key_equals_online(enc)
+    assert not any(p.requires_grad for p in enc.key_encoder.parameters())
+
+
+def test_key_encoder_sharing_the_online_tensors_raises() -> None:
+    online = nn.Linear(3, 3)
+    enc = MomentumEncoder(online)
+    enc.key_encoder = online  # could never lag behind: an EMA of nothing
+    with pytest.raises(ValueError, match=r"shares these parameters' memory.*weight"):
+        enc.update()
+
+
+def test_online_moved_to_meta_raises() -> None:
+    online = nn.Linear(2, 2)
+    enc = MomentumEncoder(online)
+    enc.update()
+    online.to("meta")
+    with pytest.raises(ValueError, match=r"device meta online but cpu"):
+        enc.update(0.0)
+
+
+def test_key_data_swapped_to_another_shape_raises() -> None:
+    enc = MomentumEncoder(SmallCNN())
+    enc.update()
+    enc.key_encoder.fc.bias.data = torch.zeros(7)
+    with pytest.raises(ValueError, match=r"'fc.bias' has shape \(16,\) online but \(7,\)"):
+        enc.update()
+
+
+def test_parameter_swapped_without_registration_hooks_is_followed() -> None:
+    """FSDP2 and other wrappers swap ``module._parameters[name]`` directly."""
+    online = SmallCNN()
+    enc = MomentumEncoder(online)
+    enc.update()
+    key_fc_before = enc.key_encoder.fc.weight.detach().clone()
+    online.fc._parameters["weight"] = nn.Parameter(torch.full((16, 16), 4.0))
+    enc.key_encoder.conv1._parameters["weight"] = nn.Parameter(torch.zeros(8, 3, 3, 3))
+    enc.update(0.5)
+    torch.testing.assert_close(enc.key_encoder.fc.weight, 0.5 * key_fc_before + 2.0)
+    torch.testing.assert_close(enc.key_encoder.conv1.weight, 0.5 * online.conv1.weight)
+    enc.update(0.0)
+    assert_key_equals_online(enc)
+
+
+def test_rename_on_one_side_raises_even_when_tensors_are_the_same() -> None:
+    online = SmallCNN()
+    enc = MomentumEncoder(online)
+    enc.update()
+    online.head = online.fc
+    del online.fc
+    with pytest.raises(ValueError, match=r"'fc\.weight', 'fc\.bias'\]"):
+        enc.update()
+
+
+def test_buffers_replaced_on_the_key_side_are_followed() -> None:
+    online = SmallCNN()
+    enc = MomentumEncoder(online, buffers="copy")
+    enc.update()
+    enc.key_encoder.bn1.register_buffer("running_mean", torch.zeros(8))  # a new tensor
+    with torch.no_grad():
+        online.bn1.running_mean.fill_(1.5)
+    enc.update()
+    assert torch.equal(enc.key_encoder.bn1.running_mean, torch.full((8,), 1.5))
+
+
+def test_online_setter_repairs_and_never_registers() -> None:
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    enc = MomentumEncoder(a)
+    enc.update()
+    enc.online = b
+    assert enc.online is b
+    assert list(enc.state_dict()) == ["key_encoder.weight", "key_encoder.bias"]
+    assert "online" not in dict(enc.named_children())
+    enc.update(0.0)
+    assert torch.equal(enc.key_encoder.weight, b.weight)
+    enc.online = nn.DataParallel(a)  # unwrapped like the constructor's argument
+    assert enc.online is a
+
+
+def test_online_setter_rejects_a_model_that_does_not_match() -> None:
+    a = nn.Linear(2, 2)
+    enc = MomentumEncoder(a)
+    with pytest.raises(ValueError, match=r"'weight' has shape \(3, 2\) online"):
+        enc.online = nn.Linear(2, 3)
+    assert enc.online is a  # unchanged after the failed assignment
+    with pytest.raises(TypeError, match=r"online must be an nn\.Module, got str"):
+        enc.online = "model"  # type: ignore[assignment]
+    enc.update(0.0)
+    assert torch.equal(enc.key_encoder.weight, a.weight)

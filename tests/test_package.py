@@ -35,7 +35,7 @@ def test_public_names_import_from_the_top_level() -> None:
 
 
 def test_version_matches_metadata() -> None:
-    assert momentum_contrast.__version__ == "0.1.0"
+    assert momentum_contrast.__version__ == "0.2.0"
     assert importlib.metadata.version("momentum-contrast") == momentum_contrast.__version__
 
 
@@ -61,3 +61,32 @@ def test_import_loads_nothing_beyond_torch() -> None:
         sys.stdlib_module_names
     )
     assert not new & {"torchvision", "timm", "kornia", "matplotlib", "numpy"}
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """One command for a newcomer and for CI: the same extras, the same pytest call."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line for line in readme.splitlines() if "python -m pytest" in line]
+    assert len(commands) == 1, commands
+    readme_extras = re.findall(r"pip install -e '\.\[([\w,]+)\]'", commands[0])
+    ci_extras = re.findall(r"pip install -q -e '\.\[([\w,]+)\]'", ci)
+    assert readme_extras == ci_extras == ["test"], (readme_extras, ci_extras)
+    assert "torch==2.14.1 torchvision==0.29.1" in commands[0]
+    assert "pip install -q torch==2.14.1 torchvision==0.29.1" in ci
+    assert re.search(r"^python -m pytest$", ci, re.M)
+    assert "apt-get install -y chromium" in readme and "apt-get install -y -qq chromium" in ci
+
+
+def test_test_extra_holds_what_the_docs_tests_need() -> None:
+    """Without these the docs tests would fail: the test extra must install them."""
+    requires = importlib.metadata.requires("momentum-contrast") or []
+    test_extra = {
+        re.split(r"[<>=!~ ;\[]", r)[0].lower()
+        for r in requires
+        if re.search(r"extra == [\"']test[\"']", r)
+    }
+    assert {"mkdocs", "mkdocs-material", "mkdocstrings", "playwright", "matplotlib"} <= test_extra

@@ -38,7 +38,42 @@ def test_embed_dataset_and_bad_input() -> None:
     data = [(torch.randn(3, 2), torch.tensor([0, 1, 2])), (torch.randn(2, 2), torch.tensor([1, 1]))]
     feats, labels = embed_dataset(torch.nn.Identity(), data)
     assert feats.shape == (5, 2) and torch.equal(labels, torch.tensor([0, 1, 2, 1, 1]))
-    with pytest.raises(ValueError, match=r"bank_labels must be an integer tensor of shape \(5,\)"):
-        knn_predict(feats, feats, labels.float(), 3)
     with pytest.raises(ValueError, match="bank must have 2 columns"):
         knn_predict(feats, torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_any_integer_label_dtype_gives_the_same_scores(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    bank, labels = torch.randn(20, 4, generator=g), torch.randint(0, 5, (20,), generator=g)
+    queries = torch.randn(6, 4, generator=g)
+    want = knn_predict(queries, bank, labels, 5, k=7)
+    assert torch.equal(knn_predict(queries, bank, labels.to(dtype), 5, k=7), want)
+
+
+@pytest.mark.parametrize(
+    ("labels", "error", "fragments"),
+    [
+        (torch.zeros(5), TypeError, ["bank_labels", "integer dtype", "torch.float32"]),
+        (torch.zeros(5, dtype=torch.bool), TypeError, ["bank_labels", "torch.bool"]),
+        (torch.zeros(5, dtype=torch.complex64), TypeError, ["bank_labels", "torch.complex64"]),
+        ([0, 1, 2, 0, 1], TypeError, ["bank_labels", "torch.Tensor", "list"]),
+        (torch.zeros(4, dtype=torch.long), ValueError, ["bank_labels", "(5,)", "(4,)"]),
+        (torch.zeros(5, 1, dtype=torch.long), ValueError, ["bank_labels", "(5,)", "(5, 1)"]),
+        (torch.tensor([0, 1, 3, 0, 1]), ValueError, ["num_classes=3", "[0, 3]"]),
+        (torch.tensor([0, -1, 2, 0, 1]), ValueError, ["[0, num_classes=3)", "[-1, 2]"]),
+        (torch.zeros(5, dtype=torch.long, device="meta"), ValueError, ["bank_labels", "meta"]),
+    ],
+    ids=["float", "bool", "complex", "list", "short", "2-D", "too-high", "negative", "device"],
+)
+def test_bad_bank_labels_are_reported(labels, error, fragments) -> None:  # type: ignore[no-untyped-def]
+    feats = torch.randn(5, 2)
+    with pytest.raises(error) as info:
+        knn_predict(feats, feats, labels, 3)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_bank_on_another_device_is_reported() -> None:
+    with pytest.raises(ValueError, match="bank must be on features's device cpu, got meta"):
+        knn_predict(torch.randn(3, 2), torch.empty(4, 2, device="meta"), torch.zeros(4), 2)

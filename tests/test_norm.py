@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -95,3 +96,38 @@ def test_bad_input() -> None:
         convert_split_batchnorm(nn.BatchNorm2d(3), 0)
     with pytest.raises(ValueError, match=r"\(N, C, \*\), got shape \(4,\)"):
         SplitBatchNorm(4, 2)(torch.randn(4))
+
+
+def regrouped_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, s: int) -> torch.Tensor:
+    """Split-BN written with plain reshapes: sub-batch i's channels become i*C ... (i+1)*C-1."""
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
+    y = F.batch_norm(grouped, None, None, bn.weight.repeat(s), bn.bias.repeat(s), True, 0.0, bn.eps)
+    return y.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+
+
+@pytest.mark.parametrize("shape", [(12, 5, 4, 3), (12, 5), (12, 5, 7), (8, 3, 2, 2, 2)])
+def test_output_and_gradient_bit_identical_to_plain_reshapes(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(1)
+    bn = SplitBatchNorm(shape[1], 4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(*shape, requires_grad=True)
+    y, want = bn(x), regrouped_batch_norm(x, bn, 4)
+    assert torch.equal(y, want)
+    g = torch.randn(*shape)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
+def test_compiles_to_one_graph_and_matches_eager() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    eager = SplitBatchNorm(6, 3)
+    compiled_bn = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_bn, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(9, 6, 4, 4)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_bn.running_mean, eager.running_mean)
+    torch.testing.assert_close(compiled_bn.running_var, eager.running_var)

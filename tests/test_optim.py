@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,5 +58,39 @@ def test_zero_weight_matrix_uses_ratio_one_and_1d_gets_no_decay() -> None:
 def test_defaults_and_bad_arguments() -> None:
     opt = LARS([torch.zeros(2, requires_grad=True)])
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["trust_coefficient"] == 0.001
-    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got -1"):
         LARS([torch.zeros(2, requires_grad=True)], weight_decay=-1)
+
+
+SETTINGS = ["lr", "weight_decay", "momentum", "trust_coefficient"]
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), -0.5])
+def test_non_finite_or_negative_settings_are_refused(name: str, value: float) -> None:
+    with pytest.raises(ValueError) as info:
+        LARS([torch.zeros(2, requires_grad=True)], **{name: value})
+    assert str(info.value) == f"{name} must be a finite number >= 0, got {value}"
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_parameter_group_settings_are_checked_too(name: str) -> None:
+    groups = [
+        {"params": [torch.zeros(2, requires_grad=True)]},
+        {"params": [torch.zeros(2, requires_grad=True)], name: float("nan")},
+    ]
+    with pytest.raises(ValueError, match=rf"param_groups\[1\] {name} must be a finite number"):
+        LARS(groups, lr=0.1)
+    opt = LARS(groups[:1], lr=0.1)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\] {name} .* got -inf"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], name: -math.inf})
+    assert len(opt.param_groups) == 1  # the bad group was not added
+    opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], name: 0.5})
+    assert opt.param_groups[1][name] == 0.5
+
+
+def test_settings_must_be_real_numbers() -> None:
+    with pytest.raises(TypeError, match="momentum must be a real number, got str"):
+        LARS([torch.zeros(2, requires_grad=True)], momentum="0.9")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"param_groups\[0\] lr must be a real number, got bool"):
+        LARS([{"params": [torch.zeros(2, requires_grad=True)], "lr": True}])

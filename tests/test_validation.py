@@ -9,9 +9,19 @@ import torch
 from torch import nn
 
 import momentum_contrast as mc
+from momentum_contrast.augment import MoCoV2Augment, ViewRecipe
+from momentum_contrast.augment import functional as AF
+from momentum_contrast.knn import knn_predict
+from momentum_contrast.norm import SplitBatchNorm
+from momentum_contrast.optim import LARS
+from momentum_contrast.vit import sincos_position_embedding
 
 q8, k8 = torch.randn(4, 8), torch.randn(4, 8)
 neg8 = torch.randn(16, 8)
+
+
+def lars(**settings: float) -> None:
+    LARS([torch.zeros(2, requires_grad=True)], **settings)
 
 
 def queue_push(keys: torch.Tensor, dim: int = 8) -> None:
@@ -215,6 +225,89 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         lambda: mc.strip_classifier(torch.randn(3)),
         TypeError,  # type: ignore[arg-type]
         ["model", "nn.Module", "Tensor"],
+    ),
+    # knn
+    (
+        "knn float labels",
+        lambda: knn_predict(q8, neg8, torch.zeros(16), 3),
+        TypeError,
+        ["bank_labels", "integer dtype", "torch.float32"],
+    ),
+    (
+        "knn labels of another length",
+        lambda: knn_predict(q8, neg8, torch.zeros(15, dtype=torch.long), 3),
+        ValueError,
+        ["bank_labels", "(16,)", "(15,)"],
+    ),
+    (
+        "knn label out of range",
+        lambda: knn_predict(q8, neg8, torch.arange(16), 10),
+        ValueError,
+        ["bank_labels", "[0, num_classes=10)", "[0, 15]"],
+    ),
+    (
+        "knn bank on another device",
+        lambda: knn_predict(q8, torch.empty(16, 8, device="meta"), torch.zeros(16), 3),
+        ValueError,
+        ["bank", "cpu", "meta"],
+    ),
+    # optim
+    ("LARS NaN lr", lambda: lars(lr=float("nan")), ValueError, ["lr", "finite", "nan"]),
+    (
+        "LARS infinite momentum",
+        lambda: lars(momentum=float("inf")),
+        ValueError,
+        ["momentum", ">= 0", "inf"],
+    ),
+    (
+        "LARS negative trust",
+        lambda: lars(trust_coefficient=-1e-3),
+        ValueError,
+        ["trust_coefficient", ">= 0", "-0.001"],
+    ),
+    # vit, norm
+    (
+        "sincos temperature 0",
+        lambda: sincos_position_embedding(2, 2, 8, temperature=0.0),
+        ValueError,
+        ["temperature", "> 0", "0.0"],
+    ),
+    (
+        "split BN rows",
+        lambda: SplitBatchNorm(4, 3)(torch.randn(10, 4)),
+        ValueError,
+        ["num_splits=3", "10 rows"],
+    ),
+    # augment
+    (
+        "augment int16 images",
+        lambda: MoCoV2Augment(size=8)(torch.zeros(2, 3, 16, 16, dtype=torch.int16)),
+        TypeError,
+        ["images", "uint8", "torch.int16"],
+    ),
+    (
+        "augment 0-255 floats",
+        lambda: MoCoV2Augment(size=8)(torch.full((2, 3, 16, 16), 200.0)),
+        ValueError,
+        ["images", "[0, 1]", "200.0"],
+    ),
+    (
+        "brightness of a complex image",
+        lambda: AF.adjust_brightness(torch.zeros(2, 3, 4, 4, dtype=torch.complex64), q8[:2, 0]),
+        TypeError,
+        ["x", "floating-point", "torch.complex64"],
+    ),
+    (
+        "crop box past the bottom",
+        lambda: AF.resized_crop(torch.zeros(1, 3, 8, 8), torch.tensor([[4, 0, 5, 8]]), 4),
+        ValueError,
+        ["boxes[0]", "top 4", "height 5", "top + height <= 8"],
+    ),
+    (
+        "positional ViewRecipe",
+        lambda: ViewRecipe((0.2, 1.0)),  # type: ignore[misc]
+        TypeError,
+        ["positional"],
     ),
 ]
 

@@ -85,3 +85,32 @@ def test_unknown_models_are_refused() -> None:
         freeze_patch_embedding(torchvision.models.resnet18())
     with pytest.raises(TypeError, match="pos_embed"):
         use_sincos_position_embedding(torchvision.models.resnet18())
+
+
+def test_sincos_is_float32_under_a_float64_default_dtype() -> None:
+    expected = sincos_position_embedding(3, 4, 16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for cls_token in (True, False):
+            emb = sincos_position_embedding(3, 4, 16, cls_token=cls_token)
+            assert emb.dtype == torch.float32, (cls_token, emb.dtype)
+        assert torch.equal(sincos_position_embedding(3, 4, 16), expected)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_sincos_rows_and_columns_follow_the_row_major_patch_order() -> None:
+    h, w, dim = 3, 4, 8
+    emb = sincos_position_embedding(h, w, dim, cls_token=False)[0]  # (h*w, dim)
+    grid = emb.view(h, w, dim)  # patch r * w + c at [r, c]
+    rows, cols = grid[..., : dim // 2], grid[..., dim // 2 :]
+    assert torch.equal(rows, rows[:, :1].expand(h, w, dim // 2))  # same along a row
+    assert torch.equal(cols, cols[:1].expand(h, w, dim // 2))  # same down a column
+    assert torch.equal(rows[1, 0, 0], torch.tensor(math.sin(1.0), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -10.0, float("nan")])
+def test_sincos_temperature_must_be_positive(temperature: float) -> None:
+    with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
+        sincos_position_embedding(2, 2, 8, temperature=temperature)

@@ -7,7 +7,12 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from momentum_contrast._checks import check_float_matrix, check_positive, check_positive_int
+from momentum_contrast._checks import (
+    check_float_matrix,
+    check_positive,
+    check_positive_int,
+    check_same_device,
+)
 
 __all__ = ["embed_dataset", "knn_predict"]
 
@@ -23,15 +28,26 @@ def knn_predict(
     """Class scores from the ``k`` most similar bank entries, weighted ``exp(sim / T)``.
 
     Args:
-        features: ``(N, D)`` query features (L2-normalised inside).
-        bank: ``(M, D)`` features of the labelled reference set (normalised inside).
-        bank_labels: ``(M,)`` integer labels in ``[0, num_classes)``.
+        features: ``(N, D)`` float query features (L2-normalised inside).
+        bank: ``(M, D)`` float features of the labelled reference set (normalised inside),
+            on the device of ``features``.
+        bank_labels: ``(M,)`` integer labels (any integer dtype but bool) in
+            ``[0, num_classes)``, on the device of ``features``.
         num_classes: number of classes ``C``.
         k: neighbours (200 as the reference; capped at ``M``).
         temperature: ``T`` of the weights (0.1 as the reference).
 
     Returns:
-        ``(N, C)`` scores; ``scores.argmax(1)`` is the prediction.
+        ``(N, C)`` float32 scores; ``scores.argmax(1)`` is the prediction.
+
+    Raises:
+        TypeError: a tensor of the wrong kind (``bank_labels`` float, bool or complex).
+        ValueError: shapes or devices that do not match; labels outside
+            ``[0, num_classes)`` when ``bank_labels`` is on the CPU. The label *values*
+            are checked only there: on an accelerator, reading them back would stall the
+            host until the device catches up, which this library never does; an
+            out-of-range label then fails inside ``scatter_add_`` (a device-side assert
+            on CUDA).
 
     Examples:
         >>> import torch
@@ -43,19 +59,38 @@ def knn_predict(
     """
     check_float_matrix("features", features)
     check_float_matrix("bank", bank, features.shape[1])
-    if bank_labels.shape != (bank.shape[0],) or bank_labels.is_floating_point():
-        raise ValueError(
-            f"bank_labels must be an integer tensor of shape ({bank.shape[0]},), "
-            f"got {bank_labels.dtype} {tuple(bank_labels.shape)}"
-        )
+    check_same_device("bank", bank, "features", features)
     classes = check_positive_int("num_classes", num_classes)
+    _check_labels(bank_labels, bank.shape[0], classes)
+    check_same_device("bank_labels", bank_labels, "features", features)
     k = min(check_positive_int("k", k), bank.shape[0])
     t = check_positive("temperature", temperature)
     sim = F.normalize(features.float(), dim=1) @ F.normalize(bank.float(), dim=1).T  # (N, M)
     top_sim, top_idx = sim.topk(k, dim=1)  # (N, k)
     weights = (top_sim / t).exp()
     scores = torch.zeros(features.shape[0], classes, device=features.device)
-    return scores.scatter_add_(1, bank_labels[top_idx], weights)
+    return scores.scatter_add_(1, bank_labels[top_idx].long(), weights)
+
+
+def _check_labels(labels: object, rows: int, classes: int) -> None:
+    """``(rows,)`` integer labels; their values in ``[0, classes)`` where reading is free."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"bank_labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"bank_labels must have an integer dtype (e.g. torch.int64), got {labels.dtype}"
+        )
+    if labels.shape != (rows,):
+        raise ValueError(
+            f"bank_labels must have shape ({rows},), one label per bank row, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device.type == "cpu" and rows > 0:  # host memory: no device to wait for
+        low, high = (int(v) for v in torch.aminmax(labels.long()))
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"bank_labels must be in [0, num_classes={classes}), got values in [{low}, {high}]"
+            )
 
 
 @torch.no_grad()

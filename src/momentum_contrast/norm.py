@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -74,7 +75,7 @@ class SplitBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         if not self.training or self.num_splits == 1:
             return super().forward(input)
-        s, (n, c), rest = self.num_splits, input.shape[:2], input.shape[2:]
+        s, n = self.num_splits, input.shape[0]
         if n % s:
             raise ValueError(f"input batch size must be divisible by num_splits={s}, got {n} rows")
         factor = 0.0 if self.momentum is None else self.momentum
@@ -86,8 +87,8 @@ class SplitBatchNorm(_BatchNorm):
             assert self.running_mean is not None and self.running_var is not None
             running_mean = self.running_mean.repeat(s)  # (S * C,)
             running_var = self.running_var.repeat(s)
-        # (N, C, *) -> (N/S, S*C, *): channel s*C + c holds channel c of sub-batch s
-        x = input.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
+        # sub-batch s (rows s*N/S ... (s+1)*N/S - 1) becomes channels s*C ... (s+1)*C - 1
+        x = rearrange(input, "(s n) c ... -> n (s c) ...", s=s)  # (N/S, S*C, *)
         y = F.batch_norm(
             x,
             running_mean,
@@ -100,9 +101,9 @@ class SplitBatchNorm(_BatchNorm):
         )
         if running_mean is not None and running_var is not None:
             assert self.running_mean is not None and self.running_var is not None
-            self.running_mean.copy_(running_mean.view(s, c).mean(dim=0))
-            self.running_var.copy_(running_var.view(s, c).mean(dim=0))
-        return y.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+            self.running_mean.copy_(running_mean.view(s, -1).mean(dim=0))
+            self.running_var.copy_(running_var.view(s, -1).mean(dim=0))
+        return rearrange(y, "n (s c) ... -> (s n) c ...", s=s)  # back to (N, C, *)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"  # type: ignore[no-untyped-call]

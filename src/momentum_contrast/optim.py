@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,6 +12,16 @@ from torch.optim import Optimizer
 from momentum_contrast._checks import check_real
 
 __all__ = ["LARS"]
+
+_SETTINGS = ("lr", "weight_decay", "momentum", "trust_coefficient")
+
+
+def _check_setting(name: str, value: object, where: str = "") -> float:
+    """A finite real number >= 0 (NaN, infinities and negatives refused)."""
+    v = check_real(f"{where}{name}", value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{where}{name} must be a finite number >= 0, got {value}")
+    return v
 
 
 class LARS(Optimizer):
@@ -29,6 +40,11 @@ class LARS(Optimizer):
         momentum: 0.9 as the reference.
         trust_coefficient: 0.001 as the reference.
 
+    Every setting must be a finite real number ``>= 0``, in the defaults and in each
+    parameter group (``TypeError`` for a non-number, ``ValueError`` naming the setting
+    for NaN, an infinity or a negative value). There is no ``eps``: a zero norm gives
+    the ratio 1 instead of a division by a small number.
+
     Examples:
         >>> import torch
         >>> from momentum_contrast.optim import LARS
@@ -46,21 +62,24 @@ class LARS(Optimizer):
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
     ) -> None:
-        for name, value in (
-            ("lr", lr),
-            ("weight_decay", weight_decay),
-            ("momentum", momentum),
-            ("trust_coefficient", trust_coefficient),
-        ):
-            if check_real(name, value) < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
             "momentum": momentum,
             "trust_coefficient": trust_coefficient,
         }
+        for name, value in defaults.items():
+            _check_setting(name, value)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after checking its own settings (those it does not set default)."""
+        if isinstance(param_group, dict):
+            for name in _SETTINGS:
+                if name in param_group:
+                    index = len(self.param_groups)
+                    _check_setting(name, param_group[name], f"param_groups[{index}] ")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

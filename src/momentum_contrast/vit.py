@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import repeat
 from torch import nn
 
-from momentum_contrast._checks import check_positive_int
+from momentum_contrast._checks import check_positive, check_positive_int
 
 __all__ = ["freeze_patch_embedding", "sincos_position_embedding", "use_sincos_position_embedding"]
 
@@ -63,8 +64,15 @@ def sincos_position_embedding(
     ``w_i = temperature ** (-i / (dim / 4))``, ``i < dim / 4``; on square grids this
     is MoCo v3's embedding. The class token's embedding is zero.
 
+    Computed in float64 and returned in float32 whatever ``torch.get_default_dtype()``
+    is (cast it with ``.to(dtype)`` for another precision).
+
     Args:
-        h: grid rows; w: grid columns; dim: embedding size, divisible by 4.
+        h: grid rows.
+        w: grid columns.
+        dim: embedding size, divisible by 4.
+        cls_token: prepend the class token's (zero) embedding.
+        temperature: base of the frequencies (> 0; 10000 as the reference).
 
     Returns:
         ``(1, [1 +] h * w, dim)`` float32 tensor.
@@ -81,14 +89,16 @@ def sincos_position_embedding(
     )
     if dim % 4:
         raise ValueError(f"dim must be divisible by 4 for a 2-D sin-cos embedding, got {dim}")
+    t = check_positive("temperature", temperature)
     quarter = dim // 4
-    omega = temperature ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)  # (h*w,) r of patch p
-    cols = torch.arange(w, dtype=torch.float64).repeat(h)  # (h*w,) c of patch p
+    omega = t ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    # patches row-major: patch p = r * w + c sits in row r and column c
+    rows = repeat(torch.arange(h, dtype=torch.float64), "h -> (h w)", w=w)
+    cols = repeat(torch.arange(w, dtype=torch.float64), "w -> (h w)", h=h)
     r, c = rows[:, None] * omega, cols[:, None] * omega  # (h*w, D/4)
     emb = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1).float()  # (h*w, D)
     if cls_token:
-        emb = torch.cat([torch.zeros(1, dim), emb])
+        emb = torch.cat([emb.new_zeros(1, dim), emb])  # float32, not the default dtype
     return emb[None]
 
 

@@ -63,3 +63,24 @@ def test_compiled_recipe_matches_eager_on_cuda() -> None:
     for x, y in zip(a, b, strict=True):
         assert y.dtype == torch.float16
         torch.testing.assert_close(y.float(), x.float(), rtol=0, atol=3e-2)
+
+
+def test_checks_read_no_values_on_cuda() -> None:
+    """Out-of-range floats and a box outside its image: no sync, clamped / NaN instead."""
+    from momentum_contrast.augment import functional as AF
+
+    batch = images(4).cuda().float()  # 0-255 floats: refused on the CPU, not read here
+    boxes = torch.tensor([[0, 0, 120, 160], [100, 0, 40, 40], [5, 5, 50, 50], [0, 0, 1, 1]])
+    boxes = boxes.cuda()
+    aug = MoCoV2Augment(size=32).cuda()
+    aug(batch / 255)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aug(batch)
+        out = AF.resized_crop(batch / 255, boxes, 16)
+        AF.adjust_brightness(batch, torch.ones(4, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    nan = torch.isnan(out).flatten(1).all(1).cpu()
+    assert nan.tolist() == [False, True, False, False]  # box 1 ends at row 140 > 120

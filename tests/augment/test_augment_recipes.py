@@ -11,6 +11,7 @@ from momentum_contrast.augment import (
     MoCoV1Augment,
     MoCoV2Augment,
     MoCoV3Augment,
+    ViewRecipe,
 )
 
 RECIPES = [MoCoV1Augment, MoCoV2Augment, MoCoV3Augment]
@@ -178,3 +179,44 @@ def test_compiled_colour_stages_equal_eager() -> None:
         fused = recipe(size=24, compile=True)(images, torch.Generator().manual_seed(9))
         for a, b in zip(eager, fused, strict=True):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: ViewRecipe((0.2, 1.0)),  # type: ignore[misc]
+        lambda: ViewRecipe(True),  # type: ignore[misc]
+        lambda: ViewRecipe((0.2, 1.0), (0.75, 1.33), 0.4, 0.4, 0.4, 0.1),  # type: ignore[misc]
+    ],
+    ids=["scale", "bare-bool", "many"],
+)
+def test_view_recipe_takes_keywords_only(call) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TypeError, match="positional argument"):
+        call()
+
+
+def test_recipes_build_the_papers_views() -> None:
+    ratio = (3 / 4, 4 / 3)
+    v1 = ViewRecipe(
+        scale=(0.2, 1.0), ratio=ratio, hue=0.4, jitter_p=1.0, grayscale_first=True, blur_p=0.0
+    )
+    v2 = ViewRecipe(scale=(0.2, 1.0), ratio=ratio, grayscale_first=False, blur_p=0.5)
+    v3 = {"scale": (0.08, 1.0), "ratio": ratio, "saturation": 0.2, "blur_sigma": (0.1, 2.0)}
+    assert MoCoV1Augment().view_one == MoCoV1Augment().view_two == v1
+    assert MoCoV2Augment().view_one == MoCoV2Augment().view_two == v2
+    assert MoCoV3Augment().view_one == ViewRecipe(**v3, blur_p=1.0, solarize_p=0.0)
+    assert MoCoV3Augment().view_two == ViewRecipe(**v3, blur_p=0.1, solarize_p=0.2)
+    custom = MoCoV1Augment(jitter=(0.1, 0.2, 0.3, 0.05), flip_p=0.0).view_one
+    assert (custom.brightness, custom.contrast, custom.saturation, custom.hue) == (
+        0.1,
+        0.2,
+        0.3,
+        0.05,
+    )
+    assert custom.flip_p == 0.0 and custom.grayscale_first
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_jitter_must_have_four_values(recipe: type) -> None:
+    with pytest.raises(ValueError, match=r"jitter must be 4 numbers .*, got \(0.4, 0.4, 0.4\)"):
+        recipe(jitter=(0.4, 0.4, 0.4))

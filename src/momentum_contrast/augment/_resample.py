@@ -12,6 +12,7 @@ into the weights, so neither costs a pass over the image.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 
 def resample_weights(
@@ -71,11 +72,8 @@ def resized_crop_weights(
 
 def apply_resample(images: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` images -> ``(B, C, S, S)`` with ``Wy @ image @ Wx.T`` per sample."""
-    b, c, h, w = images.shape
-    s = wy.shape[1]
-    x = images.to(wx.dtype).reshape(b, c * h, w) @ wx.transpose(1, 2)  # (B, C*H, S)
-    x = x.reshape(b, c, h, s)
-    return wy[:, None] @ x  # (B, C, S, S)
+    x = rearrange(images.to(wx.dtype), "b c h w -> b (c h) w") @ wx.transpose(1, 2)
+    return wy[:, None] @ rearrange(x, "b (c h) s -> b c h s", c=images.shape[1])  # (B, C, S, S)
 
 
 def pad_to_batch(images: list[torch.Tensor]) -> torch.Tensor:

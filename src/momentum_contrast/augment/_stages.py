@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from momentum_contrast.augment import functional as AF
+from momentum_contrast.augment import _ops
 
 
 def after_crop_stage(
@@ -34,7 +34,7 @@ def after_crop_stage(
         x, gray_mask, brightness, contrast, saturation, hue, order, jitter_mask, grayscale_first
     )
     if sigma is not None:
-        x = AF.gaussian_blur(x, sigma, kernel_size)
+        x = _ops.gaussian_blur(x, sigma, kernel_size)
     return finish_stage(x, solarize, mean, std)
 
 
@@ -51,10 +51,10 @@ def colour_stage(
 ) -> torch.Tensor:
     """Random grayscale and colour jitter, in the recipe's order (elementwise work)."""
     if grayscale_first:
-        x = torch.where(gray_mask.view(-1, 1, 1, 1), AF.grayscale(x).expand_as(x), x)
-    x = AF.color_jitter(x, brightness, contrast, saturation, hue, order, jitter_mask)
+        x = torch.where(gray_mask.view(-1, 1, 1, 1), _ops.grayscale(x).expand_as(x), x)
+    x = _ops.color_jitter(x, brightness, contrast, saturation, hue, order, jitter_mask)
     if not grayscale_first:
-        x = torch.where(gray_mask.view(-1, 1, 1, 1), AF.grayscale(x).expand_as(x), x)
+        x = torch.where(gray_mask.view(-1, 1, 1, 1), _ops.grayscale(x).expand_as(x), x)
     return x
 
 
@@ -63,5 +63,5 @@ def finish_stage(
 ) -> torch.Tensor:
     """Random solarisation, then normalisation."""
     if solarize is not None:
-        x = AF.solarize(x, solarize)
-    return AF.normalize(x, mean, std)
+        x = _ops.solarize(x, solarize)
+    return _ops.normalize(x, mean, std)

@@ -5,6 +5,17 @@ per-sample parameters are ``(B,)`` tensors on the same device. Each op computes
 the same result as ``torchvision.transforms.v2.functional`` applied to every
 sample with its own parameter, without a Python loop over the batch.
 
+Every op checks its arguments' types, dtypes and shapes: an integer (other than
+``uint8``, which ``resized_crop`` takes), bool or complex image is a ``TypeError``
+naming the argument and its dtype. The ops whose result is clamped to (or inverted
+within) ``[0, 1]`` (the four ``adjust_*``, ``color_jitter``, ``solarize`` and
+``resized_crop``) also refuse float images with values outside ``[0, 1]`` (or NaN),
+and ``resized_crop`` refuses boxes outside their image, with a
+``ValueError``, where reading the values is free: for tensors on the CPU, outside
+``torch.compile``. On a GPU the values are not read, because that would make the host
+wait for the device (the library never does in a training step); there, out-of-range
+pixels are clamped like any other, and a box outside its image gives NaN for that sample.
+
 Examples:
     >>> import torch
     >>> from momentum_contrast.augment import functional as AF
@@ -17,9 +28,11 @@ Examples:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from momentum_contrast.augment._resample import apply_resample, pad_to_batch, resized_crop_weights
+from momentum_contrast._checks import check_positive_int
+from momentum_contrast.augment import _ops
+from momentum_contrast.augment._checks import as_batch, check_boxes, check_images, check_mask
+from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 
 __all__ = [
     "adjust_brightness",
@@ -35,15 +48,10 @@ __all__ = [
     "solarize",
 ]
 
-_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
 
-
-def _per_sample(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if factor.shape != (x.shape[0],):
-        raise ValueError(
-            f"per-sample parameters must have shape ({x.shape[0]},), got {tuple(factor.shape)}"
-        )
-    return factor.to(x.dtype).view(-1, 1, 1, 1)
+def _colour_input(x: torch.Tensor) -> torch.Tensor:
+    """A float (B, 1 or 3, H, W) batch in [0, 1] (the range read on the CPU only)."""
+    return check_images("x", x, in_unit_range=True)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -55,10 +63,7 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
         >>> grayscale(torch.ones(2, 3, 4, 4)).shape
         torch.Size([2, 1, 4, 4])
     """
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(dim=1)
-    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
+    return _ops.grayscale(check_images("x", x))
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -70,7 +75,8 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> adjust_brightness(torch.full((2, 3, 4, 4), 0.5), torch.tensor([0.5, 3.0]))[:, 0, 0, 0]
         tensor([0.2500, 1.0000])
     """
-    return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
+    x = _colour_input(x)
+    return (x * _ops.per_sample(factor, x)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -84,8 +90,8 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> bool((flat == flat[:, :1, :1, :1]).all())
         True
     """
-    f = _per_sample(factor, x)
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    f = _ops.per_sample(factor, _colour_input(x))
+    mean = _ops.grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
 
 
@@ -99,10 +105,10 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(gray[:, 0], gray[:, 1])
         True
     """
-    if x.shape[1] == 1:
+    if _colour_input(x).shape[1] == 1:
         return x
-    f = _per_sample(factor, x)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0.0, 1.0)
+    f = _ops.per_sample(factor, x)
+    return (f * x + (1 - f) * _ops.grayscale(x)).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -115,23 +121,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> adjust_hue(red, torch.tensor([1 / 3]))[0, :, 0, 0]  # a third of a turn: green
         tensor([0., 1., 0.])
     """
-    if x.shape[1] == 1:
-        return x
-    f = _per_sample(factor, x)[:, 0]  # (B, 1, 1)
-    v, top = x.max(dim=1, keepdim=True)  # value, and which channel is largest (r first)
-    chroma = v - x.min(dim=1, keepdim=True).values  # (B, 1, H, W)
-    flat = chroma == 0
-    s = chroma / torch.where(flat, 1.0, v)  # 0 where flat
-    # hue sector: max r -> (g - b)/c, max g -> (b - r)/c + 2, max b -> (r - g)/c + 4
-    first, second = x.gather(1, (top + 1) % 3), x.gather(1, (top + 2) % 3)
-    h = (first - second) / torch.where(flat, 1.0, chroma) + 2.0 * top.to(x.dtype)
-    h = torch.remainder(h[:, 0] / 6.0 + f, 1.0)  # shifted hue in [0, 1); flat: h = f
-    # back to RGB: each channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1)
-    # with k = (n + 6h) mod 6 (the standard piecewise-linear hue ramps)
-    n = (5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)  # 5, 3, 1
-    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
-    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return (v * (1.0 - s * ramp)).clamp_(0.0, 1.0)
+    return _ops.adjust_hue(_colour_input(x), factor)
 
 
 def color_jitter(
@@ -171,25 +161,16 @@ def color_jitter(
         >>> torch.allclose(y, (1.2 * x).clamp(0, 1), atol=1e-6)
         True
     """
-    factors = torch.stack([brightness, contrast, saturation], dim=1).to(x.dtype)  # (B, 3)
-    hue_at = (order == 3).long().argmax(dim=1, keepdim=True)  # (B, 1) position of hue
-    slot_t = torch.arange(6, device=x.device)
-    slot_t = slot_t - 2 * (slot_t >= 3)  # 0 1 2 | 1 2 3: three slots before hue, three after
-    ops = order[:, slot_t].clamp(max=2)  # (B, 6) op of each slot (hue -> inactive below)
-    active = torch.cat([slot_t[:3] < hue_at, slot_t[3:] > hue_at], dim=1)  # (B, 6)
-    f = torch.where(active, factors.gather(1, ops), 1.0)  # 1 = identity (lerp exact)
-    use_gray, use_mean = (ops == 2), (ops == 1)
-    out = x
-    for slot in range(6):
-        if slot == 3:
-            out = adjust_hue(out, hue)
-        gray = grayscale(out)  # (B, 1, H, W)
-        mean = gray.mean(dim=(1, 2, 3), keepdim=True) * use_mean[:, slot].view(-1, 1, 1, 1)
-        ref = torch.where(use_gray[:, slot].view(-1, 1, 1, 1), gray, mean)  # 0 for brightness
-        out = torch.lerp(ref, out, f[:, slot].view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-    if apply is None:
-        return out
-    return torch.where(apply.view(-1, 1, 1, 1), out, x)
+    b = _colour_input(x).shape[0]
+    factors = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
+    for name, factor in {**factors, "hue": hue}.items():
+        _ops.per_sample(factor, x, name)
+    if not isinstance(order, torch.Tensor) or order.shape != (b, 4) or order.is_floating_point():
+        got = tuple(order.shape) if isinstance(order, torch.Tensor) else type(order).__name__
+        raise ValueError(f"order must be an integer tensor of shape ({b}, 4), got {got}")
+    if apply is not None:
+        check_mask("apply", apply, b)
+    return _ops.color_jitter(x, brightness, contrast, saturation, hue, order, apply)
 
 
 def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -202,8 +183,8 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
         >>> solarize(x, torch.tensor([True, True])).flatten()
         tensor([0.2000, 0.3000])
     """
-    mask = apply.view(-1, 1, 1, 1) & (x >= threshold)
-    return torch.where(mask, 1.0 - x, x)
+    x = _colour_input(x)
+    return _ops.solarize(x, check_mask("apply", apply, x.shape[0]), threshold)
 
 
 def hflip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
@@ -216,7 +197,8 @@ def hflip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
         >>> hflip(x, torch.tensor([True])).flatten()
         tensor([3., 2., 1., 0.])
     """
-    return torch.where(apply.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = check_images("x", x, channels=None)
+    return torch.where(check_mask("apply", apply, x.shape[0]).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -> torch.Tensor:
@@ -236,51 +218,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
         >>> torch.equal(gaussian_blur(x, torch.zeros(2)), x)  # sigma 0: unchanged
         True
     """
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
-    b, c, h, w = x.shape
-    half = kernel_size // 2
-    if half >= min(h, w):
-        raise ValueError(f"kernel_size {kernel_size} needs images larger than {half} px")
-    if x.device.type == "cuda":
-        return _gaussian_blur_matmul(x, sigma, kernel_size)
-    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)  # (k,)
-    sig = _per_sample(sigma, x).view(b, 1).clamp(min=1e-3)
-    kernel = torch.exp(-0.5 * (t / sig) ** 2)  # (B, k)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    kernel = kernel.repeat_interleave(c, dim=0)  # (B*C, k): one filter per channel
-    y = F.pad(x.reshape(1, b * c, h, w), (half, half, half, half), mode="reflect")
-    y = F.conv2d(y, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)  # vertical
-    y = F.conv2d(y, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)  # horizontal
-    return y.view(b, c, h, w)
-
-
-def _reflect_blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:
-    """``(B, n, n)`` matrices applying 1-D kernels ``(B, k)`` with reflect padding."""
-    b, k = kernel.shape
-    half = k // 2
-    idx = torch.arange(n, device=kernel.device)[:, None] + torch.arange(
-        -half, half + 1, device=kernel.device
-    )
-    idx = idx.abs()  # reflect at 0 (index -1 -> 1)
-    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)  # reflect at n - 1
-    m = kernel.new_zeros((b, n, n))
-    return m.scatter_add_(2, idx.expand(b, n, k), kernel[:, None, :].expand(b, n, k))
-
-
-def _gaussian_blur_matmul(
-    x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23
-) -> torch.Tensor:
-    """[`gaussian_blur`][] as two batched matrix products (same result)."""
-    b, c, h, w = x.shape
-    half = kernel_size // 2
-    t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
-    sig = _per_sample(sigma, x).view(b, 1).float().clamp(min=1e-3)
-    kernel = torch.exp(-0.5 * (t / sig) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)  # (B, k)
-    gy, gx = _reflect_blur_matrix(kernel, h), _reflect_blur_matrix(kernel, w)
-    y = (x.reshape(b, c * h, w) @ gx.transpose(1, 2)).view(b, c, h, w)  # horizontal
-    return gy[:, None] @ y  # vertical
+    return _ops.gaussian_blur(check_images("x", x, channels=None), sigma, kernel_size)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -293,8 +231,12 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
         >>> normalize(x, torch.full((3,), 0.5), torch.full((3,), 0.25)).flatten()
         tensor([0., 0., 0.])
     """
-    scale = (1.0 / std).to(x.dtype).view(1, -1, 1, 1)
-    return torch.addcmul((-mean * (1.0 / std)).to(x.dtype).view(1, -1, 1, 1), x, scale)
+    x = check_images("x", x, channels=None)
+    for name, v in (("mean", mean), ("std", std)):
+        if not isinstance(v, torch.Tensor) or v.shape != (x.shape[1],):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{name} must be a tensor of shape ({x.shape[1]},), got {got}")
+    return _ops.normalize(x, mean, std)
 
 
 def resized_crop(
@@ -309,9 +251,14 @@ def resized_crop(
     """Crop ``(top, left, height, width)`` from each image and resize it to ``size x size``.
 
     Args:
-        images: ``(B, C, H, W)`` batch, or a list of ``(C, H_i, W_i)`` images (uint8
-            values in ``[0, 255]`` or floats in ``[0, 1]``).
-        boxes: ``(B, 4)`` integer boxes inside each image.
+        images: ``(B, C, H, W)`` batch, or a list of ``(C, H_i, W_i)`` images, ``C`` in
+            {1, 3} (uint8 values in ``[0, 255]`` or floats in ``[0, 1]``; floats outside
+            it are a ``ValueError`` on the CPU and clamped, unread, on a GPU).
+        boxes: ``(B, 4)`` integer ``(top, left, height, width)`` on the images' device,
+            each inside its image: ``top, left >= 0``, ``height, width >= 1``,
+            ``top + height <= H_i``, ``left + width <= W_i``. Checked (``ValueError``)
+            for boxes on the CPU; on a GPU, reading them would wait for the device, so a
+            box outside its image turns that sample's output into NaN instead.
         size: output side ``S``.
         flip: optional ``(B,)`` bool; those outputs are mirrored left-right (free).
         antialias: antialiased bilinear filter when shrinking (as PIL / torchvision).
@@ -330,15 +277,16 @@ def resized_crop(
         >>> resized_crop(images, boxes, 32).shape
         torch.Size([2, 3, 32, 32])
     """
-    n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
-    if not isinstance(boxes, torch.Tensor) or boxes.shape != (n, 4) or boxes.is_floating_point():
-        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        raise ValueError(f"boxes must be an integer tensor of shape ({n}, 4), got {shape}")
     # variable-size images are padded into one batch; the weights ignore the padding
-    batch = images if isinstance(images, torch.Tensor) else pad_to_batch(images)
+    batch, heights, widths = as_batch(images)
+    inside = check_boxes(boxes, batch, heights, widths)  # raises here for CPU boxes
+    size = check_positive_int("size", size)
+    if flip is not None:
+        check_mask("flip", flip, batch.shape[0])
     wy, wx = resized_crop_weights(
         boxes, batch.shape[2], batch.shape[3], size, flip, antialias, dtype
     )
+    wy = torch.where(inside[:, None, None], wy, torch.nan)  # a box outside its image: NaN
     out = apply_resample(batch, wy, wx).float()
     if not batch.is_floating_point():
         out = out.mul_(1.0 / 255.0)

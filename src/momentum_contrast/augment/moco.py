@@ -9,6 +9,15 @@ from momentum_contrast.augment.recipes import AugmentOptions, TwoViewAugment, Vi
 __all__ = ["MoCoV1Augment", "MoCoV2Augment", "MoCoV3Augment"]
 
 
+def _jitter(jitter: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """The four ``ColorJitter`` strengths, or a ``ValueError`` naming ``jitter``."""
+    if not isinstance(jitter, (tuple, list)) or len(jitter) != 4:
+        raise ValueError(
+            f"jitter must be 4 numbers (brightness, contrast, saturation, hue), got {jitter!r}"
+        )
+    return (jitter[0], jitter[1], jitter[2], jitter[3])
+
+
 class MoCoV1Augment(TwoViewAugment):
     """MoCo v1 (reference ``--aug-plus`` off): crop (0.2, 1), grayscale 0.2, then color
     jitter 0.4/0.4/0.4/0.4 always, flip. Both views alike.
@@ -37,8 +46,18 @@ class MoCoV1Augment(TwoViewAugment):
         flip_p: float = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
+        brightness, contrast, saturation, hue = _jitter(jitter)
         view = ViewRecipe(
-            scale, (3 / 4, 4 / 3), *jitter, jitter_p, grayscale_p, True, flip_p=flip_p
+            scale=scale,
+            ratio=(3 / 4, 4 / 3),
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+            jitter_p=jitter_p,
+            grayscale_p=grayscale_p,
+            grayscale_first=True,
+            flip_p=flip_p,
         )
         super().__init__(view, view, size=size, **options)
 
@@ -69,15 +88,19 @@ class MoCoV2Augment(TwoViewAugment):
         flip_p: float = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
+        brightness, contrast, saturation, hue = _jitter(jitter)
         view = ViewRecipe(
-            scale,
-            (3 / 4, 4 / 3),
-            *jitter,
-            jitter_p,
-            grayscale_p,
-            False,
-            blur_p,
-            blur_sigma,
+            scale=scale,
+            ratio=(3 / 4, 4 / 3),
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+            jitter_p=jitter_p,
+            grayscale_p=grayscale_p,
+            grayscale_first=False,
+            blur_p=blur_p,
+            blur_sigma=blur_sigma,
             flip_p=flip_p,
         )
         super().__init__(view, view, size=size, **options)
@@ -112,18 +135,22 @@ class MoCoV3Augment(TwoViewAugment):
         flip_p: float = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
+        brightness, contrast, saturation, hue = _jitter(jitter)
         one, two = (
             ViewRecipe(
-                scale,
-                (3 / 4, 4 / 3),
-                *jitter,
-                jitter_p,
-                grayscale_p,
-                False,
-                blur_p[v],
-                blur_sigma,
-                solarize_p[v],
-                flip_p,
+                scale=scale,
+                ratio=(3 / 4, 4 / 3),
+                brightness=brightness,
+                contrast=contrast,
+                saturation=saturation,
+                hue=hue,
+                jitter_p=jitter_p,
+                grayscale_p=grayscale_p,
+                grayscale_first=False,
+                blur_p=blur_p[v],
+                blur_sigma=blur_sigma,
+                solarize_p=solarize_p[v],
+                flip_p=flip_p,
             )
             for v in (0, 1)
         )

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict
 
+from momentum_contrast.augment._checks import as_batch
 from momentum_contrast.augment._random import Sampler, crop_boxes
-from momentum_contrast.augment._resample import apply_resample, pad_to_batch, resized_crop_weights
+from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 from momentum_contrast.augment._stages import after_crop_stage
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentOptions", "TwoViewAugment", "ViewRecipe"]
@@ -35,7 +36,7 @@ Examples:
 MAX_SIZE = 4096  # larger outputs are a mistake, not a training resolution
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ViewRecipe:
     """What one view does, in the reference order (crop, [grayscale,] jitter, grayscale,
     blur, solarize, flip). Probabilities are per sample.
@@ -194,7 +195,10 @@ class TwoViewAugment(nn.Module):
 
         Args:
             images: ``(B, C, H, W)`` uint8 (0 to 255) or float (0 to 1) batch, or a list
-                of ``B`` ``(C, H_i, W_i)`` images; ``C`` is 1 or 3.
+                of ``B`` ``(C, H_i, W_i)`` images; ``C`` is 1 or 3. Other dtypes (integer,
+                bool, complex) raise ``TypeError``. Float values outside ``[0, 1]`` raise
+                ``ValueError`` for images on the CPU; on a GPU they are not read (that
+                would make the host wait for the device) and are clamped to ``[0, 1]``.
             generator: random generator on the images' device; the global one if None.
 
         Returns:
@@ -209,7 +213,7 @@ class TwoViewAugment(nn.Module):
             >>> one.shape, bool((one != two).any())
             (torch.Size([2, 3, 32, 32]), True)
         """
-        batch, heights, widths = _as_batch(images)
+        batch, heights, widths = as_batch(images)
         sampler = Sampler(batch.device, generator)
         resample = self.resample_dtype or (
             torch.float16 if batch.device.type == "cuda" else torch.float32
@@ -266,43 +270,3 @@ class TwoViewAugment(nn.Module):
             self.blur_kernel_size,
             self.dtype,
         )
-
-
-def _as_batch(
-    images: torch.Tensor | list[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate the input; return a (B, C, H, W) batch and per-sample heights and widths."""
-    if isinstance(images, torch.Tensor):
-        if images.dim() != 4:
-            shape = tuple(images.shape)
-            raise ValueError(f"images must be (B, C, H, W) or a list of (C, H, W), got {shape}")
-        b, c, h, w = images.shape
-        if b == 0:
-            raise ValueError("images must hold at least one image, got an empty batch")
-        if c not in (1, 3):
-            raise ValueError(
-                f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})"
-            )
-        full = torch.full((b,), 1, device=images.device)
-        return images, full * h, full * w
-    if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise ValueError(
-            f"images must be a non-empty list of (C, H, W) tensors, got {images!r:.60}"
-        )
-    for i, im in enumerate(images):
-        if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] not in (1, 3):
-            shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
-            raise ValueError(
-                f"images[{i}] must be a (C, H, W) tensor with C in (1, 3), got {shape}"
-            )
-        if (
-            im.shape[0] != images[0].shape[0]
-            or im.dtype != images[0].dtype
-            or im.device != images[0].device
-        ):
-            raise ValueError(f"images[{i}] must match images[0] in channels, dtype and device")
-    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
-    if images[0].device.type == "cuda":
-        sizes = sizes.pin_memory()
-    sizes = sizes.to(images[0].device, non_blocking=True)
-    return pad_to_batch(list(images)), sizes[:, 0], sizes[:, 1]

@@ -1,0 +1,153 @@
+"""Argument checks of the augmentation (private).
+
+Dtypes, shapes and devices are host metadata and are always checked. Pixel *values*
+(float images in ``[0, 1]``) and crop boxes are read only where that is free: tensors in
+host memory (the CPU), outside ``torch.compile``. Reading a GPU tensor's values would make
+the host wait for the device, which the library never does in a training step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from momentum_contrast.augment._resample import pad_to_batch
+
+
+def _free_to_read(x: torch.Tensor) -> bool:
+    """True where reading values costs no host-device synchronisation and no graph break."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 0
+
+
+def check_image_dtype(name: str, x: object, *, uint8: bool) -> torch.Tensor:
+    """A tensor of a floating dtype (or ``uint8`` where allowed): no other integer,
+    bool or complex dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or (uint8 and x.dtype == torch.uint8)):
+        kinds = "uint8 (0 to 255) or floating-point (0 to 1)" if uint8 else "floating-point"
+        raise TypeError(f"{name} must have a {kinds} dtype, got {x.dtype}")
+    return x
+
+
+def check_range(name: str, x: torch.Tensor) -> None:
+    """Float pixels in ``[0, 1]``, checked only where reading them is free (see above)."""
+    if x.is_floating_point() and _free_to_read(x):
+        low, high = (float(v) for v in torch.aminmax(x))
+        if not (low >= 0.0 and high <= 1.0):  # also refuses NaN
+            raise ValueError(
+                f"{name} must hold float pixel values in [0, 1], got values in [{low}, {high}]"
+                " (divide 0-255 images by 255, or pass them as uint8)"
+            )
+
+
+def check_images(
+    name: str,
+    x: object,
+    *,
+    channels: tuple[int, ...] | None = (1, 3),
+    in_unit_range: bool = False,
+) -> torch.Tensor:
+    """A float ``(B, C, H, W)`` batch, ``C`` in ``channels``, optionally in ``[0, 1]``."""
+    x = check_image_dtype(name, x, uint8=False)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] not in channels:
+        expected = " or ".join(str(c) for c in channels)
+        raise ValueError(f"{name} must have {expected} channels, got shape {tuple(x.shape)}")
+    if in_unit_range:
+        check_range(name, x)
+    return x
+
+
+def check_mask(name: str, mask: object, b: int) -> torch.Tensor:
+    """A ``(B,)`` bool tensor."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor of shape ({b},), got {got}")
+    if mask.shape != (b,):
+        raise ValueError(f"{name} must have shape ({b},), got {tuple(mask.shape)}")
+    return mask
+
+
+def as_batch(
+    images: torch.Tensor | list[torch.Tensor], name: str = "images"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check uint8/float images; return a (B, C, H, W) batch and (B,) heights and widths.
+
+    A list of ``(C, H_i, W_i)`` images is zero-padded into one batch; the sizes are copied
+    to the images' device without waiting (pinned memory, non-blocking).
+    """
+    if isinstance(images, torch.Tensor):
+        check_image_dtype(name, images, uint8=True)
+        if images.dim() != 4:
+            shape = tuple(images.shape)
+            raise ValueError(f"{name} must be (B, C, H, W) or a list of (C, H, W), got {shape}")
+        b, c, h, w = images.shape
+        if b == 0:
+            raise ValueError(f"{name} must hold at least one image, got an empty batch")
+        if c not in (1, 3):
+            raise ValueError(
+                f"{name} must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})"
+            )
+        check_range(name, images)
+        full = torch.full((b,), 1, device=images.device)
+        return images, full * h, full * w
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError(
+            f"{name} must be a non-empty list of (C, H, W) tensors, got {images!r:.60}"
+        )
+    for i, im in enumerate(images):
+        if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] not in (1, 3):
+            shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+            raise ValueError(
+                f"{name}[{i}] must be a (C, H, W) tensor with C in (1, 3), got {shape}"
+            )
+        check_image_dtype(f"{name}[{i}]", im, uint8=True)
+        if (
+            im.shape[0] != images[0].shape[0]
+            or im.dtype != images[0].dtype
+            or im.device != images[0].device
+        ):
+            raise ValueError(f"{name}[{i}] must match {name}[0] in channels, dtype and device")
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
+    if images[0].device.type == "cuda":
+        sizes = sizes.pin_memory()
+    sizes = sizes.to(images[0].device, non_blocking=True)
+    batch = pad_to_batch(list(images))
+    check_range(name, batch)  # the zero padding is in range
+    return batch, sizes[:, 0], sizes[:, 1]
+
+
+def check_boxes(
+    boxes: object, batch: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor
+) -> torch.Tensor:
+    """``(B, 4)`` integer ``(top, left, height, width)`` boxes on the images' device.
+
+    Returns ``(B,)`` bool: box ``i`` lies inside image ``i`` (a non-empty crop). Where the
+    boxes are in host memory a box outside its image raises here; elsewhere the caller
+    uses the mask without reading it.
+    """
+    n = batch.shape[0]
+    if not isinstance(boxes, torch.Tensor):
+        raise TypeError(f"boxes must be an integer tensor of shape ({n}, 4), got {type(boxes)}")
+    if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
+        raise TypeError(f"boxes must have an integer dtype (e.g. torch.int64), got {boxes.dtype}")
+    if boxes.shape != (n, 4):
+        raise ValueError(
+            f"boxes must be an integer tensor of shape ({n}, 4), got {tuple(boxes.shape)}"
+        )
+    if boxes.device != batch.device:
+        raise ValueError(f"boxes must be on the images' device {batch.device}, got {boxes.device}")
+    top, left, height, width = boxes.long().unbind(dim=1)
+    inside = (top >= 0) & (left >= 0) & (height >= 1) & (width >= 1)
+    inside &= (top + height <= heights) & (left + width <= widths)
+    if _free_to_read(boxes) and not bool(inside.all()):
+        i = int((~inside).nonzero()[0, 0])
+        t, lf, bh, bw = boxes[i].tolist()
+        h, w = int(heights[i]), int(widths[i])
+        raise ValueError(
+            f"boxes[{i}] = (top {t}, left {lf}, height {bh}, width {bw}) must lie inside "
+            f"image {i} of height {h} and width {w}: top, left >= 0, height, width >= 1, "
+            f"top + height <= {h}, left + width <= {w}"
+        )
+    return inside

@@ -1,0 +1,144 @@
+"""The batched image kernels, unchecked (private).
+
+[`momentum_contrast.augment.functional`][] checks its arguments and calls these; the
+recipes call them directly on tensors they made themselves, so a view pays for no check
+(and a compiled stage holds no branch on tensor values). Shapes and ranges are as in
+``functional``: float ``(B, C, H, W)`` images in ``[0, 1]``, ``(B,)`` per-sample values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
+
+
+def per_sample(factor: torch.Tensor, x: torch.Tensor, name: str = "factor") -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, 1, 1)`` in ``x``'s dtype, after checking the length."""
+    if not isinstance(factor, torch.Tensor) or factor.shape != (x.shape[0],):
+        got = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({x.shape[0]},), got {got}")
+    return factor.to(x.dtype).view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 1, H, W)`` luma; one channel is returned as it is."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(dim=1)
+    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Hue rotated by ``factor`` (``(B,)``) turns, via HSV."""
+    if x.shape[1] == 1:
+        return x
+    f = per_sample(factor, x)[:, 0]  # (B, 1, 1)
+    v, top = x.max(dim=1, keepdim=True)  # value, and which channel is largest (r first)
+    chroma = v - x.min(dim=1, keepdim=True).values  # (B, 1, H, W)
+    flat = chroma == 0
+    s = chroma / torch.where(flat, 1.0, v)  # 0 where flat
+    # hue sector: max r -> (g - b)/c, max g -> (b - r)/c + 2, max b -> (r - g)/c + 4
+    first, second = x.gather(1, (top + 1) % 3), x.gather(1, (top + 2) % 3)
+    h = (first - second) / torch.where(flat, 1.0, chroma) + 2.0 * top.to(x.dtype)
+    h = torch.remainder(h[:, 0] / 6.0 + f, 1.0)  # shifted hue in [0, 1); flat: h = f
+    # back to RGB: each channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1)
+    # with k = (n + 6h) mod 6 (the standard piecewise-linear hue ramps)
+    n = (5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return (v * (1.0 - s * ramp)).clamp_(0.0, 1.0)
+
+
+def color_jitter(
+    x: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    hue: torch.Tensor,
+    order: torch.Tensor,
+    apply: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ColorJitter with per-sample factors and order: six blend slots and one hue pass."""
+    factors = torch.stack([brightness, contrast, saturation], dim=1).to(x.dtype)  # (B, 3)
+    hue_at = (order == 3).long().argmax(dim=1, keepdim=True)  # (B, 1) position of hue
+    slot_t = torch.arange(6, device=x.device)
+    slot_t = slot_t - 2 * (slot_t >= 3)  # 0 1 2 | 1 2 3: three slots before hue, three after
+    ops = order[:, slot_t].clamp(max=2)  # (B, 6) op of each slot (hue -> inactive below)
+    active = torch.cat([slot_t[:3] < hue_at, slot_t[3:] > hue_at], dim=1)  # (B, 6)
+    f = torch.where(active, factors.gather(1, ops), 1.0)  # 1 = identity (lerp exact)
+    use_gray, use_mean = (ops == 2), (ops == 1)
+    out = x
+    for slot in range(6):
+        if slot == 3:
+            out = adjust_hue(out, hue)
+        gray = grayscale(out)  # (B, 1, H, W)
+        mean = gray.mean(dim=(1, 2, 3), keepdim=True) * use_mean[:, slot].view(-1, 1, 1, 1)
+        ref = torch.where(use_gray[:, slot].view(-1, 1, 1, 1), gray, mean)  # 0 for brightness
+        out = torch.lerp(ref, out, f[:, slot].view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    if apply is None:
+        return out
+    return torch.where(apply.view(-1, 1, 1, 1), out, x)
+
+
+def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Pixels ``>= threshold`` inverted in the samples where ``apply`` is set."""
+    mask = apply.view(-1, 1, 1, 1) & (x >= threshold)
+    return torch.where(mask, 1.0 - x, x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -> torch.Tensor:
+    """Separable Gaussian blur, per-sample ``sigma``, reflect padding (see ``functional``)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+    b, c, h, w = x.shape
+    half = kernel_size // 2
+    if half >= min(h, w):
+        raise ValueError(f"kernel_size {kernel_size} needs images larger than {half} px")
+    if x.device.type == "cuda":
+        return gaussian_blur_matmul(x, sigma, kernel_size)
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)  # (k,)
+    sig = per_sample(sigma, x, "sigma").view(b, 1).clamp(min=1e-3)
+    kernel = torch.exp(-0.5 * (t / sig) ** 2)  # (B, k)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = repeat(kernel, "b k -> (b c) 1 k", c=c)  # one filter per channel of each image
+    y = F.pad(rearrange(x, "b c h w -> 1 (b c) h w"), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, kernel[..., None], groups=b * c)  # vertical: (B*C, 1, k, 1)
+    y = F.conv2d(y, kernel[:, :, None], groups=b * c)  # horizontal: (B*C, 1, 1, k)
+    return rearrange(y, "1 (b c) h w -> b c h w", b=b)
+
+
+def reflect_blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, n, n)`` matrices applying 1-D kernels ``(B, k)`` with reflect padding."""
+    b, k = kernel.shape
+    half = k // 2
+    idx = torch.arange(n, device=kernel.device)[:, None] + torch.arange(
+        -half, half + 1, device=kernel.device
+    )
+    idx = idx.abs()  # reflect at 0 (index -1 -> 1)
+    idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)  # reflect at n - 1
+    m = kernel.new_zeros((b, n, n))
+    return m.scatter_add_(2, idx.expand(b, n, k), kernel[:, None, :].expand(b, n, k))
+
+
+def gaussian_blur_matmul(
+    x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23
+) -> torch.Tensor:
+    """[`gaussian_blur`][] as two batched matrix products (same result)."""
+    b, c, h, w = x.shape
+    half = kernel_size // 2
+    t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
+    sig = per_sample(sigma, x, "sigma").view(b, 1).float().clamp(min=1e-3)
+    kernel = torch.exp(-0.5 * (t / sig) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)  # (B, k)
+    gy, gx = reflect_blur_matrix(kernel, h), reflect_blur_matrix(kernel, w)
+    y = rearrange(x, "b c h w -> b (c h) w") @ gx.transpose(1, 2)  # horizontal
+    return gy[:, None] @ rearrange(y, "b (c h) w -> b c h w", c=c)  # vertical
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` per channel, as one fused multiply-add."""
+    scale = (1.0 / std).to(x.dtype).view(1, -1, 1, 1)
+    return torch.addcmul((-mean * (1.0 / std)).to(x.dtype).view(1, -1, 1, 1), x, scale)

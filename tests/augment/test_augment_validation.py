@@ -1,0 +1,190 @@
+"""Bad images, boxes and parameters get a TypeError/ValueError naming the argument, the
+expected and the actual value; value checks happen only where reading is free (CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from momentum_contrast.augment import MoCoV2Augment, _checks
+from momentum_contrast.augment import functional as AF
+
+B = 2
+ONES, APPLY = torch.ones(B), torch.tensor([True, False])
+ORDER = torch.stack([torch.arange(4)] * B)
+
+# every public op, called on an image batch ``x`` with valid other arguments
+OPS: dict[str, Callable[[torch.Tensor], object]] = {
+    "grayscale": AF.grayscale,
+    "adjust_brightness": lambda x: AF.adjust_brightness(x, ONES),
+    "adjust_contrast": lambda x: AF.adjust_contrast(x, ONES),
+    "adjust_saturation": lambda x: AF.adjust_saturation(x, ONES),
+    "adjust_hue": lambda x: AF.adjust_hue(x, 0 * ONES),
+    "color_jitter": lambda x: AF.color_jitter(x, ONES, ONES, ONES, 0 * ONES, ORDER),
+    "solarize": lambda x: AF.solarize(x, APPLY),
+    "hflip": lambda x: AF.hflip(x, APPLY),
+    "gaussian_blur": lambda x: AF.gaussian_blur(x, ONES, 3),
+    "normalize": lambda x: AF.normalize(x, torch.zeros(3), torch.ones(3)),
+}
+CLAMPING = [
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_hue",
+    "color_jitter",
+    "solarize",
+]
+BAD_DTYPES = [torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64]
+
+
+def full(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.full((B, 3, 8, 8), value).to(dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [*BAD_DTYPES, torch.uint8])
+def test_ops_refuse_non_float_images(op: str, dtype: torch.dtype) -> None:
+    with pytest.raises(TypeError) as info:
+        OPS[op](full(0.0, dtype))
+    assert str(info.value) == f"x must have a floating-point dtype, got {dtype}"
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_crop_and_recipes_refuse_integer_bool_and_complex_images(dtype: torch.dtype) -> None:
+    boxes = torch.tensor([[0, 0, 8, 8]] * B)
+    expected = f"images must have a uint8 (0 to 255) or floating-point (0 to 1) dtype, got {dtype}"
+    for call in (
+        lambda: AF.resized_crop(full(0.0, dtype), boxes, 4),
+        lambda: MoCoV2Augment(size=4, blur_p=0.0)(full(0.0, dtype)),
+    ):
+        with pytest.raises(TypeError) as info:
+            call()
+        assert str(info.value) == expected
+    with pytest.raises(TypeError, match=rf"images\[1\] must have a uint8 .* got {dtype}"):
+        AF.resized_crop([full(0.0)[0], full(0.0, dtype)[0]], boxes, 4)
+
+
+@pytest.mark.parametrize("op", CLAMPING)
+@pytest.mark.parametrize("value", [-0.25, 255.0, float("nan")])
+def test_clamping_ops_refuse_float_values_outside_the_unit_interval(op: str, value: float) -> None:
+    x = full(0.5)
+    x[1, 2, 3, 4] = value
+    with pytest.raises(ValueError, match=r"x must hold float pixel values in \[0, 1\], got"):
+        OPS[op](x)
+    OPS[op](full(0.0))  # the edges are in range
+    OPS[op](full(1.0))
+
+
+def test_value_agnostic_ops_accept_any_float_values() -> None:
+    normalised = AF.normalize(full(0.0), torch.full((3,), 0.5), torch.full((3,), 0.25))
+    assert normalised.min() == -2.0  # outside [0, 1], and legitimately so
+    for op in ("grayscale", "hflip", "gaussian_blur", "normalize"):
+        assert torch.isfinite(torch.as_tensor(OPS[op](normalised))).all()
+
+
+def test_crop_and_recipes_refuse_float_images_outside_the_unit_interval() -> None:
+    images = full(0.5) * 255  # a 0-255 image passed as float
+    message = r"images must hold float pixel values in \[0, 1\], got values in \[127.5, 127.5\]"
+    with pytest.raises(ValueError, match=message):
+        AF.resized_crop(images, torch.tensor([[0, 0, 8, 8]] * B), 4)
+    with pytest.raises(ValueError, match=message):
+        MoCoV2Augment(size=4)(images)
+    with pytest.raises(ValueError, match=r"images must hold .* got values in \[-1.0, 0.5\]"):
+        MoCoV2Augment(size=4)([full(0.5)[0], -full(1.0)[0]])  # a list: checked too
+
+
+def crop(boxes: list[list[int]], images: torch.Tensor | list[torch.Tensor] | None = None):  # type: ignore[no-untyped-def]
+    images = full(0.5)[:1].expand(len(boxes), 3, 8, 8) if images is None else images
+    return AF.resized_crop(images, torch.tensor(boxes), 4)
+
+
+@pytest.mark.parametrize(
+    ("box", "fragment"),
+    [
+        ([-1, 0, 4, 4], "(top -1, left 0, height 4, width 4)"),
+        ([0, -2, 4, 4], "(top 0, left -2, height 4, width 4)"),
+        ([5, 0, 4, 4], "(top 5, left 0, height 4, width 4)"),  # top + height = 9 > 8
+        ([0, 6, 4, 3], "(top 0, left 6, height 4, width 3)"),  # left + width = 9 > 8
+        ([0, 0, 0, 4], "(top 0, left 0, height 0, width 4)"),
+        ([0, 0, 4, -3], "(top 0, left 0, height 4, width -3)"),
+        ([0, 0, 9, 8], "(top 0, left 0, height 9, width 8)"),
+    ],
+    ids=["top<0", "left<0", "bottom>H", "right>W", "height=0", "width<0", "taller"],
+)
+def test_resized_crop_refuses_boxes_outside_the_image(box: list[int], fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        crop([[0, 0, 8, 8], box])
+    message = str(info.value)
+    assert message.startswith(f"boxes[1] = {fragment} must lie inside image 1"), message
+    assert "of height 8 and width 8" in message
+
+
+def test_resized_crop_accepts_boxes_touching_every_edge() -> None:
+    out = crop([[0, 0, 8, 8], [7, 7, 1, 1], [0, 4, 8, 4]])
+    assert out.shape == (3, 3, 4, 4) and torch.isfinite(out).all()
+
+
+def test_boxes_are_checked_against_each_images_own_size() -> None:
+    images = [full(0.5)[0], full(0.5)[0, :, :4, :6]]  # the second is 4 x 6, padded to 8 x 8
+    assert crop([[0, 0, 8, 8], [0, 0, 4, 6]], images).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"boxes\[1\] .* image 1 of height 4 and width 6"):
+        crop([[0, 0, 8, 8], [0, 0, 5, 6]], images)  # inside the padding, not the image
+
+
+@pytest.mark.parametrize(
+    ("boxes", "error", "message"),
+    [
+        (torch.zeros(B, 4), TypeError, "boxes must have an integer dtype (e.g. torch.int64)"),
+        (torch.ones(B, 4, dtype=torch.bool), TypeError, "got torch.bool"),
+        ([[0, 0, 8, 8]] * B, TypeError, "boxes must be an integer tensor of shape (2, 4)"),
+        (torch.zeros(B, 4, dtype=torch.long, device="meta"), ValueError, "device cpu, got meta"),
+    ],
+    ids=["float", "bool", "list", "device"],
+)
+def test_bad_box_tensors(boxes: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as info:
+        AF.resized_crop(full(0.5), boxes, 4)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_where_reading_is_not_free_a_bad_box_gives_nan_without_a_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stands in for a GPU: the values are not read, and only the bad sample is NaN."""
+    monkeypatch.setattr(_checks, "_free_to_read", lambda x: False)
+    out = crop([[0, 0, 8, 8], [5, 0, 4, 4], [2, 2, 4, 4]])
+    assert torch.isnan(out[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    hot = full(0.5) * 255
+    assert AF.adjust_brightness(hot, ONES).max() == 1.0  # not read: clamped as documented
+
+
+def test_per_sample_arguments_are_named() -> None:
+    x = full(0.5)
+    with pytest.raises(
+        ValueError, match=r"saturation must be a tensor of shape \(2,\), got \(3,\)"
+    ):
+        AF.color_jitter(x, ONES, ONES, torch.ones(3), 0 * ONES, ORDER)
+    with pytest.raises(ValueError, match=r"order must be an integer tensor of shape \(2, 4\)"):
+        AF.color_jitter(x, ONES, ONES, ONES, 0 * ONES, ORDER.float())
+    with pytest.raises(TypeError, match=r"apply must be a bool tensor of shape \(2,\), got torch"):
+        AF.solarize(x, torch.ones(B))
+    with pytest.raises(ValueError, match=r"flip must have shape \(2,\), got \(3,\)"):
+        AF.resized_crop(x, torch.tensor([[0, 0, 8, 8]] * B), 4, flip=torch.ones(3).bool())
+    with pytest.raises(ValueError, match=r"sigma must be a tensor of shape \(2,\), got \(1,\)"):
+        AF.gaussian_blur(x, torch.ones(1), 3)
+    with pytest.raises(ValueError, match=r"x must have 1 or 3 channels, got shape \(2, 2, 8, 8\)"):
+        AF.grayscale(x[:, :2])
+    with pytest.raises(ValueError, match=r"std must be a tensor of shape \(3,\), got \(2,\)"):
+        AF.normalize(x, torch.zeros(3), torch.ones(2))
+
+
+def test_checks_compile_into_one_graph_and_skip_the_value_read() -> None:
+    """Under torch.compile the value check is left out (a read would break the graph)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(AF.adjust_brightness, fullgraph=True, backend="aot_eager")
+    x = full(0.5)
+    assert torch.equal(compiled(x, 0.5 * ONES), AF.adjust_brightness(x, 0.5 * ONES))
+    assert compiled(full(2.0), ONES).max() == 1.0  # not read: clamped, as on a GPU

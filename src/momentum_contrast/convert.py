@@ -41,7 +41,7 @@ from momentum_contrast._checkpoint_sources import (
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 from momentum_contrast.queue import KeyQueue
 
-__all__ = ["LayoutError", "backbone_state_dict", "load_official_checkpoint"]
+__all__ = ["LayoutError", "backbone_state_dict", "load_official_checkpoint", "main"]
 
 Target = Literal["torchvision", "timm", "detectron2"]
 Source = str | Path | Mapping[str, Any] | nn.Module
@@ -219,7 +219,19 @@ def _save(state: State, dst: Path, to: Target) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (errors: one line, status 2)."""
+    """The command line, ``python -m momentum_contrast.convert SRC DST --to ...``.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns:
+        The exit status: 0, or 2 after one line ``error: ...`` on standard error.
+
+    Examples:
+        >>> from momentum_contrast.convert import main
+        >>> main(["no_such_checkpoint.pt", "backbone.pth", "--to", "torchvision"])
+        2
+    """
     p = argparse.ArgumentParser(
         prog="python -m momentum_contrast.convert",
         description="Write the pre-trained backbone of a MoCo checkpoint for another library.",

@@ -22,6 +22,7 @@ MODULES = [
     "momentum_contrast.vit",
     "momentum_contrast.optim",
     "momentum_contrast.knn",
+    "momentum_contrast.convert",
     "momentum_contrast.augment",
     "momentum_contrast.augment.functional",
 ]

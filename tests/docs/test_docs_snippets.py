@@ -98,6 +98,14 @@ def test_shell_commands_match_the_repository(where: str, command: str) -> None:
         return
     if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "pytest"]:
         return
+    if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "momentum_contrast.convert"]:
+        from momentum_contrast.convert import main
+
+        with pytest.raises(SystemExit) as done:  # the flags parse: --help exits with 0
+            main([*argv[3:], "--help"])
+        assert done.value.code == 0, (where, command)
+        assert "--to" in argv, (where, command)
+        return
     if argv[:2] == ["sudo", "apt-get"] or argv[0] == "apt-get":  # system packages
         assert argv[-1] == "chromium", command  # the only one: the docs site test needs it
         return

@@ -1,8 +1,8 @@
 """Linear evaluation of a pre-trained backbone: frozen features, a trained linear classifier.
 
-    python examples/linear_eval.py --pretrained runs/example/checkpoint_0000496.pt
+    python examples/linear_eval.py --pretrained runs/example/checkpoint_0001860.pt
     torchrun --nproc-per-node 8 examples/linear_eval.py --data /data/imagenet \\
-        --pretrained runs/moco_v2/checkpoint_0100000.pt
+        --pretrained runs/moco_v2/checkpoint_1000800.pt
 
 The protocol follows the reference code: the backbone is frozen with its BatchNorm in eval
 mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9,
@@ -14,10 +14,12 @@ top-1 and top-5 on the held-out split, and checks that the backbone did not chan
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 from common import (
     backbone,
+    check_steps,
     cosine_lr,
     datasets,
     evaluation_batches,
@@ -25,7 +27,9 @@ from common import (
     parse_args,
     setup,
     to_device,
+    validate,
 )
+from flags import Defaults, fail
 from torch import nn
 from tqdm import tqdm
 
@@ -37,33 +41,31 @@ V3_DEFAULTS = {"epochs": 90, "batch_size": 1024, "lr": 0.1}
 SHAPES_DEFAULTS = {"epochs": 5, "batch_size": 64, "schedule_milestones": "3,4"}
 
 
+def layers(v3: bool, trained: dict[str, Any]) -> Defaults:
+    """Defaults in order of priority; the architecture and size are the checkpoint's."""
+    this_run = {"pretrained": "", "arch": trained["arch"], "image_size": trained["image_size"]}
+    return [
+        (lambda a: a.data == "shapes", SHAPES_DEFAULTS),
+        (lambda a: v3, V3_DEFAULTS),
+        (lambda a: True, {**PAPER_DEFAULTS, **this_run}),
+    ]
+
+
 def main() -> None:
     pretrained = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--pretrained=")), None)
     if pretrained is None and "--pretrained" in sys.argv:
         pretrained = sys.argv[sys.argv.index("--pretrained") + 1]
     if not pretrained:
-        sys.exit("error: --pretrained PATH (a pre-training checkpoint) is required")
-    ckpt = torch.load(pretrained, map_location="cpu", weights_only=True)
-    if not str(ckpt.get("recipe", "")).startswith("moco_"):
-        sys.exit(f"error: {pretrained} is not a momentum_contrast pre-training checkpoint")
+        fail("--pretrained PATH (a pre-training checkpoint) is required")
+    try:
+        ckpt = torch.load(pretrained, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, unreadable or not a checkpoint
+        fail(f"--pretrained {pretrained} is not a checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict) or not str(ckpt.get("recipe", "")).startswith("moco_"):
+        fail(f"--pretrained {pretrained} is not a momentum_contrast pre-training checkpoint")
     v3 = ckpt["recipe"] == "moco_v3"
-    trained = ckpt["args"]
-    args = parse_args(
-        "Linear evaluation",
-        [
-            (lambda a: a.data == "shapes", SHAPES_DEFAULTS),
-            (lambda a: v3, V3_DEFAULTS),
-            (
-                lambda a: True,
-                {
-                    **PAPER_DEFAULTS,
-                    "pretrained": "",
-                    "arch": trained["arch"],
-                    "image_size": trained["image_size"],
-                },
-            ),
-        ],
-    )
+    args = parse_args("Linear evaluation", layers(v3, ckpt["args"]))
+    validate(args, blur=False)
     device, rank, world = setup(args)
 
     features, dim = backbone(args.arch, args.image_size)
@@ -74,6 +76,9 @@ def main() -> None:
     features.to(device).eval().requires_grad_(False)  # frozen, BatchNorm in eval mode
     frozen = {k: v.clone() for k, v in features.state_dict().items()}
     train, val, classes = datasets(args)
+    steps = check_steps(len(train), args.batch_size)
+    if val is train and rank == 0:
+        print(f"warning: {args.data} has no val/ folder: the accuracy is on the training images")
     classifier = nn.Linear(dim, classes).to(device)
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
@@ -84,7 +89,6 @@ def main() -> None:
     crop_flip = ViewRecipe(scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0)
     augment = TwoViewAugment(crop_flip, crop_flip, size=args.image_size).to(device)
     milestones = [int(m) for m in args.schedule_milestones.split(",")]
-    steps = len(train) // args.batch_size
     for epoch in range(args.epochs):
         batches = loader(
             train, args, args.batch_size // world, epoch=epoch, start=0, rank=rank, world=world

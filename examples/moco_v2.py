@@ -15,7 +15,9 @@ scaled down to finish on a CPU in minutes (see examples/README.md).
 from __future__ import annotations
 
 import torch
-from common import backbone, cosine_lr, datasets, parse_args, setup
+from checkpoints import load_resume
+from common import backbone, cosine_lr, datasets, parse_args, setup, validate
+from flags import Defaults
 from torch import nn
 from training import fit
 
@@ -41,15 +43,18 @@ SHAPES_DEFAULTS = {
     "crop_min": 0.5, "blur_p": 0.0,  # 32-px images: gentler crops, no blur (as CIFAR recipes)
     "knn_bank": 4000, "knn_queries": 1000,
 }  # fmt: skip
+LAYERS: Defaults = [
+    (lambda a: a.data == "shapes", SHAPES_DEFAULTS),
+    (lambda a: True, PAPER_DEFAULTS),
+]
 
 
 def main(version: str = "v2") -> None:
+    """Parse the flags, build the MoCo v1 or v2 pieces and train."""
     paper = PAPERS[version]
-    on_shapes = lambda a: a.data == "shapes"  # noqa: E731
-    args = parse_args(
-        f"MoCo {version} pre-training",
-        [(on_shapes, SHAPES_DEFAULTS), (lambda a: True, PAPER_DEFAULTS)],
-    )
+    args = parse_args(f"MoCo {version} pre-training", LAYERS)
+    validate(args, blur=version == "v2" and args.blur_p > 0)
+    resume = load_resume(args, f"moco_{version}")  # checked before anything is built
     env = device, _, world = setup(args)
 
     features, feature_dim = backbone(args.arch, args.image_size)
@@ -99,7 +104,8 @@ def main(version: str = "v2") -> None:
         return {"loss": loss.detach(), "lr": lr, "momentum": args.moco_momentum}
 
     stateful = {"model": model, "key_encoder": key_encoder, "queue": queue, "optimizer": optimizer}
-    fit(args, f"moco_{version}", stateful, train_step, augment, features, datasets(args), env)
+    data = datasets(args)
+    fit(args, f"moco_{version}", stateful, train_step, augment, features, data, env, resume)
 
 
 if __name__ == "__main__":

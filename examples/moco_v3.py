@@ -18,8 +18,12 @@ projector (2 layers for ResNets, 3 for ViTs) and a predictor, SyncBatchNorm acro
 
 from __future__ import annotations
 
+import argparse
+
 import torch
-from common import backbone, cosine_lr, datasets, parse_args, setup
+from checkpoints import load_resume
+from common import backbone, cosine_lr, datasets, parse_args, setup, validate
+from flags import Defaults
 from torch import nn
 from training import fit
 
@@ -51,18 +55,30 @@ SHAPES_DEFAULTS = {
 SHAPES_VIT_DEFAULTS = {"lr": 5e-4, "warmup_epochs": 1}
 
 
+def on_shapes(args: argparse.Namespace) -> bool:
+    """The built-in data."""
+    return bool(args.data == "shapes")
+
+
+def is_vit(args: argparse.Namespace) -> bool:
+    """A ViT backbone."""
+    return bool(args.arch.startswith("vit"))
+
+
+LAYERS: Defaults = [
+    (lambda a: on_shapes(a) and is_vit(a), SHAPES_VIT_DEFAULTS),
+    (on_shapes, SHAPES_DEFAULTS),
+    (is_vit, VIT_DEFAULTS),
+    (lambda a: True, PAPER_DEFAULTS),
+]
+
+
 def main() -> None:
-    on_shapes, is_vit = (lambda a: a.data == "shapes"), (lambda a: a.arch.startswith("vit"))
-    args = parse_args(
-        "MoCo v3 pre-training",
-        [
-            (lambda a: on_shapes(a) and is_vit(a), SHAPES_VIT_DEFAULTS),
-            (on_shapes, SHAPES_DEFAULTS),
-            (is_vit, VIT_DEFAULTS),
-            (lambda a: True, PAPER_DEFAULTS),
-        ],
-    )
-    env = device, _, world = setup(args)
+    """Parse the flags, build the MoCo v3 pieces and train."""
+    args = parse_args("MoCo v3 pre-training", LAYERS)
+    validate(args, blur=True)
+    resume = load_resume(args, "moco_v3")  # checked before anything is built
+    env = device, rank, world = setup(args)
     vit = is_vit(args)
 
     features, feature_dim = backbone(args.arch, args.image_size)
@@ -72,9 +88,11 @@ def main() -> None:
     projector = moco_v3_projector(feature_dim, args.mlp_dim, args.dim, num_layers=3 if vit else 2)
     base = nn.Sequential(features, projector).to(device)  # what the momentum encoder follows
     predictor = moco_v3_predictor(args.dim, args.mlp_dim, last_bn=vit).to(device)
-    if world > 1:  # BatchNorm statistics over all GPUs, as the reference
+    if world > 1 and device.type == "cuda":  # BatchNorm statistics over all GPUs (reference)
         base = nn.SyncBatchNorm.convert_sync_batchnorm(base)
         predictor = nn.SyncBatchNorm.convert_sync_batchnorm(predictor)
+    elif world > 1 and rank == 0:  # DDP refuses SyncBatchNorm on CPU modules
+        print("warning: SyncBatchNorm needs CUDA: on the CPU each process normalises its own batch")
     key_encoder = MomentumEncoder(base, momentum=args.moco_momentum)
     query = nn.Sequential(base, predictor)
     if world > 1:
@@ -111,7 +129,7 @@ def main() -> None:
         return {"loss": loss.detach(), "lr": step_lr, "momentum": m}
 
     stateful = {"model": query, "key_encoder": key_encoder, "optimizer": optimizer}
-    fit(args, "moco_v3", stateful, train_step, augment, features, datasets(args), env)
+    fit(args, "moco_v3", stateful, train_step, augment, features, datasets(args), env, resume)
 
 
 if __name__ == "__main__":

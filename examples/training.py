@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import os
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -14,39 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Images, knn_accuracy, loader, to_device
+from checkpoints import (
+    debug_dump,
+    load_states,
+    reseed,
+    restore_rng,
+    rng_states,
+    save_checkpoint,
+    state_of,
+    truncate_metrics,
+)
+from flags import check_steps
+from image_data import Images, loader, to_device
+from knn_monitor import knn_accuracy
 from torch import nn
 
 Step = Callable[[torch.Tensor, torch.Tensor, float], dict[str, Any]]
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a killed run leaves the previous checkpoint, never a truncated one."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted(output_dir.glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+FIELDS = ["step", "epoch", "loss", "lr", "momentum", "images_per_s", "knn_top1"]
 
 
 def plot(output_dir: Path, rows: list[dict[str, str]]) -> None:
+    """``metrics.png``: the loss per step and the kNN accuracy per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,10 +60,12 @@ def fit(
     features: nn.Module,
     data: tuple[Images, Images, int],
     env: tuple[torch.device, int, int],
+    resume: tuple[Path, dict[str, Any]] | None,
 ) -> None:
     """Train ``args.epochs`` epochs of ``train_step`` on two views per image.
 
-    ``env`` is ``(device, rank, world_size)`` from ``common.setup``."""
+    ``env`` is ``(device, rank, world_size)`` from ``common.setup``; ``resume`` is what
+    ``checkpoints.load_resume`` returned (read before the models were built)."""
     from tqdm import tqdm
 
     train, val, classes = data
@@ -86,39 +74,34 @@ def fit(
         train = Images(train.items, train.labels, transform=copy.deepcopy(augment).cpu())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = len(train) // args.batch_size
-    if steps_per_epoch == 0:
-        sys.exit(f"error: {len(train)} training images make no batch of {args.batch_size}")
+    steps_per_epoch = check_steps(len(train), args.batch_size)
+    metrics = out / "metrics.csv"
     step, baseline = 0, None
-    resume = (
-        latest_checkpoint(out)
-        if args.resume == "auto"
-        else (Path(args.resume) if args.resume else None)
-    )
     if resume is not None:
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
-        if ckpt["recipe"] != recipe:
-            sys.exit(f"error: {resume} is a {ckpt['recipe']} checkpoint, not {recipe}")
-        for name, obj in stateful.items():
-            obj.load_state_dict(ckpt[name])
-        set_rng_state(ckpt["rng"])
+        path, ckpt = resume
+        load_states(stateful, ckpt)
         step, baseline = ckpt["step"], ckpt["knn_baseline"]
-        print(f"resumed from {resume} at step {step}")
+        if rank == 0 and metrics.exists():  # rows a crashed run wrote after its checkpoint
+            truncate_metrics(metrics, step)
+        print(f"resumed from {path} at step {step}")
+        debug_dump(stateful, rank, "loaded")
     if baseline is None:
         baseline = knn_accuracy(features, train, val, classes, args, device) if rank == 0 else 0.0
         print(f"kNN top-1 at random initialisation: {baseline:.1f}%")
-    metrics = out / "metrics.csv"
-    fields = ["step", "epoch", "loss", "lr", "momentum", "images_per_s", "knn_top1"]
     if rank == 0 and (resume is None or not metrics.exists()):
         with open(metrics, "w", newline="") as f:
-            csv.DictWriter(f, fields).writeheader()
+            csv.DictWriter(f, FIELDS).writeheader()
+    if resume is not None:  # every rank its own generators, as saved
+        restore_rng(resume[1]["rng"], args, rank, world, step)
+    else:  # the models were built from --seed on every rank alike; now each its own stream
+        reseed(args.seed, rank, 0)
 
     def checkpoint(tag: str) -> None:
+        rng = rng_states(device)  # every rank's, gathered (a collective)
+        debug_dump(stateful, rank, tag)
         if rank == 0:
-            state = {name: obj.state_dict() for name, obj in stateful.items()}
-            state.update(
-                recipe=recipe, step=step, rng=rng_state(), args=vars(args), knn_baseline=baseline
-            )
+            state = state_of(stateful)
+            state.update(recipe=recipe, step=step, rng=rng, args=vars(args), knn_baseline=baseline)
             save_checkpoint(out / f"checkpoint_{tag}.pt", state)
             for old in out.glob("checkpoint_*.pt"):  # keep only the newest
                 if old.name != f"checkpoint_{tag}.pt":
@@ -127,12 +110,12 @@ def fit(
     def log(row: dict[str, Any]) -> None:
         if rank == 0:
             with open(metrics, "a", newline="") as f:
-                csv.DictWriter(f, fields).writerow(row)
+                csv.DictWriter(f, FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
 
     total = args.epochs * steps_per_epoch
-    last = args.max_steps if args.max_steps else total
+    last = min(args.max_steps, total) if args.max_steps else total
     knn = baseline
-    while step < min(last, total):
+    while step < last:
         epoch, start = divmod(step, steps_per_epoch)
         batches = loader(
             train, args, args.batch_size // world, epoch=epoch, start=start, rank=rank, world=world
@@ -172,7 +155,6 @@ def fit(
                     "lr": stats["lr"],
                     "momentum": stats["momentum"],
                     "images_per_s": round(rate, 1),
-                    "knn_top1": "",
                 }
             )
             if step == last or step % steps_per_epoch == 0:
@@ -180,17 +162,7 @@ def fit(
         bar.close()
         if step % steps_per_epoch == 0 and rank == 0:
             knn = knn_accuracy(features, train, val, classes, args, device)
-            log(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": "",
-                    "lr": "",
-                    "momentum": "",
-                    "images_per_s": "",
-                    "knn_top1": round(knn, 2),
-                }
-            )
+            log({"step": step, "epoch": epoch, "knn_top1": round(knn, 2)})
             with open(metrics) as f:
                 plot(out, list(csv.DictReader(f)))
             print(f"epoch {epoch + 1}: kNN top-1 {knn:.1f}%")

@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TINY = [
-    "--device", "cpu", "--image-size", "32", "--batch-size", "16", "--epochs", "2",
-    "--workers", "0", "--shapes-train", "64", "--shapes-val", "32", "--knn-bank", "64",
-    "--knn-queries", "32",
-]  # fmt: skip
-V12 = [*TINY, "--queue-size", "64", "--shuffle-splits", "2"]
-V3 = [*TINY, "--mlp-dim", "64", "--dim", "32"]
-
-
-def run(script: str, *flags: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=EXAMPLES,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def losses(out: Path) -> list[str]:
-    with open(out / "metrics.csv") as f:
-        return [row["loss"] for row in csv.DictReader(f) if row["loss"]]
+from example_runner import EXAMPLES, TINY, V3, V12, losses, run
 
 
 @pytest.mark.parametrize(
@@ -60,18 +32,6 @@ def test_script_runs_and_checkpoints(script: str, flags: list[str], tmp_path: Pa
     assert {"model", "key_encoder", "optimizer", "rng", "args"} <= state.keys()
     if "v3" not in script:
         assert state["queue"]["keys"].shape == (64, 128)
-
-
-def test_resume_continues_exactly(tmp_path: Path) -> None:
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run("moco_v2.py", *V12, "--max-steps", "7", "--output-dir", str(straight))
-    run("moco_v2.py", *V12, "--max-steps", "3", "--output-dir", str(interrupted))
-    result = run(
-        "moco_v2.py", *V12, "--max-steps", "7", "--resume", "auto", "--output-dir", str(interrupted)
-    )
-    assert "resumed from" in result.stdout
-    assert losses(interrupted) == losses(straight)  # bit for bit, across an epoch boundary
-    assert (straight / "metrics.png").is_file()
 
 
 @pytest.mark.parametrize(("script", "flags"), [("moco_v2.py", V12), ("moco_v3.py", V3)])

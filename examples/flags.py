@@ -1,0 +1,202 @@
+"""The example scripts' flags: the parser, the layered defaults, and checks made up front.
+
+Every flag is checked before a model or a dataset is built, and a bad value stops the run
+with ``error: --flag ...`` (exit status 1), so a mistake costs seconds, not an epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import torch
+
+ARCHS = ("small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
+BLUR_KERNEL = 23  # the augmentation recipes' Gaussian kernel: it needs images of 12 px or more
+
+Defaults = list[tuple[Callable[[argparse.Namespace], bool], dict[str, Any]]]
+
+# Help of the flags that the recipes' defaults tables generate (one entry per name).
+HELP = {
+    "arch": "backbone architecture",
+    "epochs": "number of training epochs",
+    "batch_size": "total batch size over all processes",
+    "lr": "base learning rate (see the recipe)",
+    "image_size": "side of the square training views, in pixels",
+    "queue_size": "number of keys K in the queue of negatives",
+    "moco_momentum": "momentum m of the key encoder (v3: its start value, cosine to 1)",
+    "dim": "output dimension of the head (the keys' dimension)",
+    "mlp_dim": "hidden width of the v3 projector and predictor",
+    "weight_decay": "weight decay of the optimiser",
+    "schedule_milestones": "comma-separated epochs where the step schedule divides lr by 10",
+    "shuffle_splits": "single process only: BatchNorm sub-batches of the key encoder "
+    "(Shuffle-BN emulated with SplitBatchNorm); unused under torchrun",
+    "knn_bank": "kNN monitor: training images in the bank (a fixed random subset)",
+    "knn_queries": "kNN monitor: held-out images classified (a fixed random subset)",
+    "shapes_train": "--data shapes: number of training images drawn",
+    "shapes_val": "--data shapes: number of held-out images drawn",
+    "crop_min": "smallest area fraction of the random resized crop",
+    "blur_p": "probability of the Gaussian blur per view",
+    "optimizer": "'lars' or 'adamw'",
+    "temperature": "temperature T of the contrastive loss",
+    "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "pretrained": "pre-training checkpoint to evaluate (required)",
+}
+
+# Checked up front: positive, or at least zero.
+POSITIVE = ("batch_size", "epochs", "lr", "image_size", "queue_size", "dim", "mlp_dim")
+POSITIVE += ("knn_bank", "knn_queries", "shapes_train", "shapes_val", "shuffle_splits")
+POSITIVE += ("temperature",)
+NON_NEGATIVE = ("max_steps", "workers", "weight_decay", "warmup_epochs")
+FRACTIONS = ("moco_momentum", "blur_p", "crop_min")
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the script with ``error: message`` on stderr and exit status 1."""
+    sys.exit(f"error: {message}")
+
+
+def flag(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
+    return f"--{name.replace('_', '-')}"
+
+
+def build_parser(description: str, layers: Defaults) -> argparse.ArgumentParser:
+    """The common flags plus one flag per name in the recipe's defaults tables."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", default="shapes", help="'shapes' or a folder with train/ [and val/]")
+    p.add_argument("--arch", choices=ARCHS, help=HELP["arch"])
+    p.add_argument("--epochs", type=int, help=HELP["epochs"])
+    p.add_argument("--batch-size", type=int, help=HELP["batch_size"])
+    p.add_argument("--lr", type=float, help=HELP["lr"])
+    p.add_argument("--image-size", type=int, help=HELP["image_size"])
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="data loader worker processes per process (0: load in the main process)",
+    )
+    p.add_argument("--max-steps", type=int, default=0, help="stop (and checkpoint) after N steps")
+    p.add_argument("--output-dir", default="runs/example", help="checkpoints and metrics go here")
+    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' (newest in output)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the run")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="'cpu' or 'cuda' (one GPU per process under torchrun)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument(
+        "--augment-on",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="'gpu': augment batched on --device; 'cpu': in the loader workers",
+    )
+    for _, values in layers:
+        for name, value in values.items():
+            if flag(name) not in p._option_string_actions:
+                p.add_argument(flag(name), type=type(value), help=HELP[name])
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved settings and exit"
+    )
+    return p
+
+
+def parse_args(
+    description: str, layers: Defaults, argv: list[str] | None = None
+) -> argparse.Namespace:
+    """Common flags plus the recipe's. ``layers`` are ``(applies(args), defaults)`` in order
+    of priority (e.g. shapes-specific, then ViT-specific, then the paper's); a flag given on
+    the command line always wins. ``--arch`` is resolved first, so layers may depend on it."""
+    args = build_parser(description, layers).parse_args(argv)
+    for field in ["arch"] + [n for _, values in layers for n in values if n != "arch"]:
+        if getattr(args, field, None) is None:
+            for applies, values in layers:
+                if field in values and applies(args):
+                    setattr(args, field, values[field])
+                    break
+    if args.print_config:
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+        sys.exit(0)
+    return args
+
+
+def launched_world_size() -> int:
+    """Processes of this run, as torchrun (or any launcher) announces in ``WORLD_SIZE``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_batch_split(batch_size: int, world: int) -> None:
+    """The total batch must split evenly across the processes."""
+    if batch_size % world:
+        fail(f"--batch-size {batch_size} does not split across {world} processes")
+
+
+def check_steps(images: int, batch_size: int) -> int:
+    """Full batches per epoch; an error naming --batch-size when there is none."""
+    if images < batch_size:
+        fail(
+            f"--batch-size {batch_size} is larger than the {images} training images: "
+            "no full batch to train on (lower --batch-size)"
+        )
+    return images // batch_size
+
+
+def min_image_size(arch: str, image_size: int, blur: bool) -> str | None:
+    """Why ``--image-size`` does not fit ``arch`` (and the blur), or None if it does."""
+    if arch == "small_cnn" and image_size < 8:
+        return "small_cnn halves the image three times: it needs at least 8 px"
+    if arch.startswith("vit"):
+        patch = 16 if image_size >= 128 else 8
+        if image_size % patch:
+            return f"{arch} uses {patch}-px patches at this size: use a multiple of {patch}"
+    if blur and image_size <= BLUR_KERNEL // 2:
+        return f"the recipe's {BLUR_KERNEL}-px blur kernel needs at least {BLUR_KERNEL // 2 + 1} px"
+    return None
+
+
+def validate(args: argparse.Namespace, *, blur: bool) -> None:
+    """Check every flag before anything is built; ``blur``: the recipe blurs its views."""
+    world = launched_world_size()
+    values = vars(args)
+    for name in POSITIVE:
+        if values.get(name) is not None and values[name] <= 0:
+            fail(f"{flag(name)} must be positive, got {values[name]}")
+    for name in NON_NEGATIVE:
+        if values.get(name) is not None and values[name] < 0:
+            fail(f"{flag(name)} must be >= 0, got {values[name]}")
+    for name in FRACTIONS:
+        if values.get(name) is not None and not 0 <= values[name] <= 1:
+            fail(f"{flag(name)} must be in [0, 1], got {values[name]}")
+    if values.get("crop_min") == 0:
+        fail("--crop-min must be in (0, 1], got 0")
+    if values.get("optimizer") is not None and args.optimizer not in ("lars", "adamw"):
+        fail(f"--optimizer must be 'lars' or 'adamw', got {args.optimizer!r}")
+    if values.get("schedule_milestones") is not None:
+        try:
+            [int(m) for m in args.schedule_milestones.split(",")]
+        except ValueError:
+            fail(f"--schedule-milestones must be integers, got {args.schedule_milestones!r}")
+    check_batch_split(args.batch_size, world)
+    if world == 1 and args.batch_size % values.get("shuffle_splits", 1):
+        fail(
+            f"--batch-size {args.batch_size} does not split into --shuffle-splits "
+            f"{args.shuffle_splits} BatchNorm sub-batches"
+        )
+    if args.batch_size // world < 2:
+        fail(f"--batch-size {args.batch_size} gives fewer than 2 images per process: BatchNorm")
+    reason = min_image_size(args.arch, args.image_size, blur)
+    if reason:
+        fail(f"--image-size {args.image_size} does not fit --arch {args.arch}: {reason}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        fail(f"--device {args.device!r} is not a device ('cpu', 'cuda')")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
+        fail(f"--resume {args.resume}: no such file")

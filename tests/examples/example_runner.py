@@ -1,0 +1,121 @@
+"""Running the example scripts from the tests: one process, or a 2-process gloo group."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TINY = [
+    "--device", "cpu", "--image-size", "32", "--batch-size", "16", "--epochs", "2",
+    "--workers", "0", "--shapes-train", "64", "--shapes-val", "32", "--knn-bank", "64",
+    "--knn-queries", "32",
+]  # fmt: skip
+V12 = [*TINY, "--queue-size", "64", "--shuffle-splits", "2"]
+V3 = [*TINY, "--mlp-dim", "64", "--dim", "32"]
+
+
+def import_examples() -> None:
+    """Make the example scripts' modules importable in the test process."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+
+
+def run(
+    script: str, *flags: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/script`` in one process; fail the test on a non-zero exit if ``check``."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=EXAMPLES,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_2p(script: str, *flags: str, env: dict[str, str] | None = None) -> str:
+    """Run ``examples/script`` as 2 gloo processes (the environment torchrun sets up);
+    fail the test unless both exit 0. Returns rank 0's stdout and both stderrs."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        rank_env = {
+            **os.environ,
+            **(env or {}),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(EXAMPLES / script), *flags],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=EXAMPLES,
+                env=rank_env,
+            )
+        )
+    outputs = [p.communicate(timeout=300) for p in procs]
+    text = outputs[0][0] + "".join(err for _, err in outputs)
+    if any(p.returncode for p in procs):
+        raise AssertionError(f"{script} failed in 2 processes:\n{text[-6000:]}")
+    return text
+
+
+def metrics(out: Path) -> list[dict[str, str]]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(out: Path) -> list[str]:
+    """The per-step losses (``repr`` strings) of ``metrics.csv``."""
+    return [row["loss"] for row in metrics(out) if row["loss"]]
+
+
+def checkpoint(out: Path) -> dict[str, Any]:
+    """The one checkpoint in ``out``."""
+    (path,) = out.glob("checkpoint_*.pt")
+    return dict(torch.load(path, weights_only=True))
+
+
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Where two nested structures of tensors and plain values are not exactly equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a.keys() ^ b.keys())[:5]}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: lengths {len(a)} != {len(b)}"]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in differences(x, y, f"{where}[{i}]")
+        ]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [where]
+    return [] if a == b else [f"{where}: {a!r:.60} != {b!r:.60}"]

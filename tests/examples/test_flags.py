@@ -1,0 +1,131 @@
+"""Flags are checked before anything is built, with an error naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from example_runner import TINY, V12, import_examples, run
+
+import_examples()
+import linear_eval  # noqa: E402
+import moco_v2  # noqa: E402
+import moco_v3  # noqa: E402
+from checkpoints import load_resume  # noqa: E402
+from flags import build_parser, check_steps, parse_args, validate  # noqa: E402
+
+TRAINED = {"arch": "small_cnn", "image_size": 32}
+PARSERS = {
+    "moco_v2": lambda: build_parser("v2", moco_v2.LAYERS),
+    "moco_v3": lambda: build_parser("v3", moco_v3.LAYERS),
+    "linear_eval": lambda: build_parser("linear", linear_eval.layers(False, TRAINED)),
+}
+
+
+@pytest.mark.parametrize("script", PARSERS)
+def test_every_flag_has_a_help_text(script: str) -> None:
+    actions = PARSERS[script]()._actions
+    assert len(actions) > 15
+    assert not [a.option_strings for a in actions if not (a.help and a.help.strip())]
+
+
+def v2_args(*argv: str) -> argparse.Namespace:
+    return parse_args("v2", moco_v2.LAYERS, [*V12, *argv])
+
+
+def v3_args(*argv: str) -> argparse.Namespace:
+    return parse_args("v3", moco_v3.LAYERS, [*TINY, *argv])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+        (["--batch-size", "-16"], "--batch-size must be positive"),
+        (["--batch-size", "12", "--shuffle-splits", "8"], "--shuffle-splits 8"),
+        (["--epochs", "-1"], "--epochs must be positive"),
+        (["--max-steps", "-3"], "--max-steps must be >= 0"),
+        (["--image-size", "4"], "--image-size 4 does not fit --arch small_cnn"),
+        (["--arch", "vit_tiny", "--image-size", "36"], "use a multiple of 8"),
+        (["--blur-p", "0.5", "--image-size", "8"], "23-px blur kernel"),
+        (["--blur-p", "1.5"], "--blur-p must be in [0, 1]"),
+        (["--queue-size", "0"], "--queue-size must be positive"),
+        (["--workers", "-1"], "--workers must be >= 0"),
+        (["--resume", "/nonexistent/checkpoint.pt"], "--resume /nonexistent/checkpoint.pt: no"),
+    ],
+)
+def test_bad_flags_stop_with_an_error_naming_the_flag(argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        validate(v2_args(*argv), blur=v2_args(*argv).blur_p > 0)
+
+
+def test_world_size_and_device_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match="--batch-size 16 does not split across 3 processes"):
+        validate(v3_args(), blur=True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    validate(v3_args(), blur=True)  # the tiny settings are fine
+    with pytest.raises(SystemExit, match="--image-size 8 does not fit --arch small_cnn: the"):
+        validate(v3_args("--image-size", "8"), blur=True)  # v3 always blurs
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
+            validate(v3_args("--device", "cuda"), blur=True)
+    with pytest.raises(SystemExit, match="--device 'gpu0' is not a device"):
+        validate(v3_args("--device", "gpu0"), blur=True)
+
+
+def fake_checkpoint(path: Path, **changes: object) -> Path:
+    saved = {**vars(v2_args()), **changes}
+    torch.save({"recipe": "moco_v2", "step": 1, "args": saved, "model": {}, "rng": []}, path)
+    return path
+
+
+def test_resume_checks_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=r"notes\.txt is not a checkpoint"):
+        load_resume(v2_args("--resume", str(tmp_path / "notes.txt")), "moco_v2")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"other\.pt is not a checkpoint of these scripts"):
+        load_resume(v2_args("--resume", str(tmp_path / "other.pt")), "moco_v2")
+    path = fake_checkpoint(tmp_path / "a.pt", arch="resnet18", dim=64)
+    with pytest.raises(SystemExit, match=r"--arch small_cnn \(checkpoint: resnet18\), --dim 128"):
+        load_resume(v2_args("--resume", str(path)), "moco_v2")
+    with pytest.raises(SystemExit, match="is a moco_v2 checkpoint, not moco_v3"):
+        load_resume(v3_args("--resume", str(path)), "moco_v3")
+    path = fake_checkpoint(tmp_path / "b.pt", batch_size=32, epochs=5, seed=3)
+    _, ckpt = load_resume(v2_args("--resume", str(path)), "moco_v2") or (None, {})
+    assert ckpt["step"] == 1
+    warning = capsys.readouterr().err
+    assert "warning: resuming with changed --batch-size 16 (checkpoint: 32)" in warning
+    assert "--epochs 2 (checkpoint: 5)" in warning and "--seed 0 (checkpoint: 3)" in warning
+    load_resume(v2_args("--resume", str(path), "--batch-size", "32", "--epochs", "5",
+                        "--seed", "3"), "moco_v2")  # fmt: skip
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_training_set(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--batch-size 128 is larger than the 64 training images"):
+        check_steps(64, 128)
+    assert check_steps(64, 16) == 4
+    run("moco_v2.py", *V12, "--max-steps", "1", "--output-dir", str(tmp_path))
+    (ckpt,) = tmp_path.glob("checkpoint_*.pt")
+    result = run(
+        "linear_eval.py", *TINY[:-4], "--batch-size", "128", "--pretrained", str(ckpt), check=False
+    )
+    assert result.returncode == 1 and "top-1" not in result.stdout
+    assert "--batch-size 128 is larger than the 64 training images" in result.stderr
+    pre = run("moco_v2.py", *V12, "--batch-size", "128", "--shuffle-splits", "1", check=False)
+    assert pre.returncode == 1
+    assert "--batch-size 128 is larger than the 64 training images" in pre.stderr
+
+
+def test_scripts_check_flags_before_building_anything() -> None:
+    result = run("moco_v3.py", *TINY, "--epochs", "-2", check=False)
+    assert (
+        result.returncode == 1
+        and result.stderr.strip() == "error: --epochs must be positive, got -2"
+    )
+    assert "kNN" not in result.stdout

@@ -1,0 +1,91 @@
+"""The kNN monitor samples its bank and queries at random and never puts a query in the bank."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from example_runner import import_examples
+from torch import nn
+
+import_examples()
+from common import datasets, evaluation_batches, knn_accuracy  # noqa: E402
+
+from momentum_contrast.knn import knn_predict  # noqa: E402
+
+CLASSES, PER_CLASS, SIZE = 6, 60, 8
+
+
+def image_folder(root: Path, val: bool) -> Path:
+    """A class-sorted ImageFolder: each class a fixed random pattern plus strong noise, so
+    raw pixels separate the classes often, not always (a query that is its own
+    neighbour is then visible as a jump to 100%)."""
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.rand(CLASSES, 3, SIZE, SIZE, generator=g)
+    for split, n in [("train", PER_CLASS)] + ([("val", PER_CLASS // 2)] if val else []):
+        for c in range(CLASSES):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noise = torch.rand(3, SIZE, SIZE, generator=g)
+                image = (0.2 * patterns[c] + 0.8 * noise) * 255
+                torchvision.io.write_png(image.round().to(torch.uint8), str(folder / f"{i}.png"))
+    return root
+
+
+def flags(root: Path) -> argparse.Namespace:
+    return argparse.Namespace(
+        data=str(root), image_size=SIZE, knn_bank=120, knn_queries=120, seed=0, workers=0,
+        device="cpu",
+    )  # fmt: skip
+
+
+def random_split_accuracy(root: Path, args: argparse.Namespace, features: nn.Module) -> float:
+    """Mean kNN top-1 (%) over 30 random disjoint splits of all images, as a reference."""
+    train, val, _ = datasets(args)
+    data = [
+        b
+        for d in ([train] if val is train else [train, val])
+        for b in evaluation_batches(d, args, torch.device("cpu"))
+    ]
+    x = features(torch.cat([b[0] for b in data]))
+    y = torch.cat([b[1] for b in data])
+    g, accuracies = torch.Generator().manual_seed(1), []
+    for _ in range(30):
+        perm = torch.randperm(len(y), generator=g)
+        q, b = perm[: args.knn_queries], perm[args.knn_queries : args.knn_queries + args.knn_bank]
+        pred = knn_predict(x[q], x[b], y[b], CLASSES, k=len(b)).argmax(1)
+        accuracies.append(100.0 * (pred == y[q]).float().mean().item())
+    return sum(accuracies) / len(accuracies)
+
+
+@pytest.mark.parametrize("val", [False, True], ids=["train-only", "train-and-val"])
+def test_knn_accuracy_is_that_of_a_random_split(val: bool, tmp_path: Path) -> None:
+    root = image_folder(tmp_path, val)
+    args = flags(root)
+    features = nn.Flatten()  # raw normalised pixels: a fixed feature extractor
+    reference = random_split_accuracy(root, args, features)
+    assert 65 < reference < 90  # the task is neither trivial nor hopeless
+    train, held_out, classes = datasets(args)
+    accuracy = knn_accuracy(features, train, held_out, classes, args, torch.device("cpu"))
+    assert abs(accuracy - reference) < 10, (accuracy, reference)
+
+
+def test_queries_are_never_in_the_bank_and_the_subsets_are_fixed(tmp_path: Path) -> None:
+    from knn_monitor import knn_split
+
+    train, val, _ = datasets(flags(image_folder(tmp_path, val=False)))
+    assert val is train
+    bank, queries = knn_split(train, val, bank=1000, queries=1000, seed=0)
+    assert not set(bank.tolist()) & set(queries.tolist())
+    assert len(queries) == len(train) // 2 and len(bank) == len(train) - len(queries)
+    bank, queries = knn_split(train, val, bank=60, queries=40, seed=0)
+    assert not set(bank.tolist()) & set(queries.tolist())
+    assert len(set(train.labels[bank].tolist())) == CLASSES  # every class, not the first ones
+    again = knn_split(train, val, bank=60, queries=40, seed=0)
+    assert torch.equal(again[0], bank) and torch.equal(again[1], queries)  # every epoch
+    other = knn_split(train, val, bank=60, queries=40, seed=1)
+    assert not torch.equal(other[0], bank)  # --seed chooses them

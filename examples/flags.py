@@ -44,7 +44,8 @@ HELP = {
     "optimizer": "'lars' or 'adamw'",
     "temperature": "temperature T of the contrastive loss",
     "warmup_epochs": "epochs of linear learning-rate warm-up",
-    "pretrained": "pre-training checkpoint to evaluate (required)",
+    "pretrained": "checkpoint to evaluate (required): one of these scripts', the MoCo "
+    "authors' v1/v2/v3, or a backbone state dict (then give --arch)",
 }
 
 # Checked up front: positive, or at least zero.

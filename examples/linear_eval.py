@@ -3,6 +3,12 @@
     python examples/linear_eval.py --pretrained runs/example/checkpoint_0001860.pt
     torchrun --nproc-per-node 8 examples/linear_eval.py --data /data/imagenet \\
         --pretrained runs/moco_v2/checkpoint_1000800.pt
+    torchrun --nproc-per-node 8 examples/linear_eval.py --data /data/imagenet \\
+        --pretrained moco_v2_800ep_pretrain.pth.tar          # the MoCo authors' checkpoint
+
+``--pretrained`` takes a checkpoint of these scripts, a MoCo v1/v2/v3 checkpoint released
+by the authors (ResNet, or ViT with ``--arch vit_small``/``vit_base`` at 224 px), or a
+plain state dict of a backbone (then ``--arch`` is required).
 
 The protocol follows the reference code: the backbone is frozen with its BatchNorm in eval
 mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9,
@@ -18,6 +24,7 @@ from typing import Any
 
 import torch
 from common import (
+    ARCHS,
     backbone,
     check_steps,
     cosine_lr,
@@ -34,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from momentum_contrast.augment import TwoViewAugment, ViewRecipe
+from momentum_contrast.convert import LayoutError, backbone_state_dict, checkpoint_kind
 
 PAPER_DEFAULTS = {"epochs": 100, "batch_size": 256, "lr": 30.0, "schedule_milestones": "60,80",
                   "shapes_train": 4000, "shapes_val": 1000}  # fmt: skip
@@ -51,6 +59,27 @@ def layers(v3: bool, trained: dict[str, Any]) -> Defaults:
     ]
 
 
+def pretrained_backbone(ckpt: dict[str, Any], kind: str, v3: bool) -> dict[str, torch.Tensor]:
+    """The query encoder's backbone, named as ``common.backbone`` names it."""
+    if kind != "project":  # torchvision names: the ResNets and ViTs of common.backbone
+        return backbone_state_dict(ckpt, to="torchvision")
+    prefix = "0.0." if v3 else "0."  # query encoder = Sequential(features, head) [+ predictor]
+    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def mismatches(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
+    """What keeps ``loaded`` from loading into a model whose state is ``own`` ('' if nothing)."""
+    missing, unexpected = sorted(own.keys() - loaded.keys()), sorted(loaded.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & loaded.keys() if own[k].shape != loaded[k].shape)
+    return "; ".join(
+        f"{len(names)} tensors {what} (first: {names[0]})"
+        for what, names in (("missing", missing), ("unexpected", unexpected),
+                            ("of another shape", shapes))
+        if names
+    )  # fmt: skip
+
+
 def main() -> None:
     pretrained = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--pretrained=")), None)
     if pretrained is None and "--pretrained" in sys.argv:
@@ -58,20 +87,31 @@ def main() -> None:
     if not pretrained:
         fail("--pretrained PATH (a pre-training checkpoint) is required")
     try:
-        ckpt = torch.load(pretrained, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, unreadable or not a checkpoint
-        fail(f"--pretrained {pretrained} is not a checkpoint ({type(e).__name__}: {e})")
-    if not isinstance(ckpt, dict) or not str(ckpt.get("recipe", "")).startswith("moco_"):
-        fail(f"--pretrained {pretrained} is not a momentum_contrast pre-training checkpoint")
-    v3 = ckpt["recipe"] == "moco_v3"
-    args = parse_args("Linear evaluation", layers(v3, ckpt["args"]))
+        kind = checkpoint_kind(pretrained)
+    except FileNotFoundError as e:
+        fail(f"--pretrained {e}")
+    except LayoutError as e:
+        fail(f"--pretrained {pretrained}: {e}")
+    ckpt = torch.load(pretrained, map_location="cpu", weights_only=True)
+    if kind == "project":
+        v3, trained = ckpt["recipe"] == "moco_v3", ckpt["args"]
+    else:  # the authors' checkpoints name their architecture; a state dict needs --arch
+        v3 = kind == "official_v3"
+        trained = {"arch": ckpt.get("arch") if ckpt.get("arch") in ARCHS else None}
+        trained["image_size"] = 224
+    args = parse_args("Linear evaluation", layers(v3, trained))
+    if args.arch is None:
+        fail(f"--pretrained {pretrained} does not name its architecture: pass --arch")
     validate(args, blur=False)
     device, rank, world = setup(args)
 
     features, dim = backbone(args.arch, args.image_size)
-    prefix = "0.0." if v3 else "0."  # query encoder = Sequential(features, head) [+ predictor]
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        state = pretrained_backbone(ckpt, kind, v3)
+    except LayoutError as e:
+        fail(f"--pretrained {pretrained}: {e}")
+    if problems := mismatches(features.state_dict(), state):
+        fail(f"--pretrained {pretrained} does not fit --arch {args.arch}: {problems}")
     features.load_state_dict(state)
     features.to(device).eval().requires_grad_(False)  # frozen, BatchNorm in eval mode
     frozen = {k: v.clone() for k, v in features.state_dict().items()}

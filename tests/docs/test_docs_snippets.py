@@ -146,7 +146,10 @@ def test_shell_commands_match_the_repository(where: str, command: str) -> None:
         assert out.returncode == 0, (where, command, out.stderr[-2000:])
         assert json.loads(out.stdout)["arch"], out.stdout
     elif script.name == "linear_eval.py":  # needs a checkpoint; check its flags exist
-        source = (ROOT / "examples" / "common.py").read_text() + script.read_text()
+        source = (
+            "".join((ROOT / "examples" / name).read_text() for name in ("flags.py", "common.py"))
+            + script.read_text()
+        )
         for flag in (a for a in argv[2:] if a.startswith("--")):
             assert f'"{flag}"' in source or f'"{flag[2:].replace("-", "_")}"' in source, flag
 

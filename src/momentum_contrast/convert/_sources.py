@@ -16,8 +16,6 @@ Understood sources, told apart by their keys:
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from momentum_contrast._backbone_names import LayoutError, State
+from momentum_contrast.convert._names import LayoutError, State
 
 OFFICIAL_PREFIXES = {
     "official_v1v2": {"query": "module.encoder_q.", "key": "module.encoder_k."},
@@ -40,10 +38,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LayoutError(
-            f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({reason[:200]})"
+            f"{path} is not a PyTorch checkpoint that loads with weights_only=True "
+            f"({type(e).__name__}: {reason[:200]})"
         ) from None
     if not isinstance(loaded, dict):
         raise LayoutError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict")

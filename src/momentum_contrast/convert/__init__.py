@@ -1,0 +1,25 @@
+"""Take the pre-trained backbone out of a MoCo checkpoint, for torchvision, timm or
+detectron2; and load the MoCo authors' checkpoints into this library's pieces.
+
+Command line::
+
+    python -m momentum_contrast.convert SRC DST --to torchvision|timm|detectron2 [--encoder key]
+
+``SRC`` is a checkpoint of this project's example scripts (one process or DDP), a MoCo
+v1/v2 or v3 checkpoint released by the authors (ResNet or ViT), or a plain state dict.
+The query encoder is taken by default (as the authors' conversion scripts), never its
+MLP head, projector or predictor.
+"""
+
+from momentum_contrast.convert._backbone import backbone_state_dict, checkpoint_kind
+from momentum_contrast.convert._cli import main
+from momentum_contrast.convert._names import LayoutError
+from momentum_contrast.convert._official import load_official_checkpoint
+
+__all__ = [
+    "LayoutError",
+    "backbone_state_dict",
+    "checkpoint_kind",
+    "load_official_checkpoint",
+    "main",
+]

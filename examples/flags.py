@@ -51,7 +51,7 @@ HELP = {
 # Checked up front: positive, or at least zero.
 POSITIVE = ("batch_size", "epochs", "lr", "image_size", "queue_size", "dim", "mlp_dim")
 POSITIVE += ("knn_bank", "knn_queries", "shapes_train", "shapes_val", "shuffle_splits")
-POSITIVE += ("temperature",)
+POSITIVE += ("temperature", "log_every")
 NON_NEGATIVE = ("max_steps", "workers", "weight_decay", "warmup_epochs")
 FRACTIONS = ("moco_momentum", "blur_p", "crop_min")
 
@@ -82,6 +82,13 @@ def build_parser(description: str, layers: Defaults) -> argparse.ArgumentParser:
         help="data loader worker processes per process (0: load in the main process)",
     )
     p.add_argument("--max-steps", type=int, default=0, help="stop (and checkpoint) after N steps")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=20,
+        help="read the losses back to the host every N steps (and at epoch ends) for the "
+        "progress bar and metrics.csv (one row per step); no read in between",
+    )
     p.add_argument("--output-dir", default="runs/example", help="checkpoints and metrics go here")
     p.add_argument("--resume", default="", help="checkpoint path, or 'auto' (newest in output)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice of the run")

@@ -6,7 +6,6 @@ import argparse
 import copy
 import csv
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from checkpoints import (
 from flags import check_steps
 from image_data import Images, loader, to_device
 from knn_monitor import knn_accuracy
+from step_log import StepLog
 from torch import nn
 
 Step = Callable[[torch.Tensor, torch.Tensor, float], dict[str, Any]]
@@ -113,6 +113,7 @@ def fit(
                 csv.DictWriter(f, FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
 
     total = args.epochs * steps_per_epoch
+    steps = StepLog(args.log_every, args.batch_size, log)
     last = min(args.max_steps, total) if args.max_steps else total
     knn = baseline
     while step < last:
@@ -129,7 +130,6 @@ def fit(
             desc=f"epoch {epoch + 1}/{args.epochs}",
             file=sys.stdout,
         )
-        tick = time.perf_counter()
         for images, _ in bar:
             views = (
                 to_device(images, device)
@@ -138,28 +138,19 @@ def fit(
             )
             stats = train_step(*views, epoch + (step - epoch * steps_per_epoch) / steps_per_epoch)
             step += 1
-            loss = float(stats["loss"])  # one read per step, for the progress bar and the log
-            rate = args.batch_size / (time.perf_counter() - tick)
-            tick = time.perf_counter()
-            bar.set_postfix(
-                loss=f"{loss:.3f}",
-                lr=f"{stats['lr']:.3g}",
-                m=f"{stats['momentum']:.4f}",
-                img_s=f"{rate:.0f}",
-            )
-            log(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": repr(loss),
-                    "lr": stats["lr"],
-                    "momentum": stats["momentum"],
-                    "images_per_s": round(rate, 1),
-                }
-            )
+            steps.add(step, epoch, stats["loss"], stats["lr"], stats["momentum"])  # no host read
+            if steps.due(step):
+                steps.flush()  # one read of the last --log-every losses
+                bar.set_postfix(
+                    loss=f"{steps.last['loss']:.3f}",
+                    lr=f"{steps.last['lr']:.3g}",
+                    m=f"{steps.last['momentum']:.4f}",
+                    img_s=f"{steps.last['img_s']:.0f}",
+                )
             if step == last or step % steps_per_epoch == 0:
                 break
         bar.close()
+        steps.flush()  # the epoch's (or run's) last steps, before the kNN and the checkpoint
         if step % steps_per_epoch == 0 and rank == 0:
             knn = knn_accuracy(features, train, val, classes, args, device)
             log({"step": step, "epoch": epoch, "knn_top1": round(knn, 2)})

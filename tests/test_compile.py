@@ -62,6 +62,33 @@ def check_update_compiles(device: torch.device, backend: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def check_update_compiles_with_tensor_momentum(device: torch.device, backend: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).to(device)
+    model = model.double()
+    compiled_enc = MomentumEncoder(model)
+    compiled_enc.update(1.0)  # eager: builds the pairing cache (m = 1 changes nothing)
+    counter = CountingBackend(backend)
+    update = torch.compile(compiled_enc.update, fullgraph=True, backend=counter)
+    m = torch.zeros((), dtype=torch.float64, device=device)
+    graphs_after: list[int] = []
+    for step in range(8):
+        perturb_(model, seed=step)
+        before = [p.detach().clone() for p in compiled_enc.key_encoder.parameters()]
+        value = cosine_momentum(step, 8, base=0.9)
+        m.fill_(value)  # the same tensor with a new value: a graph input, not a constant
+        update(m)
+        graphs_after.append(counter.graphs)
+        for key, old, online in zip(
+            compiled_enc.key_encoder.parameters(), before, model.parameters(), strict=True
+        ):
+            expected = value * old + (1 - value) * online.detach()  # the formula
+            torch.testing.assert_close(key, expected, rtol=0, atol=1e-14)
+    # one compilation at the first call (Dynamo may restart its analysis once inside it,
+    # handing the backend a second graph), then none for the seven new values
+    assert graphs_after[0] <= 2 and graphs_after == [graphs_after[0]] * 8, graphs_after
+
+
 def check_losses_compile(device: torch.device, backend: str) -> None:
     torch.manual_seed(0)
     counter = CountingBackend(backend)
@@ -88,6 +115,10 @@ def check_losses_compile(device: torch.device, backend: str) -> None:
 
 def test_update_compiles_fullgraph_without_recompiling() -> None:
     check_update_compiles(torch.device("cpu"), "aot_eager")
+
+
+def test_update_with_a_changing_tensor_momentum_compiles_once() -> None:
+    check_update_compiles_with_tensor_momentum(torch.device("cpu"), "aot_eager")
 
 
 def test_losses_compile_fullgraph_and_match_eager() -> None:

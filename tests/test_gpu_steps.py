@@ -9,7 +9,11 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import SmallCNN
-from test_compile import check_losses_compile, check_update_compiles
+from test_compile import (
+    check_losses_compile,
+    check_update_compiles,
+    check_update_compiles_with_tensor_momentum,
+)
 from test_gpu import sync_is_error
 from torch import nn
 
@@ -134,6 +138,42 @@ def test_whole_moco_v2_step_in_a_cuda_graph_matches_eager() -> None:
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(queue_g.negatives(), queue_e.negatives())
     assert int(queue_g.ptr) == int(queue_e.ptr) == (8 * 32) % 1024
+
+
+def test_cosine_momentum_schedule_replayed_in_a_cuda_graph() -> None:
+    torch.manual_seed(0)
+    online = nn.Sequential(SmallCNN(out_dim=32), moco_v2_head(32, 64, 16)).to(cuda)
+    graphed, eager = MomentumEncoder(online), MomentumEncoder(online)
+    m = torch.zeros((), device=cuda)  # the schedule's value lives here, on the device
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.update(m.fill_(1.0))  # warm-up (momentum 1: no change)
+        eager.update(1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.update(m)
+    total = 6
+    for step in range(total):
+        with torch.no_grad():  # the online model moves, as after an optimizer step
+            for p in online.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        value = cosine_momentum(step, total, base=0.9)
+        m.fill_(value)  # a device write before the replay, no re-capture
+        graph.replay()
+        eager.update(value)
+        pairs = zip(graphed.key_encoder.parameters(), eager.key_encoder.parameters(), strict=True)
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    keys = graphed.key_encoder.parameters()
+    moved = [(a - p).abs().max() for a, p in zip(keys, online.parameters(), strict=True)]
+    assert max(moved) > 1e-3  # the key encoder lags the online model: a real average ran
+
+
+def test_update_with_tensor_momentum_compiles_with_inductor_once() -> None:
+    torch._dynamo.reset()
+    check_update_compiles_with_tensor_momentum(cuda, "inductor")
 
 
 def test_update_compiles_with_inductor_without_recompiling() -> None:

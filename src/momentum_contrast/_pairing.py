@@ -8,7 +8,9 @@ submodule (``convert_split_batchnorm`` on the key encoder), a replaced
 parameter swaps (``module._parameters[name] = ...``). So every update walks *both*
 models (``named_parameters()``) and checks that each side still holds the same
 names and the very tensor objects of the cached pairing, with the same shape, dtype
-and device. That walk is host work only (no device read); it costs tens to hundreds of microseconds
+and device (for FSDP2's ``DTensor`` parameters: the global shape, the device mesh
+and placements, and the local shard, which is what the update writes). That walk is
+host work only (no device read); it costs tens to hundreds of microseconds
 (``benchmarks/pieces.py`` measures it on a ResNet-50 and a ViT-B) and overlaps the
 GPU. When anything differs, the pairing is rebuilt by name, and a real mismatch
 raises a ``ValueError`` naming it.
@@ -21,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from momentum_contrast._dtensor import describe_layout, is_dtensor, layout, local, reshard_fsdp
 
 Signature = tuple[torch.Size, torch.dtype, torch.device]
 Group = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -44,8 +48,15 @@ class TensorPairs:
     key_seen: tuple[torch.Tensor, ...]
     online_signatures: tuple[Signature, ...]
     key_signatures: tuple[Signature, ...]
-    # (key tensors, online tensors) per (device, dtype) group
+    # with DTensors only: the local shards the groups hold (to see FSDP2 re-pad a
+    # shard) and the (mesh, placements) of each tensor
+    online_locals: tuple[torch.Tensor, ...] = ()
+    key_locals: tuple[torch.Tensor, ...] = ()
+    online_layouts: tuple[object, ...] = ()
+    key_layouts: tuple[object, ...] = ()
+    # (key tensors, online tensors) per (device, dtype) group; local shards of DTensors
     groups: list[Group] = field(default_factory=list)
+    group_names: list[list[str]] = field(default_factory=list)
     float_groups: list[Group] = field(default_factory=list)
     other_groups: list[Group] = field(default_factory=list)
 
@@ -67,6 +78,15 @@ class TensorPairs:
             and all(map(operator.is_, key, self.key_seen))
             and tuple(map(signature, online)) == self.online_signatures
             and tuple(map(signature, key)) == self.key_signatures
+            and (
+                not self.online_locals  # no DTensor: the tensors are what the groups hold
+                or (
+                    all(map(operator.is_, map(local, online), self.online_locals))
+                    and all(map(operator.is_, map(local, key), self.key_locals))
+                    and tuple(map(layout, online)) == self.online_layouts
+                    and tuple(map(layout, key)) == self.key_layouts
+                )
+            )
         )
 
 
@@ -98,17 +118,19 @@ def pair_by_name(
             ("shape", tuple(k.shape), tuple(o.shape)),
             ("dtype", k.dtype, o.dtype),
             ("device", k.device, o.device),
+            ("layout", describe_layout(layout(k)), describe_layout(layout(o))),
         ):
             if kv != ov:
                 problems.append(
                     f"{kind} {name!r} has {what} {ov} online but {kv} in the key encoder"
                 )
+        kl, ol = local(k), local(o)
         if k is o or (
             not torch.compiler.is_compiling()  # Dynamo cannot compare data pointers
-            and k.device == o.device
-            and k.device.type != "meta"
-            and k.numel() > 0
-            and k.data_ptr() == o.data_ptr()
+            and kl.device == ol.device
+            and kl.device.type != "meta"
+            and kl.numel() > 0
+            and kl.data_ptr() == ol.data_ptr()
         ):
             shared.append(name)
     if shared:
@@ -120,19 +142,23 @@ def pair_by_name(
         raise ValueError(
             "MomentumEncoder: the online model no longer matches the key encoder; "
             + "; ".join(problems)
-            + ". Move the MomentumEncoder with the model (.to(...)), or build a new "
-            "MomentumEncoder after changing the model's structure."
+            + ". Move the MomentumEncoder with the model (.to(...)), shard both models "
+            "alike (fully_shard with the same mesh), or build a new MomentumEncoder after "
+            "changing the model's structure."
         )
     names = [n for n, _ in online_named]
     buckets: dict[tuple[torch.device, torch.dtype], Group] = {}
+    bucket_names: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for name in names:
-        k = key[name]
+        k = local(key[name])
         ks, os_ = buckets.setdefault((k.device, k.dtype), ([], []))
         ks.append(k)
-        os_.append(online[name])
+        os_.append(local(online[name]))
+        bucket_names.setdefault((k.device, k.dtype), []).append(name)
     groups = list(buckets.values())
     online_seen = tuple(t for _, t in online_named)
     key_seen = tuple(t for _, t in key_named)
+    sharded = any(map(is_dtensor, online_seen + key_seen))
     return TensorPairs(
         online_names=tuple(n for n, _ in online_named),
         key_names=tuple(n for n, _ in key_named),
@@ -140,7 +166,41 @@ def pair_by_name(
         key_seen=key_seen,
         online_signatures=tuple(map(signature, online_seen)),
         key_signatures=tuple(map(signature, key_seen)),
+        online_locals=tuple(map(local, online_seen)) if sharded else (),
+        key_locals=tuple(map(local, key_seen)) if sharded else (),
+        online_layouts=tuple(map(layout, online_seen)) if sharded else (),
+        key_layouts=tuple(map(layout, key_seen)) if sharded else (),
         groups=groups,
+        group_names=list(bucket_names.values()),
         float_groups=[g for g in groups if g[0][0].is_floating_point()],
         other_groups=[g for g in groups if not g[0][0].is_floating_point()],
     )
+
+
+def current_pairs(
+    kind: str, cached: TensorPairs | None, online: torch.nn.Module, key: torch.nn.Module
+) -> TensorPairs:
+    """``cached`` if both models still hold its tensors, else a new pairing by name.
+
+    FSDP2 modules left unsharded (a root after a no-grad forward) show other tensors
+    than the sharded ones a pairing holds: they are resharded (only when the check
+    fails, so it costs nothing without FSDP2) and the models looked at again."""
+    params = kind == "parameter"
+
+    def walk() -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+        if params:
+            return list(online.named_parameters()), list(key.named_parameters())
+        return list(online.named_buffers()), list(key.named_buffers())
+
+    online_named, key_named = walk()
+    if cached is not None and cached.still_valid(online_named, key_named):
+        return cached
+    if params and reshard_fsdp(online, key):
+        online_named, key_named = walk()
+        if cached is not None and cached.still_valid(online_named, key_named):
+            return cached
+    pairs = pair_by_name(kind, online_named, key_named)
+    if params:
+        for _, p in key_named:  # a reloaded or replaced key encoder stays frozen
+            p.requires_grad_(False)
+    return pairs

@@ -10,18 +10,35 @@ Ranks may hold batches of different sizes (a last batch that does not divide
 evenly): the sizes are exchanged as host integers over a CPU (gloo) group, never
 read back from the GPU, and the gathers pad and trim accordingly. The rows of
 every gather are in rank order, so all ranks see the same concatenation.
+
+Host collectives: one per MoCo v2 step, one per v3 step (from three and two). A
+gather exchanges (rows, trailing shape, dtype) over gloo first; [`batch_unshuffle`][]
+reuses the row counts of its [`batch_shuffle`][] and checks the trailing shape and
+dtype through a checksum sent with the data (a mismatch raises on CPU tensors and gives
+NaN on a GPU); a ``KeyQueue.push`` of the keys it returned reuses its gather; the MoCo
+v3 loss gathers both views' keys at once. Under [`assume_equal_batches`][] there is no
+host exchange at all.
 """
 
 from __future__ import annotations
 
-import zlib
+import contextlib
+import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
+from momentum_contrast import _collectives
 from momentum_contrast._checks import check_same_device
+from momentum_contrast._collectives import (
+    EQUAL_BATCHES,
+    gather_checked,
+    gather_with_sizes,
+)
 
 __all__ = [
+    "assume_equal_batches",
     "batch_shuffle",
     "batch_unshuffle",
     "concat_all_gather",
@@ -31,7 +48,37 @@ __all__ = [
     "world_size",
 ]
 
-_size_groups: dict[int, dist.ProcessGroup] = {}
+# the last batch_unshuffle: (weak ref to its output, its version, all ranks' rows)
+_last_unshuffle: list[tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = []
+# the last batch_shuffle: (weak ref to its idx_unshuffle, every rank's rows)
+_last_shuffle: list[tuple[weakref.ref[torch.Tensor], list[int]]] = []
+
+
+@contextlib.contextmanager
+def assume_equal_batches() -> Iterator[None]:
+    """Inside: every gather trusts that all ranks pass the same shape and dtype.
+
+    No host exchange of batch sizes (zero gloo collectives per step), one device
+    all-gather per gather. The promise is still checked, without reading the device:
+    each rank's data travels with a checksum of its shape and dtype; a mismatch raises
+    ``ValueError`` for CPU tensors and turns a floating result into NaN on a GPU (a
+    loss that visibly breaks). Ranks with different element counts make the
+    collective itself fail (gloo aborts, NCCL errors or times out). Use it when every
+    rank's batch has the same size (``drop_last=True``), not for a last uneven batch.
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.distributed import assume_equal_batches, concat_all_gather
+        >>> with assume_equal_batches():
+        ...     concat_all_gather(torch.ones(4, 2)).shape
+        torch.Size([4, 2])
+    """
+    previous = EQUAL_BATCHES[0]
+    EQUAL_BATCHES[0] = True
+    try:
+        yield
+    finally:
+        EQUAL_BATCHES[0] = previous
 
 
 def is_distributed() -> bool:
@@ -67,19 +114,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def _size_group() -> dist.ProcessGroup | None:
-    """A gloo group for exchanging host integers (the default group if it is gloo)."""
-    if dist.get_backend() == "gloo":
-        return None  # the default group
-    key = id(dist.distributed_c10d._get_default_group())
-    if key not in _size_groups:
-        group = dist.new_group(backend="gloo")  # collective: all ranks, first gather only
-        if not isinstance(group, dist.ProcessGroup):
-            raise RuntimeError("could not create a gloo group to exchange batch sizes")
-        _size_groups[key] = group
-    return _size_groups[key]
-
-
 def gather_sizes(n: int) -> list[int]:
     """Every rank's ``n`` (a host integer, e.g. its batch size), in rank order.
 
@@ -92,66 +126,7 @@ def gather_sizes(n: int) -> list[int]:
     """
     if world_size() == 1:
         return [int(n)]
-    return [int(row[0]) for row in _all_gather_host([int(n)])]
-
-
-def _all_gather_host(values: list[int]) -> list[list[int]]:
-    """Every rank's list of host integers (all of the same length), in rank order."""
-    local = torch.tensor(values, dtype=torch.long)
-    parts = [torch.empty_like(local) for _ in range(world_size())]
-    dist.all_gather(parts, local, group=_size_group())
-    return [p.tolist() for p in parts]  # CPU tensors: no device synchronisation
-
-
-_SHOWN_DIMS = 6  # trailing dimensions exchanged verbatim (the rest only through a checksum)
-_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
-
-
-def _layout(x: torch.Tensor) -> list[int]:
-    """Rows, a checksum of (dtype, trailing shape), then dtype and trailing dims for messages."""
-    tail = tuple(x.shape[1:])
-    checksum = zlib.crc32(f"{x.dtype}|{tail}".encode())
-    shown = list(tail[:_SHOWN_DIMS]) + [-1] * (_SHOWN_DIMS - min(len(tail), _SHOWN_DIMS))
-    return [x.shape[0], checksum, _DTYPES.index(x.dtype), len(tail), *shown]
-
-
-def _describe(row: list[int]) -> str:
-    ndim, dims = row[3], [d for d in row[4:] if d >= 0]
-    shape = "(N, " + ", ".join(map(str, dims)) + (", ...)" if ndim > _SHOWN_DIMS else ")")
-    return f"{shape} {_DTYPES[row[2]]}"
-
-
-@torch.no_grad()
-def _gather_with_sizes(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """[`concat_all_gather`][] that also returns every rank's row count, so that callers
-    needing both exchange the sizes once. Every rank checks that all ranks passed the
-    same trailing shape and dtype, and raises the same ``ValueError`` if not."""
-    x = x.detach()
-    if world_size() == 1:
-        return x, [x.shape[0]]
-    rows = _all_gather_host(_layout(x))
-    if any(row[1:] != rows[0][1:] for row in rows):
-        described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
-        raise ValueError(
-            "concat_all_gather: every rank must pass the same trailing shape and dtype "
-            f"(this is rank {rank()}, {tuple(x.shape)} {x.dtype}); got {described}"
-        )
-    return _all_gather(x.contiguous(), [row[0] for row in rows]), [row[0] for row in rows]
-
-
-def _all_gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Concatenate every rank's rows; ``sizes[r]`` rows come from rank ``r``."""
-    longest = max(sizes)
-    if x.shape[0] < longest:  # pad to a common shape; trimmed below
-        x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-    out = x.new_empty((world_size() * longest, *x.shape[1:]))
-    if dist.get_backend() == "nccl":
-        dist.all_gather_into_tensor(out, x)
-    else:
-        dist.all_gather(list(out.chunk(world_size())), x)
-    if all(s == longest for s in sizes):
-        return out
-    return torch.cat([out[r * longest : r * longest + s] for r, s in enumerate(sizes)])
+    return [int(row[0]) for row in _collectives.all_gather_host([int(n)])]
 
 
 @torch.no_grad()
@@ -179,7 +154,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (N, ...), got a 0-d tensor")
-    return _gather_with_sizes(x)[0]
+    if _last_unshuffle:  # the keys batch_unshuffle just returned: their gather is known
+        ref, version, gathered = _last_unshuffle.pop()  # used once: never shared twice
+        if ref() is x and x._version == version:
+            return gathered
+    return gather_with_sizes(x)[0]
 
 
 @torch.no_grad()
@@ -212,12 +191,14 @@ def batch_shuffle(
     """
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise TypeError(f"x must be a torch.Tensor with a batch dimension, got {x!r:.40}")
-    gathered, sizes = _gather_with_sizes(x)  # (sum N_r, ...)
+    gathered, sizes = gather_with_sizes(x)  # (sum N_r, ...)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)
     if world_size() > 1:
         dist.broadcast(perm, src=0)
     start = sum(sizes[: rank()])
-    return gathered[perm[start : start + x.shape[0]]], torch.argsort(perm)
+    idx_unshuffle = torch.argsort(perm)
+    _last_shuffle[:] = [(weakref.ref(idx_unshuffle), sizes)]  # for batch_unshuffle
+    return gathered[perm[start : start + x.shape[0]]], idx_unshuffle
 
 
 @torch.no_grad()
@@ -244,11 +225,19 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     if not isinstance(idx_unshuffle, torch.Tensor) or idx_unshuffle.dtype != torch.long:
         raise TypeError("idx_unshuffle must be the long tensor returned by batch_shuffle")
     check_same_device("idx_unshuffle", idx_unshuffle, "x", x)
-    gathered, sizes = _gather_with_sizes(x)  # rows in shuffled order
+    if _last_shuffle and _last_shuffle[0][0]() is idx_unshuffle and world_size() > 1:
+        sizes = _last_shuffle[0][1]  # known from batch_shuffle: no host exchange
+        gathered = gather_checked(x.detach(), sizes, tag_rows=EQUAL_BATCHES[0])
+    else:
+        gathered, sizes = gather_with_sizes(x)  # rows in shuffled order
     if idx_unshuffle.shape != (sum(sizes),):
         raise ValueError(
             f"idx_unshuffle must have shape ({sum(sizes)},) (all ranks' rows), "
             f"got {tuple(idx_unshuffle.shape)}"
         )
     start = sum(sizes[: rank()])
-    return gathered[idx_unshuffle[start : start + x.shape[0]]]
+    mine = gathered[idx_unshuffle[start : start + x.shape[0]]]
+    # all ranks' rows in their original order: what concat_all_gather(mine) (a queue
+    # push of these keys) would gather, kept for it (weakly, for one use)
+    _last_unshuffle[:] = [(weakref.ref(mine), mine._version, gathered[idx_unshuffle])]
+    return mine

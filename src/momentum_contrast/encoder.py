@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
-from momentum_contrast._pairing import TensorPairs, pair_by_name
+from momentum_contrast._ema import check_momentum, lerp_
+from momentum_contrast._pairing import TensorPairs, current_pairs
+from momentum_contrast._shadow import ShadowWeights
 
 __all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
 
@@ -30,18 +32,6 @@ Examples:
     ('own', 'copy', 'ema')
 """
 _BUFFER_MODES = ("own", "copy", "ema")
-
-
-def _lerp_(keys: list[torch.Tensor], onlines: list[torch.Tensor], weight: float) -> None:
-    """``key += weight * (online - key)`` for every pair: one fused ``_foreach_lerp_``
-    eagerly. Under ``torch.compile`` the same per tensor, which the compiler fuses and
-    which keeps a weight that changes every step a graph input (the foreach op's scalar
-    argument would be specialised, recompiling at every new momentum)."""
-    if torch.compiler.is_compiling():
-        for key, online in zip(keys, onlines, strict=True):
-            key.add_((online - key) * weight)
-    else:
-        torch._foreach_lerp_(keys, onlines, weight)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -73,19 +63,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class MomentumEncoder(nn.Module):
     """Key encoder of MoCo: a frozen copy of ``online`` updated as a moving average.
 
-    After every optimiser step call [`update`][], which does, in place and for
-    every parameter ``key = m * key + (1 - m) * online``, as one fused
-    multi-tensor ``torch._foreach_lerp_`` per device/dtype group. Parameters are
-    paired by name. Nothing can leave the key encoder silently stale: every
-    update first checks, on the host, that both models still hold the paired
-    tensor objects with the same shape, dtype and device. A replaced or reloaded
-    tensor on either side (``load_state_dict(assign=True)``, a swapped submodule, a
-    new ``.key_encoder`` or ``.online``) is re-paired by name; a real mismatch (a
-    parameter added, renamed or reshaped, one side moved alone) raises a
-    ``ValueError`` naming it, instead of averaging the wrong tensors. The check
-    reads no tensor value (no host-device synchronisation), so an update is still
-    one fused op per group plus a short walk of both models, and is safe to
-    capture in a CUDA graph.
+    After every optimiser step call [`update`][]: ``key = m * key + (1 - m) * online``
+    on every parameter, in place, one fused multi-tensor op per device/dtype group,
+    parameters paired by name. Nothing can leave the key encoder silently stale: every
+    update first checks, on the host (no tensor value read, so it is safe in a CUDA
+    graph), that both models still hold the paired tensor objects with the same shape,
+    dtype and device. A replaced or reloaded tensor on either side
+    (``load_state_dict(assign=True)``, a swapped submodule, a new ``.key_encoder`` or
+    ``.online``) is re-paired by name; a real mismatch (a parameter added, renamed or
+    reshaped, one side moved alone) raises a ``ValueError`` naming it.
+
+    FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings):
+    an update reshards the modules left unsharded (a root after a no-grad forward), so
+    the next forward gathers the updated shards, and averages the local shards of the
+    ``DTensor`` parameters; one side sharded and the other not, or another mesh or
+    placements, raises a ``ValueError``.
 
     ``online`` is kept as a plain reference (``.online``), not a submodule, so
     ``state_dict()``, ``parameters()`` and ``.to()`` concern the key encoder only.
@@ -100,6 +92,13 @@ class MomentumEncoder(nn.Module):
             updated by its own forward passes. ``"copy"``: copied from the online
             model. ``"ema"``: floating-point buffers averaged like parameters.
             Integer buffers (``num_batches_tracked``) are copied, never averaged.
+        ema_dtype: ``None`` (default): every parameter is averaged in its own dtype.
+            ``torch.float32``: a float32 copy of each less precise key parameter
+            (bfloat16, float16; saved in ``state_dict`` as ``ema_shadow.*``) receives
+            the average and the key weights are its rounding, so keys come out in the
+            model's dtype and the average does not stall below bfloat16's resolution.
+            A key weight written outside [`update`][] (a load) is followed. Buffers
+            (``buffers="ema"``) are averaged in their own dtype.
 
     Examples:
         >>> import torch
@@ -112,10 +111,19 @@ class MomentumEncoder(nn.Module):
         >>> keys.shape, keys.requires_grad
         (torch.Size([32, 4]), False)
         >>> key_encoder.update()  # after optimizer.step()
+        >>> key_encoder.update(torch.tensor(0.996))  # or a 0-d tensor (CUDA graphs)
+        >>> bf16 = MomentumEncoder(nn.Linear(8, 4).bfloat16(), ema_dtype=torch.float32)
+        >>> bf16.ema_shadow.weight.dtype, bf16.key_encoder.weight.dtype
+        (torch.float32, torch.bfloat16)
     """
 
     def __init__(
-        self, online: nn.Module, momentum: float = 0.999, *, buffers: BufferMode = "own"
+        self,
+        online: nn.Module,
+        momentum: float = 0.999,
+        *,
+        buffers: BufferMode = "own",
+        ema_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(online, nn.Module):
@@ -128,6 +136,9 @@ class MomentumEncoder(nn.Module):
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
             p.grad = None
+        self.ema_dtype = ema_dtype
+        if ema_dtype is not None:  # validated there
+            self.ema_shadow = ShadowWeights(ema_dtype, list(self.key_encoder.named_parameters()))
         self._param_pairs: TensorPairs | None = None
         self._buffer_pairs: TensorPairs | None = None
 
@@ -171,20 +182,37 @@ class MomentumEncoder(nn.Module):
             return self.key_encoder(*args, **kwargs)
 
     @torch.no_grad()
-    def update(self, momentum: float | None = None) -> None:
+    def update(self, momentum: float | torch.Tensor | None = None) -> None:
         """One in-place step ``key = m * key + (1 - m) * online`` on every parameter.
 
-        Both models are checked first (host metadata only, no device read): if either
-        side's tensors were replaced, moved or reshaped since the last update, the
-        pairing is rebuilt by name, or a ``ValueError`` names what no longer matches.
+        Both models are checked first (see the class).
 
         Args:
-            momentum: ``m`` in ``[0, 1]`` for this step; ``None`` uses ``self.momentum``.
-                ``1`` leaves the key unchanged, ``0`` copies the online weights.
+            momentum: ``m`` for this step (``None``: ``self.momentum``), a float in
+                ``[0, 1]`` or a 0-d floating tensor on the parameters' device, never
+                read on the host (the caller keeps it in ``[0, 1]``): fill it before
+                each replay of a CUDA graph holding the update; under ``torch.compile``
+                a new value does not recompile. ``1`` keeps the key, ``0`` copies.
+
+        Examples:
+            >>> import torch
+            >>> from momentum_contrast import MomentumEncoder, cosine_momentum
+            >>> encoder = MomentumEncoder(torch.nn.Linear(4, 2))
+            >>> m = torch.tensor(0.99)  # on the parameters' device
+            >>> for step in range(3):
+            ...     _ = m.fill_(cosine_momentum(step, 3))  # e.g. before graph.replay()
+            ...     encoder.update(m)
         """
-        m = self.momentum if momentum is None else check_unit_interval("momentum", momentum)
-        for keys, onlines in self._pairs("parameter").groups:
-            _lerp_(keys, onlines, 1.0 - m)  # key += (1-m) * (online - key)
+        pairs = self._pairs("parameter")
+        m: float | torch.Tensor = self.momentum
+        if momentum is not None:
+            m = check_momentum(momentum, {ks[0].device for ks, _ in pairs.groups})
+        weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
+        if self.ema_dtype is not None:
+            self.ema_shadow.update_(pairs, weight)
+        else:
+            for keys, onlines in pairs.groups:
+                lerp_(keys, onlines, weight)
         if self.buffers_mode == "own":
             return
         bufs = self._pairs("buffer")
@@ -192,7 +220,7 @@ class MomentumEncoder(nn.Module):
             torch._foreach_copy_(keys, onlines)
         for keys, onlines in bufs.float_groups:
             if self.buffers_mode == "ema":
-                _lerp_(keys, onlines, 1.0 - m)
+                lerp_(keys, onlines, weight)
             else:
                 torch._foreach_copy_(keys, onlines)
 
@@ -200,25 +228,16 @@ class MomentumEncoder(nn.Module):
         """The (cached) pairing of ``kind`` tensors, validated against both models."""
         params = kind == "parameter"
         cached = self._param_pairs if params else self._buffer_pairs
-        online_named = list(
-            self.online.named_parameters() if params else self.online.named_buffers()
-        )
-        key_named = list(
-            self.key_encoder.named_parameters() if params else self.key_encoder.named_buffers()
-        )
-        if cached is not None and cached.still_valid(online_named, key_named):
-            return cached
-        pairs = pair_by_name(kind, online_named, key_named)
+        pairs = current_pairs(kind, cached, self.online, self.key_encoder)
         if params:
-            for _, p in key_named:  # a reloaded or replaced key encoder stays frozen
-                p.requires_grad_(False)
             self._param_pairs = pairs
         else:
             self._buffer_pairs = pairs
         return pairs
 
     def extra_repr(self) -> str:
-        return f"momentum={self.momentum}, buffers={self.buffers_mode!r}"
+        dtype = "" if self.ema_dtype is None else f", ema_dtype={self.ema_dtype}"
+        return f"momentum={self.momentum}, buffers={self.buffers_mode!r}{dtype}"
 
 
 def cosine_momentum(

@@ -16,8 +16,9 @@ from momentum_contrast._checks import (
     check_same_device,
     check_same_shape,
 )
+from momentum_contrast._collectives import gather_with_sizes
 from momentum_contrast._queue_cross_entropy import QueueCrossEntropy
-from momentum_contrast.distributed import _gather_with_sizes, rank, world_size
+from momentum_contrast.distributed import rank, world_size
 
 __all__ = [
     "InfoNCE",
@@ -124,16 +125,11 @@ def info_nce(
         return F.cross_entropy(logits, targets, reduction=reduction)
 
 
-def _ctr(q: torch.Tensor, k: torch.Tensor, t: float, gather: bool) -> torch.Tensor:
-    """MoCo v3's ``ctr``: cross-entropy of q against all ranks' keys, times 2T."""
-    q = F.normalize(q, dim=1)  # (N, D)
-    k = F.normalize(k.detach(), dim=1)  # (N, D)
-    offset = 0
-    if gather and world_size() > 1:
-        k, sizes = _gather_with_sizes(k)  # (sum of N over ranks, D); sizes as host ints
-        offset = sum(sizes[: rank()])  # N * rank when every rank has N rows
-    logits = q @ k.T / t  # (N, world * N)
-    labels = torch.arange(q.shape[0], device=q.device) + offset  # own key's column
+def _ctr(q: torch.Tensor, k: torch.Tensor, t: float, first: int) -> torch.Tensor:
+    """MoCo v3's ``ctr``: cross-entropy of ``q`` against the unit keys ``k`` (all ranks'),
+    query ``i``'s positive in column ``first + i``, times 2T."""
+    logits = F.normalize(q, dim=1) @ k.T / t  # (N, M)
+    labels = torch.arange(q.shape[0], device=q.device) + first  # own key's column
     return F.cross_entropy(logits, labels) * (2 * t)
 
 
@@ -145,6 +141,7 @@ def symmetric_contrastive_loss(
     *,
     temperature: float = 1.0,
     gather: bool = True,
+    positive_offset: int | None = None,
 ) -> torch.Tensor:
     """MoCo v3 loss ``ctr(q1, k2) + ctr(q2, k1)`` with in-batch negatives.
 
@@ -153,16 +150,28 @@ def symmetric_contrastive_loss(
     differ), multiplied by ``2 * T`` as the reference
     (which keeps the gradient scale independent of ``T``). Keys are detached and
     gathered from every rank when ``gather`` and ``torch.distributed`` is
-    initialised; without a process group it is the single-process loss.
-    Computed in float32 (float64 for float64 inputs), also under autocast.
+    initialised (both views in one gather); without a process group it is the
+    single-process loss. Computed in float32 (float64 for float64 inputs), also under
+    autocast.
+
+    Gradient accumulation: compute the keys of the whole local batch first (``M``
+    rows), then pass each micro-batch's ``N`` queries with all ``M`` keys and
+    ``positive_offset``, the row of the local keys holding the first query's positive
+    (the micro-batch's start). Every micro-batch then scores against the keys of the
+    whole batch of every rank, and the sum of the micro-batch losses divided by their
+    number is the full batch's loss (equal micro-batches), gradients included.
 
     Args:
         q1: ``(N, D)`` predictor output for view one.
         q2: ``(N, D)`` predictor output for view two.
-        k1: ``(N, D)`` momentum-encoder output for view one.
-        k2: ``(N, D)`` momentum-encoder output for view two.
+        k1: ``(M, D)`` momentum-encoder output for view one; ``M = N`` unless
+            ``positive_offset`` is given.
+        k2: ``(M, D)`` momentum-encoder output for view two.
         temperature: ``T > 0``; 1.0 as the MoCo v3 ResNet recipe (0.2 for ViT).
         gather: use the keys of all ranks as negatives (the reference does).
+        positive_offset: ``None`` (keys and queries are the same rows), or a host
+            int ``s`` with ``0 <= s`` and ``s + N <= M``: query ``i``'s positive is
+            local key row ``s + i``.
 
     Returns:
         Scalar loss.
@@ -176,17 +185,41 @@ def symmetric_contrastive_loss(
         >>> loss.backward()
         >>> loss.shape
         torch.Size([])
+        >>> micro = symmetric_contrastive_loss(  # queries 4..7 against all 16 keys
+        ...     q1[4:8], q2[4:8], k1, k2, temperature=0.2, positive_offset=4
+        ... )
     """
-    for name, x in (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2)):
-        check_float_matrix(name, x)
-        if name != "q1":
-            check_same_shape(name, x, "q1", q1)
-            check_same_device(name, x, "q1", q1)
+    check_float_matrix("q1", q1)
+    for name, x in (("q2", q2), ("k1", k1), ("k2", k2)):
+        check_float_matrix(name, x, q1.shape[1])
+        check_same_device(name, x, "q1", q1)
+    check_same_shape("q2", q2, "q1", q1)
+    check_same_shape("k2", k2, "k1", k1)
+    n, m = q1.shape[0], k1.shape[0]
+    if positive_offset is None:
+        check_same_shape("k1", k1, "q1", q1)
+        first = 0
+    else:
+        if isinstance(positive_offset, bool) or not isinstance(positive_offset, int):
+            raise TypeError(
+                f"positive_offset must be an int or None, got {type(positive_offset).__name__}"
+            )
+        if not 0 <= positive_offset <= m - n:
+            raise ValueError(
+                f"positive_offset must be in [0, M - N] = [0, {m - n}] (M = {m} keys, "
+                f"N = {n} queries), got {positive_offset}"
+            )
+        first = positive_offset
     t = check_positive("temperature", temperature)
     dtype = torch.promote_types(q1.dtype, torch.float32)
     with _float32_context(q1.device):
-        a, b, c, d = (x.to(dtype) for x in (q1, q2, k1, k2))
-        return _ctr(a, d, t, gather) + _ctr(b, c, t, gather)
+        a, b = q1.to(dtype), q2.to(dtype)
+        keys = torch.cat([F.normalize(k.detach().to(dtype), dim=1) for k in (k1, k2)], dim=1)
+        if gather and world_size() > 1:
+            keys, sizes = gather_with_sizes(keys)  # (sum of M over ranks, 2D): one gather
+            first += sum(sizes[: rank()])  # M * rank when every rank has M rows
+        c, d = keys[:, : q1.shape[1]], keys[:, q1.shape[1] :]
+        return _ctr(a, d, t, first) + _ctr(b, c, t, first)
 
 
 class InfoNCE(nn.Module):
@@ -258,11 +291,22 @@ class SymmetricContrastiveLoss(nn.Module):
         self.gather = bool(gather)
 
     def forward(
-        self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor
+        self,
+        q1: torch.Tensor,
+        q2: torch.Tensor,
+        k1: torch.Tensor,
+        k2: torch.Tensor,
+        positive_offset: int | None = None,
     ) -> torch.Tensor:
-        """Args as [`symmetric_contrastive_loss`][]: four ``(N, D)`` tensors."""
+        """Args as [`symmetric_contrastive_loss`][]: queries ``(N, D)``, keys ``(M, D)``."""
         return symmetric_contrastive_loss(
-            q1, q2, k1, k2, temperature=self.temperature, gather=self.gather
+            q1,
+            q2,
+            k1,
+            k2,
+            temperature=self.temperature,
+            gather=self.gather,
+            positive_offset=positive_offset,
         )
 
     def extra_repr(self) -> str:

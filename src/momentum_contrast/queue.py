@@ -111,10 +111,10 @@ class KeyQueue(nn.Module):
         """
         check_float_matrix("keys", keys, self.dim)
         check_same_device("keys", keys, "the queue", self.keys)
-        keys = keys.detach()
         self._sync_initial_keys()
-        if self.gather:
-            keys = concat_all_gather(keys)  # (world * N, D)
+        if self.gather:  # (world * N, D); the very keys batch_unshuffle returned: no exchange
+            keys = concat_all_gather(keys)
+        keys = keys.detach()
         n = keys.shape[0]
         if n == 0:
             return

@@ -1,0 +1,66 @@
+"""FSDP2 and ``DTensor`` helpers of the key-encoder update (private); no-ops without
+``torch.distributed``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+
+def _loaded(module: str, name: str) -> Any:
+    """``module.name`` if the user's program imported ``module``, else ``None``.
+
+    Importing FSDP2 or DTensor costs about 0.6 s (it pulls in sympy); without that import
+    no FSDP module or DTensor can exist, so this library never imports them itself."""
+    found = sys.modules.get(module)
+    return getattr(found, name, None) if found is not None else None
+
+
+def reshard_fsdp(*models: torch.nn.Module) -> bool:
+    """Reshard every FSDP2 module of ``models``: the parameters are then the sharded
+    ``DTensor`` shards that the update writes, and the next forward gathers them anew.
+
+    A no-grad forward leaves a root module with ``reshard_after_forward=False`` (the
+    default for the root) unsharded; its next forward would reuse those gathered
+    weights, stale after an update. Resharding is local (no collective); it is a no-op
+    on a module already resharded, and is skipped under ``torch.compile``. Returns
+    whether there was any FSDP2 module."""
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None or torch.compiler.is_compiling():
+        return False
+    found = False
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, fsdp_module):
+                module.reshard()
+                found = True
+    return found
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor an in-place update writes: a DTensor's local shard, else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+Layout = tuple[Any, tuple[Any, ...]] | None
+
+
+def layout(t: torch.Tensor) -> Layout:
+    """``None`` for a plain tensor; ``(mesh, placements)`` for a DTensor."""
+    if is_dtensor(t):
+        return (t.device_mesh, tuple(t.placements))  # type: ignore[attr-defined]
+    return None
+
+
+def describe_layout(value: Layout) -> str:
+    if value is None:
+        return "a plain (unsharded) tensor"
+    mesh, placements = value
+    return f"a DTensor {list(placements)} on {mesh}"

@@ -1,0 +1,91 @@
+"""The moving-average kernels of `MomentumEncoder.update` (private).
+
+``lerp_`` does ``key += w * (online - key)`` for lists of tensors, ``w = 1 - m``:
+
+* a Python float ``w`` and one dtype: one fused ``torch._foreach_lerp_`` per group (the
+  fastest form, unchanged from before tensor momenta existed);
+* a 0-d tensor ``w`` on the parameters' device (a momentum schedule replayed in a CUDA
+  graph): ``_foreach_lerp_`` would read a tensor weight back to the host (``.item()``),
+  so the same update is ``d = online - key; d *= w; key += d`` with fused
+  multi-tensor ops whose scalar stays on the device. ``d`` is a temporary, made chunk by
+  chunk (at most ``_CHUNK_NUMEL`` elements at a time) so that a large model never needs a
+  second full copy;
+* onlines of another dtype than the keys (the float32 shadow of a bfloat16 model): the
+  onlines are cast into such a temporary first (one fused ``_foreach_copy_``);
+* under ``torch.compile``: one plain expression per tensor, which the compiler fuses and
+  which keeps a momentum that changes every step a graph input (a foreach scalar would
+  be specialised, recompiling at every new value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from momentum_contrast._checks import check_unit_interval
+
+Weight = float | torch.Tensor
+_CHUNK_NUMEL = 1 << 25  # elements of temporary per chunk (128 MB in float32)
+
+
+def check_momentum(value: object, devices: set[torch.device]) -> float | torch.Tensor:
+    """A float in [0, 1], or a 0-d floating tensor on the parameters' device.
+
+    The tensor's value is not read (that would synchronise): the caller keeps it in
+    [0, 1]."""
+    if not isinstance(value, torch.Tensor):
+        return check_unit_interval("momentum", value)
+    if value.dim() != 0:
+        raise ValueError(
+            f"momentum must be a float or a 0-d tensor, got shape {tuple(value.shape)}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"momentum must be a floating-point tensor, got dtype {value.dtype}")
+    for device in devices:
+        if value.device != device:
+            raise ValueError(
+                f"momentum must be on the parameters' device {device}, got {value.device}"
+            )
+    return value
+
+
+def _chunks(
+    keys: list[torch.Tensor], onlines: list[torch.Tensor]
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    start, size = 0, 0
+    for i, key in enumerate(keys):
+        if size and size + key.numel() > _CHUNK_NUMEL:
+            yield keys[start:i], onlines[start:i]
+            start, size = i, 0
+        size += key.numel()
+    if start < len(keys):
+        yield keys[start:], onlines[start:]
+
+
+def lerp_(
+    keys: list[torch.Tensor], onlines: list[torch.Tensor], weight: Weight, *, cast: bool = False
+) -> None:
+    """``key += weight * (online - key)`` for every pair, in the keys' dtype; ``cast``: the
+    onlines have another dtype (else every pair has one dtype, as the pairing checks)."""
+    if not keys:
+        return
+    if torch.compiler.is_compiling():
+        for key, online in zip(keys, onlines, strict=True):
+            key.add_((online.to(key.dtype) - key) * weight)
+        return
+    if isinstance(weight, float) and not cast:
+        torch._foreach_lerp_(keys, onlines, weight)
+        return
+    for ks, os_ in _chunks(keys, onlines):
+        if not cast:
+            diff = list(torch._foreach_sub(os_, ks))
+        else:
+            diff = [torch.empty_like(k) for k in ks]
+            torch._foreach_copy_(diff, os_)  # cast the onlines to the keys' dtype
+            if isinstance(weight, float):
+                torch._foreach_lerp_(ks, diff, weight)
+                continue
+            torch._foreach_sub_(diff, ks)
+        torch._foreach_mul_(diff, weight)  # a 0-d device tensor: stays on the device
+        torch._foreach_add_(ks, diff)

@@ -1,0 +1,110 @@
+"""The training loop reads no tensor back to the host between log steps: each step's loss
+stays on the device until every --log-every steps (and the epoch's end), then all are read
+in one transfer; metrics.csv still has one row per step."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from example_runner import TINY, V12, import_examples
+
+import_examples()
+import moco_v2  # noqa: E402
+import training  # noqa: E402
+from step_log import StepLog  # noqa: E402
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+# Where the step's device tensors live: the loop, the recipe and the library. (The loader
+# reads its own CPU tensors, labels and indices, by design: no device value there.)
+DEVICE_SIDE = ("training.py", "step_log.py", "moco_v2.py", "common.py", "knn_monitor.py")
+
+
+def on_device_side(path: str) -> bool:
+    return Path(path).name in DEVICE_SIDE or "momentum_contrast" in Path(path).parts
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, str]]]:
+    """Every host read of a tensor value in the loop, the recipe or the library, as
+    ``(training steps done, caller's file)``."""
+    reads: list[tuple[int, str]] = []
+    done = [0]
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def reader(self, *args, __original=original, **kwargs):  # type: ignore[no-untyped-def]
+            caller = inspect.stack(context=0)[1].filename
+            if on_device_side(caller):
+                reads.append((done[0], Path(caller).name))
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, reader)
+    fit = training.fit
+
+    def counting_fit(args, recipe, stateful, train_step, *rest):  # type: ignore[no-untyped-def]
+        def step(*a):  # type: ignore[no-untyped-def]
+            out = train_step(*a)
+            done[0] += 1
+            return out
+
+        return fit(args, recipe, stateful, step, *rest)
+
+    monkeypatch.setattr(moco_v2, "fit", counting_fit)
+    yield reads
+
+
+def test_no_host_read_between_log_steps(
+    host_reads: list[tuple[int, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 64 images, batch 16: 4 steps an epoch, 2 epochs; log every 3 steps
+    argv = [*V12, "--log-every", "3", "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["moco_v2.py", *argv])
+    host_reads.clear()
+    moco_v2.main("v2")
+    in_loop = [(step, where) for step, where in host_reads if step > 0]
+    allowed = {3, 4, 6, 8}  # log steps (every 3rd) and epoch ends (4, 8)
+    assert in_loop, "no read at all: the losses were never logged"
+    for step, where in in_loop:
+        assert step in allowed, f"host read after step {step} in {where}"
+    assert {s for s, w in in_loop if w == "step_log.py"} == {3, 4, 6, 8}
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["loss"]]
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))  # one row per step
+    assert all(float(r["loss"]) > 0 for r in rows)
+
+
+def test_step_log_reads_once_per_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows: list[dict[str, object]] = []
+    log = StepLog(every=5, batch_size=8, write=rows.append)
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or original(t))
+    losses = [torch.tensor(float(i)) / 3 for i in range(1, 8)]
+    for step, loss in enumerate(losses[:4], start=1):
+        log.add(step, 0, loss, 0.1, 0.99)
+        assert not log.due(step)
+    assert reads == [] and rows == []
+    log.add(5, 0, losses[4], 0.1, 0.99)
+    assert log.due(5)
+    log.flush()
+    assert reads == [1]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [float(r["loss"]) for r in rows] == [float(x) for x in losses[:5]]  # exact
+    assert log.last["loss"] == pytest.approx(sum(float(x) for x in losses[:5]) / 5)
+    log.flush()  # nothing pending: no read
+    assert reads == [1]
+
+
+def test_log_every_must_be_positive() -> None:
+    from example_runner import run
+
+    result = run("moco_v2.py", *TINY, "--log-every", "0", check=False)
+    assert result.returncode != 0 and "--log-every must be positive, got 0" in result.stderr

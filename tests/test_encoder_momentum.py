@@ -1,0 +1,111 @@
+"""MomentumEncoder.update with a 0-d tensor momentum: same numbers as a float, no host
+synchronisation, fused ops, bounded temporaries, and clear errors for bad tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SmallCNN, no_host_sync, perturb_
+from torch import nn
+
+from momentum_contrast import MomentumEncoder, _ema, cosine_momentum
+
+
+def key_params(enc: MomentumEncoder) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in enc.key_encoder.named_parameters()}
+
+
+@pytest.mark.parametrize("buffers", ["own", "ema"])
+def test_tensor_momentum_equals_float_momentum_and_the_formula(buffers: str) -> None:
+    online = SmallCNN().double()
+    by_float = MomentumEncoder(online, buffers=buffers)  # type: ignore[arg-type]
+    by_tensor = MomentumEncoder(online, buffers=buffers)  # type: ignore[arg-type]
+    m = torch.zeros((), dtype=torch.float64)
+    for step in range(6):
+        perturb_(online, seed=step)
+        online.train()(torch.randn(4, 3, 8, 8, dtype=torch.float64))  # moves BN statistics
+        value = cosine_momentum(step, 6, base=0.7)
+        before = key_params(by_tensor)
+        by_float.update(value)
+        m.fill_(value)  # the same tensor, refilled each step (as before a graph replay)
+        by_tensor.update(m)
+        for name, p in online.named_parameters():  # the formula, written out
+            expected = value * before[name] + (1 - value) * p.detach()
+            got = dict(by_tensor.key_encoder.named_parameters())[name]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    for (name, a), b in zip(
+        by_tensor.state_dict().items(), by_float.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15, msg=name)
+
+
+def test_tensor_momentum_zero_and_one() -> None:
+    online = nn.Linear(3, 2).double()
+    enc = MomentumEncoder(online)
+    perturb_(online)
+    before = key_params(enc)
+    enc.update(torch.tensor(1.0, dtype=torch.float64))
+    assert all(torch.equal(p, before[n]) for n, p in enc.key_encoder.named_parameters())
+    enc.update(torch.tensor(0.0))  # float32 momentum with float64 weights
+    for name, p in online.named_parameters():
+        assert torch.equal(dict(enc.key_encoder.named_parameters())[name], p.detach())
+
+
+def test_tensor_momentum_never_synchronises_and_stays_fused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    online = nn.Sequential(*(nn.Linear(4, 4) for _ in range(10)))  # 20 parameters
+    enc = MomentumEncoder(online)
+    m = torch.tensor(0.99)
+    with no_host_sync(monkeypatch) as rec:
+        enc.update(m)
+    # one multi-tensor op of each kind for the 20 parameters, none per tensor
+    assert sorted(rec.ops) == ["_foreach_add_", "_foreach_mul_", "_foreach_sub", "rsub"]
+    with no_host_sync(monkeypatch) as rec:
+        enc.update(0.99)  # the float path is unchanged
+    assert rec.ops == ["_foreach_lerp_"]
+
+
+def test_temporaries_are_made_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    online = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)).double()  # 64, 8, 24, 3
+    enc = MomentumEncoder(online)
+    perturb_(online)
+    before = key_params(enc)
+    monkeypatch.setattr(_ema, "_CHUNK_NUMEL", 30)
+    seen: list[int] = []
+    real_sub = torch._foreach_sub
+
+    def recording_sub(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
+        seen.append(sum(t.numel() for t in a))
+        return real_sub(a, b)
+
+    monkeypatch.setattr(torch, "_foreach_sub", recording_sub)
+    enc.update(torch.tensor(0.25, dtype=torch.float64))
+    assert seen == [64, 8, 27]  # a single tensor larger than a chunk goes alone
+    for name, p in online.named_parameters():
+        expected = 0.25 * before[name] + 0.75 * p.detach()
+        torch.testing.assert_close(
+            dict(enc.key_encoder.named_parameters())[name], expected, rtol=0, atol=1e-15
+        )
+
+
+@pytest.mark.parametrize(
+    ("momentum", "error", "message"),
+    [
+        (torch.tensor([0.9]), ValueError, r"momentum must be a float or a 0-d tensor.*\(1,\)"),
+        (torch.tensor(1), TypeError, r"floating-point tensor, got dtype torch.int64"),
+        (torch.tensor(0.9, device="meta"), ValueError, r"parameters' device cpu, got meta"),
+        (1.5, ValueError, r"momentum must be in \[0, 1\], got 1.5"),
+        ("0.9", TypeError, r"momentum must be a real number, got str"),
+    ],
+)
+def test_bad_momentum_is_rejected_and_nothing_changes(
+    momentum: object, error: type[Exception], message: str
+) -> None:
+    online = nn.Linear(3, 2)
+    enc = MomentumEncoder(online)
+    perturb_(online)
+    before = key_params(enc)
+    with pytest.raises(error, match=message):
+        enc.update(momentum)  # type: ignore[arg-type]
+    assert all(torch.equal(p, before[n]) for n, p in enc.key_encoder.named_parameters())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from typing_extensions import Unpack
 
 from momentum_contrast.augment.recipes import AugmentOptions, TwoViewAugment, ViewRecipe
@@ -9,13 +11,17 @@ from momentum_contrast.augment.recipes import AugmentOptions, TwoViewAugment, Vi
 __all__ = ["MoCoV1Augment", "MoCoV2Augment", "MoCoV3Augment"]
 
 
-def _jitter(jitter: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    """The four ``ColorJitter`` strengths, or a ``ValueError`` naming ``jitter``."""
+def _view(jitter: tuple[float, float, float, float], **fields: Any) -> ViewRecipe:
+    """A ``ViewRecipe`` with the four ``ColorJitter`` strengths of ``jitter`` (a
+    ``ValueError`` naming ``jitter`` unless it has four) and the crop ratio (3/4, 4/3)."""
     if not isinstance(jitter, (tuple, list)) or len(jitter) != 4:
         raise ValueError(
             f"jitter must be 4 numbers (brightness, contrast, saturation, hue), got {jitter!r}"
         )
-    return (jitter[0], jitter[1], jitter[2], jitter[3])
+    brightness, contrast, saturation, hue = jitter
+    return ViewRecipe(
+        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, **fields
+    )
 
 
 class MoCoV1Augment(TwoViewAugment):
@@ -46,17 +52,12 @@ class MoCoV1Augment(TwoViewAugment):
         flip_p: float = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
-        brightness, contrast, saturation, hue = _jitter(jitter)
-        view = ViewRecipe(
+        view = _view(
+            jitter,
             scale=scale,
-            ratio=(3 / 4, 4 / 3),
-            brightness=brightness,
-            contrast=contrast,
-            saturation=saturation,
-            hue=hue,
             jitter_p=jitter_p,
             grayscale_p=grayscale_p,
-            grayscale_first=True,
+            grayscale_first=True,  # v1 converts to grayscale before the jitter
             flip_p=flip_p,
         )
         super().__init__(view, view, size=size, **options)
@@ -88,17 +89,11 @@ class MoCoV2Augment(TwoViewAugment):
         flip_p: float = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
-        brightness, contrast, saturation, hue = _jitter(jitter)
-        view = ViewRecipe(
+        view = _view(
+            jitter,
             scale=scale,
-            ratio=(3 / 4, 4 / 3),
-            brightness=brightness,
-            contrast=contrast,
-            saturation=saturation,
-            hue=hue,
             jitter_p=jitter_p,
             grayscale_p=grayscale_p,
-            grayscale_first=False,
             blur_p=blur_p,
             blur_sigma=blur_sigma,
             flip_p=flip_p,
@@ -135,18 +130,12 @@ class MoCoV3Augment(TwoViewAugment):
         flip_p: float = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
-        brightness, contrast, saturation, hue = _jitter(jitter)
         one, two = (
-            ViewRecipe(
+            _view(
+                jitter,
                 scale=scale,
-                ratio=(3 / 4, 4 / 3),
-                brightness=brightness,
-                contrast=contrast,
-                saturation=saturation,
-                hue=hue,
                 jitter_p=jitter_p,
                 grayscale_p=grayscale_p,
-                grayscale_first=False,
                 blur_p=blur_p[v],
                 blur_sigma=blur_sigma,
                 solarize_p=solarize_p[v],

@@ -21,8 +21,15 @@ export PYTHONPATH=$PWD/src${EXTRA:+:$EXTRA} PYTHONUNBUFFERED=1 BENCH_OUT=$OUT
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 # test_package checks installed metadata (the package runs from src/ here); the gloo
-# distributed tests are CPU-only and run in CI.
-$PY -m pytest -q -p no:cacheprovider --ignore=tests/test_package.py --ignore=tests/test_distributed.py -rs ${TESTS:-} 2>&1 | tee "$OUT/pytest.log"
+# multi-process tests, the docs site (mkdocs, Chromium) and the timm conversions are
+# CPU-only, need tools the device lacks, and run in CI.
+CPU_ONLY="tests/test_package.py tests/test_distributed.py tests/test_host_collectives.py
+  tests/test_fsdp.py tests/test_accumulation.py tests/test_convert.py
+  tests/test_convert_official.py tests/docs tests/examples/test_resume_distributed.py
+  tests/examples/test_linear_eval_sources.py"
+IGNORES=$(for t in $CPU_ONLY; do printf -- '--ignore=%s ' "$t"; done)
+# shellcheck disable=SC2086
+$PY -m pytest -q -p no:cacheprovider $IGNORES -rs ${TESTS:-} 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 for bench in ${BENCHES:-run augment examples_end_to_end}; do
   if [ "$bench" = run ]; then  # the suite: every piece against reference-style code

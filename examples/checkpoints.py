@@ -29,7 +29,7 @@ MUST_MATCH = ("arch", "dim", "queue_size", "mlp_dim", "optimizer")
 # ... and flags whose change makes the resumed run differ from the interrupted one.
 WARN_IF_CHANGED = ("batch_size", "epochs", "seed", "lr", "image_size", "data", "augment_on")
 WARN_IF_CHANGED += ("moco_momentum", "temperature", "weight_decay", "warmup_epochs")
-WARN_IF_CHANGED += ("schedule_milestones", "crop_min", "blur_p", "shapes_train")
+WARN_IF_CHANGED += ("schedule_milestones", "crop_min", "blur_p", "shapes_train", "accumulate")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -44,6 +44,11 @@ HELP = {
     "optimizer": "'lars' or 'adamw'",
     "temperature": "temperature T of the contrastive loss",
     "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "accumulate": "split each process's batch into N micro-batches whose gradients add up "
+    "to one optimiser step (the step of the whole --batch-size; exact without BatchNorm, "
+    "see docs/guides/scaling-out.md)",
+    "fsdp": "ViTs only: shard both encoders with FSDP2 (fully_shard per transformer block, "
+    "bfloat16 compute on CUDA) instead of replicating them under DDP",
     "pretrained": "checkpoint to evaluate (required): one of these scripts', the MoCo "
     "authors' v1/v2/v3, or a backbone state dict (then give --arch)",
 }
@@ -51,7 +56,7 @@ HELP = {
 # Checked up front: positive, or at least zero.
 POSITIVE = ("batch_size", "epochs", "lr", "image_size", "queue_size", "dim", "mlp_dim")
 POSITIVE += ("knn_bank", "knn_queries", "shapes_train", "shapes_val", "shuffle_splits")
-POSITIVE += ("temperature", "log_every")
+POSITIVE += ("temperature", "log_every", "accumulate")
 NON_NEGATIVE = ("max_steps", "workers", "weight_decay", "warmup_epochs")
 FRACTIONS = ("moco_momentum", "blur_p", "crop_min")
 
@@ -106,7 +111,11 @@ def build_parser(description: str, layers: Defaults) -> argparse.ArgumentParser:
     )
     for _, values in layers:
         for name, value in values.items():
-            if flag(name) not in p._option_string_actions:
+            if flag(name) in p._option_string_actions:
+                continue
+            if isinstance(value, bool):  # a switch; None until the layers fill it in
+                p.add_argument(flag(name), action="store_true", default=None, help=HELP[name])
+            else:
                 p.add_argument(flag(name), type=type(value), help=HELP[name])
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved settings and exit"
@@ -154,6 +163,28 @@ def check_steps(images: int, batch_size: int) -> int:
     return images // batch_size
 
 
+def check_accumulate(args: argparse.Namespace, world: int) -> None:
+    """``--accumulate N``: each process's batch splits into N micro-batches of 2 or more
+    images (BatchNorm), and each micro-batch into the ``--shuffle-splits`` sub-batches."""
+    n = getattr(args, "accumulate", 1)
+    if n is None or n == 1:
+        return
+    local = args.batch_size // world
+    if local % n:
+        fail(
+            f"--accumulate {n} does not split the {local} images per process "
+            f"(--batch-size {args.batch_size} over {world}) into equal micro-batches"
+        )
+    if local // n < 2:
+        fail(f"--accumulate {n} gives micro-batches of fewer than 2 images: BatchNorm")
+    splits = getattr(args, "shuffle_splits", None) or 1
+    if world == 1 and (local // n) % splits:
+        fail(
+            f"--accumulate {n} gives micro-batches of {local // n} images, which do not "
+            f"split into --shuffle-splits {splits} BatchNorm sub-batches"
+        )
+
+
 def min_image_size(arch: str, image_size: int, blur: bool) -> str | None:
     """Why ``--image-size`` does not fit ``arch`` (and the blur), or None if it does."""
     if arch == "small_cnn" and image_size < 8:
@@ -197,6 +228,9 @@ def validate(args: argparse.Namespace, *, blur: bool) -> None:
         )
     if args.batch_size // world < 2:
         fail(f"--batch-size {args.batch_size} gives fewer than 2 images per process: BatchNorm")
+    check_accumulate(args, world)
+    if values.get("fsdp") and not args.arch.startswith("vit"):
+        fail(f"--fsdp shards transformer blocks: --arch {args.arch} is not a ViT (use a vit_*)")
     reason = min_image_size(args.arch, args.image_size, blur)
     if reason:
         fail(f"--image-size {args.image_size} does not fit --arch {args.arch}: {reason}")

@@ -6,6 +6,7 @@
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         examples/moco_v2.py --data /data/imagenet --arch resnet50 --batch-size 1024 --lr 0.12
     python examples/moco_v2.py --resume auto                     # continue the last run
+    python examples/moco_v2.py --accumulate 2                    # 2 micro-batches per step
 
 On ImageNet the defaults are the paper's (ResNet-50, 200 epochs, batch 256, SGD lr 0.03,
 K 65,536, m 0.999, T 0.2, cosine schedule); with the built-in `shapes` data they are
@@ -14,12 +15,15 @@ scaled down to finish on a CPU in minutes (see examples/README.md).
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+from accumulation import gradient_sync, micro_batches
 from checkpoints import load_resume
 from common import backbone, cosine_lr, datasets, parse_args, setup, validate
 from flags import Defaults
 from torch import nn
-from training import fit
+from training import Recipe, fit
 
 from momentum_contrast import KeyQueue, MomentumEncoder, info_nce, moco_v1_head, moco_v2_head
 from momentum_contrast.augment import MoCoV1Augment, MoCoV2Augment
@@ -35,7 +39,7 @@ PAPER_DEFAULTS = {
     "arch": "resnet50", "epochs": 200, "batch_size": 256, "lr": 0.03, "image_size": 224,
     "queue_size": 65536, "moco_momentum": 0.999, "dim": 128, "weight_decay": 1e-4,
     "schedule_milestones": "120,160", "shuffle_splits": 8, "knn_bank": 50000, "knn_queries": 10000,
-    "shapes_train": 4000, "shapes_val": 1000, "crop_min": 0.2, "blur_p": 0.5,
+    "shapes_train": 4000, "shapes_val": 1000, "crop_min": 0.2, "blur_p": 0.5, "accumulate": 1,
 }  # fmt: skip
 SHAPES_DEFAULTS = {
     "arch": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.06, "image_size": 32,
@@ -49,14 +53,10 @@ LAYERS: Defaults = [
 ]
 
 
-def main(version: str = "v2") -> None:
-    """Parse the flags, build the MoCo v1 or v2 pieces and train."""
+def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, int]) -> Recipe:
+    """The MoCo v1 or v2 pieces for ``args`` and the training step that uses them."""
     paper = PAPERS[version]
-    args = parse_args(f"MoCo {version} pre-training", LAYERS)
-    validate(args, blur=version == "v2" and args.blur_p > 0)
-    resume = load_resume(args, f"moco_{version}")  # checked before anything is built
-    env = device, _, world = setup(args)
-
+    device, _, world = env
     features, feature_dim = backbone(args.arch, args.image_size)
     model = nn.Sequential(features, paper["head"](feature_dim, out_dim=args.dim)).to(device)
     if world > 1:  # the query encoder trains under DDP; the key encoder uses Shuffle-BN
@@ -79,6 +79,7 @@ def main(version: str = "v2") -> None:
         key_encoder.to(memory_format=torch.channels_last)
     encode_q = torch.compile(model) if args.compile else model
     encode_k = torch.compile(key_encoder) if args.compile else key_encoder
+    n = args.accumulate
 
     def train_step(
         x_q: torch.Tensor, x_k: torch.Tensor, epoch: float
@@ -91,21 +92,38 @@ def main(version: str = "v2") -> None:
             group["lr"] = lr
         if channels_last:
             x_q, x_k = (x.contiguous(memory_format=torch.channels_last) for x in (x_q, x_k))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            q = encode_q(x_q)  # (N, dim) queries
-            key_encoder.update()  # m * key + (1 - m) * query, before computing the keys
-            shuffled, idx = batch_shuffle(x_k)  # Shuffle-BN
-            k = batch_unshuffle(encode_k(shuffled), idx)  # (N, dim) keys, no grad
-            loss = info_nce(q, k, queue.negatives(), temperature=paper["temperature"])
+        key_encoder.update()  # m * key + (1 - m) * query, once, before computing the keys
+        negatives = queue.negatives()  # one snapshot for every micro-batch of the step
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total, window = torch.zeros((), device=device), []
+        for rows in micro_batches(len(x_q), n):
+            with (
+                gradient_sync(model, rows.stop == len(x_q)),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+            ):
+                q = encode_q(x_q[rows])  # (N / n, dim) queries
+                shuffled, idx = batch_shuffle(x_k[rows])  # Shuffle-BN, per micro-batch
+                k = batch_unshuffle(encode_k(shuffled), idx)  # (N / n, dim) keys, no grad
+                loss = info_nce(q, k, negatives, temperature=paper["temperature"]) / n
+            loss.backward()  # gradients add up: the mean over the whole batch
+            total += loss.detach()
+            window.append(k)
         optimizer.step()
-        queue.push(k)  # all ranks' keys, newest first out
-        return {"loss": loss.detach(), "lr": lr, "momentum": args.moco_momentum}
+        queue.push(window[0] if n == 1 else torch.cat(window))  # all ranks' keys, in order
+        return {"loss": total, "lr": lr, "momentum": args.moco_momentum}
 
     stateful = {"model": model, "key_encoder": key_encoder, "queue": queue, "optimizer": optimizer}
-    data = datasets(args)
-    fit(args, f"moco_{version}", stateful, train_step, augment, features, data, env, resume)
+    return Recipe(stateful, train_step, augment, features)
+
+
+def main(version: str = "v2") -> None:
+    """Parse the flags, build the MoCo v1 or v2 pieces and train."""
+    args = parse_args(f"MoCo {version} pre-training", LAYERS)
+    validate(args, blur=version == "v2" and args.blur_p > 0)
+    resume = load_resume(args, f"moco_{version}")  # checked before anything is built
+    env = setup(args)
+    recipe = build(args, version, env)
+    fit(args, f"moco_{version}", *recipe, datasets(args), env, resume)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import csv
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from checkpoints import (
@@ -28,6 +28,20 @@ from step_log import StepLog
 from torch import nn
 
 Step = Callable[[torch.Tensor, torch.Tensor, float], dict[str, Any]]
+# What the kNN monitor embeds with: the backbone, or (FSDP) a collective that returns an
+# unsharded copy of it on rank 0 (called on every rank).
+Features = nn.Module | Callable[[], nn.Module]
+
+
+class Recipe(NamedTuple):
+    """What a recipe's ``build`` returns: the first arguments of [`fit`][]."""
+
+    stateful: dict[str, Any]  # saved in checkpoints: objects with state_dict/load_state_dict
+    train_step: Step
+    augment: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    features: Features
+
+
 FIELDS = ["step", "epoch", "loss", "lr", "momentum", "images_per_s", "knn_top1"]
 
 
@@ -57,15 +71,17 @@ def fit(
     stateful: dict[str, Any],
     train_step: Step,
     augment: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-    features: nn.Module,
+    features: Features,
     data: tuple[Images, Images, int],
     env: tuple[torch.device, int, int],
     resume: tuple[Path, dict[str, Any]] | None,
 ) -> None:
     """Train ``args.epochs`` epochs of ``train_step`` on two views per image.
 
-    ``env`` is ``(device, rank, world_size)`` from ``common.setup``; ``resume`` is what
-    ``checkpoints.load_resume`` returned (read before the models were built)."""
+    Every rank calls ``state_dict`` of the ``stateful`` objects at a checkpoint (under
+    FSDP that is a collective) and rank 0 saves them. ``env`` is ``(device, rank,
+    world_size)`` from ``common.setup``; ``resume`` is what ``checkpoints.load_resume``
+    returned (read before the models were built)."""
     from tqdm import tqdm
 
     train, val, classes = data
@@ -85,8 +101,13 @@ def fit(
             truncate_metrics(metrics, step)
         print(f"resumed from {path} at step {step}")
         debug_dump(stateful, rank, "loaded")
+
+    def knn_now() -> float:  # on rank 0; under FSDP every rank gathers the weights first
+        module = features if isinstance(features, nn.Module) else features()
+        return knn_accuracy(module, train, val, classes, args, device) if rank == 0 else 0.0
+
     if baseline is None:
-        baseline = knn_accuracy(features, train, val, classes, args, device) if rank == 0 else 0.0
+        baseline = knn_now()
         print(f"kNN top-1 at random initialisation: {baseline:.1f}%")
     if rank == 0 and (resume is None or not metrics.exists()):
         with open(metrics, "w", newline="") as f:
@@ -99,8 +120,8 @@ def fit(
     def checkpoint(tag: str) -> None:
         rng = rng_states(device)  # every rank's, gathered (a collective)
         debug_dump(stateful, rank, tag)
+        state = state_of(stateful)  # on every rank: a collective under FSDP
         if rank == 0:
-            state = state_of(stateful)
             state.update(recipe=recipe, step=step, rng=rng, args=vars(args), knn_baseline=baseline)
             save_checkpoint(out / f"checkpoint_{tag}.pt", state)
             for old in out.glob("checkpoint_*.pt"):  # keep only the newest
@@ -151,8 +172,9 @@ def fit(
                 break
         bar.close()
         steps.flush()  # the epoch's (or run's) last steps, before the kNN and the checkpoint
+        if step % steps_per_epoch == 0:
+            knn = knn_now()
         if step % steps_per_epoch == 0 and rank == 0:
-            knn = knn_accuracy(features, train, val, classes, args, device)
             log({"step": step, "epoch": epoch, "knn_top1": round(knn, 2)})
             with open(metrics) as f:
                 plot(out, list(csv.DictReader(f)))

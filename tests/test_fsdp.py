@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from _dist_recipes import TinyViT
 from _dist_workers import global_tensor, launch
 from torch import nn
 
@@ -18,30 +19,6 @@ from momentum_contrast.distributed import rank, world_size
 
 pytest.importorskip("torch.distributed.fsdp")
 STEPS, BATCH, TOKENS = 5, 4, 4  # per rank
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class TinyViT(nn.Module):
-    def __init__(self, dim: int = 16) -> None:
-        super().__init__()
-        self.embed = nn.Linear(12, dim)
-        self.blocks = nn.Sequential(Block(dim), Block(dim))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, TOKENS, 12) -> (B, 8)
-        return self.head(self.norm(self.blocks(self.embed(x))).mean(dim=1))
 
 
 def shard(model: nn.Module, **kwargs: Any) -> None:

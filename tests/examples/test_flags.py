@@ -55,6 +55,10 @@ def v3_args(*argv: str) -> argparse.Namespace:
         (["--queue-size", "0"], "--queue-size must be positive"),
         (["--workers", "-1"], "--workers must be >= 0"),
         (["--resume", "/nonexistent/checkpoint.pt"], "--resume /nonexistent/checkpoint.pt: no"),
+        (["--accumulate", "0"], "--accumulate must be positive, got 0"),
+        (["--accumulate", "3"], "--accumulate 3 does not split the 16 images per process"),
+        (["--accumulate", "16"], "--accumulate 16 gives micro-batches of fewer than 2 images"),
+        (["--accumulate", "4", "--shuffle-splits", "8"], "micro-batches of 4 images, which do"),
     ],
 )
 def test_bad_flags_stop_with_an_error_naming_the_flag(argv: list[str], message: str) -> None:
@@ -75,6 +79,19 @@ def test_world_size_and_device_are_checked(monkeypatch: pytest.MonkeyPatch) -> N
             validate(v3_args("--device", "cuda"), blur=True)
     with pytest.raises(SystemExit, match="--device 'gpu0' is not a device"):
         validate(v3_args("--device", "gpu0"), blur=True)
+
+
+def test_fsdp_needs_a_vit_and_accumulate_counts_per_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(SystemExit, match="--fsdp shards transformer blocks: --arch small_cnn"):
+        validate(v3_args("--fsdp"), blur=True)
+    validate(v3_args("--fsdp", "--arch", "vit_tiny"), blur=True)
+    assert v3_args().fsdp is False and v3_args().accumulate == 1  # the defaults
+    monkeypatch.setenv("WORLD_SIZE", "2")  # 8 images per process: 4 micro-batches of 2
+    validate(v3_args("--accumulate", "4"), blur=True)
+    with pytest.raises(SystemExit, match=r"split the 8 images per process \(--batch-size 16 over"):
+        validate(v3_args("--accumulate", "16"), blur=True)
 
 
 def fake_checkpoint(path: Path, **changes: object) -> Path:

@@ -26,7 +26,8 @@ export PYTHONPATH=$PWD/src${EXTRA:+:$EXTRA} PYTHONUNBUFFERED=1 BENCH_OUT=$OUT
 CPU_ONLY="tests/test_package.py tests/test_distributed.py tests/test_host_collectives.py
   tests/test_fsdp.py tests/test_accumulation.py tests/test_convert.py
   tests/test_convert_official.py tests/docs tests/examples/test_resume_distributed.py
-  tests/examples/test_linear_eval_sources.py"
+  tests/examples/test_linear_eval_sources.py tests/test_fsdp_recipes.py
+  tests/examples/test_fsdp_example.py"
 IGNORES=$(for t in $CPU_ONLY; do printf -- '--ignore=%s ' "$t"; done)
 # shellcheck disable=SC2086
 $PY -m pytest -q -p no:cacheprovider $IGNORES -rs ${TESTS:-} 2>&1 | tee "$OUT/pytest.log"

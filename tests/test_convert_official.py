@@ -234,3 +234,42 @@ def test_an_official_checkpoint_of_another_architecture_is_refused() -> None:
         )
     with pytest.raises(LayoutError, match="not a MoCo authors' checkpoint"):
         load_official_checkpoint({"recipe": "moco_v2", "model": {}}, model, MomentumEncoder(model))
+
+
+def test_unwritable_outputs_and_odd_dicts_get_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backbone, _ = strip_classifier(torchvision.models.resnet18())
+    torch.save(backbone.state_dict(), src := tmp_path / "r18.pth")
+    for dst in (tmp_path / "missing" / "x.pth", tmp_path):  # no folder; a folder
+        for to in ("torchvision", "detectron2"):
+            assert "cannot write" in run_main([str(src), str(dst), "--to", to], capsys)
+    out = str(tmp_path / "out.pth")
+    torch.save({1: torch.zeros(1)}, odd := tmp_path / "int_keys.pt")
+    assert "not a string: 1" in run_main([str(odd), out, "--to", "timm"], capsys)
+    ckpt = official("moco_v2_resnet50")
+    ckpt["state_dict"]["module.encoder_q.note"] = "text"
+    torch.save(ckpt, odd)
+    assert "is a str, not a tensor" in run_main([str(odd), out, "--to", "timm"], capsys)
+
+
+def test_timm_vits_torchvision_cannot_take_are_refused_or_completed() -> None:
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False)
+    no_class_row = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, pretrained=False, no_embed_class=True
+    )
+    with pytest.raises(LayoutError, match="no_embed_class"):
+        backbone_state_dict(no_class_row.state_dict(), to="torchvision")
+    no_bias = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, pretrained=False, qkv_bias=False
+    )
+    tv = torchvision.models.VisionTransformer(224, 16, 12, 3, 192, 768)
+    result = tv.load_state_dict(backbone_state_dict(no_bias, to="torchvision"), strict=False)
+    assert result.missing_keys == ["heads.head.weight", "heads.head.bias"]
+    tv.heads = nn.Identity()
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tv.double().eval()(x), no_bias.double().eval()(x), rtol=0, atol=1e-9
+        )
+    assert backbone_state_dict(plain, to="torchvision").keys() == tv.state_dict().keys()

@@ -155,3 +155,52 @@ def test_online_setter_rejects_a_model_that_does_not_match() -> None:
         enc.online = "model"  # type: ignore[assignment]
     enc.update(0.0)
     assert torch.equal(enc.key_encoder.weight, a.weight)
+
+
+def two_layers() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("how", ["data_same_name", "set_same_name", "data_other_name", "swap"])
+def test_memory_shared_after_the_first_update_raises(how: str) -> None:
+    """Swaps that keep the parameter objects (``.data =``, ``set_``) move their memory:
+    the check sees it, and refuses a key encoder living in the online model's memory."""
+    online = two_layers()
+    enc = MomentumEncoder(online, momentum=0.9)
+    enc.update()
+    before = [p.detach().clone() for p in online.parameters()]
+    key = enc.key_encoder
+    if how == "data_same_name":
+        key[0].weight.data = online[0].weight.data
+    elif how == "set_same_name":
+        with torch.no_grad():
+            key[0].weight.set_(online[0].weight)
+    elif how == "data_other_name":
+        key[0].weight.data = online[1].weight.data
+    else:
+        enc.key_encoder = nn.Sequential(online[1], online[0])
+    with pytest.raises(ValueError, match="shares these parameters' memory"):
+        enc.update()
+    for p, b in zip(online.parameters(), before, strict=True):
+        assert torch.equal(p, b)  # the online model was not written
+
+
+def test_data_swap_to_fresh_memory_is_followed() -> None:
+    online = two_layers()
+    enc = MomentumEncoder(online, momentum=0.5)
+    enc.update()
+    enc.key_encoder[1].bias.data = torch.full((4,), 2.0)  # same object, new memory
+    enc.update()
+    expected = 0.5 * torch.full((4,), 2.0) + 0.5 * online[1].bias.detach()
+    torch.testing.assert_close(enc.key_encoder[1].bias, expected)
+
+
+def test_compiled_key_encoder_is_unwrapped_like_the_online_model() -> None:
+    online = two_layers()
+    enc = MomentumEncoder(online, momentum=0.0)
+    enc.key_encoder = torch.compile(enc.key_encoder)  # type: ignore[assignment]
+    enc.update()
+    for (name, k), o in zip(
+        enc.key_encoder._orig_mod.named_parameters(), online.parameters(), strict=True
+    ):
+        assert torch.equal(k, o), name

@@ -112,7 +112,7 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     assert not torch.equal(shadow, shadow.to(torch.bfloat16).float())  # float32 bits in use
 
 
-@pytest.mark.parametrize("how", ["in_place", "assign", "one_row"])
+@pytest.mark.parametrize("how", ["in_place", "assign", "one_row", "through_data", "data_swap"])
 def test_key_weights_written_outside_update_are_followed(how: str) -> None:
     online = bf16_model()
     enc = MomentumEncoder(online, momentum=0.9, ema_dtype=torch.float32)
@@ -125,6 +125,12 @@ def test_key_weights_written_outside_update_are_followed(how: str) -> None:
         enc.key_encoder.load_state_dict(new)
     elif how == "assign":
         enc.key_encoder.load_state_dict(new, assign=True)
+    elif how == "through_data":  # the MoCo reference's way: no version counter sees it
+        for p in enc.key_encoder.parameters():
+            p.data.copy_(torch.full_like(p, 0.5))
+    elif how == "data_swap":
+        for p in enc.key_encoder.parameters():
+            p.data = torch.full_like(p, 0.5)
     else:
         with torch.no_grad():
             enc.key_encoder[0].weight[3].fill_(0.5)

@@ -7,6 +7,7 @@ argument, what was expected and what was given. None of them reads tensor
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Collection
 
@@ -49,10 +50,10 @@ def check_real(name: str, value: object) -> float:
 
 
 def check_positive(name: str, value: object) -> float:
-    """Require a real number > 0."""
+    """Require a finite real number > 0."""
     v = check_real(name, value)
-    if not v > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return v
 
 

@@ -42,6 +42,11 @@ def check_momentum(value: object, devices: set[torch.device]) -> float | torch.T
         )
     if not value.is_floating_point():
         raise TypeError(f"momentum must be a floating-point tensor, got dtype {value.dtype}")
+    if torch.finfo(value.dtype).eps > torch.finfo(torch.float32).eps:
+        raise TypeError(  # bfloat16(0.999) == 1.0: the average would never move
+            f"momentum must be a float32 or float64 tensor, got {value.dtype}, which cannot "
+            "hold 1 - m precisely"
+        )
     for device in devices:
         if value.device != device:
             raise ValueError(

@@ -54,6 +54,10 @@ class TensorPairs:
     key_locals: tuple[torch.Tensor, ...] = ()
     online_layouts: tuple[object, ...] = ()
     key_layouts: tuple[object, ...] = ()
+    # where each tensor's data lives: a ``.data = ...`` or ``set_`` swap keeps the tensor
+    # object but not its memory, and may make one side share the other's
+    online_ptrs: tuple[int, ...] = ()
+    key_ptrs: tuple[int, ...] = ()
     # (key tensors, online tensors) per (device, dtype) group; local shards of DTensors
     groups: list[Group] = field(default_factory=list)
     group_names: list[list[str]] = field(default_factory=list)
@@ -79,6 +83,13 @@ class TensorPairs:
             and tuple(map(signature, online)) == self.online_signatures
             and tuple(map(signature, key)) == self.key_signatures
             and (
+                torch.compiler.is_compiling()  # Dynamo cannot compare data pointers
+                or (
+                    data_addresses(online, bool(self.online_locals)) == self.online_ptrs
+                    and data_addresses(key, bool(self.online_locals)) == self.key_ptrs
+                )
+            )
+            and (
                 not self.online_locals  # no DTensor: the tensors are what the groups hold
                 or (
                     all(map(operator.is_, map(local, online), self.online_locals))
@@ -88,6 +99,32 @@ class TensorPairs:
                 )
             )
         )
+
+
+def data_addresses(tensors: Sequence[torch.Tensor], sharded: bool) -> tuple[int, ...]:
+    """Where each tensor's (local) data starts (0 without memory, as for meta tensors)."""
+    if sharded:
+        return tuple(local(t).data_ptr() for t in tensors)
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def _storage(t: torch.Tensor) -> tuple[torch.device, int] | None:
+    t = local(t)
+    if torch.compiler.is_compiling() or t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.device, int(t.untyped_storage().data_ptr()))
+
+
+def shared_memory(
+    online_named: Sequence[tuple[str, torch.Tensor]],
+    key_named: Sequence[tuple[str, torch.Tensor]],
+) -> list[str]:
+    """Names of key tensors that live in the memory of any online tensor (whatever its
+    name): an average of a tensor with itself, or a key update written into the online
+    model."""
+    online = {_storage(t) for _, t in online_named} - {None}
+    online_ids = {id(t) for _, t in online_named}
+    return [n for n, t in key_named if id(t) in online_ids or _storage(t) in online]
 
 
 def pair_by_name(
@@ -111,7 +148,6 @@ def pair_by_name(
         problems.append(f"{kind}s missing from the online model: {missing}")
     if added:
         problems.append(f"{kind}s the key encoder does not have: {added}")
-    shared = []
     for name in sorted(key.keys() & online.keys()):
         k, o = key[name], online[name]
         for what, kv, ov in (
@@ -124,19 +160,12 @@ def pair_by_name(
                 problems.append(
                     f"{kind} {name!r} has {what} {ov} online but {kv} in the key encoder"
                 )
-        kl, ol = local(k), local(o)
-        if k is o or (
-            not torch.compiler.is_compiling()  # Dynamo cannot compare data pointers
-            and kl.device == ol.device
-            and kl.device.type != "meta"
-            and kl.numel() > 0
-            and kl.data_ptr() == ol.data_ptr()
-        ):
-            shared.append(name)
+    shared = shared_memory(online_named, key_named)
     if shared:
         problems.append(
-            f"the key encoder shares these {kind}s' memory with the online model, so it "
-            f"could never lag behind it: {shared}"
+            f"the key encoder shares these {kind}s' memory with the online model (an "
+            f"update would average a tensor with itself or write into the online model): "
+            f"{shared}"
         )
     if problems:
         raise ValueError(
@@ -159,6 +188,7 @@ def pair_by_name(
     online_seen = tuple(t for _, t in online_named)
     key_seen = tuple(t for _, t in key_named)
     sharded = any(map(is_dtensor, online_seen + key_seen))
+    compiling = torch.compiler.is_compiling()  # Dynamo cannot look at data pointers
     return TensorPairs(
         online_names=tuple(n for n, _ in online_named),
         key_names=tuple(n for n, _ in key_named),
@@ -170,6 +200,8 @@ def pair_by_name(
         key_locals=tuple(map(local, key_seen)) if sharded else (),
         online_layouts=tuple(map(layout, online_seen)) if sharded else (),
         key_layouts=tuple(map(layout, key_seen)) if sharded else (),
+        online_ptrs=data_addresses(online_seen, sharded) if not compiling else (),
+        key_ptrs=data_addresses(key_seen, sharded) if not compiling else (),
         groups=groups,
         group_names=list(bucket_names.values()),
         float_groups=[g for g in groups if g[0][0].is_floating_point()],

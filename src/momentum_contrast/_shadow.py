@@ -8,12 +8,12 @@ parameter less precise than that; the average runs on the copies, and the key we
 are their rounding (``key.copy_(shadow)``), so the key encoder still computes in the
 model's dtype.
 
-The copies never go stale: a key weight written by anything other than the update (a
-load, a reshard, FSDP2 re-padding its shard, an in-place edit) changes its version
-counter (host metadata, no device read), and the copy is then reconciled elementwise on
-the device: where the key no longer equals the rounded copy, the copy takes the key's
-value; elsewhere the copy keeps its extra precision (so loading a checkpoint that holds
-both is exact). A copy whose layout no longer matches its key (a key encoder sharded by
+The copies never go stale: before every update each copy is reconciled with its key
+elementwise, on the device with fused multi-tensor ops (no host read): where the key no
+longer equals the rounded copy (a load, a reshard, FSDP2 re-padding its shard, an
+in-place edit, even a write through ``.data``, which no version counter sees), the copy
+takes the key's value; elsewhere it keeps its extra precision (so loading a checkpoint
+that holds both is exact). A copy whose layout no longer matches its key (a key encoder sharded by
 ``fully_shard`` after construction, or moved) is re-laid out the same way.
 """
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from momentum_contrast._dtensor import is_dtensor, layout, local
-from momentum_contrast._ema import Weight, lerp_
+from momentum_contrast._ema import Weight, _chunks, lerp_
 from momentum_contrast._pairing import TensorPairs
 
 __all__ = ["ShadowWeights", "buffer_name", "needs_shadow"]
@@ -58,6 +58,29 @@ def _relaid(old: torch.Tensor, key: torch.Tensor, dtype: torch.dtype) -> torch.T
     return torch.empty_like(key, dtype=dtype).copy_(key.detach())
 
 
+def reconcile_(keys: list[torch.Tensor], shadows: list[torch.Tensor]) -> None:
+    """Where a key weight is no longer its copy rounded (anything wrote it: a load, a
+    reshard, an in-place edit, a write through ``.data`` that no version counter sees),
+    the copy takes the key's value; elsewhere it keeps its extra precision. On the device,
+    every update, with fused multi-tensor ops (``shadow = lerp(shadow, key, changed)``)."""
+    if torch.compiler.is_compiling():
+        for key, shadow in zip(keys, shadows, strict=True):
+            shadow.copy_(torch.where(shadow.to(key.dtype) == key, shadow, key.to(shadow.dtype)))
+        return
+    for ks, ss in _chunks(keys, shadows):
+        rounded = [torch.empty_like(k) for k in ks]
+        torch._foreach_copy_(rounded, ss)  # round(shadow), in the keys' dtype
+        changed = [torch.empty_like(s) for s in ss]
+        torch._foreach_copy_(changed, ks)  # key, exactly, in the copies' dtype
+        wide = [torch.empty_like(s) for s in ss]
+        torch._foreach_copy_(wide, rounded)
+        torch._foreach_sub_(changed, wide)  # key - round(shadow): 0 where untouched
+        torch._foreach_abs_(changed)
+        torch._foreach_sign_(changed)  # 1 where written, else 0
+        torch._foreach_copy_(wide, ks)
+        torch._foreach_lerp_(ss, wide, changed)  # shadow, or the key where written
+
+
 class ShadowWeights(nn.Module):
     """``ema_dtype`` copies of the key encoder's less precise parameters (state_dict
     ``ema_shadow.<name with / for .>``).
@@ -79,7 +102,6 @@ class ShadowWeights(nn.Module):
         self._groups: list[ShadowGroup] = []
         self._others: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self._seen: list[tuple[str, torch.Tensor]] = []  # (buffer name, shadow object)
-        self._written: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # key, shadow, version
 
     def update_(self, pairs: TensorPairs, weight: Weight) -> None:
         """The average on the copies (the other parameters directly), then the keys."""
@@ -89,7 +111,6 @@ class ShadowWeights(nn.Module):
         for keys, shadows, onlines in shadowed:
             lerp_(shadows, onlines, weight, cast=True)
             torch._foreach_copy_(keys, shadows)  # the key weights: the copies rounded
-        self.written()
 
     def prepare(
         self, pairs: TensorPairs
@@ -97,23 +118,14 @@ class ShadowWeights(nn.Module):
         """``(shadowed groups, other groups)`` for this update, every copy reconciled."""
         if self._pairs is not pairs or any(self._buffers.get(n) is not t for n, t in self._seen):
             self._build(pairs)
-        if torch.compiler.is_compiling():  # version counters are not traced: reconcile all
-            stale = self._written
-        else:
-            stale = [w for w in self._written if w[0]._version != w[2]]
-        for key, shadow, _ in stale:  # rare (after a load or a reshard): a plain loop
-            shadow.copy_(torch.where(shadow.to(key.dtype) == key, shadow, key.to(shadow.dtype)))
+        for keys, shadows, _ in self._groups:
+            reconcile_(keys, shadows)
         return self._groups, self._others
-
-    def written(self) -> None:
-        """Record the key versions after ``key.copy_(shadow)``: the copies are in sync."""
-        if not torch.compiler.is_compiling():
-            self._written = [(k, s, k._version) for k, s, _ in self._written]
 
     def _build(self, pairs: TensorPairs) -> None:
         """Split the pairing into shadowed and plain parameters; re-lay out the copies."""
         key_of = dict(zip(pairs.key_names, pairs.key_seen, strict=True))
-        self._groups, self._others, self._seen, self._written = [], [], [], []
+        self._groups, self._others, self._seen = [], [], []
         for (keys, onlines), names in zip(pairs.groups, pairs.group_names, strict=True):
             if not needs_shadow(keys[0].dtype, self.dtype):
                 self._others.append((keys, onlines))
@@ -138,6 +150,4 @@ class ShadowWeights(nn.Module):
                 shadows.append(local(self._buffers[bname]))  # type: ignore[arg-type]
                 self._seen.append((bname, self._buffers[bname]))  # type: ignore[arg-type]
             self._groups.append((keys, shadows, onlines))
-            # -1: reconcile every copy at the first update after a (re)build
-            self._written += [(k, s, -1) for k, s in zip(keys, shadows, strict=True)]
         self._pairs = pairs

@@ -48,8 +48,9 @@ __all__ = [
     "world_size",
 ]
 
-# the last batch_unshuffle: (weak ref to its output, its version, all ranks' rows)
-_last_unshuffle: list[tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = []
+# the last batch_unshuffle: (weak ref to its output, its version, its data pointer, all
+# ranks' rows in order)
+_last_unshuffle: list[tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = []
 # the last batch_shuffle: (weak ref to its idx_unshuffle, every rank's rows)
 _last_shuffle: list[tuple[weakref.ref[torch.Tensor], list[int]]] = []
 
@@ -155,8 +156,8 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (N, ...), got a 0-d tensor")
     if _last_unshuffle:  # the keys batch_unshuffle just returned: their gather is known
-        ref, version, gathered = _last_unshuffle.pop()  # used once: never shared twice
-        if ref() is x and x._version == version:
+        ref, version, address, gathered = _last_unshuffle.pop()  # used once: never twice
+        if ref() is x and x._version == version and x.data_ptr() == address:
             return gathered
     return gather_with_sizes(x)[0]
 
@@ -205,6 +206,12 @@ def batch_shuffle(
 def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
     """Shuffle-BN, step two: undo [`batch_shuffle`][] on the key encoder's output.
 
+    It gathers every rank's rows; a [`concat_all_gather`][] (a ``KeyQueue.push``) of the
+    very tensor it returns reuses that gather once, unless the tensor was changed in place
+    since (its version counter and data pointer tell), so the push costs no second
+    exchange. Like autograd's own checks, writes through ``.data`` are not seen: edit
+    the keys in place with ordinary ops (or ``.clone()`` them first).
+
     Args:
         x: ``(N_r, ...)`` output computed on this rank's shuffled sub-batch.
         idx_unshuffle: the ``(sum_r N_r,)`` index returned by [`batch_shuffle`][].
@@ -238,6 +245,11 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     start = sum(sizes[: rank()])
     mine = gathered[idx_unshuffle[start : start + x.shape[0]]]
     # all ranks' rows in their original order: what concat_all_gather(mine) (a queue
-    # push of these keys) would gather, kept for it (weakly, for one use)
-    _last_unshuffle[:] = [(weakref.ref(mine), mine._version, gathered[idx_unshuffle])]
+    # push of these keys) would gather, kept for it (weakly, for one use). Inference
+    # tensors have no version counter to tell an in-place edit: nothing is kept for them.
+    _last_unshuffle.clear()
+    if not mine.is_inference():
+        _last_unshuffle.append(
+            (weakref.ref(mine), mine._version, mine.data_ptr(), gathered[idx_unshuffle])
+        )
     return mine

@@ -81,6 +81,9 @@ class MomentumEncoder(nn.Module):
 
     ``online`` is kept as a plain reference (``.online``), not a submodule, so
     ``state_dict()``, ``parameters()`` and ``.to()`` concern the key encoder only.
+    ``copy.deepcopy`` and pickling copy the online model with it, as they copy every
+    object an object refers to: the copy follows that copy. To make it follow the model
+    you train, assign ``copy.online = model``.
 
     Args:
         online: the query encoder being trained (any ``nn.Module``). ``DataParallel``,
@@ -228,7 +231,7 @@ class MomentumEncoder(nn.Module):
         """The (cached) pairing of ``kind`` tensors, validated against both models."""
         params = kind == "parameter"
         cached = self._param_pairs if params else self._buffer_pairs
-        pairs = current_pairs(kind, cached, self.online, self.key_encoder)
+        pairs = current_pairs(kind, cached, self.online, unwrap_model(self.key_encoder))
         if params:
             self._param_pairs = pairs
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import numbers
 from typing import Literal
 
 import torch
@@ -200,18 +202,24 @@ def symmetric_contrastive_loss(
         check_same_shape("k1", k1, "q1", q1)
         first = 0
     else:
-        if isinstance(positive_offset, bool) or not isinstance(positive_offset, int):
+        if isinstance(positive_offset, bool) or not isinstance(positive_offset, numbers.Integral):
             raise TypeError(
                 f"positive_offset must be an int or None, got {type(positive_offset).__name__}"
+            )
+        if m < n:
+            raise ValueError(
+                f"with positive_offset, k1 and k2 must have at least as many rows as q1 "
+                f"(M = {m} keys, N = {n} queries)"
             )
         if not 0 <= positive_offset <= m - n:
             raise ValueError(
                 f"positive_offset must be in [0, M - N] = [0, {m - n}] (M = {m} keys, "
                 f"N = {n} queries), got {positive_offset}"
             )
-        first = positive_offset
+        first = int(positive_offset)
     t = check_positive("temperature", temperature)
-    dtype = torch.promote_types(q1.dtype, torch.float32)
+    dtype = functools.reduce(torch.promote_types, (q1.dtype, q2.dtype, k1.dtype, k2.dtype))
+    dtype = torch.promote_types(dtype, torch.float32)  # float64 if any input is
     with _float32_context(q1.device):
         a, b = q1.to(dtype), q2.to(dtype)
         keys = torch.cat([F.normalize(k.detach().to(dtype), dim=1) for k in (k1, k2)], dim=1)

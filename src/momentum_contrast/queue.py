@@ -46,7 +46,9 @@ class KeyQueue(nn.Module):
             With ``init="random"`` the first [`push`][] or [`negatives`][] under a
             process group also broadcasts rank 0's initial keys (one collective, once),
             as the reference's DDP-registered buffer: every rank's queue is the same
-            from the first step.
+            from the first step. Load a checkpoint on every rank or on none: a queue
+            loaded on some ranks only skips that broadcast there, and the ranks would
+            wait on different collectives.
 
     Examples:
         >>> import torch

@@ -60,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         state = backbone_state_dict(args.src, encoder=args.encoder, to=args.to)
-        _save(state, Path(args.dst), args.to)
     except (LayoutError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        _save(state, Path(args.dst), args.to)
+    except (LayoutError, OSError, RuntimeError) as e:  # a missing folder, a directory, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: cannot write {args.dst}: {reason}", file=sys.stderr)
         return 2
     print(
         f"wrote {args.dst}: {len(state)} tensors of the {args.encoder} encoder's backbone "

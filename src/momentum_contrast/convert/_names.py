@@ -13,6 +13,7 @@ Three backbone layouts are understood, found by an anchor key at some prefix:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 
@@ -130,7 +131,26 @@ def vit_torchvision_to_timm(state: State) -> State:
 
 
 def vit_timm_to_torchvision(state: State) -> State:
-    """timm ``VisionTransformer`` names (the MoCo v3 authors' too) to torchvision's."""
+    """timm ``VisionTransformer`` names (the MoCo v3 authors' too) to torchvision's.
+
+    torchvision's ViT has a class token with its own position embedding and biases in the
+    attention's input projection: a timm ViT without the former is refused, one without
+    the latter (``qkv_bias=False``) gets zero biases, which compute the same."""
+    pos = state.get("pos_embed")
+    if "cls_token" not in state or pos is None:
+        raise LayoutError("this timm ViT has no class token: torchvision's ViT needs one")
+    rows = pos.shape[-2]
+    if math.isqrt(rows) ** 2 == rows and math.isqrt(rows - 1) ** 2 != rows - 1:
+        raise LayoutError(
+            f"pos_embed has {rows} rows, none for the class token (timm's no_embed_class=True):"
+            " torchvision's ViT cannot take it"
+        )
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".attn.qkv.weight")]:
+        bias = key.removesuffix("weight") + "bias"
+        if bias not in state:
+            weight = state[key]
+            state[bias] = weight.new_zeros(weight.shape[0])
     return _rename(state, _VIT_RENAMES_BACK, "ViT tensor names to torchvision")
 
 

@@ -49,12 +49,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def _tensors(mapping: Mapping[str, Any]) -> State:
-    return {k: v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
+def _tensors(mapping: Mapping[str, Any], what: str) -> State:
+    """``mapping`` as a state dict: string keys and tensor values, else a ``LayoutError``."""
+    for k, v in mapping.items():
+        if not isinstance(k, str):
+            raise LayoutError(f"{what} has a key that is not a string: {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise LayoutError(f"{what}[{k!r}] is a {type(v).__name__}, not a tensor")
+    return dict(mapping)
 
 
 def source_kind(ckpt: Mapping[str, Any]) -> str:
     """Which of the understood layouts ``ckpt`` is (see the module docstring)."""
+    for mapping, what in ((ckpt, "the checkpoint"), (ckpt.get("state_dict"), "'state_dict'")):
+        if isinstance(mapping, Mapping) and not all(isinstance(k, str) for k in mapping):
+            bad = next(k for k in mapping if not isinstance(k, str))
+            raise LayoutError(f"{what} has a key that is not a string: {bad!r}")
     if "recipe" in ckpt and isinstance(ckpt.get("model"), Mapping):
         return "project"
     state = ckpt.get("state_dict")
@@ -93,18 +103,18 @@ def encoder_state(ckpt: Mapping[str, Any], encoder: str) -> State:
         raise ValueError(f"encoder must be 'query' or 'key', got {encoder!r}")
     kind = source_kind(ckpt)
     if kind in OFFICIAL_PREFIXES:
-        return strip_prefix(ckpt["state_dict"], OFFICIAL_PREFIXES[kind][encoder])
+        state = _tensors(ckpt["state_dict"], "'state_dict'")
+        return strip_prefix(state, OFFICIAL_PREFIXES[kind][encoder])
     if kind == "state_dict":
         if encoder == "key":
             raise LayoutError("a plain state dict holds one encoder: there is no key encoder")
-        state = ckpt.get("state_dict", ckpt)
-        return _tensors(state)
+        return _tensors(ckpt.get("state_dict", ckpt), "the state dict")
     if encoder == "key":
         key = ckpt.get("key_encoder")
         if not isinstance(key, Mapping):
             raise LayoutError("this checkpoint has no 'key_encoder' state")
-        return strip_prefix(key, "key_encoder.")
-    model = {k.removeprefix("module."): v for k, v in _tensors(ckpt["model"]).items()}
+        return strip_prefix(_tensors(key, "'key_encoder'"), "key_encoder.")
+    model = {k.removeprefix("module."): v for k, v in _tensors(ckpt["model"], "'model'").items()}
     if ckpt.get("recipe") == "moco_v3":  # Sequential(Sequential(backbone, projector), predictor)
         return strip_prefix(model, "0.")
     return model

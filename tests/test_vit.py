@@ -110,7 +110,8 @@ def test_sincos_rows_and_columns_follow_the_row_major_patch_order() -> None:
     assert torch.equal(rows[1, 0, 0], torch.tensor(math.sin(1.0), dtype=torch.float32))
 
 
-@pytest.mark.parametrize("temperature", [0.0, -10.0, float("nan")])
+@pytest.mark.parametrize("temperature", [0.0, -10.0, float("nan"), float("inf")])
 def test_sincos_temperature_must_be_positive(temperature: float) -> None:
-    with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
+    expected = f"temperature must be a finite number > 0, got {temperature}"
+    with pytest.raises(ValueError, match=expected):
         sincos_position_embedding(2, 2, 8, temperature=temperature)

@@ -91,8 +91,8 @@ def build_parser(description: str, layers: Defaults) -> argparse.ArgumentParser:
         "--log-every",
         type=int,
         default=20,
-        help="read the losses back to the host every N steps (and at epoch ends) for the "
-        "progress bar and metrics.csv (one row per step); no read in between",
+        help="pre-training: read the losses back to the host every N steps (and at epoch "
+        "ends) for the progress bar and metrics.csv (one row per step); no read in between",
     )
     p.add_argument("--output-dir", default="runs/example", help="checkpoints and metrics go here")
     p.add_argument("--resume", default="", help="checkpoint path, or 'auto' (newest in output)")

@@ -73,7 +73,7 @@ def test_float32_shadow_of_a_bfloat16_key_encoder_under_fsdp2(ranks: list[Any]) 
         torch.testing.assert_close(got["outputs"], single["outputs"], rtol=0, atol=0)
     for name, shadow in single["shadow"].items():
         assert shadow.dtype == torch.float32
-        torch.testing.assert_close(single["keys"][name.replace("/", ".")], shadow.bfloat16())
+        torch.testing.assert_close(single["keys"][name], shadow.bfloat16())
     torch.manual_seed(0)  # the average moved, where a bfloat16 average would stall
     initial = TinyViT().bfloat16().head.weight.float()
-    assert (single["shadow"]["head/weight"] - initial).abs().max() > 1e-3
+    assert (single["shadow"]["head.weight"] - initial).abs().max() > 1e-3

@@ -64,3 +64,27 @@ def describe_layout(value: Layout) -> str:
         return "a plain (unsharded) tensor"
     mesh, placements = value
     return f"a DTensor {list(placements)} on {mesh}"
+
+
+def refuse_fsdp1(model: torch.nn.Module) -> None:
+    """FSDP1 (``FullyShardedDataParallel``: Lightning's ``strategy="fsdp"``, Accelerate's
+    default FSDP plugin) flattens parameters into views that a key encoder cannot pair."""
+    fsdp1 = _loaded("torch.distributed.fsdp", "FullyShardedDataParallel")
+    if fsdp1 is None:
+        return  # never imported: no FSDP1 module can exist
+    flat = _loaded("torch.distributed.fsdp._flat_param", "FlatParameter")
+
+    def flattened(t: object) -> bool:  # a view of FSDP1's flat parameter, or its original
+        return isinstance(t, torch.Tensor) and (
+            getattr(t, "_fsdp_flattened", False) or (flat is not None and isinstance(t._base, flat))
+        )
+
+    if any(
+        isinstance(m, fsdp1) or any(map(flattened, [*m.__dict__.values(), *m._parameters.values()]))
+        for m in model.modules()
+    ):
+        raise TypeError(
+            "MomentumEncoder: FSDP1 (FullyShardedDataParallel) is not supported: shard with "
+            "FSDP2 instead (torch.distributed.fsdp.fully_shard; Lightning: "
+            "ModelParallelStrategy; Accelerate: fsdp_version=2)"
+        )

@@ -1,153 +1,206 @@
-"""Higher-precision copies of low-precision key weights, which receive the EMA (private).
+"""Higher-precision copies of the key weights, which receive the EMA (private).
 
 With bfloat16 weights and ``m = 0.999`` the step ``(1 - m) * (online - key)`` is below
 half a unit in the last place of ``key`` for almost every weight (bfloat16 has 8
 significant bits), so a bfloat16 moving average rounds back to where it was and
-stalls. [`ShadowWeights`][] keeps a copy in ``ema_dtype`` (float32) of every key
-parameter less precise than that; the average runs on the copies, and the key weights
-are their rounding (``key.copy_(shadow)``), so the key encoder still computes in the
-model's dtype.
+stalls. [`ShadowWeights`][] keeps an ``ema_dtype`` (float32) copy of every floating key
+parameter, from construction on; the average runs on the copies and the key weights are
+their rounding (``key.copy_(shadow)``), so the key encoder computes in the model's dtype.
 
-The copies never go stale: before every update each copy is reconciled with its key
-elementwise, on the device with fused multi-tensor ops (no host read): where the key no
-longer equals the rounded copy (a load, a reshard, FSDP2 re-padding its shard, an
-in-place edit, even a write through ``.data``, which no version counter sees), the copy
-takes the key's value; elsewhere it keeps its extra precision (so loading a checkpoint
-that holds both is exact). A copy whose layout no longer matches its key (a key encoder sharded by
-``fully_shard`` after construction, or moved) is re-laid out the same way.
+The copies are a tree of modules that mirrors the key encoder's names, so the state-dict
+keys are plain (``ema_shadow.0.weight``), and they keep ``ema_dtype`` through any cast of
+a parent module (``.to(torch.bfloat16)``, ``.half()``: Lightning's ``bf16-true``) while
+following its device moves.
+
+The copies never go stale, and nothing a compiler may rewrite decides it: no value is
+compared in a training step. On the host, each key parameter's version counter (bumped by
+every in-place write: ``copy_``, ``load_state_dict``, an optimizer), its identity and its
+memory are compared with what the last update left (:class:`Stamps`). A key written outside
+``update()`` gives its value to its copy; a copy written alone (loaded) gives its rounding to
+the key. A load of the whole ``MomentumEncoder`` is reconciled by its load hooks. Only a
+write through ``p.data`` *in place* escapes every counter: assign ``p.data = ...`` or write
+under ``torch.no_grad()`` instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
 import torch
 from torch import nn
 
-from momentum_contrast._dtensor import is_dtensor, layout, local
-from momentum_contrast._ema import Weight, _chunks, lerp_
+from momentum_contrast._dtensor import layout, local
+from momentum_contrast._ema import Weight, lerp_
 from momentum_contrast._pairing import TensorPairs
+from momentum_contrast._shadow_state import Stamps, check_ema_dtype, relaid
 
-__all__ = ["ShadowWeights", "buffer_name", "needs_shadow"]
+__all__ = ["ShadowWeights"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _host_only(fn: F) -> F:
+    """Never compiled: under ``torch.compile`` a graph break runs it eagerly, on the host."""
+    return torch.compiler.disable(fn, reason="host-side checks of the ema_dtype copies")  # type: ignore[no-untyped-call,no-any-return]
+
 
 # Per (device, dtype) group of shadowed parameters: key, shadow and online local tensors.
 ShadowGroup = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
 
-def needs_shadow(dtype: torch.dtype, ema_dtype: torch.dtype) -> bool:
-    """A floating dtype less precise than ``ema_dtype`` (bfloat16 or float16 under float32)."""
-    return dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(ema_dtype).eps
+class _Level(nn.Module):
+    """One level of the mirror tree; its buffers keep their dtype through module casts."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        if recurse:
+            for child in self.children():
+                child._apply(fn)  # type: ignore[no-untyped-call]
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
+            # a cast: follow the device only; anything else (moves, to_empty): apply it
+            self._buffers[name] = fn(buf) if probe.dtype == buf.dtype else buf.to(probe.device)
+        return self
 
 
-def buffer_name(name: str) -> str:
-    """Buffer names may not contain ``.``: ``blocks.0.weight`` is kept as ``blocks/0/weight``."""
-    return name.replace(".", "/")
-
-
-def _relaid(old: torch.Tensor, key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``old`` in ``key``'s layout when that is lossless, else ``key`` in ``dtype``."""
-    same_global = old.shape == key.shape and old.dtype == dtype
-    if same_global and not is_dtensor(old) and not is_dtensor(key):
-        return old.to(key.device)
-    if same_global and not is_dtensor(old) and is_dtensor(key):
-        from torch.distributed.tensor import distribute_tensor
-
-        mesh, placements = layout(key) or (None, ())
-        # every rank holds the whole copy: keep this rank's slice, no communication
-        moved = distribute_tensor(old.to(key.device), mesh, placements, src_data_rank=None)
-        if local(moved).shape == local(key).shape:
-            return moved
-    return torch.empty_like(key, dtype=dtype).copy_(key.detach())
-
-
-def reconcile_(keys: list[torch.Tensor], shadows: list[torch.Tensor]) -> None:
-    """Where a key weight is no longer its copy rounded (anything wrote it: a load, a
-    reshard, an in-place edit, a write through ``.data`` that no version counter sees),
-    the copy takes the key's value; elsewhere it keeps its extra precision. On the device,
-    every update, with fused multi-tensor ops (``shadow = lerp(shadow, key, changed)``)."""
-    if torch.compiler.is_compiling():
-        for key, shadow in zip(keys, shadows, strict=True):
-            shadow.copy_(torch.where(shadow.to(key.dtype) == key, shadow, key.to(shadow.dtype)))
-        return
-    for ks, ss in _chunks(keys, shadows):
-        rounded = [torch.empty_like(k) for k in ks]
-        torch._foreach_copy_(rounded, ss)  # round(shadow), in the keys' dtype
-        changed = [torch.empty_like(s) for s in ss]
-        torch._foreach_copy_(changed, ks)  # key, exactly, in the copies' dtype
-        wide = [torch.empty_like(s) for s in ss]
-        torch._foreach_copy_(wide, rounded)
-        torch._foreach_sub_(changed, wide)  # key - round(shadow): 0 where untouched
-        torch._foreach_abs_(changed)
-        torch._foreach_sign_(changed)  # 1 where written, else 0
-        torch._foreach_copy_(wide, ks)
-        torch._foreach_lerp_(ss, wide, changed)  # shadow, or the key where written
-
-
-class ShadowWeights(nn.Module):
-    """``ema_dtype`` copies of the key encoder's less precise parameters (state_dict
-    ``ema_shadow.<name with / for .>``).
+class ShadowWeights(_Level):
+    """``ema_dtype`` copies of every floating key parameter (``ema_shadow.<name>``).
 
     Args:
         dtype: the precision of the average (``ema_dtype``).
         named_keys: ``(name, parameter)`` of the key encoder.
     """
 
-    def __init__(self, dtype: torch.dtype, named_keys: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, dtype: torch.dtype, named_keys: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().__init__()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"ema_dtype must be None or a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
-        for name, p in named_keys:
-            if needs_shadow(p.dtype, dtype):
-                self.register_buffer(buffer_name(name), p.detach().to(dtype).clone())
+        self.names: list[str] = []
+        named = list(named_keys)
+        for name, p in named:
+            if p.is_floating_point():
+                check_ema_dtype(dtype, name, p.dtype)
+                self._level(name).register_buffer(name.rpartition(".")[2], self._widened(p))
+                self.names.append(name)
+        self.stamps = Stamps()
+        self.stamps.record(self.names, dict(named), self.shadow)
         self._pairs: TensorPairs | None = None
         self._groups: list[ShadowGroup] = []
         self._others: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        self._seen: list[tuple[str, torch.Tensor]] = []  # (buffer name, shadow object)
 
-    def update_(self, pairs: TensorPairs, weight: Weight) -> None:
-        """The average on the copies (the other parameters directly), then the keys."""
-        shadowed, others = self.prepare(pairs)
-        for keys, onlines in others:
-            lerp_(keys, onlines, weight)
-        for keys, shadows, onlines in shadowed:
+    def _level(self, name: str) -> nn.Module:
+        node: nn.Module = self
+        for part in name.split(".")[:-1]:
+            if part not in node._modules:
+                node.add_module(part, _Level())
+            node = node._modules[part]  # type: ignore[assignment]
+        return node
+
+    def _widened(self, key: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(key, dtype=self.dtype).copy_(key.detach())
+
+    def shadow(self, name: str) -> torch.Tensor:
+        """The copy of key parameter ``name``."""
+        return self.get_buffer(name)
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        self._level(name)._buffers[name.rpartition(".")[2]] = value
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        self.stamps.moved(self.names, self.shadow)  # a move writes nothing
+        return self
+
+    def update_(self, groups: list[ShadowGroup], weight: Weight) -> None:
+        """The average on the copies, then the keys: their rounding (device work only)."""
+        for keys, shadows, onlines in groups:
             lerp_(shadows, onlines, weight, cast=True)
-            torch._foreach_copy_(keys, shadows)  # the key weights: the copies rounded
+            torch._foreach_copy_(keys, shadows)
 
-    def prepare(
-        self, pairs: TensorPairs
-    ) -> tuple[list[ShadowGroup], list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
-        """``(shadowed groups, other groups)`` for this update, every copy reconciled."""
-        if self._pairs is not pairs or any(self._buffers.get(n) is not t for n, t in self._seen):
+    @_host_only
+    def sync(self, pairs: TensorPairs) -> list[ShadowGroup]:
+        """The groups of this update, each copy made current first (host checks; a copy
+        is written only after a write outside ``update()``). Never compiled."""
+        if self._pairs is not pairs:
             self._build(pairs)
-        for keys, shadows, _ in self._groups:
-            reconcile_(keys, shadows)
-        return self._groups, self._others
+        keys = dict(zip(pairs.key_names, pairs.key_seen, strict=True))
+        for name in self.names:
+            key_written, shadow_written = self.stamps.written(name, keys[name], self.shadow(name))
+            if key_written or shadow_written:
+                self.follow(name, keys[name], key_written, shadow_written)
+        return self._groups
+
+    @_host_only
+    def stamp(self, pairs: TensorPairs) -> None:
+        """Remember what this update left, to see outside writes at the next one."""
+        self.stamps.record(
+            self.names, dict(zip(pairs.key_names, pairs.key_seen, strict=True)), self.shadow
+        )
+
+    @torch.no_grad()
+    def follow(
+        self,
+        name: str,
+        key: torch.Tensor,
+        key_written: bool,
+        shadow_written: bool,
+        saved_dtype: torch.dtype | None = None,
+    ) -> None:
+        """After an outside write. A written key gives its value to the copy where it is
+        no longer the copy's rounding (to ``saved_dtype``, the key's dtype in a loaded
+        checkpoint, then to the key's own); elsewhere the copy keeps its precision. Then
+        the key is the copy's rounding. Eager only (never compiled), and only after an
+        outside write, so a compiler cannot drop the rounding this comparison needs."""
+        shadow = self.shadow(name)
+        if layout(shadow) != layout(key) or local(shadow).shape != local(key).shape:
+            return  # re-laid out by _build, which keeps the values
+        k, s = local(key), local(shadow)
+        if key_written:
+            rounded = s.to(saved_dtype or k.dtype).to(k.dtype)
+            s.copy_(torch.where(rounded == k, s, k.to(s.dtype)))
+        k.copy_(s)
+
+    def seed(self, name: str, key: torch.Tensor) -> None:
+        """A copy for a key that comes without one (a checkpoint saved without ema_dtype)."""
+        self._set(name, self._widened(key))
 
     def _build(self, pairs: TensorPairs) -> None:
-        """Split the pairing into shadowed and plain parameters; re-lay out the copies."""
+        """Split the pairing into groups; re-lay out the copies that no longer match."""
         key_of = dict(zip(pairs.key_names, pairs.key_seen, strict=True))
-        self._groups, self._others, self._seen = [], [], []
+        missing = [n for n in key_of if key_of[n].is_floating_point() and n not in self.names]
+        if missing:
+            raise ValueError(
+                f"MomentumEncoder: the key encoder has parameters without an ema_dtype copy: "
+                f"{missing}; build a new MomentumEncoder after changing the model's structure"
+            )
+        self._groups, self._others = [], []
         for (keys, onlines), names in zip(pairs.groups, pairs.group_names, strict=True):
-            if not needs_shadow(keys[0].dtype, self.dtype):
+            if not keys[0].is_floating_point():
                 self._others.append((keys, onlines))
                 continue
             shadows = []
             for name in names:
-                bname, key = buffer_name(name), key_of[name]
-                old = self._buffers.get(bname)
-                if old is not None and old.dtype != self.dtype:
+                key, old = key_of[name], self.shadow(name)
+                check_ema_dtype(self.dtype, name, key.dtype)
+                if old.dtype != self.dtype:
                     raise ValueError(
-                        f"MomentumEncoder: ema_shadow.{bname} has dtype {old.dtype}, expected "
-                        f"ema_dtype {self.dtype}; convert the key encoder alone "
-                        "(.key_encoder.to(dtype)), not the MomentumEncoder"
+                        f"MomentumEncoder: ema_shadow.{name} has dtype {old.dtype}, expected "
+                        f"ema_dtype {self.dtype}"
                     )
                 if (
-                    old is None
-                    or layout(old) != layout(key)
-                    or local(old).shape != (local(key).shape)
+                    layout(old) != layout(key)
+                    or local(old).shape != local(key).shape
                     or local(old).device != local(key).device
                 ):
-                    self._buffers[bname] = _relaid(old if old is not None else key, key, self.dtype)
-                shadows.append(local(self._buffers[bname]))  # type: ignore[arg-type]
-                self._seen.append((bname, self._buffers[bname]))  # type: ignore[arg-type]
+                    self._set(name, relaid(old, key, self.dtype))
+                shadows.append(local(self.shadow(name)))
             self._groups.append((keys, shadows, onlines))
         self._pairs = pairs
+
+    @property
+    def others(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Groups of parameters without a copy (integer parameters), averaged as usual."""
+        return self._others

@@ -10,9 +10,12 @@ import torch
 from torch import nn
 
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
+from momentum_contrast._dtensor import refuse_fsdp1
 from momentum_contrast._ema import check_momentum, lerp_
 from momentum_contrast._pairing import TensorPairs, current_pairs
 from momentum_contrast._shadow import ShadowWeights
+from momentum_contrast._shadow_load import load_post_hook, load_pre_hook
+from momentum_contrast._update_guard import UpdateGuard
 
 __all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
 
@@ -113,8 +116,11 @@ class MomentumEncoder(nn.Module):
         >>> keys = key_encoder(x)  # (32, 4), computed without autograd
         >>> keys.shape, keys.requires_grad
         (torch.Size([32, 4]), False)
-        >>> key_encoder.update()  # after optimizer.step()
-        >>> key_encoder.update(torch.tensor(0.996))  # or a 0-d tensor (CUDA graphs)
+        >>> optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+        >>> for m in (0.99, torch.tensor(0.996)):  # a float, or a 0-d tensor (CUDA graphs)
+        ...     online(x).pow(2).mean().backward()
+        ...     optimizer.step(); optimizer.zero_grad()
+        ...     key_encoder.update(m)  # once per optimizer step, after it
         >>> bf16 = MomentumEncoder(nn.Linear(8, 4).bfloat16(), ema_dtype=torch.float32)
         >>> bf16.ema_shadow.weight.dtype, bf16.key_encoder.weight.dtype
         (torch.float32, torch.bfloat16)
@@ -131,6 +137,7 @@ class MomentumEncoder(nn.Module):
         super().__init__()
         if not isinstance(online, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
+        refuse_fsdp1(online)
         self.momentum = check_unit_interval("momentum", momentum)
         self.buffers_mode: BufferMode = check_choice("buffers", buffers, _BUFFER_MODES)  # type: ignore[assignment]
         base = unwrap_model(online)
@@ -141,9 +148,16 @@ class MomentumEncoder(nn.Module):
             p.grad = None
         self.ema_dtype = ema_dtype
         if ema_dtype is not None:  # validated there
-            self.ema_shadow = ShadowWeights(ema_dtype, list(self.key_encoder.named_parameters()))
+            self.ema_shadow = ShadowWeights(ema_dtype, self.key_encoder_params())
+        self._register_load_state_dict_pre_hook(load_pre_hook, with_module=True)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_post_hook(load_post_hook)  # type: ignore[no-untyped-call]
+        self._guard = UpdateGuard()
         self._param_pairs: TensorPairs | None = None
         self._buffer_pairs: TensorPairs | None = None
+
+    def key_encoder_params(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, parameter)`` of the (unwrapped) key encoder."""
+        return list(unwrap_model(self.key_encoder).named_parameters())
 
     @property
     def online(self) -> nn.Module:
@@ -160,6 +174,7 @@ class MomentumEncoder(nn.Module):
     def online(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(model).__name__}")
+        refuse_fsdp1(model)
         base = unwrap_model(model)
         previous = self.__dict__["_online"]
         self.__dict__["_online"] = base
@@ -200,9 +215,11 @@ class MomentumEncoder(nn.Module):
         Examples:
             >>> import torch
             >>> from momentum_contrast import MomentumEncoder, cosine_momentum
-            >>> encoder = MomentumEncoder(torch.nn.Linear(4, 2))
+            >>> online = torch.nn.Linear(4, 2)
+            >>> encoder = MomentumEncoder(online)
             >>> m = torch.tensor(0.99)  # on the parameters' device
             >>> for step in range(3):
+            ...     _ = online.weight.detach().add_(0.1)  # stands for optimizer.step()
             ...     _ = m.fill_(cosine_momentum(step, 3))  # e.g. before graph.replay()
             ...     encoder.update(m)
         """
@@ -210,9 +227,15 @@ class MomentumEncoder(nn.Module):
         m: float | torch.Tensor = self.momentum
         if momentum is not None:
             m = check_momentum(momentum, {ks[0].device for ks, _ in pairs.groups})
+        if not torch.compiler.is_compiling():
+            self._guard.check(pairs.online_seen)  # warns once if nothing moved since the last
         weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
         if self.ema_dtype is not None:
-            self.ema_shadow.update_(pairs, weight)
+            groups = self.ema_shadow.sync(pairs)  # host checks, never compiled
+            for keys, onlines in self.ema_shadow.others:
+                lerp_(keys, onlines, weight)
+            self.ema_shadow.update_(groups, weight)
+            self.ema_shadow.stamp(pairs)
         else:
             for keys, onlines in pairs.groups:
                 lerp_(keys, onlines, weight)
@@ -231,7 +254,13 @@ class MomentumEncoder(nn.Module):
         """The (cached) pairing of ``kind`` tensors, validated against both models."""
         params = kind == "parameter"
         cached = self._param_pairs if params else self._buffer_pairs
-        pairs = current_pairs(kind, cached, self.online, unwrap_model(self.key_encoder))
+        try:
+            pairs = current_pairs(kind, cached, self.online, unwrap_model(self.key_encoder))
+        except ValueError:
+            refuse_fsdp1(self.online)  # wrapped in FSDP1 after construction: say so
+            raise
+        if pairs is not cached:
+            refuse_fsdp1(self.online)
         if params:
             self._param_pairs = pairs
         else:

@@ -1,0 +1,105 @@
+"""MomentumEncoder refuses or warns where a training loop would go silently wrong: two
+updates per optimizer step (gradient accumulation with a misplaced update) and FSDP1."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from momentum_contrast import MomentumEncoder
+
+WARNING = r"update\(\) ran again with the online model unchanged"
+
+
+def step_loop(opt_kind: str, accumulate: int, update_per_micro_batch: bool) -> int:
+    """A small training loop; returns how many double-update warnings it raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    key_encoder = MomentumEncoder(model, momentum=0.9)
+    if opt_kind == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:  # fused kernels leave the version counters alone
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            for _ in range(accumulate):
+                x = torch.randn(16, 8)
+                (model(x) - key_encoder(x)).pow(2).mean().backward()
+                if update_per_micro_batch:
+                    key_encoder.update()  # misplaced: on_train_batch_end under accumulation
+            opt.step()
+            opt.zero_grad()
+            if not update_per_micro_batch:
+                key_encoder.update()  # right: once per optimizer step
+    return sum(
+        issubclass(w.category, RuntimeWarning) and "ran again with the online" in str(w.message)
+        for w in caught
+    )
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "fused_adamw"])
+def test_one_update_per_optimizer_step_never_warns(opt_kind: str) -> None:
+    assert step_loop(opt_kind, accumulate=2, update_per_micro_batch=False) == 0
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "fused_adamw"])
+def test_an_update_per_micro_batch_warns_once(opt_kind: str) -> None:
+    assert step_loop(opt_kind, accumulate=2, update_per_micro_batch=True) == 1
+    assert step_loop(opt_kind, accumulate=1, update_per_micro_batch=True) == 0
+
+
+def test_an_in_place_write_of_the_online_model_counts_as_a_step() -> None:
+    online = nn.Linear(4, 4)
+    enc = MomentumEncoder(online)
+    enc.update()
+    with torch.no_grad():
+        online.weight.add_(1.0)  # a hand-written optimizer step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.update()
+    with pytest.warns(RuntimeWarning, match=WARNING):
+        enc.update()
+
+
+@pytest.fixture
+def process_group() -> Iterator[None]:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = f"file://{Path(tmp) / 'store'}"
+        dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_fsdp1_is_refused_with_the_fsdp2_pointer(
+    process_group: None, use_orig_params: bool
+) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    wrapped = FullyShardedDataParallel(
+        model, device_id=torch.device("cpu"), use_orig_params=use_orig_params
+    )
+    match = r"FSDP1 \(FullyShardedDataParallel\) is not supported: .*fully_shard.*fsdp_version=2"
+    for given in (wrapped, model):  # the wrapper, or the model inside it (Lightning's)
+        with pytest.raises(TypeError, match=match):
+            MomentumEncoder(given)
+    enc = MomentumEncoder(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    with pytest.raises(TypeError, match=match):
+        enc.online = wrapped
+    later = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    enc = MomentumEncoder(later)  # a framework wraps the model after this
+    FullyShardedDataParallel(later, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    with pytest.raises(TypeError, match=match):
+        enc.update()

@@ -1,0 +1,185 @@
+"""The float32 EMA copies (``ema_dtype``) under torch.compile, module casts, state dicts in
+any order of casts, outside writes between compiled updates, and the dtype rule."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from momentum_contrast import MomentumEncoder
+
+M = 0.999
+
+
+def float64_ema(start: torch.Tensor, onlines: list[torch.Tensor], m: float) -> torch.Tensor:
+    """``key = m * key + (1 - m) * online``, step by step, in float64."""
+    key = start.double()
+    for online in onlines:
+        key = m * key + (1 - m) * online.double()
+    return key
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_update_equals_eager_and_float64(backend: str) -> None:
+    torch.manual_seed(0)
+    online = nn.Linear(64, 64).bfloat16()
+    enc = MomentumEncoder(online, momentum=M, ema_dtype=torch.float32)
+    eager = MomentumEncoder(online, momentum=M, ema_dtype=torch.float32)
+    start = enc.key_encoder.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    update = torch.compile(enc.update, backend=backend)
+    m, seen = torch.tensor(M), []
+    for _ in range(200):
+        with torch.no_grad():  # an optimizer step: 0.05 and a little noise, in bfloat16
+            online.weight.add_((0.05 * torch.rand(64, 64, generator=g)).bfloat16())
+        seen.append(online.weight.detach().clone())
+        update(m)
+        eager.update(m)
+    want = float64_ema(start, seen, M)
+    shadow = enc.ema_shadow.get_buffer("weight")
+    assert shadow.dtype == torch.float32
+    # the compiled update is the eager one, within float32 rounding
+    torch.testing.assert_close(shadow, eager.ema_shadow.get_buffer("weight"), rtol=0, atol=1e-6)
+    # both track the float64 average (float32 rounding over 200 steps: ~1e-5); a bfloat16
+    # average stalls (about 0.01 off here)
+    torch.testing.assert_close(shadow.double(), want, rtol=0, atol=2e-5)
+    assert (want - start.double()).abs().mean() > 0.1  # the average moved
+    assert torch.equal(enc.key_encoder.weight, shadow.bfloat16())
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_write_between_compiled_updates_is_followed(backend: str) -> None:
+    online = nn.Linear(8, 8).bfloat16()
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=torch.float32)
+    update = torch.compile(enc.update, backend=backend)
+    with torch.no_grad():
+        online.weight.fill_(1.0)
+    update()
+    with torch.no_grad():
+        enc.key_encoder.weight.copy_(torch.full((8, 8), 3.0))  # outside update()
+        online.weight.fill_(2.0)
+    update()
+    want = torch.full((8, 8), 0.5 * 3.0 + 0.5 * 2.0)
+    torch.testing.assert_close(enc.ema_shadow.get_buffer("weight"), want, rtol=0, atol=0)
+
+
+class Container(nn.Module):
+    """A LightningModule's layout: the model and its key encoder in one module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8))
+        self.key_encoder = MomentumEncoder(self.model, momentum=M, ema_dtype=torch.float32)
+
+    def step(self, i: int) -> None:
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_((1e-2 + 3e-3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+        self.key_encoder.update()
+
+
+def test_a_container_cast_to_bf16_after_construction_round_trips() -> None:
+    trained = Container().to(torch.bfloat16)  # Lightning precision="bf16-true"
+    shadows = dict(trained.key_encoder.ema_shadow.named_buffers())
+    assert all(s.dtype == torch.float32 for s in shadows.values())
+    for i in range(50):
+        trained.step(i)
+    state = copy.deepcopy(trained.state_dict())
+    assert state["key_encoder.ema_shadow.0.weight"].dtype == torch.float32
+    assert state["key_encoder.key_encoder.0.weight"].dtype == torch.bfloat16
+    for order in ("cast, then load", "load, then cast"):
+        fresh = Container()
+        if order == "cast, then load":
+            fresh.to(torch.bfloat16)
+            fresh.load_state_dict(state)
+        else:
+            fresh.load_state_dict(state)
+            fresh.to(torch.bfloat16)
+        for name, value in fresh.state_dict().items():
+            assert value.dtype == state[name].dtype, (order, name)
+            assert torch.equal(value, state[name]), (order, name)
+        twin = copy.deepcopy(trained)
+        for i in range(50, 60):  # resume: the same steps give the same bits
+            twin.step(i)
+            fresh.step(i)
+        for name, value in fresh.state_dict().items():
+            assert torch.equal(value, twin.state_dict()[name]), (order, name)
+        shadow = fresh.key_encoder.ema_shadow.get_buffer("0.weight")
+        assert not torch.equal(shadow, shadow.bfloat16().float())  # float32 bits kept
+
+
+def test_casts_keep_the_copies_float32() -> None:
+    enc = MomentumEncoder(nn.Linear(4, 4), ema_dtype=torch.float32)
+    exact = enc.ema_shadow.get_buffer("weight").clone()
+    for cast in (torch.bfloat16, torch.float16, torch.float64):
+        enc.to(cast)
+        assert enc.key_encoder.weight.dtype == cast
+        assert torch.equal(enc.ema_shadow.get_buffer("weight"), exact), cast
+    enc.half()
+    enc.to("meta")  # a device move is followed
+    assert enc.ema_shadow.get_buffer("weight").device.type == "meta"
+    assert enc.ema_shadow.get_buffer("weight").dtype == torch.float32
+
+
+def test_a_checkpoint_without_copies_loads_and_seeds_them() -> None:
+    plain = MomentumEncoder(nn.Linear(4, 4).bfloat16())
+    state = plain.state_dict()
+    enc = MomentumEncoder(nn.Linear(4, 4).bfloat16(), ema_dtype=torch.float32)
+    result = enc.load_state_dict(state)  # strict
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(enc.ema_shadow.get_buffer("weight"), state["key_encoder.weight"].float())
+
+
+def test_copies_into_an_encoder_without_ema_dtype_raise_one_line() -> None:
+    state = MomentumEncoder(nn.Linear(4, 4).bfloat16(), ema_dtype=torch.float32).state_dict()
+    plain = MomentumEncoder(nn.Linear(4, 4).bfloat16())
+    for strict in (True, False):  # dropping the float32 copies is never silent
+        with pytest.raises(ValueError, match=r"ema_shadow\.\* .* build the MomentumEncoder with"):
+            plain.load_state_dict(state, strict=strict)
+    kept = {k: v for k, v in state.items() if not k.startswith("ema_shadow.")}
+    assert plain.load_state_dict(kept).missing_keys == []  # what the message says to do
+    assert torch.equal(plain.key_encoder.weight, state["key_encoder.weight"])
+
+
+def test_version_0_2_0_names_load() -> None:
+    online = nn.Sequential(nn.Linear(4, 4)).bfloat16()
+    enc = MomentumEncoder(online, ema_dtype=torch.float32)
+    state = {k.replace("ema_shadow.0.", "ema_shadow.0/"): v for k, v in enc.state_dict().items()}
+    state["ema_shadow.0/weight"] = state["ema_shadow.0/weight"] + 1e-4  # still rounds alike
+    fresh = MomentumEncoder(copy.deepcopy(online), ema_dtype=torch.float32)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.ema_shadow.get_buffer("0.weight"), state["ema_shadow.0/weight"])
+
+
+@pytest.mark.parametrize(
+    ("params", "ema_dtype"),
+    [
+        (torch.bfloat16, torch.float16),
+        (torch.float32, torch.float16),
+        (torch.float64, torch.float32),
+    ],
+)
+def test_an_ema_dtype_narrower_than_the_parameters_is_refused(
+    params: torch.dtype, ema_dtype: torch.dtype
+) -> None:
+    with pytest.raises(ValueError, match=rf"ema_dtype {ema_dtype} has less range or precision"):
+        MomentumEncoder(nn.Linear(4, 4).to(params), ema_dtype=ema_dtype)
+
+
+def test_a_cast_to_a_wider_dtype_after_construction_is_refused_at_update() -> None:
+    online = nn.Linear(4, 4)
+    enc = MomentumEncoder(online, ema_dtype=torch.float32)
+    online.double()
+    enc.double()
+    with pytest.raises(ValueError, match=r"has less range or precision than parameter 'weight'"):
+        enc.update()

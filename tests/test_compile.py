@@ -1,8 +1,10 @@
 """torch.compile(fullgraph=True) of the losses and of MomentumEncoder.update: one graph,
 the same numbers as eager, and no recompilation when the momentum changes every step.
 
-On the CPU these run with the ``aot_eager`` backend (Dynamo's tracing and AOT autograd,
-without generating C++); ``tests/test_gpu_steps.py`` repeats them with inductor on CUDA.
+On the CPU the update runs with ``aot_eager`` (Dynamo's tracing and AOT autograd) and with
+inductor (generated C++), the losses with ``aot_eager``; ``tests/test_gpu_steps.py``
+repeats them with inductor on CUDA. ``tests/test_shadow.py`` compiles the update with
+``ema_dtype`` under both backends.
 """
 
 from __future__ import annotations
@@ -113,12 +115,14 @@ def check_losses_compile(device: torch.device, backend: str) -> None:
     assert first == 2 and counter.graphs == 2, (first, counter.graphs)  # one graph each
 
 
-def test_update_compiles_fullgraph_without_recompiling() -> None:
-    check_update_compiles(torch.device("cpu"), "aot_eager")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: C++ on the CPU
+def test_update_compiles_fullgraph_without_recompiling(backend: str) -> None:
+    check_update_compiles(torch.device("cpu"), backend)
 
 
-def test_update_with_a_changing_tensor_momentum_compiles_once() -> None:
-    check_update_compiles_with_tensor_momentum(torch.device("cpu"), "aot_eager")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_update_with_a_changing_tensor_momentum_compiles_once(backend: str) -> None:
+    check_update_compiles_with_tensor_momentum(torch.device("cpu"), backend)
 
 
 def test_losses_compile_fullgraph_and_match_eager() -> None:

@@ -27,20 +27,30 @@ def fresh_dynamo() -> None:
     torch._dynamo.reset()
 
 
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
-def test_compiled_update_equals_eager_and_float64(backend: str) -> None:
+def test_compiled_update_equals_eager_and_float64(backend: str, device: str) -> None:
     torch.manual_seed(0)
-    online = nn.Linear(64, 64).bfloat16()
+    online = nn.Linear(64, 64).bfloat16().to(device)
     enc = MomentumEncoder(online, momentum=M, ema_dtype=torch.float32)
     eager = MomentumEncoder(online, momentum=M, ema_dtype=torch.float32)
-    start = enc.key_encoder.weight.detach().clone()
+    start = enc.key_encoder.weight.detach().to("cpu", copy=True)
     g = torch.Generator().manual_seed(1)
     update = torch.compile(enc.update, backend=backend)
-    m, seen = torch.tensor(M), []
+    m, seen = torch.tensor(M, device=device), []
     for _ in range(200):
         with torch.no_grad():  # an optimizer step: 0.05 and a little noise, in bfloat16
-            online.weight.add_((0.05 * torch.rand(64, 64, generator=g)).bfloat16())
-        seen.append(online.weight.detach().clone())
+            online.weight.add_((0.05 * torch.rand(64, 64, generator=g)).bfloat16().to(device))
+        seen.append(online.weight.detach().to("cpu", copy=True))
         update(m)
         eager.update(m)
     want = float64_ema(start, seen, M)
@@ -50,8 +60,8 @@ def test_compiled_update_equals_eager_and_float64(backend: str) -> None:
     torch.testing.assert_close(shadow, eager.ema_shadow.get_buffer("weight"), rtol=0, atol=1e-6)
     # both track the float64 average (float32 rounding over 200 steps: ~1e-5); a bfloat16
     # average stalls (about 0.01 off here)
-    torch.testing.assert_close(shadow.double(), want, rtol=0, atol=2e-5)
-    assert (want - start.double()).abs().mean() > 0.1  # the average moved
+    torch.testing.assert_close(shadow.cpu().double(), want, rtol=0, atol=2e-5)
+    assert (want - start.cpu().double()).abs().mean() > 0.1  # the average moved
     assert torch.equal(enc.key_encoder.weight, shadow.bfloat16())
 
 

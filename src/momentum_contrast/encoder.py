@@ -66,7 +66,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class MomentumEncoder(nn.Module):
     """Key encoder of MoCo: a frozen copy of ``online`` updated as a moving average.
 
-    After every optimiser step call [`update`][]: ``key = m * key + (1 - m) * online``
+    After every optimiser step call [`update`][] once (a second call with no change of
+    the online weights in between warns: under gradient accumulation the momentum would
+    compound to ``m**2``): ``key = m * key + (1 - m) * online``
     on every parameter, in place, one fused multi-tensor op per device/dtype group,
     parameters paired by name. Nothing can leave the key encoder silently stale: every
     update first checks, on the host (no tensor value read, so it is safe in a CUDA
@@ -99,12 +101,20 @@ class MomentumEncoder(nn.Module):
             model. ``"ema"``: floating-point buffers averaged like parameters.
             Integer buffers (``num_batches_tracked``) are copied, never averaged.
         ema_dtype: ``None`` (default): every parameter is averaged in its own dtype.
-            ``torch.float32``: a float32 copy of each less precise key parameter
-            (bfloat16, float16; saved in ``state_dict`` as ``ema_shadow.*``) receives
-            the average and the key weights are its rounding, so keys come out in the
-            model's dtype and the average does not stall below bfloat16's resolution.
-            A key weight written outside [`update`][] (a load) is followed. Buffers
-            (``buffers="ema"``) are averaged in their own dtype.
+            ``torch.float32``: a float32 copy of every floating key parameter, made at
+            construction (``ema_shadow.<name>`` in ``state_dict``), receives the average
+            and the key weights are its rounding, so keys come out in the model's dtype
+            and the average does not stall below bfloat16's resolution. The copies stay
+            float32 through any cast of a parent module (``.to(torch.bfloat16)``,
+            Lightning's ``bf16-true``) and follow its moves; a checkpoint loads into a
+            fresh encoder before or after such a cast. A key weight written outside
+            [`update`][] (``load_state_dict``, ``copy_``, ``p.data = ...``) is seen by
+            its version counter on the host and followed (an in-place write through
+            ``p.data`` is not seen: write under ``torch.no_grad()``). Under
+            ``torch.compile`` those host checks run eagerly (one graph break, so not
+            with ``fullgraph=True``) and the result equals eager. A dtype narrower than
+            a parameter's raises ``ValueError``. Buffers (``buffers="ema"``) are averaged
+            in their own dtype.
 
     Examples:
         >>> import torch

@@ -35,7 +35,7 @@ def test_public_names_import_from_the_top_level() -> None:
 
 
 def test_version_matches_metadata() -> None:
-    assert momentum_contrast.__version__ == "0.2.0"
+    assert momentum_contrast.__version__ == "0.3.0"
     assert importlib.metadata.version("momentum-contrast") == momentum_contrast.__version__
 
 

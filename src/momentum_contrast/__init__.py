@@ -17,13 +17,13 @@ from momentum_contrast.losses import (
 )
 from momentum_contrast.queue import KeyQueue
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 """The package version (PEP 440).
 
 Examples:
     >>> import momentum_contrast
     >>> momentum_contrast.__version__
-    '0.2.0'
+    '0.3.0'
 """
 
 __all__ = [

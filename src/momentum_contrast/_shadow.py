@@ -25,7 +25,6 @@ under ``torch.no_grad()`` instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,12 +36,17 @@ from momentum_contrast._shadow_state import Stamps, check_ema_dtype, relaid
 
 __all__ = ["ShadowWeights"]
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-
-def _host_only(fn: F) -> F:
-    """Never compiled: under ``torch.compile`` a graph break runs it eagerly, on the host."""
-    return torch.compiler.disable(fn, reason="host-side checks of the ema_dtype copies")  # type: ignore[no-untyped-call,no-any-return]
+def _host_only(cls: type[ShadowWeights]) -> None:
+    """Make ``sync`` and ``stamp`` never compiled: under ``torch.compile`` a graph break
+    runs them eagerly, on the host. Done at the first construction, not at import, since
+    ``torch.compiler.disable`` imports Dynamo (and sympy), which plain use never needs."""
+    if not cls.__dict__.get("_host_only", False):
+        cls._host_only = True
+        for name in ("sync", "stamp"):
+            fn = getattr(cls, "_" + name)
+            reason = "host-side checks of the ema_dtype copies"
+            setattr(cls, name, torch.compiler.disable(fn, reason=reason))  # type: ignore[no-untyped-call]
 
 
 # Per (device, dtype) group of shadowed parameters: key, shadow and online local tensors.
@@ -73,8 +77,11 @@ class ShadowWeights(_Level):
         named_keys: ``(name, parameter)`` of the key encoder.
     """
 
+    _host_only = False  # sync and stamp made never-compiled yet?
+
     def __init__(self, dtype: torch.dtype, named_keys: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().__init__()
+        _host_only(type(self))
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"ema_dtype must be None or a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
@@ -120,8 +127,7 @@ class ShadowWeights(_Level):
             lerp_(shadows, onlines, weight, cast=True)
             torch._foreach_copy_(keys, shadows)
 
-    @_host_only
-    def sync(self, pairs: TensorPairs) -> list[ShadowGroup]:
+    def _sync(self, pairs: TensorPairs) -> list[ShadowGroup]:
         """The groups of this update, each copy made current first (host checks; a copy
         is written only after a write outside ``update()``). Never compiled."""
         if self._pairs is not pairs:
@@ -133,12 +139,15 @@ class ShadowWeights(_Level):
                 self.follow(name, keys[name], key_written, shadow_written)
         return self._groups
 
-    @_host_only
-    def stamp(self, pairs: TensorPairs) -> None:
+    sync = _sync  # replaced by its never-compiled form at the first construction
+
+    def _stamp(self, pairs: TensorPairs) -> None:
         """Remember what this update left, to see outside writes at the next one."""
         self.stamps.record(
             self.names, dict(zip(pairs.key_names, pairs.key_seen, strict=True)), self.shadow
         )
+
+    stamp = _stamp
 
     @torch.no_grad()
     def follow(

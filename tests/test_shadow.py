@@ -193,3 +193,28 @@ def test_a_cast_to_a_wider_dtype_after_construction_is_refused_at_update() -> No
     enc.double()
     with pytest.raises(ValueError, match=r"has less range or precision than parameter 'weight'"):
         enc.update()
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("with_copies", [False, True])
+def test_the_update_after_a_load_starts_from_what_was_loaded(
+    assign: bool, with_copies: bool
+) -> None:
+    online = nn.Linear(4, 4).bfloat16()
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=torch.float32)
+    enc.update()  # the groups are built: a load must not leave them on stale tensors
+    saved = MomentumEncoder(nn.Linear(4, 4).bfloat16(), ema_dtype=torch.float32)
+    with torch.no_grad():
+        saved.ema_shadow.get_buffer("weight").fill_(1.0 + 2**-12)  # below bfloat16's ulp
+        saved.key_encoder.weight.fill_(1.0)
+    state = saved.state_dict()
+    if not with_copies:
+        state = {k: v for k, v in state.items() if not k.startswith("ema_shadow.")}
+    enc.load_state_dict(state, assign=assign)
+    with torch.no_grad():
+        online.weight.fill_(3.0)
+    enc.update()
+    start = 1.0 + 2**-12 if with_copies else 1.0  # a checkpoint's copy keeps its precision
+    want = torch.full((4, 4), 0.5 * start + 0.5 * 3.0)
+    torch.testing.assert_close(enc.ema_shadow.get_buffer("weight"), want, rtol=0, atol=0)
+    assert torch.equal(enc.key_encoder.weight, want.bfloat16())

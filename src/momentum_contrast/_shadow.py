@@ -24,6 +24,7 @@ under ``torch.no_grad()`` instead.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -86,15 +87,20 @@ class ShadowWeights(_Level):
             raise TypeError(f"ema_dtype must be None or a floating torch.dtype, got {dtype!r}")
         self.dtype = dtype
         self.names: list[str] = []
-        named = list(named_keys)
-        for name, p in named:
+        keys = []
+        for name, p in named_keys:
             if p.is_floating_point():
                 check_ema_dtype(dtype, name, p.dtype)
                 self._level(name).register_buffer(name.rpartition(".")[2], self._widened(p))
                 self.names.append(name)
+                keys.append(p)
+        # where each copy lives (node, buffer name): the tree never changes after this
+        self._slots = [(self._level(n), n.rpartition(".")[2]) for n in self.names]
         self.stamps = Stamps()
-        self.stamps.record(self.names, dict(named), self.shadow)
+        self.stamps.record(keys, self.shadows())
         self._pairs: TensorPairs | None = None
+        self._keys: list[torch.Tensor] = []  # the pairing's key tensors, in names order
+        self._built: list[torch.Tensor] = []  # the copies the groups hold
         self._groups: list[ShadowGroup] = []
         self._others: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
@@ -109,16 +115,17 @@ class ShadowWeights(_Level):
     def _widened(self, key: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(key, dtype=self.dtype).copy_(key.detach())
 
-    def shadow(self, name: str) -> torch.Tensor:
-        """The copy of key parameter ``name``."""
-        return self.get_buffer(name)
+    def shadows(self) -> list[torch.Tensor]:
+        """The copies, in the order of ``names`` (whatever replaced them since)."""
+        return [node._buffers[leaf] for node, leaf in self._slots]  # type: ignore[misc]
 
-    def _set(self, name: str, value: torch.Tensor) -> None:
-        self._level(name)._buffers[name.rpartition(".")[2]] = value
+    def _set(self, i: int, value: torch.Tensor) -> None:
+        node, leaf = self._slots[i]
+        node._buffers[leaf] = value
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         super()._apply(fn, recurse)
-        self.stamps.moved(self.names, self.shadow)  # a move writes nothing
+        self.stamps.moved(self.shadows())  # a move writes nothing
         return self
 
     def update_(self, groups: list[ShadowGroup], weight: Weight) -> None:
@@ -130,40 +137,32 @@ class ShadowWeights(_Level):
     def _sync(self, pairs: TensorPairs) -> list[ShadowGroup]:
         """The groups of this update, each copy made current first (host checks; a copy
         is written only after a write outside ``update()``). Never compiled."""
-        if self._pairs is not pairs:
+        shadows = self.shadows()
+        if self._pairs is not pairs or any(map(operator.is_not, shadows, self._built)):
             self._build(pairs)
-        keys = dict(zip(pairs.key_names, pairs.key_seen, strict=True))
-        for name in self.names:
-            key_written, shadow_written = self.stamps.written(name, keys[name], self.shadow(name))
-            if key_written or shadow_written:
-                self.follow(name, keys[name], key_written, shadow_written)
+            shadows = self.shadows()
+        for i, key_written, _ in self.stamps.written(self._keys, shadows):
+            self.follow(i, self._keys[i], key_written)
         return self._groups
 
     sync = _sync  # replaced by its never-compiled form at the first construction
 
     def _stamp(self, pairs: TensorPairs) -> None:
         """Remember what this update left, to see outside writes at the next one."""
-        self.stamps.record(
-            self.names, dict(zip(pairs.key_names, pairs.key_seen, strict=True)), self.shadow
-        )
+        self.stamps.record(self._keys, self.shadows())
 
     stamp = _stamp
 
     @torch.no_grad()
     def follow(
-        self,
-        name: str,
-        key: torch.Tensor,
-        key_written: bool,
-        shadow_written: bool,
-        saved_dtype: torch.dtype | None = None,
+        self, i: int, key: torch.Tensor, key_written: bool, saved_dtype: torch.dtype | None = None
     ) -> None:
-        """After an outside write. A written key gives its value to the copy where it is
-        no longer the copy's rounding (to ``saved_dtype``, the key's dtype in a loaded
-        checkpoint, then to the key's own); elsewhere the copy keeps its precision. Then
-        the key is the copy's rounding. Eager only (never compiled), and only after an
-        outside write, so a compiler cannot drop the rounding this comparison needs."""
-        shadow = self.shadow(name)
+        """After an outside write to copy ``i`` or its key. A written key gives its value
+        to the copy where it is no longer the copy's rounding (to ``saved_dtype``, the
+        key's dtype in a loaded checkpoint, then to the key's own); elsewhere the copy keeps
+        its precision. Then the key is the copy's rounding. Eager only (never compiled),
+        and only after an outside write, so no compiler can drop the rounding it needs."""
+        shadow = self.shadows()[i]
         if layout(shadow) != layout(key) or local(shadow).shape != local(key).shape:
             return  # re-laid out by _build, which keeps the values
         k, s = local(key), local(shadow)
@@ -172,9 +171,14 @@ class ShadowWeights(_Level):
             s.copy_(torch.where(rounded == k, s, k.to(s.dtype)))
         k.copy_(s)
 
-    def seed(self, name: str, key: torch.Tensor) -> None:
-        """A copy for a key that comes without one (a checkpoint saved without ema_dtype)."""
-        self._set(name, self._widened(key))
+    @torch.no_grad()
+    def seed(self, i: int, key: torch.Tensor) -> None:
+        """Copy ``i`` from its key (a checkpoint saved without ema_dtype)."""
+        shadow = self.shadows()[i]
+        if layout(shadow) == layout(key) and local(shadow).shape == local(key).shape:
+            local(shadow).copy_(local(key))
+        else:
+            self._set(i, self._widened(key))
 
     def _build(self, pairs: TensorPairs) -> None:
         """Split the pairing into groups; re-lay out the copies that no longer match."""
@@ -185,14 +189,15 @@ class ShadowWeights(_Level):
                 f"MomentumEncoder: the key encoder has parameters without an ema_dtype copy: "
                 f"{missing}; build a new MomentumEncoder after changing the model's structure"
             )
+        index = {n: i for i, n in enumerate(self.names)}
         self._groups, self._others = [], []
         for (keys, onlines), names in zip(pairs.groups, pairs.group_names, strict=True):
             if not keys[0].is_floating_point():
                 self._others.append((keys, onlines))
                 continue
-            shadows = []
+            group = []
             for name in names:
-                key, old = key_of[name], self.shadow(name)
+                key, old = key_of[name], self.shadows()[index[name]]
                 check_ema_dtype(self.dtype, name, key.dtype)
                 if old.dtype != self.dtype:
                     raise ValueError(
@@ -204,9 +209,11 @@ class ShadowWeights(_Level):
                     or local(old).shape != local(key).shape
                     or local(old).device != local(key).device
                 ):
-                    self._set(name, relaid(old, key, self.dtype))
-                shadows.append(local(self.shadow(name)))
-            self._groups.append((keys, shadows, onlines))
+                    self._set(index[name], relaid(old, key, self.dtype))
+                group.append(local(self.shadows()[index[name]]))
+            self._groups.append((keys, group, onlines))
+        self._keys = [key_of[n] for n in self.names]
+        self._built = self.shadows()
         self._pairs = pairs
 
     @property

@@ -63,13 +63,13 @@ def load_post_hook(module: nn.Module, incompatible: Any) -> None:
     prefix, saved = loading
     shadows: ShadowWeights = module.ema_shadow  # type: ignore[assignment]
     keys = dict(module.key_encoder_params())  # type: ignore[operator]
-    with torch.no_grad():
-        for name in shadows.names:
-            if name in saved:
-                shadows.follow(name, keys[name], True, True, saved[name])
-                continue
-            full = prefix + _SHADOW + name
-            if full in incompatible.missing_keys:
-                incompatible.missing_keys.remove(full)
-            shadows.seed(name, keys[name])
-    shadows.stamps.record(shadows.names, keys, shadows.shadow)
+    ordered = [keys[name] for name in shadows.names]
+    for i, name in enumerate(shadows.names):
+        if name in saved:
+            shadows.follow(i, ordered[i], True, saved[name])
+            continue
+        full = prefix + _SHADOW + name
+        if full in incompatible.missing_keys:
+            incompatible.missing_keys.remove(full)
+        shadows.seed(i, ordered[i])
+    shadows.stamps.record(ordered, shadows.shadows())

@@ -3,8 +3,7 @@ last update, the dtype rule, and re-laying a copy out like its key (FSDP2)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
@@ -26,25 +25,25 @@ def check_ema_dtype(ema_dtype: torch.dtype, name: str, dtype: torch.dtype) -> No
         )
 
 
-@dataclass
-class _Stamp:
-    key_id: int
-    key_version: int
-    key_ptr: int
-    key_dtype: torch.dtype
-    key_device: torch.device
-    shadow_id: int
-    shadow_version: int
+Snapshot = tuple[tuple[int, ...], ...]
 
 
-def _ptr(t: torch.Tensor) -> int:
-    if torch.compiler.is_compiling() or is_dtensor(t) or t.device.type == "meta":
-        return 0  # FSDP2 may re-pad a shard into new memory: its version says enough
-    return t.data_ptr()
+def _snapshot(keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> Snapshot:
+    # FSDP2 may re-pad a shard into new memory: a DTensor's version says enough
+    sharded = bool(keys) and is_dtensor(keys[0])  # the pairing never mixes the two
+    return (
+        tuple(map(id, keys)),
+        tuple(k._version for k in keys),
+        () if sharded else tuple(k.data_ptr() for k in keys),
+        tuple(map(id, shadows)),
+        tuple(s._version for s in shadows),
+    )
 
 
 class Stamps:
-    """What the last update left of each key parameter and its copy, read on the host.
+    """What the last update left of the key parameters and their copies, read on the host
+    (ids, version counters, data pointers: no tensor value), compared in one tuple
+    comparison when nothing was written.
 
     A key counts as written when it is another tensor object, its version counter moved,
     or its memory changed without a change of dtype or device (``p.data = other``); a
@@ -53,38 +52,40 @@ class Stamps:
     """
 
     def __init__(self) -> None:
-        self._stamps: dict[str, _Stamp] = {}
+        self.last: Snapshot | None = None
+        self._kinds: tuple[tuple[torch.dtype, torch.device], ...] = ()
 
-    def record(
-        self,
-        names: Sequence[str],
-        keys: Mapping[str, torch.Tensor],
-        shadow: Callable[[str], torch.Tensor],
-    ) -> None:
-        for name in names:
-            k, s = keys[name], shadow(name)
-            self._stamps[name] = _Stamp(
-                id(k), k._version, _ptr(k), k.dtype, k.device, id(s), s._version
+    def record(self, keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> None:
+        self.last = _snapshot(keys, shadows)
+        self._kinds = tuple((k.dtype, k.device) for k in keys)
+
+    def moved(self, shadows: Sequence[torch.Tensor]) -> None:
+        """The copies were moved (not written) by a cast or move of the module."""
+        if self.last is not None:
+            ids, versions = tuple(map(id, shadows)), tuple(s._version for s in shadows)
+            self.last = (*self.last[:3], ids, versions)
+
+    def written(
+        self, keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]
+    ) -> list[tuple[int, bool, bool]]:
+        """``(index, key written, copy written)`` of each pair written since the record."""
+        now, last = _snapshot(keys, shadows), self.last
+        if now == last:
+            return []
+        if last is None or len(last[0]) != len(now[0]):
+            return [(i, True, False) for i in range(len(keys))]
+        ptrs = bool(last[2]) and bool(now[2])
+        out = []
+        for i, key in enumerate(keys):
+            key_written = (
+                last[0][i] != now[0][i]
+                or last[1][i] != now[1][i]
+                or (ptrs and last[2][i] != now[2][i] and self._kinds[i] == (key.dtype, key.device))
             )
-
-    def moved(self, names: Sequence[str], shadow: Callable[[str], torch.Tensor]) -> None:
-        for name in names:
-            stamp, s = self._stamps.get(name), shadow(name)
-            if stamp is not None:
-                stamp.shadow_id, stamp.shadow_version = id(s), s._version
-
-    def written(self, name: str, key: torch.Tensor, shadow: torch.Tensor) -> tuple[bool, bool]:
-        """``(key written, copy written)`` since the last record."""
-        s = self._stamps.get(name)
-        if s is None:
-            return True, False
-        key_written = (
-            s.key_id != id(key)
-            or s.key_version != key._version
-            or (s.key_ptr != _ptr(key) and (s.key_dtype, s.key_device) == (key.dtype, key.device))
-        )
-        shadow_written = s.shadow_id != id(shadow) or s.shadow_version != shadow._version
-        return key_written, shadow_written
+            shadow_written = last[3][i] != now[3][i] or last[4][i] != now[4][i]
+            if key_written or shadow_written:
+                out.append((i, key_written, shadow_written))
+        return out
 
 
 def relaid(old: torch.Tensor, key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -241,11 +241,13 @@ class MomentumEncoder(nn.Module):
             self._guard.check(pairs.online_seen)  # warns once if nothing moved since the last
         weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
         if self.ema_dtype is not None:
-            groups = self.ema_shadow.sync(pairs)  # host checks, never compiled
-            for keys, onlines in self.ema_shadow.others:
+            shadows, compiling = self.ema_shadow, torch.compiler.is_compiling()
+            # host checks, never compiled (under Dynamo: a graph break runs them eagerly)
+            groups = shadows.sync(pairs) if compiling else shadows._sync(pairs)
+            for keys, onlines in shadows.others:
                 lerp_(keys, onlines, weight)
-            self.ema_shadow.update_(groups, weight)
-            self.ema_shadow.stamp(pairs)
+            shadows.update_(groups, weight)
+            shadows.stamp(pairs) if compiling else shadows._stamp(pairs)
         else:
             for keys, onlines in pairs.groups:
                 lerp_(keys, onlines, weight)

@@ -37,8 +37,36 @@ def test_run_py_writes_rows_and_target_verdicts(tmp_path: Path) -> None:
     assert ("info_nce", "info_nce") in pieces and ("info_nce", "reference") in pieces
     assert all(r["ms"] > 0 for r in payload["rows"])
     (verdict,) = [t for t in payload["targets"] if t["implementation"] == "info_nce"]
-    assert verdict["target"] == ">= 1.0" and isinstance(verdict["met"], bool)
-    assert "MET" in done.stdout or "MISSED" in done.stdout
+    (row,) = [r for r in payload["rows"] if r["piece"] == verdict["piece"]
+              and r["implementation"] == "info_nce"]  # fmt: skip
+    speedup = row["vs reference"]
+    assert verdict["target"] == ">= 1.0" and verdict["measured"] == round(speedup, 3)
+    assert verdict["met"] is (speedup >= 1.0)  # the verdict follows the measurement
+    word = "MET" if speedup >= 1.0 else "MISSED"
+    line = f"target {row['piece']} / info_nce: vs reference >= 1.0: measured {round(speedup, 3)}"
+    assert f"{line} -> {word}\n" in done.stdout, done.stdout[-2000:]
+
+
+def test_target_verdicts_follow_the_measurements() -> None:
+    """``check_targets`` on made-up rows: each bound's side gives MET or MISSED."""
+    import run
+
+    rows = [
+        {"piece": "EMA update, ResNet-50", "implementation": "MomentumEncoder.update()",
+         "vs reference": 2.5},
+        {"piece": "info_nce N 256", "implementation": "info_nce", "vs reference": 0.8},
+        {"piece": "info_nce N 256", "implementation": "reference", "vs reference": 1.0},
+    ]  # fmt: skip
+    verdicts = run.check_targets(rows, "cpu")
+    assert [(v["piece"], v["target"], v["measured"], v["met"]) for v in verdicts] == [
+        ("EMA update, ResNet-50", ">= 2.0", 2.5, True),
+        ("info_nce N 256", ">= 1.0", 0.8, False),
+    ]
+    cuda = [{"piece": "EMA update, ViT-B/16", "implementation": "MomentumEncoder.update()",
+             "x floor": 2.5}]  # fmt: skip
+    assert [v["met"] for v in run.check_targets(cuda, "cuda")] == [True]  # <= 2.5: on the bound
+    cuda[0]["x floor"] = 2.51
+    assert [v["met"] for v in run.check_targets(cuda, "cuda")] == [False]
 
 
 def test_run_py_rejects_unknown_sections() -> None:

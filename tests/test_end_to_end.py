@@ -29,7 +29,7 @@ def test_moco_v2_steps_lower_the_loss() -> None:
     g = torch.Generator().manual_seed(0)
     # fixed random images: smooth random colour fields (upsampled 4x4 noise)
     data = F.interpolate(torch.rand(64, 3, 4, 4, generator=g), size=16, mode="bilinear")
-    query_encoder = nn.Sequential(SmallCNN(out_dim=32), moco_v2_head(32, 64, 16))
+    query_encoder = nn.Sequential(SmallCNN(out_dim=32), moco_v2_head(32, hidden_dim=64, out_dim=16))
     key_encoder = MomentumEncoder(query_encoder, momentum=0.99)
     queue = KeyQueue(64, 16)  # two batches of keys
     optimizer = torch.optim.SGD(query_encoder.parameters(), lr=0.06, momentum=0.9)

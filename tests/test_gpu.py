@@ -39,7 +39,8 @@ def sync_is_error() -> Iterator[None]:
 
 
 def test_steady_state_step_never_synchronises() -> None:
-    model = torch.nn.Sequential(SmallCNN(out_dim=32), moco_v2_head(32, 64, 16)).to(cuda)
+    head = moco_v2_head(32, hidden_dim=64, out_dim=16)
+    model = torch.nn.Sequential(SmallCNN(out_dim=32), head).to(cuda)
     for mode in ("own", "copy", "ema"):
         enc = MomentumEncoder(model, buffers=mode)  # type: ignore[arg-type]
         queue = KeyQueue(1000, 16).to(cuda)

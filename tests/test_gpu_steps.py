@@ -42,7 +42,8 @@ def v2_setup(
     seed: int = 0, shuffle_bn: bool = True
 ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], list]:  # type: ignore[type-arg]
     torch.manual_seed(seed)
-    model = nn.Sequential(SmallCNN(out_dim=32), moco_v2_head(32, 64, 16)).to(cuda)
+    head = moco_v2_head(32, hidden_dim=64, out_dim=16)
+    model = nn.Sequential(SmallCNN(out_dim=32), head).to(cuda)
     key_encoder = MomentumEncoder(model)
     if shuffle_bn:
         convert_split_batchnorm(key_encoder.key_encoder, 4)  # Shuffle-BN on one GPU
@@ -81,8 +82,9 @@ def test_moco_v2_step_never_synchronises() -> None:
 
 def test_moco_v3_step_never_synchronises() -> None:
     torch.manual_seed(0)
-    base = nn.Sequential(SmallCNN(out_dim=32), moco_v3_projector(32, 64, 16)).to(cuda)
-    predictor = moco_v3_predictor(16, 64).to(cuda)
+    projector = moco_v3_projector(32, hidden_dim=64, out_dim=16)
+    base = nn.Sequential(SmallCNN(out_dim=32), projector).to(cuda)
+    predictor = moco_v3_predictor(16, hidden_dim=64).to(cuda)
     key_encoder = MomentumEncoder(base, momentum=0.99)
     query = nn.Sequential(base, predictor)
     optimizer = LARS(query.parameters(), lr=0.1, weight_decay=1e-6)
@@ -142,7 +144,8 @@ def test_whole_moco_v2_step_in_a_cuda_graph_matches_eager() -> None:
 
 def test_cosine_momentum_schedule_replayed_in_a_cuda_graph() -> None:
     torch.manual_seed(0)
-    online = nn.Sequential(SmallCNN(out_dim=32), moco_v2_head(32, 64, 16)).to(cuda)
+    head = moco_v2_head(32, hidden_dim=64, out_dim=16)
+    online = nn.Sequential(SmallCNN(out_dim=32), head).to(cuda)
     graphed, eager = MomentumEncoder(online), MomentumEncoder(online)
     m = torch.zeros((), device=cuda)  # the schedule's value lives here, on the device
     side = torch.cuda.Stream()

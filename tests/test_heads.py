@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
 
+import momentum_contrast
 from momentum_contrast import (
     build_mlp,
     moco_v1_head,
@@ -16,6 +19,8 @@ from momentum_contrast import (
     moco_v3_projector,
     strip_classifier,
 )
+
+EMPTY = inspect.Parameter.empty
 
 
 def layout(module: nn.Module) -> list[tuple[str, ...]]:
@@ -106,12 +111,70 @@ def test_v3_vit_projector_and_predictor() -> None:
 
 
 def test_build_mlp_single_layer_and_forward() -> None:
-    assert layout(build_mlp(1, 5, 99, 3, last_bn=False)) == [("Linear", "5", "3", "False")]
-    mlp = build_mlp(3, 5, 7, 3)
+    mlp = build_mlp(5, hidden_dim=99, out_dim=3, num_layers=1, last_bn=False)
+    assert layout(mlp) == [("Linear", "5", "3", "False")]
+    mlp = build_mlp(5, hidden_dim=7, out_dim=3, num_layers=3)
+    assert [type(m).__name__ for m in mlp] == [
+        *["Linear", "BatchNorm1d", "ReLU"] * 2,
+        "Linear",
+        "BatchNorm1d",
+    ]
     out = mlp(torch.randn(10, 5))
     assert out.shape == (10, 3)
-    # the last BatchNorm is not affine: every output feature is standardised in training
+    # the last BatchNorm has no scale and shift at all (an affine one at initialisation
+    # would also standardise the output, so look at the module itself)
+    last, hidden = mlp[-1], mlp[1]
+    assert isinstance(last, nn.BatchNorm1d) and isinstance(hidden, nn.BatchNorm1d)
+    assert last.affine is False and last.weight is None and last.bias is None
+    assert [name for name, _ in last.named_parameters()] == []
+    assert hidden.affine is True and hidden.weight is not None
     torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+HEAD_SIGNATURES = {
+    # name: (positional names, keyword-only names with their defaults), from DESIGN.md
+    "build_mlp": (
+        ["in_dim"],
+        {"hidden_dim": EMPTY, "out_dim": EMPTY, "num_layers": EMPTY, "last_bn": True},
+    ),
+    "moco_v1_head": (["in_dim"], {"out_dim": 128}),
+    "moco_v2_head": (["in_dim"], {"hidden_dim": None, "out_dim": 128}),
+    "moco_v3_projector": (["in_dim"], {"hidden_dim": 4096, "out_dim": 256, "num_layers": 2}),
+    "moco_v3_predictor": (["in_dim"], {"hidden_dim": 4096, "last_bn": False}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_SIGNATURES))
+def test_head_builders_take_in_dim_positionally_and_the_rest_by_keyword(name: str) -> None:
+    params = inspect.signature(getattr(momentum_contrast, name)).parameters.values()
+    positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    keyword = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert (positional, keyword) == HEAD_SIGNATURES[name]
+
+
+def test_a_second_positional_number_is_refused_not_misread() -> None:
+    """``moco_v2_head(2048, 128)`` used to build 2048 -> 128 -> 128 (128 read as hidden_dim)."""
+    calls = [
+        lambda: moco_v2_head(2048, 128),  # type: ignore[call-arg]
+        lambda: moco_v1_head(2048, 64),  # type: ignore[call-arg]
+        lambda: moco_v3_projector(2048, 4096),  # type: ignore[call-arg]
+        lambda: moco_v3_predictor(256, 4096),  # type: ignore[call-arg]
+        lambda: build_mlp(2, 2048, 4096, 256),  # type: ignore[call-arg]
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="positional argument"):
+            call()
+    assert layout(moco_v2_head(2048, out_dim=128)) == [
+        ("Linear", "2048", "2048", "True"),
+        ("ReLU",),
+        ("Linear", "2048", "128", "True"),
+    ]
+    assert layout(moco_v3_predictor(in_dim=32, hidden_dim=8)) == [
+        ("Linear", "32", "8", "False"),
+        ("BN", "8", "True"),
+        ("ReLU",),
+        ("Linear", "8", "32", "False"),
+    ]
 
 
 def test_strip_torchvision_resnet50() -> None:

@@ -181,6 +181,21 @@ def test_modules_equal_functions() -> None:
     assert SymmetricContrastiveLoss().temperature == 1.0
 
 
+def test_loss_modules_take_keyword_arguments_only() -> None:
+    """``InfoNCE(0.2, "mean", False)`` was accepted: every argument is keyword-only, as
+    in the functions."""
+    with pytest.raises(TypeError, match="positional argument"):
+        InfoNCE(0.2, "mean", False)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="positional argument"):
+        InfoNCE(0.2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="positional argument"):
+        SymmetricContrastiveLoss(0.2, False)  # type: ignore[call-arg]
+    crit = InfoNCE(temperature=0.5, reduction="none", normalize=False)
+    assert (crit.temperature, crit.reduction, crit.normalize) == (0.5, "none", False)
+    sym = SymmetricContrastiveLoss(temperature=0.2, gather=False)
+    assert (sym.temperature, sym.gather) == (0.2, False)
+
+
 def test_losses_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(8, 16, requires_grad=True)
     k, neg = torch.randn(8, 16), unit(torch.randn(64, 16))

@@ -29,19 +29,26 @@ def reference_lars_steps(params, grads_per_step, lr, wd, momentum, eta):  # type
 
 def test_matches_the_hand_written_reference_in_float64() -> None:
     g = torch.Generator().manual_seed(0)
-    shapes = [(6, 4), (6,), (3, 2, 2, 2), (5,)]
+    shapes = [(6, 4), (6,), (3, 2, 2, 2), (5,), (4, 4)]
     params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-    params[3].zero_()  # a zero parameter: trust ratio 1 (1-D anyway)
+    params[0].zero_()  # a zero matrix: ||p|| = 0 on the first step, trust ratio 1
+    params[3].zero_()  # a zero 1-D parameter: no adaptation at all
+    params[4].zero_()  # a zero matrix with a zero gradient: both norms 0, trust ratio 1
     steps = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    steps[0][4].zero_()
     live = [p.clone().requires_grad_() for p in params]
     opt = LARS(live, lr=0.3, weight_decay=1e-2, momentum=0.9, trust_coefficient=0.001)
-    for grads in steps:
+    for i, grads in enumerate(steps):
         for p, grad in zip(live, grads, strict=True):
             p.grad = grad.clone()
         opt.step()
+        if i == 0:  # the zero-norm branch: ratio 1 (0 or NaN without it)
+            torch.testing.assert_close(live[0].detach(), -0.3 * steps[0][0], rtol=0, atol=0)
+            assert torch.equal(live[4].detach(), torch.zeros(4, 4, dtype=torch.float64))
     expected = reference_lars_steps(params, steps, 0.3, 1e-2, 0.9, 0.001)
     for got, want in zip(live, expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-12)
+    assert expected[0].abs().min() > 0  # the zero matrix moved (ratio 0 would leave it at 0)
 
 
 def test_zero_weight_matrix_uses_ratio_one_and_1d_gets_no_decay() -> None:

@@ -128,7 +128,7 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
     ),
     (
         "SymmetricContrastiveLoss bad temperature",
-        lambda: mc.SymmetricContrastiveLoss(-0.5),
+        lambda: mc.SymmetricContrastiveLoss(temperature=-0.5),
         ValueError,
         ["temperature", "-0.5"],
     ),
@@ -212,7 +212,12 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         ["keys", "cpu", "meta"],
     ),
     # heads
-    ("mlp zero layers", lambda: mc.build_mlp(0, 4, 4, 4), ValueError, ["num_layers", ">= 1", "0"]),
+    (
+        "mlp zero layers",
+        lambda: mc.build_mlp(4, hidden_dim=4, out_dim=4, num_layers=0),
+        ValueError,
+        ["num_layers", ">= 1", "0"],
+    ),
     ("head zero dim", lambda: mc.moco_v2_head(0), ValueError, ["in_dim", ">= 1", "0"]),
     (
         "projector bad hidden",

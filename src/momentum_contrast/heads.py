@@ -21,19 +21,20 @@ _CLASSIFIER_NAMES = ("fc", "head", "heads", "classifier")
 
 
 def build_mlp(
-    num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, *, last_bn: bool = True
+    in_dim: int, *, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True
 ) -> nn.Sequential:
     """MLP of MoCo v3: ``[Linear → BatchNorm1d → ReLU] * (num_layers - 1) → Linear``.
 
     Every ``Linear`` is bias-free (BatchNorm follows it). With ``last_bn`` the
     last ``Linear`` is followed by a ``BatchNorm1d(affine=False)``, as in the
-    paper's projector (and ViT predictor).
+    paper's projector (and ViT predictor). Every argument after ``in_dim`` is
+    keyword-only, with the same names as the other head builders.
 
     Args:
-        num_layers: number of ``Linear`` layers, ``>= 1``.
         in_dim: input features.
         hidden_dim: width of the hidden layers.
         out_dim: output features.
+        num_layers: number of ``Linear`` layers, ``>= 1``.
         last_bn: end with a non-affine ``BatchNorm1d``.
 
     Returns:
@@ -41,7 +42,7 @@ def build_mlp(
 
     Examples:
         >>> from momentum_contrast import build_mlp
-        >>> build_mlp(2, 2048, 4096, 256)
+        >>> build_mlp(2048, hidden_dim=4096, out_dim=256, num_layers=2)
         Sequential(
           (0): Linear(in_features=2048, out_features=4096, bias=False)
           (1): BatchNorm1d(4096, eps=1e-05, momentum=0.1, affine=True...)
@@ -50,8 +51,8 @@ def build_mlp(
           (4): BatchNorm1d(256, eps=1e-05, momentum=0.1, affine=False...)
         )
     """
-    layers = check_positive_int("num_layers", num_layers)
     dims = [check_positive_int("in_dim", in_dim)]
+    layers = check_positive_int("num_layers", num_layers)
     dims += [check_positive_int("hidden_dim", hidden_dim)] * (layers - 1)
     dims += [check_positive_int("out_dim", out_dim)]
     modules: list[nn.Module] = []
@@ -64,23 +65,33 @@ def build_mlp(
     return nn.Sequential(*modules)
 
 
-def moco_v1_head(in_dim: int, out_dim: int = 128) -> nn.Linear:
+def moco_v1_head(in_dim: int, *, out_dim: int = 128) -> nn.Linear:
     """MoCo v1 head: the classifier replaced by ``Linear(in_dim, out_dim)`` (with bias).
+
+    Args:
+        in_dim: the backbone's feature width.
+        out_dim: the embedding width (128 in the paper); keyword-only.
 
     Examples:
         >>> from momentum_contrast import moco_v1_head
         >>> moco_v1_head(2048)
         Linear(in_features=2048, out_features=128, bias=True)
+        >>> moco_v1_head(512, out_dim=64)
+        Linear(in_features=512, out_features=64, bias=True)
     """
     return nn.Linear(check_positive_int("in_dim", in_dim), check_positive_int("out_dim", out_dim))
 
 
-def moco_v2_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 128) -> nn.Sequential:
+def moco_v2_head(
+    in_dim: int, *, hidden_dim: int | None = None, out_dim: int = 128
+) -> nn.Sequential:
     """MoCo v2 head: ``Linear → ReLU → Linear``, with biases (the reference v2 MLP).
 
     The reference widens the backbone's own ``fc`` into this MLP, so the hidden width
     is the backbone's feature width: 2048 → 2048 → 128 for a ResNet-50, 512 → 512 →
-    128 for a ResNet-18.
+    128 for a ResNet-18. Every argument after ``in_dim`` is keyword-only (the same
+    names as the other head builders), so ``moco_v2_head(2048, 128)`` is refused
+    rather than read as a hidden width.
 
     Args:
         in_dim: the backbone's feature width.
@@ -95,6 +106,8 @@ def moco_v2_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 128)
           (1): ReLU()
           (2): Linear(in_features=512, out_features=128, bias=True)
         )
+        >>> moco_v2_head(2048, out_dim=64)[2]
+        Linear(in_features=2048, out_features=64, bias=True)
     """
     in_dim = check_positive_int("in_dim", in_dim)
     hidden = in_dim if hidden_dim is None else check_positive_int("hidden_dim", hidden_dim)
@@ -106,11 +119,17 @@ def moco_v2_head(in_dim: int, hidden_dim: int | None = None, out_dim: int = 128)
 
 
 def moco_v3_projector(
-    in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2
+    in_dim: int, *, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2
 ) -> nn.Sequential:
     """MoCo v3 projector: [`build_mlp`][] with a last non-affine BatchNorm.
 
     Use ``num_layers=2`` for ResNets (the default) and ``3`` for ViTs.
+
+    Args:
+        in_dim: the backbone's feature width.
+        hidden_dim: width of the hidden layers (4096 in the paper); keyword-only.
+        out_dim: the embedding width (256 in the paper).
+        num_layers: number of ``Linear`` layers: 2 for ResNets, 3 for ViTs.
 
     Examples:
         >>> import torch
@@ -119,15 +138,22 @@ def moco_v3_projector(
         >>> sum(isinstance(m, torch.nn.Linear) for m in vit_projector)
         3
     """
-    return build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True)
+    return build_mlp(
+        in_dim, hidden_dim=hidden_dim, out_dim=out_dim, num_layers=num_layers, last_bn=True
+    )
 
 
 def moco_v3_predictor(
-    dim: int = 256, hidden_dim: int = 4096, *, last_bn: bool = False
+    in_dim: int = 256, *, hidden_dim: int = 4096, last_bn: bool = False
 ) -> nn.Sequential:
-    """MoCo v3 predictor: 2-layer [`build_mlp`][] ``dim → hidden_dim → dim``.
+    """MoCo v3 predictor: 2-layer [`build_mlp`][] ``in_dim → hidden_dim → in_dim``.
 
     ``last_bn=False`` for ResNets (the default), ``True`` for ViTs, as the reference.
+
+    Args:
+        in_dim: the projector's output width (256 in the paper); also the output width.
+        hidden_dim: width of the hidden layer (4096 in the paper); keyword-only.
+        last_bn: end with a non-affine ``BatchNorm1d`` (ViTs).
 
     Examples:
         >>> import torch
@@ -136,7 +162,7 @@ def moco_v3_predictor(
         >>> predictor(torch.randn(4, 256)).shape
         torch.Size([4, 256])
     """
-    return build_mlp(2, dim, hidden_dim, dim, last_bn=last_bn)
+    return build_mlp(in_dim, hidden_dim=hidden_dim, out_dim=in_dim, num_layers=2, last_bn=last_bn)
 
 
 def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:

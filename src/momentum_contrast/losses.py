@@ -233,6 +233,8 @@ def symmetric_contrastive_loss(
 class InfoNCE(nn.Module):
     """Module form of [`info_nce`][], holding ``temperature`` and ``reduction``.
 
+    Every argument is keyword-only, as in the function.
+
     Args:
         temperature: ``T > 0``; 0.07 as MoCo v1 (v2 uses 0.2).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -248,7 +250,7 @@ class InfoNCE(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 0.07, reduction: Reduction = "mean", normalize: bool = True
+        self, *, temperature: float = 0.07, reduction: Reduction = "mean", normalize: bool = True
     ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
@@ -280,6 +282,8 @@ class InfoNCE(nn.Module):
 class SymmetricContrastiveLoss(nn.Module):
     """Module form of [`symmetric_contrastive_loss`][] (MoCo v3).
 
+    Every argument is keyword-only, as in the function.
+
     Args:
         temperature: ``T > 0``; 1.0 as the MoCo v3 ResNet recipe (0.2 for ViT).
         gather: use the keys of all ranks as negatives.
@@ -293,7 +297,7 @@ class SymmetricContrastiveLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, temperature: float = 1.0, gather: bool = True) -> None:
+    def __init__(self, *, temperature: float = 1.0, gather: bool = True) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.gather = bool(gather)

@@ -109,30 +109,46 @@ class Recorder(Sampler):
         return super().bernoulli(n, p)
 
 
+# What one view draws, in order. Probabilities (bernoulli): flip, grayscale, jitter, then
+# blur and solarize when their p > 0. Ranges (uniform, per sample): the crop's placement
+# (0, 1) twice, brightness, contrast, saturation, hue, then the blur sigma when blur_p > 0.
+PLACE = [(0.0, 1.0), (0.0, 1.0)]
+V1_RANGES = [*PLACE, (0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4)]
+V2_RANGES = [*PLACE, (0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1), (0.1, 2.0)]
+V3_RANGES = [*PLACE, (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1), (0.1, 2.0)]
+
+
 @pytest.mark.parametrize(
-    ("recipe", "view_one", "view_two"),
+    ("recipe", "probabilities", "ranges"),
     [
-        (MoCoV1Augment, {0.5, 0.2, 1.0}, None),
-        (MoCoV2Augment, {0.5, 0.2, 0.8}, None),
-        (MoCoV3Augment, {0.5, 0.2, 0.8, 1.0}, {0.5, 0.2, 0.8, 0.1}),
+        (MoCoV1Augment, [0.5, 0.2, 1.0] * 2, V1_RANGES * 2),
+        (MoCoV2Augment, [0.5, 0.2, 0.8, 0.5] * 2, V2_RANGES * 2),
+        # v3: view one blurs always and never solarizes; view two blurs 0.1, solarizes 0.2
+        (MoCoV3Augment, [0.5, 0.2, 0.8, 1.0, 0.5, 0.2, 0.8, 0.1, 0.2], V3_RANGES * 2),
     ],
 )
 def test_recipes_draw_with_the_papers_parameters(
-    monkeypatch: pytest.MonkeyPatch, recipe: type, view_one: set[float], view_two: set[float] | None
+    monkeypatch: pytest.MonkeyPatch,
+    recipe: type,
+    probabilities: list[float],
+    ranges: list[tuple[float, float]],
 ) -> None:
+    """Compared position by position: swapping two probabilities (grayscale 0.2 and
+    jitter 0.8, or the two views' blur) changes the lists."""
     from momentum_contrast.augment import recipes
 
     monkeypatch.setattr(recipes, "Sampler", Recorder)
     Recorder.calls = []
     recipe(size=16)(torch.rand(2, 3, 20, 20))
-    probs = [p for kind, p, _ in Recorder.calls if kind == "bernoulli"]
-    half = len(probs) // 2
-    assert set(probs[:half]) == view_one
-    assert set(probs[half:]) == (view_one if view_two is None else view_two)
-    ranges = {(lo, hi) for kind, lo, hi in Recorder.calls if kind == "uniform"}
-    if recipe is MoCoV1Augment:
-        assert ranges >= {(0.6, 1.4), (-0.4, 0.4)}
-    elif recipe is MoCoV2Augment:
-        assert ranges >= {(0.6, 1.4), (-0.1, 0.1), (0.1, 2.0)}
-    else:
-        assert ranges >= {(0.6, 1.4), (0.8, 1.2), (-0.1, 0.1), (0.1, 2.0)}
+    assert [p for kind, p, _ in Recorder.calls if kind == "bernoulli"] == probabilities
+    assert [(lo, hi) for kind, lo, hi in Recorder.calls if kind == "uniform"] == ranges
+
+
+def test_swapped_probabilities_are_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison above can fail: grayscale and jitter swapped give another list."""
+    from momentum_contrast.augment import recipes
+
+    monkeypatch.setattr(recipes, "Sampler", Recorder)
+    Recorder.calls = []
+    MoCoV2Augment(size=16, grayscale_p=0.8, jitter_p=0.2)(torch.rand(2, 3, 20, 20))
+    assert [p for kind, p, _ in Recorder.calls if kind == "bernoulli"] == [0.5, 0.8, 0.2, 0.5] * 2

@@ -5,6 +5,7 @@ scripts and ``pip`` extras exist, anything else must be on a short list."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import py_compile
@@ -22,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
-KNOWN_TOOLS = {"mkdocs", "ruff", "mypy"}
+KNOWN_TOOLS = {"mkdocs", "ruff"}  # their parsers (click, clap) refuse unknown flags with --help
 
 
 def blocks(page: Path) -> list[tuple[str, str]]:
@@ -89,22 +90,35 @@ def _pip_extras() -> set[str]:
     return set(metadata.metadata("momentum-contrast").get_all("Provides-Extra") or [])
 
 
-@pytest.mark.parametrize("where, command", shell_commands(), ids=lambda x: x[:60])
+SHELL_COMMANDS = shell_commands()
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("where, command", SHELL_COMMANDS, ids=lambda x: x[:60])
 def test_shell_commands_match_the_repository(where: str, command: str) -> None:
     argv = shlex.split(command)
     if argv[0] == "torchrun":  # drop torchrun's own options: the script is the first .py
         argv = ["python", *argv[next(i for i, a in enumerate(argv) if a.endswith(".py")) :]]
     if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "venv"]:
+        assert len(argv) == 4 and not argv[3].startswith("-"), (where, command)
+        # the page activates the environment it creates
+        assert (where, f". {argv[3]}/bin/activate") in SHELL_COMMANDS, (where, command)
         return
     if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "pytest"]:
+        # pytest's own parser reads the flags (and the project's configuration); an
+        # unknown flag exits with 4. Collecting one small file keeps it quick.
+        done = _run([sys.executable, *argv[1:], "--collect-only", "-q", "tests/test_package.py"])
+        assert done.returncode == 0, (where, command, done.stdout[-2000:], done.stderr[-2000:])
         return
     if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "momentum_contrast.convert"]:
-        from momentum_contrast.convert import main
+        from momentum_contrast.convert._cli import _parser
 
-        with pytest.raises(SystemExit) as done:  # the flags parse: --help exits with 0
-            main([*argv[3:], "--help"])
-        assert done.value.code == 0, (where, command)
-        assert "--to" in argv, (where, command)
+        parsed = _parser().parse_args(argv[3:])  # a bad flag exits with 2: the test fails
+        assert parsed.to in {"torchvision", "timm", "detectron2"}, (where, command)
+        assert [parsed.src, parsed.dst] == argv[3:5], (where, command)
         return
     if argv[:2] == ["sudo", "apt-get"] or argv[0] == "apt-get":  # system packages
         assert argv[-1] == "chromium", command  # the only one: the docs site test needs it
@@ -125,7 +139,11 @@ def test_shell_commands_match_the_repository(where: str, command: str) -> None:
                     command,
                 )
         return
-    if argv[0] in KNOWN_TOOLS:
+    if argv[0] in KNOWN_TOOLS:  # the tool's own parser: an unknown command or flag fails
+        done = _run([sys.executable, "-m", argv[0], *argv[1:], "--help"])
+        assert done.returncode == 0, (where, command, done.stderr[-2000:])
+        if argv[0] == "mkdocs":
+            assert (ROOT / "mkdocs.yml").is_file()
         return
     if argv[0] == "bash":
         assert (ROOT / argv[1]).is_file(), (where, command)
@@ -145,13 +163,35 @@ def test_shell_commands_match_the_repository(where: str, command: str) -> None:
         )
         assert out.returncode == 0, (where, command, out.stderr[-2000:])
         assert json.loads(out.stdout)["arch"], out.stdout
-    elif script.name == "linear_eval.py":  # needs a checkpoint; check its flags exist
-        source = (
-            "".join((ROOT / "examples" / name).read_text() for name in ("flags.py", "common.py"))
-            + script.read_text()
-        )
-        for flag in (a for a in argv[2:] if a.startswith("--")):
-            assert f'"{flag}"' in source or f'"{flag[2:].replace("-", "_")}"' in source, flag
+    elif script.name == "linear_eval.py":  # needs a checkpoint: parse with its parser
+        parsed = linear_eval_flags(argv[2:])
+        for flag in (a for a in argv[2:] if a.startswith("--")):  # each one was read
+            name = flag[2:].split("=")[0].replace("-", "_")
+            assert getattr(parsed, name) is not None, (where, command, flag)
+
+
+def linear_eval_flags(argv: list[str]) -> argparse.Namespace:
+    """The flags of ``examples/linear_eval.py`` parsed by the script's own parser (the
+    architecture a checkpoint would name given as resnet18); a bad flag raises SystemExit."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import flags
+        import linear_eval
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    layers = linear_eval.layers(False, {"arch": "resnet18", "image_size": 224})
+    return flags.build_parser("Linear evaluation", layers).parse_args(argv)
+
+
+def test_linear_eval_flags_are_parsed_not_grepped() -> None:
+    """The check above reads flags with the script's parser: one it does not define fails
+    (as a grep of the source for "--seed" would have passed a misspelled --sed)."""
+    parsed = linear_eval_flags(["--pretrained", "a.pt", "--epochs", "3", "--seed=4"])
+    assert (parsed.pretrained, parsed.epochs, parsed.seed) == ("a.pt", 3, 4)
+    with pytest.raises(SystemExit):
+        linear_eval_flags(["--pretrained", "a.pt", "--sed", "4"])
+    with pytest.raises(SystemExit):
+        linear_eval_flags(["--pretrained", "a.pt", "--epochs", "three"])
 
 
 @pytest.mark.parametrize("script", ["augment_grid.py", "performance_plot.py"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,6 +56,14 @@ def free_port() -> int:
 def run_2p(script: str, *flags: str, env: dict[str, str] | None = None) -> str:
     """Run ``examples/script`` as 2 gloo processes (the environment torchrun sets up);
     fail the test unless both exit 0. Returns rank 0's stdout and both stderrs."""
+    outputs = run_2p_ranks(script, *flags, env=env)
+    return outputs[0][0] + "".join(err for _, err in outputs)
+
+
+def run_2p_ranks(
+    script: str, *flags: str, env: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """As [`run_2p`][], but returns ``(stdout, stderr)`` of each rank, in rank order."""
     port = str(free_port())
     procs = []
     for rank in range(2):
@@ -79,10 +89,10 @@ def run_2p(script: str, *flags: str, env: dict[str, str] | None = None) -> str:
             )
         )
     outputs = [p.communicate(timeout=300) for p in procs]
-    text = outputs[0][0] + "".join(err for _, err in outputs)
     if any(p.returncode for p in procs):
+        text = outputs[0][0] + "".join(err for _, err in outputs)
         raise AssertionError(f"{script} failed in 2 processes:\n{text[-6000:]}")
-    return text
+    return outputs
 
 
 def metrics(out: Path) -> list[dict[str, str]]:
@@ -90,9 +100,29 @@ def metrics(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def losses(out: Path) -> list[str]:
-    """The per-step losses (``repr`` strings) of ``metrics.csv``."""
-    return [row["loss"] for row in metrics(out) if row["loss"]]
+def losses(out: Path) -> list[float]:
+    """The per-step losses of ``metrics.csv``, parsed (exactly: the file holds their
+    ``repr``). A NaN stays NaN, which equals nothing, itself included."""
+    return [float(row["loss"]) for row in metrics(out) if row["loss"]]
+
+
+KNN_LINE = re.compile(r"^kNN top-1 at random initialisation: (\d+(?:\.\d+)?)%$", re.M)
+
+
+def knn_baselines(stdout: str) -> list[float]:
+    """The kNN top-1 values (%) a run printed at random initialisation, one per line."""
+    return [float(v) for v in KNN_LINE.findall(stdout)]
+
+
+def assert_trained_sanely(out: Path, stdout: str, steps: int, classes: int = 10) -> None:
+    """``steps`` finite, positive losses in ``metrics.csv``, and one kNN top-1 above chance
+    (``100 / classes`` %), printed once and recorded in the checkpoint."""
+    values = losses(out)
+    assert len(values) == steps, values
+    assert all(math.isfinite(v) and v > 0 for v in values), values
+    (knn,) = knn_baselines(stdout)
+    assert knn > 100 / classes, stdout[-2000:]
+    assert round(checkpoint(out)["knn_baseline"], 1) == knn
 
 
 def checkpoint(out: Path) -> dict[str, Any]:

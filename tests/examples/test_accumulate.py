@@ -156,3 +156,48 @@ def test_v3_scores_each_micro_batch_against_all_keys(
     assert [kw["positive_offset"] for _, kw in loss.calls] == list(range(0, BATCH, size))
     for (q1, _, k1, k2), _ in loss.calls:
         assert q1.shape[0] == size and k1.shape[0] == k2.shape[0] == BATCH
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny", "small_cnn"])
+def test_v2_random_stream_does_not_depend_on_accumulate(arch: str) -> None:
+    """Shuffle-BN's permutations come from their own generator, reseeded once per step: the
+    global generator is left in the same state for every N, so every later step's
+    augmentations are the same, while each micro-batch still gets a random permutation."""
+    after, augmented = [], []
+    for accumulate in (1, 2, 4):
+        torch.manual_seed(0)
+        flags = [*V12, "--arch", arch, "--batch-size", str(BATCH)]
+        args = parse_args("test", moco_v2.LAYERS, [*flags, "--accumulate", str(accumulate)])
+        _, step, augment, _ = moco_v2.build(args, "v2", CPU)
+        torch.manual_seed(1)
+        step(*views(40), 0.0)
+        after.append(torch.get_rng_state())
+        images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
+        augmented.append(augment(images))  # the next step's views, from the global stream
+    assert torch.equal(after[0], after[1]) and torch.equal(after[0], after[2])
+    for one, two in augmented[1:]:
+        assert torch.equal(one, augmented[0][0]) and torch.equal(two, augmented[0][1])
+
+
+def test_v2_micro_batches_are_shuffled_with_their_own_permutations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real, calls = moco_v2.batch_shuffle, []
+
+    def spy(x: torch.Tensor, generator: torch.Generator | None = None) -> Any:
+        shuffled, idx = real(x, generator)
+        calls.append((x, generator, shuffled))
+        return shuffled, idx
+
+    monkeypatch.setattr(moco_v2, "batch_shuffle", spy)
+    torch.manual_seed(0)
+    _, step, *_ = moco_v2.build(args_for(moco_v2, V12, 2), "v2", CPU)
+    for seed in (50, 51):
+        step(*views(seed), 0.0)
+    assert len(calls) == 4  # two micro-batches per step
+    orders = []
+    for x, generator, shuffled in calls:
+        assert isinstance(generator, torch.Generator)  # its own, not the global one
+        orders.append([int((x == row).all(dim=(1, 2, 3)).nonzero()) for row in shuffled])
+    assert all(sorted(order) == [0, 1, 2, 3] for order in orders)  # within the micro-batch
+    assert len({tuple(order) for order in orders}) > 1  # drawn afresh, not one fixed order

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from example_runner import import_examples
+from example_runner import V12, checkpoint, import_examples, knn_baselines, run_2p_ranks
 from torch import nn
 
 import_examples()
@@ -89,3 +89,17 @@ def test_queries_are_never_in_the_bank_and_the_subsets_are_fixed(tmp_path: Path)
     assert torch.equal(again[0], bank) and torch.equal(again[1], queries)  # every epoch
     other = knn_split(train, val, bank=60, queries=40, seed=1)
     assert not torch.equal(other[0], bank)  # --seed chooses them
+
+
+def test_only_rank_0_reports_the_knn_at_random_initialisation(tmp_path: Path) -> None:
+    """Under torchrun only rank 0 measures the kNN; rank 1 used to print 0.0%."""
+    data = ["--shapes-train", "400", "--shapes-val", "200", "--knn-bank", "400",
+            "--knn-queries", "200"]  # fmt: skip
+    out = tmp_path / "run"
+    (rank0, _), (rank1, _) = run_2p_ranks(
+        "moco_v2.py", *V12, *data, "--max-steps", "1", "--output-dir", str(out)
+    )
+    (knn,) = knn_baselines(rank0)
+    assert knn > 10.0  # above chance (10 classes)
+    assert round(checkpoint(out)["knn_baseline"], 1) == knn
+    assert knn_baselines(rank1) == [] and "kNN top-1" not in rank1, rank1[-2000:]

@@ -8,6 +8,8 @@ the host wait for the device, which the library never does in a training step.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from momentum_contrast.augment._resample import pad_to_batch
@@ -151,3 +153,49 @@ def check_boxes(
             f"top + height <= {h}, left + width <= {w}"
         )
     return inside
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_probability(name: str, value: object) -> float:
+    """A real number (not a bool, not a tensor) in ``[0, 1]``; ``name`` names it."""
+    if not _is_real(value):
+        raise TypeError(
+            f"{name} must be a probability (a real number in [0, 1]), "
+            f"got {type(value).__name__} {value!r:.60}"
+        )
+    p = float(value)  # type: ignore[arg-type]
+    if not 0.0 <= p <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+    return p
+
+
+def check_per_view(name: str, value: object) -> tuple[float, float]:
+    """A recipe's per-view probability: one number for both views, or a pair
+    ``(view one, view two)``. Returns the pair; ranges are checked by ``ViewRecipe``."""
+    expected = "a probability (both views) or a pair of them (view one, view two)"
+    if _is_real(value):
+        return float(value), float(value)  # type: ignore[arg-type]
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.60}")
+    if len(value) != 2:
+        raise ValueError(f"{name} must be {expected}, got length {len(value)}: {value!r:.60}")
+    for item in value:
+        if not _is_real(item):
+            raise TypeError(
+                f"{name} must be {expected}, got {value!r:.60} (holding a {type(item).__name__})"
+            )
+    return float(value[0]), float(value[1])
+
+
+def check_low_high(name: str, value: object) -> tuple[float, float]:
+    """A ``(low, high)`` pair of real numbers (the range checks are the caller's)."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(_is_real(v) for v in value)
+    ):
+        raise TypeError(f"{name} must be a pair (low, high) of real numbers, got {value!r:.60}")
+    return float(value[0]), float(value[1])

@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from typing_extensions import Unpack
 
+from momentum_contrast.augment._checks import check_per_view
 from momentum_contrast.augment.recipes import AugmentOptions, TwoViewAugment, ViewRecipe
 
 __all__ = ["MoCoV1Augment", "MoCoV2Augment", "MoCoV3Augment"]
 
+PerView = float | tuple[float, float]
+"""A per-view probability: one number for both views, or ``(view one, view two)``."""
 
-def _view(jitter: tuple[float, float, float, float], **fields: Any) -> ViewRecipe:
-    """A ``ViewRecipe`` with the four ``ColorJitter`` strengths of ``jitter`` (a
-    ``ValueError`` naming ``jitter`` unless it has four) and the crop ratio (3/4, 4/3)."""
+
+def _views(
+    jitter: tuple[float, float, float, float], per_view: Mapping[str, object], **shared: Any
+) -> tuple[ViewRecipe, ViewRecipe]:
+    """The two ``ViewRecipe``s: the four ``ColorJitter`` strengths of ``jitter`` (a
+    ``ValueError`` naming ``jitter`` unless it has four), the ``shared`` fields, and each
+    per-view probability (a number for both views or a pair, see ``check_per_view``)."""
     if not isinstance(jitter, (tuple, list)) or len(jitter) != 4:
         raise ValueError(
             f"jitter must be 4 numbers (brightness, contrast, saturation, hue), got {jitter!r}"
         )
     brightness, contrast, saturation, hue = jitter
-    return ViewRecipe(
-        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, **fields
+    pairs: dict[str, Any] = {name: check_per_view(name, value) for name, value in per_view.items()}
+    one, two = (
+        ViewRecipe(
+            brightness=brightness,
+            contrast=contrast,
+            saturation=saturation,
+            hue=hue,
+            **shared,
+            **{name: pair[v] for name, pair in pairs.items()},
+        )
+        for v in (0, 1)
     )
+    return one, two
 
 
 class MoCoV1Augment(TwoViewAugment):
@@ -30,7 +48,10 @@ class MoCoV1Augment(TwoViewAugment):
 
     The recipe's probabilities and ranges are keyword arguments with the paper's values;
     ``mean``, ``std``, ``blur_kernel_size``, ``antialias``, ``dtype``, ``resample_dtype``
-    and ``compile`` go to [`TwoViewAugment`][] (the same for all three recipes).
+    and ``compile`` go to [`TwoViewAugment`][] (the same for all three recipes). Every
+    probability (``*_p``) of every recipe is one number for both views or a pair
+    ``(view one, view two)``; anything else raises a ``TypeError`` or ``ValueError``
+    naming the argument.
 
     Examples:
         >>> import torch
@@ -39,6 +60,9 @@ class MoCoV1Augment(TwoViewAugment):
         >>> one, two = MoCoV1Augment(size=32)(images)
         >>> one.shape, one.dtype, bool((one != two).any())
         (torch.Size([4, 3, 32, 32]), torch.float32, True)
+        >>> no_flip_on_two = MoCoV1Augment(size=32, flip_p=(0.5, 0.0))
+        >>> no_flip_on_two.view_one.flip_p, no_flip_on_two.view_two.flip_p
+        (0.5, 0.0)
     """
 
     def __init__(
@@ -46,21 +70,19 @@ class MoCoV1Augment(TwoViewAugment):
         size: int = 224,
         *,
         scale: tuple[float, float] = (0.2, 1.0),
-        grayscale_p: float = 0.2,
+        grayscale_p: PerView = 0.2,
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4),
-        jitter_p: float = 1.0,
-        flip_p: float = 0.5,
+        jitter_p: PerView = 1.0,
+        flip_p: PerView = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
-        view = _view(
+        one, two = _views(
             jitter,
+            {"jitter_p": jitter_p, "grayscale_p": grayscale_p, "flip_p": flip_p},
             scale=scale,
-            jitter_p=jitter_p,
-            grayscale_p=grayscale_p,
             grayscale_first=True,  # v1 converts to grayscale before the jitter
-            flip_p=flip_p,
         )
-        super().__init__(view, view, size=size, **options)
+        super().__init__(one, two, size=size, **options)
 
 
 class MoCoV2Augment(TwoViewAugment):
@@ -74,6 +96,12 @@ class MoCoV2Augment(TwoViewAugment):
         >>> one, two = MoCoV2Augment(size=32)(images, torch.Generator().manual_seed(0))
         >>> one.shape
         torch.Size([2, 3, 32, 32])
+        >>> MoCoV2Augment(blur_p=(1, 0.5)).view_two.blur_p  # a pair: one per view
+        0.5
+        >>> MoCoV2Augment(blur_p=(1.0, 0.1, 0.5))
+        Traceback (most recent call last):
+        ...
+        ValueError: blur_p must be a probability (both views) or a pair ..., got length 3: ...
     """
 
     def __init__(
@@ -82,23 +110,16 @@ class MoCoV2Augment(TwoViewAugment):
         *,
         scale: tuple[float, float] = (0.2, 1.0),
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-        jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: float = 0.5,
+        jitter_p: PerView = 0.8,
+        grayscale_p: PerView = 0.2,
+        blur_p: PerView = 0.5,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
-        flip_p: float = 0.5,
+        flip_p: PerView = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
-        view = _view(
-            jitter,
-            scale=scale,
-            jitter_p=jitter_p,
-            grayscale_p=grayscale_p,
-            blur_p=blur_p,
-            blur_sigma=blur_sigma,
-            flip_p=flip_p,
-        )
-        super().__init__(view, view, size=size, **options)
+        per_view = {"jitter_p": jitter_p, "grayscale_p": grayscale_p, "blur_p": blur_p}
+        one, two = _views(jitter, per_view | {"flip_p": flip_p}, scale=scale, blur_sigma=blur_sigma)
+        super().__init__(one, two, size=size, **options)
 
 
 class MoCoV3Augment(TwoViewAugment):
@@ -114,6 +135,8 @@ class MoCoV3Augment(TwoViewAugment):
         >>> one, two = MoCoV3Augment(size=32)(torch.rand(2, 3, 48, 48))
         >>> torch.isfinite(one).all() and torch.isfinite(two).all()
         tensor(True)
+        >>> MoCoV3Augment(blur_p=0.5).view_two.blur_p  # one number: both views
+        0.5
     """
 
     def __init__(
@@ -122,25 +145,15 @@ class MoCoV3Augment(TwoViewAugment):
         *,
         scale: tuple[float, float] = (0.08, 1.0),
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-        jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-        blur_p: tuple[float, float] = (1.0, 0.1),
+        jitter_p: PerView = 0.8,
+        grayscale_p: PerView = 0.2,
+        blur_p: PerView = (1.0, 0.1),
         blur_sigma: tuple[float, float] = (0.1, 2.0),
-        solarize_p: tuple[float, float] = (0.0, 0.2),
-        flip_p: float = 0.5,
+        solarize_p: PerView = (0.0, 0.2),
+        flip_p: PerView = 0.5,
         **options: Unpack[AugmentOptions],
     ) -> None:
-        one, two = (
-            _view(
-                jitter,
-                scale=scale,
-                jitter_p=jitter_p,
-                grayscale_p=grayscale_p,
-                blur_p=blur_p[v],
-                blur_sigma=blur_sigma,
-                solarize_p=solarize_p[v],
-                flip_p=flip_p,
-            )
-            for v in (0, 1)
-        )
+        per_view = {"jitter_p": jitter_p, "grayscale_p": grayscale_p, "blur_p": blur_p}
+        per_view |= {"solarize_p": solarize_p, "flip_p": flip_p}
+        one, two = _views(jitter, per_view, scale=scale, blur_sigma=blur_sigma)
         super().__init__(one, two, size=size, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict
 
-from momentum_contrast.augment._checks import as_batch
+from momentum_contrast.augment._checks import as_batch, check_low_high, check_probability
 from momentum_contrast.augment._random import Sampler, crop_boxes
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 from momentum_contrast.augment._stages import after_crop_stage
@@ -76,20 +77,23 @@ class ViewRecipe:
             ValueError: view_one flip_p must be a probability in [0, 1], got 1.5
         """
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p", "flip_p"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{view} {name} must be a probability in [0, 1], got {p}")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{view} {name} must be >= 0, got {getattr(self, name)}")
+            check_probability(f"{view} {name}", getattr(self, name))
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{view} {name} must be a real number, got {value!r:.60}")
+            if name != "hue" and not float(value) >= 0:
+                raise ValueError(f"{view} {name} must be >= 0, got {value}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"{view} hue must be in [0, 0.5], got {self.hue}")
-        lo, hi = self.scale
+        lo, hi = check_low_high(f"{view} scale", self.scale)
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"{view} scale must satisfy 0 < low <= high <= 1, got {self.scale}")
-        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+        lo, hi = check_low_high(f"{view} ratio", self.ratio)
+        if not 0.0 < lo <= hi:
             raise ValueError(f"{view} ratio must satisfy 0 < low <= high, got {self.ratio}")
-        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+        lo, hi = check_low_high(f"{view} blur_sigma", self.blur_sigma)
+        if not 0.0 < lo <= hi:
             raise ValueError(
                 f"{view} blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}"
             )

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from common import vit_heads
 from flags import fail, flag
 from torch import nn
 
@@ -168,6 +169,10 @@ def load_resume(args: argparse.Namespace, recipe: str) -> tuple[Path, dict[str, 
 
     if differ := changed(MUST_MATCH + (("image_size",) if args.arch.startswith("vit") else ())):
         fail(f"--resume {path} was trained with other settings: {', '.join(differ)}")
+    if (heads := vit_heads(args.arch)) is not None and ckpt.get("num_heads") != heads:
+        saved = ckpt.get("num_heads")
+        has = f"has {saved}" if saved else "does not record its (up to 0.2.0, vit_small: 6)"
+        fail(f"--resume {path} {has} attention heads, --arch {args.arch} has {heads}")
     if (differ := changed(WARN_IF_CHANGED)) and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: resuming with changed {', '.join(differ)}", file=sys.stderr)
     return path, ckpt

@@ -19,10 +19,10 @@ from torch import nn
 from momentum_contrast import strip_classifier
 
 __all__ = [
-    "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "Defaults", "Images", "backbone",
+    "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "VITS", "Defaults", "Images", "backbone",
     "check_batch_split", "check_steps", "collate", "cosine_lr", "datasets",
     "evaluation_batches", "knn_accuracy", "loader", "parse_args", "setup", "to_device",
-    "validate",
+    "validate", "vit_heads",
 ]  # fmt: skip
 
 
@@ -46,8 +46,20 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
-def backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
-    """A randomly initialised feature extractor and its output size."""
+# ViTs: (layers, attention heads, width). vit_small is the MoCo v3 paper's ViT-S, with 12
+# heads (the authors' code too); DeiT's and timm's ViT-S have 6 (as these scripts did up to
+# version 0.2.0). Checkpoints record the head count (``num_heads``), which the weights lack.
+VITS = {"vit_tiny": (4, 3, 192), "vit_small": (12, 12, 384), "vit_base": (12, 12, 768)}
+
+
+def vit_heads(arch: str) -> int | None:
+    """The attention heads of ``arch``, or None if it is not a ViT."""
+    return VITS[arch][1] if arch in VITS else None
+
+
+def backbone(arch: str, image_size: int, num_heads: int | None = None) -> tuple[nn.Module, int]:
+    """A randomly initialised feature extractor and its output size; ``num_heads``
+    overrides a ViT's head count (a checkpoint's record)."""
     if arch == "small_cnn":  # four conv-BN-ReLU stages: quick to train on a CPU
         layers: list[nn.Module] = []
         for c_in, c_out in ((3, 32), (32, 64), (64, 128), (128, 256)):
@@ -67,11 +79,8 @@ def backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
             net.maxpool = nn.Identity()
         return strip_classifier(net)
     patch = 16 if image_size >= 128 else 8
-    layers, heads, dim = {
-        "vit_tiny": (4, 3, 192),
-        "vit_small": (12, 6, 384),
-        "vit_base": (12, 12, 768),
-    }[arch]
+    layers, heads, dim = VITS[arch]
+    heads = heads if num_heads is None else num_heads
     vit = torchvision.models.VisionTransformer(image_size, patch, layers, heads, dim, 4 * dim)
     return strip_classifier(vit)
 

@@ -8,7 +8,8 @@
 
 ``--pretrained`` takes a checkpoint of these scripts, a MoCo v1/v2/v3 checkpoint released
 by the authors (ResNet, or ViT with ``--arch vit_small``/``vit_base`` at 224 px), or a
-plain state dict of a backbone (then ``--arch`` is required).
+plain state dict of a backbone (then ``--arch`` is required). A ViT is built with the
+number of attention heads the checkpoint records (the weights do not hold it).
 
 The protocol follows the reference code: the backbone is frozen with its BatchNorm in eval
 mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9,
@@ -19,8 +20,9 @@ top-1 and top-5 on the held-out split, and checks that the backbone did not chan
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from common import (
@@ -41,7 +43,12 @@ from torch import nn
 from tqdm import tqdm
 
 from momentum_contrast.augment import TwoViewAugment, ViewRecipe
-from momentum_contrast.convert import LayoutError, backbone_state_dict, checkpoint_kind
+from momentum_contrast.convert import (
+    LayoutError,
+    backbone_spec,
+    backbone_state_dict,
+    checkpoint_kind,
+)
 
 PAPER_DEFAULTS = {"epochs": 100, "batch_size": 256, "lr": 30.0, "schedule_milestones": "60,80",
                   "shapes_train": 4000, "shapes_val": 1000}  # fmt: skip
@@ -59,13 +66,20 @@ def layers(v3: bool, trained: dict[str, Any]) -> Defaults:
     ]
 
 
-def pretrained_backbone(ckpt: dict[str, Any], kind: str, v3: bool) -> dict[str, torch.Tensor]:
-    """The query encoder's backbone, named as ``common.backbone`` names it."""
-    if kind != "project":  # torchvision names: the ResNets and ViTs of common.backbone
-        return backbone_state_dict(ckpt, to="torchvision")
+def pretrained_backbone(
+    ckpt: dict[str, Any], kind: str, v3: bool, arch: str
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The query encoder's backbone, named as ``common.backbone`` names it, and a ViT's
+    number of attention heads as the checkpoint records it (None for other backbones)."""
+    if arch.startswith("vit"):  # the heads are not in the weights: convert reads the record
+        spec = backbone_spec(ckpt, to="torchvision")
+        heads = spec.kwargs["num_heads"] if spec is not None else None
+        return backbone_state_dict(ckpt, to="torchvision"), heads
+    if kind != "project":  # torchvision names: the ResNets of common.backbone
+        return backbone_state_dict(ckpt, to="torchvision"), None
     prefix = "0.0." if v3 else "0."  # query encoder = Sequential(features, head) [+ predictor]
     state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, None
 
 
 def mismatches(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
@@ -80,15 +94,31 @@ def mismatches(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) ->
     )  # fmt: skip
 
 
-def main() -> None:
-    pretrained = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--pretrained=")), None)
-    if pretrained is None and "--pretrained" in sys.argv:
-        pretrained = sys.argv[sys.argv.index("--pretrained") + 1]
+class _PretrainedParser(argparse.ArgumentParser):
+    """Reads ``--pretrained`` alone, before the other flags (their defaults depend on the
+    checkpoint), as the full parser will: the last one given wins; errors in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def pretrained_flag(argv: list[str]) -> str:
+    """The ``--pretrained`` path of ``argv``, or a one-line error and exit."""
+    p = _PretrainedParser(add_help=False)
+    p.add_argument("--pretrained")
+    pretrained = p.parse_known_args(argv)[0].pretrained
     if not pretrained:
+        if {"-h", "--help"} & set(argv):  # the help (without a checkpoint's defaults)
+            parse_args("Linear evaluation", layers(False, {"arch": None, "image_size": 224}))
         fail("--pretrained PATH (a pre-training checkpoint) is required")
+    return str(pretrained)
+
+
+def main() -> None:
+    pretrained = pretrained_flag(sys.argv[1:])
     try:
         kind = checkpoint_kind(pretrained)
-    except FileNotFoundError as e:
+    except OSError as e:  # no such file, a directory
         fail(f"--pretrained {e}")
     except LayoutError as e:
         fail(f"--pretrained {pretrained}: {e}")
@@ -105,11 +135,11 @@ def main() -> None:
     validate(args, blur=False)
     device, rank, world = setup(args)
 
-    features, dim = backbone(args.arch, args.image_size)
     try:
-        state = pretrained_backbone(ckpt, kind, v3)
+        state, heads = pretrained_backbone(ckpt, kind, v3, args.arch)
     except LayoutError as e:
         fail(f"--pretrained {pretrained}: {e}")
+    features, dim = backbone(args.arch, args.image_size, num_heads=heads)
     if problems := mismatches(features.state_dict(), state):
         fail(f"--pretrained {pretrained} does not fit --arch {args.arch}: {problems}")
     features.load_state_dict(state)

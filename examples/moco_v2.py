@@ -80,6 +80,10 @@ def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, 
     encode_q = torch.compile(model) if args.compile else model
     encode_k = torch.compile(key_encoder) if args.compile else key_encoder
     n = args.accumulate
+    # Shuffle-BN's permutations come from a generator of their own, reseeded once per step
+    # from the global one: the global stream (every later step's augmentations) is then
+    # the same for any --accumulate N, though each micro-batch draws its own permutation.
+    shuffle_rng = torch.Generator(device=device)
 
     def train_step(
         x_q: torch.Tensor, x_k: torch.Tensor, epoch: float
@@ -96,13 +100,14 @@ def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, 
         negatives = queue.negatives()  # one snapshot for every micro-batch of the step
         optimizer.zero_grad(set_to_none=True)
         total, window = torch.zeros((), device=device), []
+        shuffle_rng.manual_seed(int(torch.randint(2**62, (1,))))  # one CPU draw per step
         for rows in micro_batches(len(x_q), n):
             with (
                 gradient_sync(model, rows.stop == len(x_q)),
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
             ):
                 q = encode_q(x_q[rows])  # (N / n, dim) queries
-                shuffled, idx = batch_shuffle(x_k[rows])  # Shuffle-BN, per micro-batch
+                shuffled, idx = batch_shuffle(x_k[rows], shuffle_rng)  # Shuffle-BN, per micro-batch
                 k = batch_unshuffle(encode_k(shuffled), idx)  # (N / n, dim) keys, no grad
                 loss = info_nce(q, k, negatives, temperature=paper["temperature"]) / n
             loss.backward()  # gradients add up: the mean over the whole batch

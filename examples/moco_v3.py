@@ -87,9 +87,11 @@ def build(args: argparse.Namespace, env: tuple[torch.device, int, int]) -> Recip
     if vit:  # the v3 ViT recipe: fixed random patch projection, fixed sin-cos positions
         freeze_patch_embedding(features)
         use_sincos_position_embedding(features)
-    projector = moco_v3_projector(feature_dim, args.mlp_dim, args.dim, num_layers=3 if vit else 2)
+    projector = moco_v3_projector(
+        feature_dim, hidden_dim=args.mlp_dim, out_dim=args.dim, num_layers=3 if vit else 2
+    )
     base = nn.Sequential(features, projector).to(device)  # what the momentum encoder follows
-    predictor = moco_v3_predictor(args.dim, args.mlp_dim, last_bn=vit).to(device)
+    predictor = moco_v3_predictor(args.dim, hidden_dim=args.mlp_dim, last_bn=vit).to(device)
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over all GPUs (reference)
         base = nn.SyncBatchNorm.convert_sync_batchnorm(base)
         predictor = nn.SyncBatchNorm.convert_sync_batchnorm(predictor)

@@ -21,6 +21,7 @@ from checkpoints import (
     state_of,
     truncate_metrics,
 )
+from common import vit_heads
 from flags import check_steps
 from image_data import Images, loader, to_device
 from knn_monitor import knn_accuracy
@@ -107,8 +108,9 @@ def fit(
         return knn_accuracy(module, train, val, classes, args, device) if rank == 0 else 0.0
 
     if baseline is None:
-        baseline = knn_now()
-        print(f"kNN top-1 at random initialisation: {baseline:.1f}%")
+        baseline = knn_now()  # measured on rank 0 only: the other ranks hold 0.0
+        if rank == 0:
+            print(f"kNN top-1 at random initialisation: {baseline:.1f}%")
     if rank == 0 and (resume is None or not metrics.exists()):
         with open(metrics, "w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
@@ -123,6 +125,7 @@ def fit(
         state = state_of(stateful)  # on every rank: a collective under FSDP
         if rank == 0:
             state.update(recipe=recipe, step=step, rng=rng, args=vars(args), knn_baseline=baseline)
+            state.update(num_heads=vit_heads(args.arch))  # a ViT's heads: not in the weights
             save_checkpoint(out / f"checkpoint_{tag}.pt", state)
             for old in out.glob("checkpoint_*.pt"):  # keep only the newest
                 if old.name != f"checkpoint_{tag}.pt":

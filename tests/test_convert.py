@@ -64,34 +64,37 @@ def test_resnet_loads_into_torchvision_and_timm_with_the_same_features(
     tv.fc = nn.Identity()
     torch.testing.assert_close(features(tv, x), expected, rtol=0, atol=1e-10)
 
-    assert main([str(src), str(dst), "--to", "timm", "--encoder", encoder]) == 0
+    timm_dst = tmp_path / "backbone_timm.pth"
+    assert main([str(src), str(timm_dst), "--to", "timm", "--encoder", encoder]) == 0
     tm = timm.create_model(arch, num_classes=0, pretrained=False)
-    tm.load_state_dict(torch.load(dst, weights_only=True), strict=True)
+    tm.load_state_dict(torch.load(timm_dst, weights_only=True), strict=True)
     torch.testing.assert_close(features(tm, x), expected, rtol=0, atol=1e-10)
 
 
 def vit_small_torchvision() -> nn.Module:
-    """The example scripts' ``vit_small``: torchvision's VisionTransformer at ViT-S/16 size."""
-    return torchvision.models.VisionTransformer(224, 16, 12, 6, 384, 1536)
+    """The example scripts' ``vit_small``: torchvision's VisionTransformer at ViT-S/16 size,
+    with the 12 attention heads of the MoCo v3 paper."""
+    return torchvision.models.VisionTransformer(224, 16, 12, 12, 384, 1536)
 
 
 @pytest.mark.parametrize("encoder", ["query", "key"])
 def test_vit_small_loads_into_timm_and_torchvision_with_the_same_features(encoder: str) -> None:
     torch.manual_seed(0)
     backbone, dim = strip_classifier(vit_small_torchvision())
-    base = nn.Sequential(backbone, moco_v3_projector(dim, 64, 32, num_layers=3))
-    query = nn.Sequential(base, moco_v3_predictor(32, 64, last_bn=True))
+    base = nn.Sequential(backbone, moco_v3_projector(dim, hidden_dim=64, out_dim=32, num_layers=3))
+    query = nn.Sequential(base, moco_v3_predictor(32, hidden_dim=64, last_bn=True))
     key_encoder = MomentumEncoder(base)
     perturb_(base, scale=0.01)
     ckpt = {
         "recipe": "moco_v3",
         "model": query.state_dict(),
         "key_encoder": key_encoder.state_dict(),
+        "num_heads": 12,  # what the example scripts record
     }
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
     expected = features(base[0] if encoder == "query" else key_encoder.key_encoder[0], x)
 
-    tm = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False)
+    tm = timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)
     tm.load_state_dict(backbone_state_dict(ckpt, encoder=encoder, to="timm"), strict=True)  # type: ignore[arg-type]
     torch.testing.assert_close(features(tm, x), expected, rtol=0, atol=1e-9)
 

@@ -161,13 +161,17 @@ def authors_detectron2_name(name: str) -> str:
 
 
 def official_v3_vit_small() -> tuple[dict[str, Any], nn.Module]:
-    """The authors' v3 ViT layout: timm names, ``head`` replaced by the 3-layer projector."""
+    """The authors' v3 ViT layout: timm names, ``head`` replaced by the 3-layer projector;
+    their ViT-S has 12 attention heads (timm's has 6)."""
     torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False)
-    vit.head = moco_v3_projector(384, 64, 32, num_layers=3)
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)
+    vit.head = moco_v3_projector(384, hidden_dim=64, out_dim=32, num_layers=3)
     state = {f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()}
     state |= {f"module.momentum_encoder.{k}": v.clone() for k, v in vit.state_dict().items()}
-    state |= {f"module.predictor.{k}": v for k, v in moco_v3_predictor(32, 64).state_dict().items()}
+    state |= {
+        f"module.predictor.{k}": v
+        for k, v in moco_v3_predictor(32, hidden_dim=64).state_dict().items()
+    }
     vit.head = nn.Identity()
     return {"epoch": 300, "arch": "vit_small", "state_dict": state}, vit
 
@@ -176,7 +180,7 @@ def test_official_v3_vit_converts_for_torchvision_and_timm() -> None:
     ckpt, vit = official_v3_vit_small()
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
     expected = vit.double().eval()(x).detach()
-    tv = torchvision.models.VisionTransformer(224, 16, 12, 6, 384, 1536)
+    tv = torchvision.models.VisionTransformer(224, 16, 12, 12, 384, 1536)
     result = tv.load_state_dict(backbone_state_dict(ckpt, to="torchvision"), strict=False)
     assert result.missing_keys == ["heads.head.weight", "heads.head.bias"]
     tv.heads = nn.Identity()
@@ -188,9 +192,9 @@ def test_official_v3_vit_converts_for_torchvision_and_timm() -> None:
 
 def test_official_v3_vit_loads_into_pieces_with_a_timm_backbone() -> None:
     ckpt, _ = official_v3_vit_small()
-    vit = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False)
-    base = nn.Sequential(vit, moco_v3_projector(384, 64, 32, num_layers=3))
-    predictor = moco_v3_predictor(32, 64)
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)
+    base = nn.Sequential(vit, moco_v3_projector(384, hidden_dim=64, out_dim=32, num_layers=3))
+    predictor = moco_v3_predictor(32, hidden_dim=64)
     key_encoder = MomentumEncoder(base)
     load_official_checkpoint(ckpt, base, key_encoder, predictor=predictor)
     assert torch.equal(vit.cls_token, ckpt["state_dict"]["module.base_encoder.cls_token"])
@@ -220,7 +224,8 @@ def test_bad_inputs_get_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     ckpt, _ = official_v3_vit_small()
     torch.save(ckpt, vit := tmp_path / "vit.pth")
     assert "takes ResNets only" in run_main([str(vit), out, "--to", "detectron2"], capsys)
-    torch.save({"conv1.weight": torch.zeros(1)}, plain := tmp_path / "plain.pt")
+    resnet = strip_classifier(torchvision.models.resnet18())[0]
+    torch.save(resnet.state_dict(), plain := tmp_path / "plain.pt")
     assert "no key encoder" in run_main(
         [str(plain), out, "--to", "timm", "--encoder", "key"], capsys
     )

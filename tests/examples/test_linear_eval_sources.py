@@ -4,15 +4,16 @@ backbone state dicts; bad files get one-line errors naming what is wrong."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
 import torchvision
-from example_runner import run
+from example_runner import TINY, V3, import_examples, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_convert_official import official
+from test_convert_official import official, official_v3_vit_small
 
 FLAGS = [
     "--device", "cpu", "--batch-size", "16", "--epochs", "1", "--workers", "0",
@@ -50,3 +51,47 @@ def test_bad_files_get_one_line_errors(tmp_path: Path) -> None:
         assert result.returncode != 0, extra
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_pretrained_is_parsed_as_a_flag(tmp_path: Path) -> None:
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if "fc." not in k}
+    torch.save(state, src := tmp_path / "resnet18.pth")
+    missing = str(tmp_path / "missing.pt")
+    no_value = run("linear_eval.py", *FLAGS, "--pretrained", check=False)
+    assert no_value.returncode != 0 and "Traceback" not in no_value.stderr
+    assert no_value.stderr.strip() == "error: argument --pretrained: expected one argument"
+    for twice in (["--pretrained", missing, "--pretrained", str(src)],
+                  [f"--pretrained={missing}", f"--pretrained={src}"]):  # fmt: skip
+        shown = run("linear_eval.py", *FLAGS, "--arch", "resnet18", *twice, "--print-config")
+        assert json.loads(shown.stdout)["pretrained"] == str(src)  # the last, as it loads
+    folder = run("linear_eval.py", *FLAGS, "--pretrained", str(tmp_path), check=False)
+    assert folder.returncode != 0
+    assert (
+        folder.stderr.strip()
+        == f"error: --pretrained {tmp_path} is a directory, not a checkpoint file"
+    )
+
+
+def test_a_vit_is_evaluated_with_the_heads_its_checkpoint_records(tmp_path: Path) -> None:
+    run("moco_v3.py", *V3, "--arch", "vit_tiny", "--max-steps", "1", "--output-dir", str(tmp_path))
+    (path,) = tmp_path.glob("checkpoint_*.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["num_heads"] == 3  # vit_tiny: 3 heads, recorded beside the weights
+    result = run("linear_eval.py", *TINY[:-4], "--epochs", "1", "--pretrained", str(path))
+    assert "top-1" in result.stdout and "backbone unchanged" in result.stdout
+    del ckpt["num_heads"]  # as written up to version 0.2.0
+    torch.save(ckpt, old := tmp_path / "old.pt")
+    refused = run(
+        "linear_eval.py", *TINY[:-4], "--epochs", "1", "--pretrained", str(old), check=False
+    )
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert "number of attention heads is not recorded" in refused.stderr
+
+
+def test_the_authors_vit_small_is_built_with_12_heads() -> None:
+    import_examples()
+    import linear_eval
+
+    ckpt, _ = official_v3_vit_small()  # the authors' ViT-S: arch "vit_small", 12 heads
+    state, heads = linear_eval.pretrained_backbone(ckpt, "official_v3", True, "vit_small")
+    assert heads == 12 and "conv_proj.weight" in state

@@ -1,105 +1,118 @@
-"""The backbone of a MoCo model or checkpoint, named for torchvision, timm or detectron2."""
+"""Take the backbone out of a MoCo model or checkpoint, name it for torchvision, timm or
+detectron2, and state the call that builds the model it loads into (private)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
-from momentum_contrast.convert._names import RENAMES, LayoutError, State, split_backbone
-from momentum_contrast.convert._sources import encoder_state, read_checkpoint, source_kind
+from momentum_contrast.convert._heads import (
+    check_num_heads,
+    module_facts,
+    module_heads,
+    recorded_heads,
+    resolve_heads,
+)
+from momentum_contrast.convert._names import RENAMES, LayoutError, State
+from momentum_contrast.convert._select import select_backbone
+from momentum_contrast.convert._sources import read_checkpoint, source_kind
+from momentum_contrast.convert._spec import (
+    ModelSpec,
+    VitFacts,
+    timm_pool,
+    timm_spec,
+    torchvision_spec,
+    vit_shape,
+)
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 
-__all__ = ["Source", "Target", "backbone_state_dict", "checkpoint_kind"]
+__all__ = ["Converted", "Source", "Target", "convert_backbone"]
 
 Target = Literal["torchvision", "timm", "detectron2"]
 Source = str | Path | Mapping[str, Any] | nn.Module
 
 
-def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
-    """Which kind of MoCo checkpoint this is.
+@dataclass(frozen=True)
+class Converted:
+    """A converted backbone, the model it loads into (None for a ResNet: the weights tell
+    it all), and how to name it in messages."""
 
-    Args:
-        checkpoint: a path, or the dict ``torch.load`` returned.
-
-    Returns:
-        ``"project"`` (this project's example scripts), ``"official_v1v2"`` or
-        ``"official_v3"`` (the MoCo authors' releases), or ``"state_dict"`` (a plain
-        state dict, e.g. an already converted backbone).
-
-    Raises:
-        LayoutError: anything else, naming what was expected and found.
-
-    Examples:
-        >>> import torch
-        >>> from momentum_contrast.convert import checkpoint_kind
-        >>> checkpoint_kind({"epoch": 200, "arch": "resnet50",
-        ...                  "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}})
-        'official_v1v2'
-    """
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    return source_kind(ckpt)
+    state: State
+    spec: ModelSpec | None
+    what: str
 
 
-def _encoder_of(source: Source, encoder: str) -> tuple[State, str]:
-    """The whole encoder's state (names unprefixed) and how to name the source in errors."""
-    if isinstance(source, MomentumEncoder):
-        model = source.online if encoder == "query" else source.key_encoder
-        return dict(model.state_dict()), f"the MomentumEncoder's {encoder} encoder"
+def _tree(
+    source: Source, encoder: str
+) -> tuple[Mapping[str, Any], nn.Module | None, str | None, str, tuple[int, str] | None]:
+    """``(state tree, module, encoder to select or None, what, recorded heads)``."""
     if isinstance(source, nn.Module):
-        if encoder == "key":
-            raise ValueError("encoder='key' needs a MomentumEncoder or a checkpoint")
-        return dict(unwrap_model(source).state_dict()), type(source).__name__
+        source = unwrap_model(source)  # torch.compile, DataParallel, DDP: the inner module
+        if isinstance(source, MomentumEncoder):
+            model = unwrap_model(source.online if encoder == "query" else source.key_encoder)
+            return model.state_dict(), model, None, f"the MomentumEncoder's {encoder} encoder", None
+        return source.state_dict(), source, encoder, type(source).__name__, None
+    if not isinstance(source, (str, Path, Mapping)):
+        raise TypeError(
+            f"source must be a path, a checkpoint dict or an nn.Module, got {type(source).__name__}"
+        )
     ckpt = read_checkpoint(source) if isinstance(source, (str, Path)) else source
+    source_kind(ckpt)  # a one-line error for a dict that is no checkpoint
     what = str(source) if isinstance(source, (str, Path)) else "the checkpoint"
-    return encoder_state(ckpt, encoder), f"{what} ({encoder} encoder)"
+    return ckpt, None, encoder, what, recorded_heads(ckpt)
 
 
-def backbone_state_dict(
-    source: Source, *, encoder: Literal["query", "key"] = "query", to: Target = "torchvision"
-) -> dict[str, torch.Tensor]:
-    """The backbone of a MoCo model or checkpoint, named as ``to`` names it, without head.
-
-    ``to="torchvision"`` loads into ``torchvision.models.resnet50()`` (or a torchvision
-    ``VisionTransformer``) with only the classifier (``fc.*`` / ``heads.*``) missing;
-    ``to="timm"`` into ``timm.create_model(..., num_classes=0)``; ``to="detectron2"``
-    (ResNets) gives the names of the MoCo authors' detectron2 conversion.
-
-    Args:
-        source: a checkpoint path or loaded dict (see the module docstring), a
-            [`MomentumEncoder`][momentum_contrast.MomentumEncoder] (query = its online
-            model, key = its key encoder), or a model such as
-            ``nn.Sequential(backbone, head)``.
-        encoder: ``"query"`` (default, as the authors) or ``"key"`` (the momentum encoder).
-        to: the naming of the result.
-
-    Returns:
-        ``{name: tensor}``, the tensors shared with ``source`` (clone before editing).
-
-    Raises:
-        LayoutError: (a ``ValueError``) no backbone found, an unknown layout, or a target
-            that cannot hold this backbone, with a one-line message.
-
-    Examples:
-        >>> import torch, torchvision
-        >>> from momentum_contrast import MomentumEncoder, moco_v2_head, strip_classifier
-        >>> from momentum_contrast.convert import backbone_state_dict
-        >>> backbone, dim = strip_classifier(torchvision.models.resnet18())
-        >>> key_encoder = MomentumEncoder(torch.nn.Sequential(backbone, moco_v2_head(dim)))
-        >>> state = backbone_state_dict(key_encoder, encoder="key")
-        >>> torchvision.models.resnet18().load_state_dict(state, strict=False)
-        _IncompatibleKeys(missing_keys=['fc.weight', 'fc.bias'], unexpected_keys=[])
-    """
+def convert_backbone(
+    source: Source,
+    *,
+    encoder: str = "query",
+    to: str = "torchvision",
+    num_heads: int | None = None,
+    prefix: str | None = None,
+) -> Converted:
+    """The backbone of ``source`` named as ``to`` names it, and its ``ModelSpec``
+    (see ``backbone_state_dict`` and ``backbone_spec``)."""
     if encoder not in ("query", "key"):
         raise ValueError(f"encoder must be 'query' or 'key', got {encoder!r}")
     if to not in ("torchvision", "timm", "detectron2"):
         raise ValueError(f"to must be 'torchvision', 'timm' or 'detectron2', got {to!r}")
-    state, what = _encoder_of(source, encoder)
-    family, backbone, _ = split_backbone(state, what)
-    rename = RENAMES.get((family, to))
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    check_num_heads(num_heads)
+    tree, module, side, what, record = _tree(source, encoder)
+    found = select_backbone(tree, side, prefix, what)
+    label = "backbone" if side is None else f"{found.side} encoder"
+    what = f"{what} ({label} at {found.prefix!r})" if found.prefix else what
+    facts, heads_record = VitFacts(), record
+    if module is not None:
+        try:  # the module that holds the backbone's tensors
+            backbone = module.get_submodule(found.prefix[:-1]) if found.prefix else module
+        except AttributeError:  # a state dict named otherwise than the modules
+            backbone = module
+        facts, heads_record = module_facts(backbone), module_heads(backbone, what)
+    rename = RENAMES.get((found.family, to))
     if rename is None:
-        raise LayoutError(f"{what} is a {family} backbone: {to} takes ResNets only")
-    return rename(backbone)
+        raise LayoutError(f"{what} is a {found.family} backbone: {to} takes ResNets only")
+    if found.family == "resnet":
+        if num_heads is not None:
+            raise ValueError(f"num_heads applies to ViTs; {what} is a ResNet")
+        return Converted(rename(found.state), None, what)
+    shape = vit_shape(found.family, found.state, facts, what)
+    if found.family == "vit_timm" and to == "torchvision":
+        pool = timm_pool(shape, facts)
+        if pool != "token" or shape["fc_norm"] or facts.fc_norm:
+            norm = ", with fc_norm" if shape["fc_norm"] or facts.fc_norm else ""
+            raise LayoutError(
+                f"{what} is a timm ViT with global_pool={pool!r}{norm}: torchvision's "
+                "VisionTransformer takes the class token after its final norm, so its "
+                "features would differ (convert --to timm instead)"
+            )
+    state = rename(found.state)
+    heads = resolve_heads(num_heads, heads_record, shape["dim"], what)
+    if to == "torchvision":
+        return Converted(state, torchvision_spec(shape, heads, what), what)
+    return Converted(state, timm_spec(shape, heads, facts, state, what), what)

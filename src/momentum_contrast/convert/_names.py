@@ -71,7 +71,7 @@ def split_backbone(state: Mapping[str, torch.Tensor], what: str) -> tuple[str, S
                 f"{what} holds no backbone: expected the keys of a ResNet or ViT encoder "
                 f"({expected}), found {len(state)} tensors ({sample}, ...)"
             )
-        raise LayoutError(f"{what} holds several encoders, at {found}: pick one (--encoder)")
+        raise LayoutError(f"{what} holds {len(found)} backbones, at {found}: expected one")
     prefix, family = found[0]
     head_prefix = FAMILIES[family][1]
     backbone: State = {}

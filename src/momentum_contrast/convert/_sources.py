@@ -1,17 +1,18 @@
-"""Read a MoCo checkpoint and pick out its query or key encoder (private; used by
-``momentum_contrast.convert``).
+"""Read a MoCo checkpoint, tell its kind, and pick out the MoCo authors' encoders (private;
+used by ``momentum_contrast.convert``).
 
-Understood sources, told apart by their keys:
+Kinds, told apart by their keys (``backbone_state_dict`` does not depend on them: it
+finds encoders by content, see ``_select``):
 
 - ``project``: a checkpoint of this project's example scripts, ``{"recipe", "model",
-  "key_encoder", ...}``; ``model`` is the query encoder (with a ``module.`` prefix when
-  written under DDP by an older version), ``key_encoder`` the ``MomentumEncoder`` state.
+  "key_encoder", "num_heads", ...}``.
 - ``official_v1v2``: the MoCo v1/v2 authors' ``{"epoch", "arch", "state_dict",
   "optimizer"}`` with ``module.encoder_q.*``, ``module.encoder_k.*``, ``module.queue``
-  ``(dim, K)`` and ``module.queue_ptr``.
+  ``(dim, K)`` and ``module.queue_ptr`` (the ``module.`` prefix may be stripped).
 - ``official_v3``: the MoCo v3 authors' checkpoint, ``module.base_encoder.*`` (its head is
   the projector), ``module.momentum_encoder.*`` and ``module.predictor.*``.
-- ``state_dict``: a plain state dict holding one encoder (e.g. a converted backbone).
+- ``state_dict``: any other dict holding tensors, at any depth (a plain or converted
+  state dict, a Lightning checkpoint, ...).
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from torch import nn
 
 from momentum_contrast.convert._names import LayoutError, State
 
-OFFICIAL_PREFIXES = {
-    "official_v1v2": {"query": "module.encoder_q.", "key": "module.encoder_k."},
-    "official_v3": {"query": "module.base_encoder.", "key": "module.momentum_encoder."},
+OFFICIAL_PREFIXES = {  # after the "module." of DistributedDataParallel, if any
+    "official_v1v2": {"query": "encoder_q.", "key": "encoder_k."},
+    "official_v3": {"query": "base_encoder.", "key": "momentum_encoder."},
 }
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
@@ -59,32 +62,42 @@ def _tensors(mapping: Mapping[str, Any], what: str) -> State:
     return dict(mapping)
 
 
+def _has_tensors(mapping: Mapping[Any, Any]) -> bool:
+    return any(
+        isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _has_tensors(v))
+        for v in mapping.values()
+    )
+
+
+def official_root(ckpt: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(kind, root)`` of a MoCo authors' checkpoint (root ``"module."`` or ``""``)."""
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping):
+        return None
+    for kind, prefixes in OFFICIAL_PREFIXES.items():
+        for root in ("module.", ""):
+            if any(k.startswith(root + prefixes["query"]) for k in state):
+                return kind, root
+    return None
+
+
 def source_kind(ckpt: Mapping[str, Any]) -> str:
-    """Which of the understood layouts ``ckpt`` is (see the module docstring)."""
+    """Which of the kinds above ``ckpt`` is (see the module docstring)."""
     for mapping, what in ((ckpt, "the checkpoint"), (ckpt.get("state_dict"), "'state_dict'")):
         if isinstance(mapping, Mapping) and not all(isinstance(k, str) for k in mapping):
             bad = next(k for k in mapping if not isinstance(k, str))
             raise LayoutError(f"{what} has a key that is not a string: {bad!r}")
     if "recipe" in ckpt and isinstance(ckpt.get("model"), Mapping):
         return "project"
-    state = ckpt.get("state_dict")
-    if isinstance(state, Mapping):
-        for kind, prefixes in OFFICIAL_PREFIXES.items():
-            if any(k.startswith(prefixes["query"]) for k in state):
-                return kind
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return "state_dict"
-    if (
-        isinstance(state, Mapping)
-        and state
-        and all(isinstance(v, torch.Tensor) for v in state.values())
-    ):
+    if (official := official_root(ckpt)) is not None:
+        return official[0]
+    if _has_tensors(ckpt):
         return "state_dict"
     found = ", ".join(f"{k!r}" for k in list(ckpt)[:6]) or "an empty dict"
     raise LayoutError(
-        "unknown checkpoint layout: expected this project's checkpoint ('recipe', 'model', "
-        "'key_encoder'), the MoCo authors' ('state_dict' with module.encoder_q./"
-        f"module.base_encoder. keys) or a plain state dict; found keys {found}"
+        "unknown checkpoint layout: expected a state dict (possibly nested, e.g. this "
+        "project's 'model' and 'key_encoder', the MoCo authors' 'state_dict'), found no "
+        f"tensors; keys {found}"
     )
 
 
@@ -92,32 +105,12 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> State:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def encoder_state(ckpt: Mapping[str, Any], encoder: str) -> State:
-    """The whole query or key encoder (backbone and head) of ``ckpt``, names unprefixed.
-
-    For this project's checkpoints the query encoder is the recipe's model (v3: the base
-    encoder inside ``Sequential(base, predictor)``; the predictor is left out), the key
-    encoder the ``MomentumEncoder``'s copy.
-    """
-    if encoder not in ("query", "key"):
-        raise ValueError(f"encoder must be 'query' or 'key', got {encoder!r}")
-    kind = source_kind(ckpt)
-    if kind in OFFICIAL_PREFIXES:
-        state = _tensors(ckpt["state_dict"], "'state_dict'")
-        return strip_prefix(state, OFFICIAL_PREFIXES[kind][encoder])
-    if kind == "state_dict":
-        if encoder == "key":
-            raise LayoutError("a plain state dict holds one encoder: there is no key encoder")
-        return _tensors(ckpt.get("state_dict", ckpt), "the state dict")
-    if encoder == "key":
-        key = ckpt.get("key_encoder")
-        if not isinstance(key, Mapping):
-            raise LayoutError("this checkpoint has no 'key_encoder' state")
-        return strip_prefix(_tensors(key, "'key_encoder'"), "key_encoder.")
-    model = {k.removeprefix("module."): v for k, v in _tensors(ckpt["model"], "'model'").items()}
-    if ckpt.get("recipe") == "moco_v3":  # Sequential(Sequential(backbone, projector), predictor)
-        return strip_prefix(model, "0.")
-    return model
+def official_encoder(ckpt: Mapping[str, Any], encoder: str) -> State:
+    """The whole query or key encoder (backbone and head) of a MoCo authors' checkpoint,
+    names unprefixed."""
+    kind, root = official_root(ckpt) or ("", "")
+    state = _tensors(ckpt["state_dict"], "'state_dict'")
+    return strip_prefix(state, root + OFFICIAL_PREFIXES[kind][encoder])
 
 
 def load_strict(module: nn.Module, state: State, what: str) -> None:

@@ -1,0 +1,40 @@
+"""The example scripts' ViTs: vit_small has the MoCo v3 paper's 12 attention heads, every
+checkpoint records the head count (the weights cannot tell it), and a resume refuses a
+checkpoint whose head count differs from the architecture's (or is not recorded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from example_runner import V3, import_examples
+
+import_examples()
+import moco_v3  # noqa: E402
+from checkpoints import load_resume  # noqa: E402
+from common import VITS, vit_heads  # noqa: E402
+from flags import parse_args  # noqa: E402
+
+
+def test_the_vits_heads() -> None:
+    assert {arch: vit_heads(arch) for arch in VITS} == {
+        "vit_tiny": 3, "vit_small": 12, "vit_base": 12,  # ViT-S: 12 in the MoCo v3 paper
+    }  # fmt: skip
+    assert vit_heads("resnet50") is None
+
+
+@pytest.mark.parametrize(("recorded", "refused"), [(3, False), (None, True), (6, True)])
+def test_a_resume_refuses_another_head_count(
+    recorded: int | None, refused: bool, tmp_path: Path
+) -> None:
+    args = parse_args("v3", moco_v3.LAYERS, [*V3, "--arch", "vit_tiny", "--resume", "x"])
+    path = tmp_path / "checkpoint_0000001.pt"
+    ckpt = {"recipe": "moco_v3", "step": 1, "args": vars(args), "model": {}, "rng": []}
+    torch.save(ckpt | ({} if recorded is None else {"num_heads": recorded}), path)
+    args.resume = str(path)
+    if refused:
+        with pytest.raises(SystemExit, match=r"attention heads, --arch vit_tiny has 3"):
+            load_resume(args, "moco_v3")
+    else:
+        assert load_resume(args, "moco_v3") is not None

@@ -70,13 +70,18 @@ def backbone(arch: str, image_size: int, num_heads: int | None = None) -> tuple[
             ]
             layers.append(nn.MaxPool2d(2) if c_out < 256 else nn.AdaptiveAvgPool2d(1))
         return nn.Sequential(*layers, nn.Flatten()), 256
+    if arch.startswith("timm:"):  # any timm model, randomly initialised
+        import timm
+
+        return strip_classifier(timm.create_model(arch[len("timm:") :], pretrained=False))
     import torchvision  # here: importing it takes a second, and small_cnn does without
 
-    if arch.startswith("resnet"):
-        net = getattr(torchvision.models, arch)()
-        if image_size <= 32:  # tiny images: a 3x3 stem without max-pool (as CIFAR ResNets)
-            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()
+    if arch not in VITS:  # any torchvision classification model, randomly initialised
+        size = {"image_size": image_size} if arch.startswith("vit_") else {}
+        net = torchvision.models.get_model(arch, weights=None, **size)
+        if arch.startswith("resnet") and image_size <= 32:  # the CIFAR stem: 3x3, stride 1,
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # no max-pool (as the authors'
+            net.maxpool = nn.Identity()  # CIFAR-10 demo)
         return strip_classifier(net)
     patch = 16 if image_size >= 128 else 8
     layers, heads, dim = VITS[arch]

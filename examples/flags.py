@@ -42,7 +42,7 @@ HELP = {
     "crop_min": "smallest area fraction of the random resized crop",
     "blur_p": "probability of the Gaussian blur per view",
     "optimizer": "'lars' or 'adamw'",
-    "temperature": "temperature T of the contrastive loss",
+    "temperature": "temperature T of the contrastive loss (v1/v2: the paper's unless given)",
     "warmup_epochs": "epochs of linear learning-rate warm-up",
     "accumulate": "split each process's batch into N micro-batches whose gradients add up "
     "to one optimiser step (the step of the whole --batch-size; exact without BatchNorm, "
@@ -74,8 +74,22 @@ def flag(name: str) -> str:
 def build_parser(description: str, layers: Defaults) -> argparse.ArgumentParser:
     """The common flags plus one flag per name in the recipe's defaults tables."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--data", default="shapes", help="'shapes' or a folder with train/ [and val/]")
-    p.add_argument("--arch", choices=ARCHS, help=HELP["arch"])
+    p.add_argument(
+        "--data",
+        default="shapes",
+        help="'shapes' (built in), 'cifar10', 'cifar100', 'stl10' (torchvision, under "
+        "--data-root) or a folder with train/ [and val/] (ImageFolder)",
+    )
+    p.add_argument(
+        "--data-root",
+        default="data",
+        help="--data cifar10|cifar100|stl10: where the dataset is (downloaded there if not)",
+    )
+    p.add_argument(
+        "--arch",
+        help=f"backbone: {', '.join(ARCHS)}, any torchvision classification model name "
+        "(e.g. mobilenet_v3_small, convnext_tiny, efficientnet_b0) or timm:NAME",
+    )
     p.add_argument("--epochs", type=int, help=HELP["epochs"])
     p.add_argument("--batch-size", type=int, help=HELP["batch_size"])
     p.add_argument("--lr", type=float, help=HELP["lr"])
@@ -185,11 +199,33 @@ def check_accumulate(args: argparse.Namespace, world: int) -> None:
         )
 
 
+def check_arch(arch: str) -> None:
+    """``--arch``: a built-in name, a torchvision classification model or ``timm:NAME``."""
+    if arch in ARCHS:
+        return
+    if arch.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            fail(f"--arch {arch}: timm is not installed (pip install timm)")
+        if not timm.is_model(arch[len("timm:") :]):
+            fail(f"--arch {arch}: timm has no model {arch[len('timm:') :]!r}")
+        return
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        fail(
+            f"--arch {arch} is not one of {', '.join(ARCHS)}, a torchvision classification "
+            "model (e.g. mobilenet_v3_small, convnext_tiny, efficientnet_b0) or timm:NAME"
+        )
+
+
 def min_image_size(arch: str, image_size: int, blur: bool) -> str | None:
     """Why ``--image-size`` does not fit ``arch`` (and the blur), or None if it does."""
     if arch == "small_cnn" and image_size < 8:
         return "small_cnn halves the image three times: it needs at least 8 px"
-    if arch.startswith("vit"):
+    if arch.startswith("vit") and arch in ARCHS:  # the built-in ViTs' patch sizes
         patch = 16 if image_size >= 128 else 8
         if image_size % patch:
             return f"{arch} uses {patch}-px patches at this size: use a multiple of {patch}"
@@ -220,6 +256,7 @@ def validate(args: argparse.Namespace, *, blur: bool) -> None:
             [int(m) for m in args.schedule_milestones.split(",")]
         except ValueError:
             fail(f"--schedule-milestones must be integers, got {args.schedule_milestones!r}")
+    check_arch(args.arch)
     check_batch_split(args.batch_size, world)
     if world == 1 and args.batch_size % values.get("shuffle_splits", 1):
         fail(

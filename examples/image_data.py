@@ -85,13 +85,50 @@ class Images(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return item, int(self.labels[i])
 
 
-def datasets(args: argparse.Namespace) -> tuple[Images, Images, int]:
+TORCHVISION_SETS = ("cifar10", "cifar100", "stl10")
+
+
+def torchvision_set(args: argparse.Namespace, labelled_only: bool) -> tuple[Images, Images, int]:
+    """CIFAR-10/100 (train, test) or STL-10 (``unlabeled`` + ``train`` for pre-training, label
+    -1 for the unlabeled images, or ``train`` alone; ``test``) from ``--data-root``: an
+    existing copy, else downloaded there (when the network allows)."""
+    import torchvision.datasets as tvd
+
+    def load(cls: Any, **split: Any) -> Any:
+        try:
+            return cls(args.data_root, download=False, **split)
+        except RuntimeError:  # not there (or damaged): try to download it
+            try:
+                return cls(args.data_root, download=True, **split)
+            except Exception as e:  # no network: say where the files should be
+                sys.exit(
+                    f"error: --data {args.data}: no copy under --data-root {args.data_root} "
+                    f"and the download failed ({type(e).__name__}: {e})"
+                )
+
+    if args.data == "stl10":
+        train = load(tvd.STL10, split="train" if labelled_only else "train+unlabeled")
+        test = load(tvd.STL10, split="test")
+        as_images = lambda d: Images(torch.from_numpy(d.data), torch.from_numpy(d.labels).long())  # noqa: E731
+        return as_images(train), as_images(test), 10
+    cls, classes = (tvd.CIFAR10, 10) if args.data == "cifar10" else (tvd.CIFAR100, 100)
+    train, test = load(cls, train=True), load(cls, train=False)
+    as_images = lambda d: Images(  # noqa: E731
+        torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)
+    )  # (N, 32, 32, 3) uint8 -> (N, 3, 32, 32)
+    return as_images(train), as_images(test), classes
+
+
+def datasets(args: argparse.Namespace, labelled_only: bool = False) -> tuple[Images, Images, int]:
     """(train, held-out, number of classes) for --data. Without a val/ folder the held-out
-    split *is* the training set (the same object): callers must keep the two apart."""
+    split *is* the training set (the same object): callers must keep the two apart.
+    ``labelled_only``: STL-10 without its unlabeled split (linear evaluation)."""
     if args.data == "shapes":
         x, y = make_shapes(args.shapes_train + args.shapes_val, args.image_size, seed=1234)
         n = args.shapes_train
         return Images(x[:n], y[:n]), Images(x[n:], y[n:]), 10
+    if args.data in TORCHVISION_SETS:
+        return torchvision_set(args, labelled_only)
     import torchvision
 
     root = Path(args.data)

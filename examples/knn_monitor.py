@@ -53,8 +53,9 @@ def knn_split(
         n_queries = min(queries, len(train) // 2)
         n_bank = min(bank, len(train) - n_queries)
         chosen_bank, chosen_queries = perm[n_queries : n_queries + n_bank], perm[:n_queries]
-    else:
-        chosen_bank = torch.randperm(len(train), generator=g)[:bank]
+    else:  # the bank from labelled images only (STL-10's unlabeled split has label -1)
+        labelled = (train.labels >= 0).nonzero().flatten()
+        chosen_bank = labelled[torch.randperm(len(labelled), generator=g)[:bank]]
         chosen_queries = torch.randperm(len(val), generator=g)[:queries]
     return chosen_bank.sort().values, chosen_queries.sort().values  # files in folder order
 

@@ -145,7 +145,7 @@ def main() -> None:
     features.load_state_dict(state)
     features.to(device).eval().requires_grad_(False)  # frozen, BatchNorm in eval mode
     frozen = {k: v.clone() for k, v in features.state_dict().items()}
-    train, val, classes = datasets(args)
+    train, val, classes = datasets(args, labelled_only=True)  # STL-10: no unlabeled split
     steps = check_steps(len(train), args.batch_size)
     if val is train and rank == 0:
         print(f"warning: {args.data} has no val/ folder: the accuracy is on the training images")

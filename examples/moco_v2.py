@@ -47,8 +47,19 @@ SHAPES_DEFAULTS = {
     "crop_min": 0.5, "blur_p": 0.0,  # 32-px images: gentler crops, no blur (as CIFAR recipes)
     "knn_bank": 4000, "knn_queries": 1000,
 }  # fmt: skip
+# The MoCo authors' CIFAR-10 demo: ResNet-18 with a CIFAR stem, batch 512, K 4,096, m 0.99,
+# T 0.1, SGD lr 0.06 on a cosine schedule, weight decay 5e-4, 200 epochs, 8 BN splits, the
+# v1 augmentation (no blur; crops of 8-100% of the image). STL-10: the same at 96 px.
+CIFAR_DEFAULTS = {
+    "arch": "resnet18", "epochs": 200, "batch_size": 512, "lr": 0.06, "image_size": 32,
+    "queue_size": 4096, "moco_momentum": 0.99, "temperature": 0.1, "weight_decay": 5e-4,
+    "crop_min": 0.08, "blur_p": 0.0, "knn_bank": 50000, "knn_queries": 10000,
+}  # fmt: skip
+STL_DEFAULTS = {**CIFAR_DEFAULTS, "image_size": 96, "knn_bank": 5000, "knn_queries": 8000}
 LAYERS: Defaults = [
     (lambda a: a.data == "shapes", SHAPES_DEFAULTS),
+    (lambda a: a.data in ("cifar10", "cifar100"), CIFAR_DEFAULTS),
+    (lambda a: a.data == "stl10", STL_DEFAULTS),
     (lambda a: True, PAPER_DEFAULTS),
 ]
 
@@ -80,6 +91,7 @@ def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, 
     encode_q = torch.compile(model) if args.compile else model
     encode_k = torch.compile(key_encoder) if args.compile else key_encoder
     n = args.accumulate
+    temperature = args.temperature or paper["temperature"]  # given, CIFAR's, or the paper's
     # Shuffle-BN's permutations come from a generator of their own, reseeded once per step
     # from the global one: the global stream (every later step's augmentations) is then
     # the same for any --accumulate N, though each micro-batch draws its own permutation.
@@ -109,7 +121,7 @@ def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, 
                 q = encode_q(x_q[rows])  # (N / n, dim) queries
                 shuffled, idx = batch_shuffle(x_k[rows], shuffle_rng)  # Shuffle-BN, per micro-batch
                 k = batch_unshuffle(encode_k(shuffled), idx)  # (N / n, dim) keys, no grad
-                loss = info_nce(q, k, negatives, temperature=paper["temperature"]) / n
+                loss = info_nce(q, k, negatives, temperature=temperature) / n
             loss.backward()  # gradients add up: the mean over the whole batch
             total += loss.detach()
             window.append(k)

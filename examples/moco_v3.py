@@ -71,9 +71,18 @@ def is_vit(args: argparse.Namespace) -> bool:
     return bool(args.arch.startswith("vit"))
 
 
+# CIFAR-10/100 and STL-10 (no MoCo v3 recipe exists for them): a ResNet-18 (with the CIFAR
+# stem at 32 px), batch 512, 200 epochs; the rest as the paper's ResNet recipe.
+SMALL_DEFAULTS = {
+    "arch": "resnet18", "epochs": 200, "batch_size": 512, "image_size": 32,
+    "knn_bank": 50000, "knn_queries": 10000,
+}  # fmt: skip
+STL_DEFAULTS = {**SMALL_DEFAULTS, "image_size": 96, "knn_bank": 5000, "knn_queries": 8000}
 LAYERS: Defaults = [
     (lambda a: on_shapes(a) and is_vit(a), SHAPES_VIT_DEFAULTS),
     (on_shapes, SHAPES_DEFAULTS),
+    (lambda a: a.data in ("cifar10", "cifar100"), SMALL_DEFAULTS),
+    (lambda a: a.data == "stl10", STL_DEFAULTS),
     (is_vit, VIT_DEFAULTS),
     (lambda a: True, PAPER_DEFAULTS),
 ]

@@ -10,8 +10,11 @@ differ from epoch to epoch, and are the same again when a run resumes mid-epoch.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,30 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"cannot convert {image.dtype} pixels to uint8")
 
 
+@functools.cache
+def image_decoder() -> Callable[[str], torch.Tensor]:
+    """``path -> (3, H, W)`` RGB pixels (uint16 for 16-bit PNGs): TorchCodec's decoder
+    (pip install torchcodec; it supersedes torchvision's since torchvision 0.29), else
+    torchvision's."""
+    try:
+        from torchcodec.decoders import decode_image
+    except ImportError:
+        import torchvision  # imported where needed: it takes a second
+
+        def with_torchvision(path: str) -> torch.Tensor:
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for
+                # TorchCodec's, which is not installed here: the warning says only that
+                warnings.filterwarnings("ignore", ".*superseded.*TorchCodec", DeprecationWarning)
+                return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+
+        return with_torchvision
+    return lambda path: decode_image(path, mode="RGB", output_dtype="auto")
+
+
 def decode(path: str) -> torch.Tensor:
     """``(3, H, W)`` uint8 RGB from an image file; :class:`DecodeError` naming ``path``."""
-    import torchvision  # imported where needed: it takes a second
-
     try:
-        image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        image = image_decoder()(path)
     except (RuntimeError, ValueError, OSError) as e:
         raise DecodeError(f"cannot decode image file {path}: {e}") from e
     return to_uint8(image)

@@ -24,6 +24,14 @@ V12 = [*TINY, "--queue-size", "64", "--shuffle-splits", "2"]
 V3 = [*TINY, "--mlp-dim", "64", "--dim", "32"]
 
 
+def write_png(image: torch.Tensor, path: Path | str) -> None:
+    """Save ``(3, H, W)`` uint8 pixels as an 8-bit RGB PNG (with Pillow: torchvision's
+    encoders are deprecated since torchvision 0.29)."""
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)
+
+
 def import_examples() -> None:
     """Make the example scripts' modules importable in the test process."""
     if str(EXAMPLES) not in sys.path:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
-from example_runner import EXAMPLES, TINY, V3, V12, assert_trained_sanely, losses, run
+from example_runner import EXAMPLES, TINY, V3, V12, assert_trained_sanely, losses, run, write_png
 
 # Enough images for the kNN monitor to tell above-chance features (at random initialisation
 # about 40% with the small CNN, 20% with vit_tiny; chance is 10%) from broken ones: with a
@@ -59,7 +58,7 @@ def test_image_folder_data(tmp_path: Path) -> None:
             folder.mkdir(parents=True)
             for i in range(12):
                 img = torch.full((3, 40 + 3 * i, 50 - i), colour, dtype=torch.uint8)
-                torchvision.io.write_png(img, str(folder / f"{i}.png"))
+                write_png(img, str(folder / f"{i}.png"))
     out = tmp_path / "run"
     run(
         "moco_v2.py",

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
-from example_runner import V12, import_examples, losses, run
+from example_runner import V12, import_examples, losses, run, write_png
 from PIL import Image
 
 import_examples()
@@ -23,7 +22,7 @@ def folder_with_a_16_bit_png(root: Path) -> Path:
             folder.mkdir(parents=True)
             for i in range(10):
                 img = torch.full((3, 36 + i, 40), level, dtype=torch.uint8)
-                torchvision.io.write_png(img, str(folder / f"{i}.png"))
+                write_png(img, str(folder / f"{i}.png"))
     wide = (np.arange(36 * 40, dtype=np.uint16).reshape(36, 40) % 256) * 257  # 8-bit v -> 257 v
     Image.fromarray(wide).save(root / "train" / "class1" / "deep.png")  # 16-bit grayscale
     return root
@@ -47,7 +46,7 @@ def test_16_bit_png_is_scaled_to_uint8(tmp_path: Path) -> None:
 def test_a_corrupt_file_is_named(workers: int, tmp_path: Path) -> None:
     folder = tmp_path / "data" / "train" / "cats"
     folder.mkdir(parents=True)
-    torchvision.io.write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(folder / "good.png"))
+    write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(folder / "good.png"))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"truncated" * 10)
     train, _, _ = datasets(argparse.Namespace(data=str(tmp_path / "data")))
     args = argparse.Namespace(seed=0, workers=workers, device="cpu")

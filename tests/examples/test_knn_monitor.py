@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
-from example_runner import V12, checkpoint, import_examples, knn_baselines, run_2p_ranks
+from example_runner import V12, checkpoint, import_examples, knn_baselines, run_2p_ranks, write_png
 from torch import nn
 
 import_examples()
@@ -32,7 +31,7 @@ def image_folder(root: Path, val: bool) -> Path:
             for i in range(n):
                 noise = torch.rand(3, SIZE, SIZE, generator=g)
                 image = (0.2 * patterns[c] + 0.8 * noise) * 255
-                torchvision.io.write_png(image.round().to(torch.uint8), str(folder / f"{i}.png"))
+                write_png(image.round().to(torch.uint8), str(folder / f"{i}.png"))
     return root
 
 

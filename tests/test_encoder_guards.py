@@ -103,3 +103,33 @@ def test_fsdp1_is_refused_with_the_fsdp2_pointer(
     FullyShardedDataParallel(later, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
     with pytest.raises(TypeError, match=match):
         enc.update()
+
+
+def test_another_optimizer_stepping_does_not_hide_a_misplaced_update() -> None:
+    model = nn.Linear(8, 8)
+    probe = nn.Linear(8, 2)  # an online linear probe, stepped every micro-batch
+    probe_opt = torch.optim.SGD(probe.parameters(), lr=0.1)
+    key_encoder = MomentumEncoder(model, momentum=0.9)
+    with pytest.warns(RuntimeWarning, match=WARNING):
+        for _ in range(2):
+            probe(model(torch.randn(4, 8)).detach()).sum().backward()
+            probe_opt.step()
+            key_encoder.update()  # per micro-batch: no step of the model's optimizer
+
+
+def test_a_key_encoder_wrapped_in_fsdp1_is_named(process_group: None) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    enc = MomentumEncoder(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    enc.key_encoder = FullyShardedDataParallel(enc.key_encoder, device_id=torch.device("cpu"))
+    with pytest.raises(TypeError, match=r"FSDP1 \(FullyShardedDataParallel\) is not supported"):
+        enc.update()
+
+
+def test_an_encoder_built_after_fully_shard_says_to_build_it_first(process_group: None) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    fully_shard(model)
+    with pytest.raises(TypeError, match=r"build the MomentumEncoder first, then fully_shard"):
+        MomentumEncoder(model)

@@ -4,6 +4,9 @@ any order of casts, outside writes between compiled updates, and the dtype rule.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +221,86 @@ def test_the_update_after_a_load_starts_from_what_was_loaded(
     want = torch.full((4, 4), 0.5 * start + 0.5 * 3.0)
     torch.testing.assert_close(enc.ema_shadow.get_buffer("weight"), want, rtol=0, atol=0)
     assert torch.equal(enc.key_encoder.weight, want.bfloat16())
+
+
+@pytest.mark.parametrize("order", ["write, then cast", "cast, then write"])
+def test_a_data_assignment_around_a_cast_is_followed(order: str) -> None:
+    online = nn.Linear(8, 8)
+    holder = nn.Module()
+    holder.online = online
+    holder.key = MomentumEncoder(online, momentum=0.99, ema_dtype=torch.float32)
+    new = torch.randn(8, 8)
+    if order == "cast, then write":
+        holder.to(torch.bfloat16)
+    holder.key.key_encoder.weight.data = new.clone().to(holder.key.key_encoder.weight.dtype)
+    if order == "write, then cast":
+        holder.to(torch.bfloat16)
+    holder.key.update(1.0)  # m = 1: the key stays what was written
+    assert torch.equal(holder.key.key_encoder.weight, new.bfloat16())
+    assert torch.equal(holder.key.ema_shadow.get_buffer("weight").bfloat16(), new.bfloat16())
+
+
+def test_a_plain_cast_keeps_the_copies_precision() -> None:
+    online = nn.Linear(8, 8).bfloat16()
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=torch.float32)
+    with torch.no_grad():
+        online.weight.fill_(1.0 + 2**-7)  # one bfloat16 ulp above 1
+    enc.update()
+    exact = enc.ema_shadow.get_buffer("weight").clone()
+    assert not torch.equal(exact, exact.bfloat16().float())  # more than bfloat16 holds
+    holder = nn.ModuleList([online, enc]).to(torch.float16).to(torch.bfloat16)  # two casts
+    enc.update(1.0)
+    assert holder is not None and torch.equal(enc.ema_shadow.get_buffer("weight"), exact)
+
+
+def test_a_copy_loaded_alone_gives_the_key_its_rounding() -> None:
+    online = nn.Linear(8, 8).bfloat16()
+    enc = MomentumEncoder(online, ema_dtype=torch.float32)
+    new = {"ema_shadow.weight": torch.randn(8, 8), "ema_shadow.bias": torch.randn(8)}
+    enc.load_state_dict(new, strict=False)
+    enc.update(1.0)
+    assert torch.equal(enc.ema_shadow.get_buffer("weight"), new["ema_shadow.weight"])
+    assert torch.equal(enc.key_encoder.weight, new["ema_shadow.weight"].bfloat16())
+
+
+def test_a_partial_load_leaves_the_other_copies_alone() -> None:
+    parent = nn.Module()
+    parent.model = nn.Linear(8, 8).bfloat16()
+    parent.key = MomentumEncoder(parent.model, momentum=0.5, ema_dtype=torch.float32)
+    with torch.no_grad():
+        parent.model.weight.fill_(1.0 + 2**-7)
+    parent.key.update()
+    exact = parent.key.ema_shadow.get_buffer("weight").clone()
+    parent.load_state_dict({"model.weight": torch.zeros(8, 8)}, strict=False)
+    assert torch.equal(parent.key.ema_shadow.get_buffer("weight"), exact)
+
+
+def test_a_float32_checkpoint_without_copies_seeds_them_at_its_precision() -> None:
+    saved = MomentumEncoder(nn.Linear(8, 8)).state_dict()  # float32, no ema_dtype
+    enc = MomentumEncoder(nn.Linear(8, 8).bfloat16(), ema_dtype=torch.float32)
+    enc.load_state_dict(saved)
+    assert torch.equal(enc.ema_shadow.get_buffer("weight"), saved["key_encoder.weight"])
+    assert torch.equal(enc.key_encoder.weight, saved["key_encoder.weight"].bfloat16())
+
+
+def test_an_encoder_unpickled_in_a_fresh_process_keeps_its_checks_uncompiled(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "encoder.pt"
+    torch.save(MomentumEncoder(nn.Linear(4, 4).bfloat16(), ema_dtype=torch.float32), path)
+    code = (
+        "import sys, torch; e = torch.load(sys.argv[1], weights_only=False); "
+        "cls = type(e.ema_shadow); print(cls.sync is not cls._sync, cls.stamp is not cls._stamp)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert done.stdout.split() == ["True", "True"], done.stderr[-2000:]
+
+
+def test_a_write_no_counter_sees_is_reconciled_by_reloading_the_state_dict() -> None:
+    enc = MomentumEncoder(nn.Linear(8, 8).bfloat16(), ema_dtype=torch.float32)
+    new = torch.randn(8, 8).bfloat16()
+    enc.key_encoder.weight.data.copy_(new)  # as a torch.distributed broadcast: no version bump
+    enc.load_state_dict(enc.state_dict())  # what the docs say to do after such writes
+    enc.update(1.0)
+    assert torch.equal(enc.key_encoder.weight, new)
+    assert torch.equal(enc.ema_shadow.get_buffer("weight"), new.float())

@@ -39,6 +39,12 @@ def reshard_fsdp(*models: torch.nn.Module) -> bool:
     return found
 
 
+def is_fsdp2(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` was sharded by FSDP2's ``fully_shard``."""
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     dtensor = _loaded("torch.distributed.tensor", "DTensor")
     return dtensor is not None and isinstance(t, dtensor)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,6 +105,10 @@ class ShadowWeights(_Level):
         self._groups: list[ShadowGroup] = []
         self._others: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        _host_only(type(self))  # unpickled in a fresh process: __init__ never ran there
+
     def _level(self, name: str) -> nn.Module:
         node: nn.Module = self
         for part in name.split(".")[:-1]:
@@ -172,13 +177,16 @@ class ShadowWeights(_Level):
         k.copy_(s)
 
     @torch.no_grad()
-    def seed(self, i: int, key: torch.Tensor) -> None:
-        """Copy ``i`` from its key (a checkpoint saved without ema_dtype)."""
-        shadow = self.shadows()[i]
-        if layout(shadow) == layout(key) and local(shadow).shape == local(key).shape:
-            local(shadow).copy_(local(key))
-        else:
-            self._set(i, self._widened(key))
+    def seed(self, i: int, key: torch.Tensor, value: torch.Tensor | None = None) -> None:
+        """Copy ``i`` from ``value`` (a loaded checkpoint's key, at its own precision) or
+        from its key; then the key is its rounding (a checkpoint saved without ema_dtype)."""
+        shadow, source = self.shadows()[i], key if value is None else value
+        same = layout(shadow) == layout(key) and local(shadow).shape == local(key).shape
+        if same and (value is None or layout(value) == layout(key)):
+            local(shadow).copy_(local(source))
+            local(key).copy_(local(shadow))
+            return
+        self._set(i, self._widened(key))
 
     def _build(self, pairs: TensorPairs) -> None:
         """Split the pairing into groups; re-lay out the copies that no longer match."""

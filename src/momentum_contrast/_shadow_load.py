@@ -46,30 +46,34 @@ def load_pre_hook(
     for k in [k for k in state_dict if k.startswith(start) and "/" in k[len(start) :]]:
         state_dict[start + k[len(start) :].replace("/", ".")] = state_dict.pop(k)  # 0.2.0
     key_prefixes = (prefix + "key_encoder.", prefix + "key_encoder._orig_mod.")
-    saved: dict[str, torch.dtype | None] = {}
+    loaded: dict[str, tuple[torch.Tensor | None, bool]] = {}  # (the key's tensor, a copy?)
     shadows: ShadowWeights = module.ema_shadow  # type: ignore[assignment]
     for name in shadows.names:
-        if start + name in state_dict:
-            found = [state_dict.get(p + name) for p in key_prefixes]
-            tensors = [t for t in found if isinstance(t, torch.Tensor)]
-            saved[name] = tensors[0].dtype if tensors else None
-    module.__dict__["_shadow_loading"] = (prefix, saved)
+        found = [state_dict.get(p + name) for p in key_prefixes]
+        key = next((t for t in found if isinstance(t, torch.Tensor)), None)
+        if key is not None or start + name in state_dict:
+            loaded[name] = (key, start + name in state_dict)
+    module.__dict__["_shadow_loading"] = (prefix, loaded)
 
 
 def load_post_hook(module: nn.Module, incompatible: Any) -> None:
     loading = module.__dict__.pop("_shadow_loading", None)
     if module.ema_dtype is None or loading is None:
         return
-    prefix, saved = loading
+    prefix, loaded = loading
     shadows: ShadowWeights = module.ema_shadow  # type: ignore[assignment]
     keys = dict(module.key_encoder_params())  # type: ignore[operator]
     ordered = [keys[name] for name in shadows.names]
     for i, name in enumerate(shadows.names):
-        if name in saved:
-            shadows.follow(i, ordered[i], True, saved[name])
+        if name not in loaded:
+            continue  # a partial load that left this weight alone: so does its copy
+        key, with_copy = loaded[name]
+        if with_copy:  # a copy loaded: kept where the loaded key (if any) is its rounding
+            saved_dtype = None if key is None else key.dtype
+            shadows.follow(i, ordered[i], key is not None, saved_dtype)
             continue
-        full = prefix + _SHADOW + name
-        if full in incompatible.missing_keys:
-            incompatible.missing_keys.remove(full)
-        shadows.seed(i, ordered[i])
+        full = prefix + _SHADOW + name  # a key without its copy (saved without ema_dtype):
+        if full in incompatible.missing_keys:  # the copy takes the checkpoint's value, at
+            incompatible.missing_keys.remove(full)  # the checkpoint's precision
+        shadows.seed(i, ordered[i], key)
     shadows.stamps.record(ordered, shadows.shadows())

@@ -46,18 +46,16 @@ class Stamps:
     comparison when nothing was written.
 
     A key counts as written when it is another tensor object, its version counter moved,
-    or its memory changed without a change of dtype or device (``p.data = other``); a
-    cast or move of the module (``.to``) is not a write. A copy counts as written when it
-    is another object or its version moved, except for the moves [`moved`][] records.
+    or its memory changed (``p.data = other``, or a cast or move of the module, which the
+    elementwise reconcile then tells apart). A copy counts as written when it is another
+    object or its version moved, except for the moves [`moved`][] records.
     """
 
     def __init__(self) -> None:
         self.last: Snapshot | None = None
-        self._kinds: tuple[tuple[torch.dtype, torch.device], ...] = ()
 
     def record(self, keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> None:
         self.last = _snapshot(keys, shadows)
-        self._kinds = tuple((k.dtype, k.device) for k in keys)
 
     def moved(self, shadows: Sequence[torch.Tensor]) -> None:
         """The copies were moved (not written) by a cast or move of the module."""
@@ -76,11 +74,14 @@ class Stamps:
             return [(i, True, False) for i in range(len(keys))]
         ptrs = bool(last[2]) and bool(now[2])
         out = []
-        for i, key in enumerate(keys):
+        for i in range(len(keys)):
+            # new memory: a cast or move of the module, or a ``p.data = ...`` write (before
+            # or after one): counted as a write, whose elementwise reconcile keeps the copy
+            # wherever the key is still its rounding (all of it after a plain cast or move)
             key_written = (
                 last[0][i] != now[0][i]
                 or last[1][i] != now[1][i]
-                or (ptrs and last[2][i] != now[2][i] and self._kinds[i] == (key.dtype, key.device))
+                or (ptrs and last[2][i] != now[2][i])
             )
             shadow_written = last[3][i] != now[3][i] or last[4][i] != now[4][i]
             if key_written or shadow_written:

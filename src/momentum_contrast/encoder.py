@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
-from momentum_contrast._dtensor import refuse_fsdp1
+from momentum_contrast._dtensor import is_fsdp2, refuse_fsdp1
 from momentum_contrast._ema import check_momentum, lerp_
 from momentum_contrast._pairing import TensorPairs, current_pairs
 from momentum_contrast._shadow import ShadowWeights
@@ -109,8 +109,10 @@ class MomentumEncoder(nn.Module):
             Lightning's ``bf16-true``) and follow its moves; a checkpoint loads into a
             fresh encoder before or after such a cast. A key weight written outside
             [`update`][] (``load_state_dict``, ``copy_``, ``p.data = ...``) is seen by
-            its version counter on the host and followed (an in-place write through
-            ``p.data`` is not seen: write under ``torch.no_grad()``). Under
+            its version counter or memory on the host and followed (an in-place write
+            through ``p.data`` or by a ``torch.distributed`` collective is not seen:
+            write under ``torch.no_grad()``, or call
+            ``load_state_dict(state_dict())`` after it). Under
             ``torch.compile`` those host checks run eagerly (one graph break, so not
             with ``fullgraph=True``) and the result equals eager. A dtype narrower than
             a parameter's raises ``ValueError``. Buffers (``buffers="ema"``) are averaged
@@ -152,7 +154,15 @@ class MomentumEncoder(nn.Module):
         self.buffers_mode: BufferMode = check_choice("buffers", buffers, _BUFFER_MODES)  # type: ignore[assignment]
         base = unwrap_model(online)
         self.__dict__["_online"] = base  # a reference, not a submodule
-        self.key_encoder = copy.deepcopy(base)
+        try:
+            self.key_encoder = copy.deepcopy(base)
+        except (AssertionError, RuntimeError) as e:  # FSDP2 refuses deepcopy of a sharded model
+            if not is_fsdp2(base):
+                raise
+            raise TypeError(
+                "MomentumEncoder: cannot copy a model already sharded by fully_shard; build "
+                "the MomentumEncoder first, then fully_shard the online model and .key_encoder"
+            ) from e
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -270,6 +280,7 @@ class MomentumEncoder(nn.Module):
             pairs = current_pairs(kind, cached, self.online, unwrap_model(self.key_encoder))
         except ValueError:
             refuse_fsdp1(self.online)  # wrapped in FSDP1 after construction: say so
+            refuse_fsdp1(self.key_encoder)
             raise
         if pairs is not cached:
             refuse_fsdp1(self.online)

@@ -49,6 +49,11 @@ def test_run_py_writes_rows_and_target_verdicts(tmp_path: Path) -> None:
 
 def test_target_verdicts_follow_the_measurements() -> None:
     """``check_targets`` on made-up rows: each bound's side gives MET or MISSED."""
+    # benchmarks/ has a ``common`` module, as examples/ had: import this one
+    cached = sys.modules.get("common")
+    if cached is not None and Path(cached.__file__ or "").parent != BENCH:
+        del sys.modules["common"]
+    sys.path.insert(0, str(BENCH))
     import run
 
     rows = [

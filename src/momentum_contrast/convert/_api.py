@@ -116,7 +116,11 @@ def backbone_spec(
     given as ``num_heads``. None for a ResNet (its weights say everything).
 
     Args:
-        source, encoder, to, num_heads, prefix: as for ``backbone_state_dict``.
+        source: as for ``backbone_state_dict``.
+        encoder: as for ``backbone_state_dict``.
+        to: as for ``backbone_state_dict``.
+        num_heads: as for ``backbone_state_dict``.
+        prefix: as for ``backbone_state_dict``.
 
     Returns:
         A [`ModelSpec`][momentum_contrast.convert.ModelSpec], or None.

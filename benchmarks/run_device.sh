@@ -27,7 +27,9 @@ CPU_ONLY="tests/test_package.py tests/test_distributed.py tests/test_host_collec
   tests/test_fsdp.py tests/test_accumulation.py tests/test_convert.py
   tests/test_convert_official.py tests/docs tests/examples/test_resume_distributed.py
   tests/examples/test_linear_eval_sources.py tests/test_fsdp_recipes.py
-  tests/examples/test_fsdp_example.py"
+  tests/examples/test_fsdp_example.py tests/examples/test_torchvision_data.py
+  tests/examples/test_arch.py tests/test_encoder_guards.py tests/test_convert_cli.py
+  tests/test_convert_heads.py tests/test_convert_sources.py"
 IGNORES=$(for t in $CPU_ONLY; do printf -- '--ignore=%s ' "$t"; done)
 # shellcheck disable=SC2086
 $PY -m pytest -q -p no:cacheprovider $IGNORES -rs ${TESTS:-} 2>&1 | tee "$OUT/pytest.log"

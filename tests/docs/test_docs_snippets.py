@@ -178,12 +178,10 @@ def linear_eval_flags(argv: list[str]) -> argparse.Namespace:
     architecture a checkpoint would name given as resnet18); a bad flag raises SystemExit."""
     sys.path.insert(0, str(ROOT / "examples"))
     try:
-        import flags
         import linear_eval
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    layers = linear_eval.layers(False, {"arch": "resnet18", "image_size": 224})
-    return flags.build_parser("Linear evaluation", layers).parse_args(argv)
+    return linear_eval.build_parser(False, {"arch": "resnet18", "image_size": 224}).parse_args(argv)
 
 
 def test_linear_eval_flags_are_parsed_not_grepped() -> None:

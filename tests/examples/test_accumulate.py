@@ -29,7 +29,6 @@ from example_runner import TINY, V12, import_examples
 import_examples()
 import moco_v2  # noqa: E402
 import moco_v3  # noqa: E402
-from flags import parse_args  # noqa: E402
 
 CPU = (torch.device("cpu"), 0, 1)
 BATCH = 8
@@ -37,7 +36,7 @@ BATCH = 8
 
 def args_for(script: Any, flags: list[str], accumulate: int) -> argparse.Namespace:
     argv = [*flags, "--arch", "vit_tiny", "--batch-size", str(BATCH)]
-    return parse_args("test", script.LAYERS, [*argv, "--accumulate", str(accumulate)])
+    return script.parse_args([*argv, "--accumulate", str(accumulate)])
 
 
 def views(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +166,7 @@ def test_v2_random_stream_does_not_depend_on_accumulate(arch: str) -> None:
     for accumulate in (1, 2, 4):
         torch.manual_seed(0)
         flags = [*V12, "--arch", arch, "--batch-size", str(BATCH)]
-        args = parse_args("test", moco_v2.LAYERS, [*flags, "--accumulate", str(accumulate)])
+        args = moco_v2.parse_args([*flags, "--accumulate", str(accumulate)])
         _, step, augment, _ = moco_v2.build(args, "v2", CPU)
         torch.manual_seed(1)
         step(*views(40), 0.0)

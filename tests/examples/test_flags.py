@@ -14,14 +14,13 @@ import_examples()
 import linear_eval  # noqa: E402
 import moco_v2  # noqa: E402
 import moco_v3  # noqa: E402
-from checkpoints import load_resume  # noqa: E402
-from flags import build_parser, check_steps, parse_args, validate  # noqa: E402
+from moco_v2 import check_steps, load_resume, validate  # noqa: E402
 
 TRAINED = {"arch": "small_cnn", "image_size": 32}
 PARSERS = {
-    "moco_v2": lambda: build_parser("v2", moco_v2.LAYERS),
-    "moco_v3": lambda: build_parser("v3", moco_v3.LAYERS),
-    "linear_eval": lambda: build_parser("linear", linear_eval.layers(False, TRAINED)),
+    "moco_v2": moco_v2.build_parser,
+    "moco_v3": moco_v3.parser,
+    "linear_eval": lambda: linear_eval.build_parser(False, TRAINED),
 }
 
 
@@ -33,11 +32,11 @@ def test_every_flag_has_a_help_text(script: str) -> None:
 
 
 def v2_args(*argv: str) -> argparse.Namespace:
-    return parse_args("v2", moco_v2.LAYERS, [*V12, *argv])
+    return moco_v2.parse_args([*V12, *argv])
 
 
 def v3_args(*argv: str) -> argparse.Namespace:
-    return parse_args("v3", moco_v3.LAYERS, [*TINY, *argv])
+    return moco_v3.parse_args([*TINY, *argv])
 
 
 @pytest.mark.parametrize(
@@ -69,29 +68,29 @@ def test_bad_flags_stop_with_an_error_naming_the_flag(argv: list[str], message: 
 def test_world_size_and_device_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match="--batch-size 16 does not split across 3 processes"):
-        validate(v3_args(), blur=True)
+        moco_v3.validate(v3_args())
     monkeypatch.setenv("WORLD_SIZE", "1")
-    validate(v3_args(), blur=True)  # the tiny settings are fine
+    moco_v3.validate(v3_args())  # the tiny settings are fine
     with pytest.raises(SystemExit, match="--image-size 8 does not fit --arch small_cnn: the"):
-        validate(v3_args("--image-size", "8"), blur=True)  # v3 always blurs
+        moco_v3.validate(v3_args("--image-size", "8"))  # v3 always blurs
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
-            validate(v3_args("--device", "cuda"), blur=True)
+            moco_v3.validate(v3_args("--device", "cuda"))
     with pytest.raises(SystemExit, match="--device 'gpu0' is not a device"):
-        validate(v3_args("--device", "gpu0"), blur=True)
+        moco_v3.validate(v3_args("--device", "gpu0"))
 
 
 def test_fsdp_needs_a_vit_and_accumulate_counts_per_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with pytest.raises(SystemExit, match="--fsdp shards transformer blocks: --arch small_cnn"):
-        validate(v3_args("--fsdp"), blur=True)
-    validate(v3_args("--fsdp", "--arch", "vit_tiny"), blur=True)
+        moco_v3.validate(v3_args("--fsdp"))
+    moco_v3.validate(v3_args("--fsdp", "--arch", "vit_tiny"))
     assert v3_args().fsdp is False and v3_args().accumulate == 1  # the defaults
     monkeypatch.setenv("WORLD_SIZE", "2")  # 8 images per process: 4 micro-batches of 2
-    validate(v3_args("--accumulate", "4"), blur=True)
+    moco_v3.validate(v3_args("--accumulate", "4"))
     with pytest.raises(SystemExit, match=r"split the 8 images per process \(--batch-size 16 over"):
-        validate(v3_args("--accumulate", "16"), blur=True)
+        moco_v3.validate(v3_args("--accumulate", "16"))
 
 
 def fake_checkpoint(path: Path, **changes: object) -> Path:

@@ -12,7 +12,7 @@ from example_runner import V12, import_examples, losses, run, write_png
 from PIL import Image
 
 import_examples()
-from common import Images, datasets, loader  # noqa: E402
+from moco_v2 import Images, datasets, loader  # noqa: E402
 
 
 def folder_with_a_16_bit_png(root: Path) -> Path:

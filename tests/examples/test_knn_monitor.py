@@ -11,7 +11,7 @@ from example_runner import V12, checkpoint, import_examples, knn_baselines, run_
 from torch import nn
 
 import_examples()
-from common import datasets, evaluation_batches, knn_accuracy  # noqa: E402
+from moco_v2 import datasets, evaluation_batches, knn_accuracy  # noqa: E402
 
 from momentum_contrast.knn import knn_predict  # noqa: E402
 
@@ -74,7 +74,7 @@ def test_knn_accuracy_is_that_of_a_random_split(val: bool, tmp_path: Path) -> No
 
 
 def test_queries_are_never_in_the_bank_and_the_subsets_are_fixed(tmp_path: Path) -> None:
-    from knn_monitor import knn_split
+    from moco_v2 import knn_split
 
     train, val, _ = datasets(flags(image_folder(tmp_path, val=False)))
     assert val is train

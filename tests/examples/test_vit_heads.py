@@ -11,10 +11,7 @@ import torch
 from example_runner import V3, import_examples
 
 import_examples()
-import moco_v3  # noqa: E402
-from checkpoints import load_resume  # noqa: E402
-from common import VITS, vit_heads  # noqa: E402
-from flags import parse_args  # noqa: E402
+from moco_v3 import VITS, load_resume, parse_args, vit_heads  # noqa: E402
 
 
 def test_the_vits_heads() -> None:
@@ -28,13 +25,13 @@ def test_the_vits_heads() -> None:
 def test_a_resume_refuses_another_head_count(
     recorded: int | None, refused: bool, tmp_path: Path
 ) -> None:
-    args = parse_args("v3", moco_v3.LAYERS, [*V3, "--arch", "vit_tiny", "--resume", "x"])
+    args = parse_args([*V3, "--arch", "vit_tiny", "--resume", "x"])
     path = tmp_path / "checkpoint_0000001.pt"
     ckpt = {"recipe": "moco_v3", "step": 1, "args": vars(args), "model": {}, "rng": []}
     torch.save(ckpt | ({} if recorded is None else {"num_heads": recorded}), path)
     args.resume = str(path)
     if refused:
         with pytest.raises(SystemExit, match=r"attention heads, --arch vit_tiny has 3"):
-            load_resume(args, "moco_v3")
+            load_resume(args)
     else:
-        assert load_resume(args, "moco_v3") is not None
+        assert load_resume(args) is not None

@@ -248,9 +248,9 @@ def test_a_plain_cast_keeps_the_copies_precision() -> None:
     enc.update()
     exact = enc.ema_shadow.get_buffer("weight").clone()
     assert not torch.equal(exact, exact.bfloat16().float())  # more than bfloat16 holds
-    holder = nn.ModuleList([online, enc]).to(torch.float16).to(torch.bfloat16)  # two casts
+    nn.ModuleList([online, enc]).to(torch.float16).to(torch.bfloat16)  # two casts, in place
     enc.update(1.0)
-    assert holder is not None and torch.equal(enc.ema_shadow.get_buffer("weight"), exact)
+    assert torch.equal(enc.ema_shadow.get_buffer("weight"), exact)
 
 
 def test_a_copy_loaded_alone_gives_the_key_its_rounding() -> None:

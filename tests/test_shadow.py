@@ -4,6 +4,7 @@ any order of casts, outside writes between compiled updates, and the dtype rule.
 from __future__ import annotations
 
 import copy
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,37 @@ def test_a_data_assignment_around_a_cast_is_followed(order: str) -> None:
     holder.key.update(1.0)  # m = 1: the key stays what was written
     assert torch.equal(holder.key.key_encoder.weight, new.bfloat16())
     assert torch.equal(holder.key.ema_shadow.get_buffer("weight").bfloat16(), new.bfloat16())
+
+
+def test_new_memory_at_the_old_address_is_still_a_write() -> None:
+    # A cast after ``p.data = x`` may land exactly where the freed original lay (CI saw it
+    # once in ~75 runs of the test above); a storage at the recorded address, made here
+    # on purpose, must still count as new memory.
+    online = nn.Linear(8, 8)
+    enc = MomentumEncoder(online, momentum=0.99, ema_dtype=torch.float32)
+    weight = enc.key_encoder.weight
+    address = weight.data_ptr()
+    alias = torch.from_numpy(weight.detach().numpy())  # another storage, the same memory
+    new = torch.randn(8, 8)
+    alias.copy_(new)
+    weight.data = alias
+    assert weight.data_ptr() == address
+    enc.update(1.0)  # m = 1: the key stays what was written
+    assert torch.equal(enc.key_encoder.weight, new)
+    assert torch.equal(enc.ema_shadow.get_buffer("weight"), new)
+
+
+def test_copies_of_the_encoder_reconcile_on_their_own() -> None:
+    online = nn.Linear(8, 8).bfloat16()
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=torch.float32)
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    for clone in (copy.deepcopy(enc), pickle.loads(pickle.dumps(enc))):
+        shadow = clone.ema_shadow.get_buffer("weight").clone()
+        clone.update()  # its own online model: pickled along with it
+        want = 0.5 * shadow + 0.5 * clone.online.weight.float()
+        torch.testing.assert_close(clone.ema_shadow.get_buffer("weight"), want, rtol=0, atol=0)
+        assert torch.equal(clone.key_encoder.weight, want.bfloat16())
 
 
 def test_a_plain_cast_keeps_the_copies_precision() -> None:

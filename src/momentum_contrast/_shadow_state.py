@@ -4,8 +4,10 @@ last update, the dtype rule, and re-laying a copy out like its key (FSDP2)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from momentum_contrast._dtensor import is_dtensor, layout, local
 
@@ -28,13 +30,26 @@ def check_ema_dtype(ema_dtype: torch.dtype, name: str, dtype: torch.dtype) -> No
 Snapshot = tuple[tuple[int, ...], ...]
 
 
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):  # a subclass without storage
+        return None
+
+
+def _memory(t: torch.Tensor) -> int:
+    """The identity of ``t``'s storage (not its address: freed memory is soon reused)."""
+    storage = _storage(t)
+    return t.data_ptr() if storage is None else storage._cdata
+
+
 def _snapshot(keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> Snapshot:
     # FSDP2 may re-pad a shard into new memory: a DTensor's version says enough
     sharded = bool(keys) and is_dtensor(keys[0])  # the pairing never mixes the two
     return (
         tuple(map(id, keys)),
         tuple(k._version for k in keys),
-        () if sharded else tuple(k.data_ptr() for k in keys),
+        () if sharded else tuple(map(_memory, keys)),
         tuple(map(id, shadows)),
         tuple(s._version for s in shadows),
     )
@@ -42,20 +57,35 @@ def _snapshot(keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> 
 
 class Stamps:
     """What the last update left of the key parameters and their copies, read on the host
-    (ids, version counters, data pointers: no tensor value), compared in one tuple
+    (ids, version counters, storage identities: no tensor value), compared in one tuple
     comparison when nothing was written.
 
     A key counts as written when it is another tensor object, its version counter moved,
-    or its memory changed (``p.data = other``, or a cast or move of the module, which the
-    elementwise reconcile then tells apart). A copy counts as written when it is another
-    object or its version moved, except for the moves [`moved`][] records.
+    or its storage changed (``p.data = other``, or a cast or move of the module, which the
+    elementwise reconcile then tells apart). Storages are told apart by identity, and the
+    recorded ones are held by weak references, so a new storage can never pass for the
+    recorded one (an address can: ``p.data = x`` then a cast may land the cast exactly where
+    the freed original lay). A copy counts as written when it is another object or its
+    version moved, except for the moves [`moved`][] records.
     """
 
     def __init__(self) -> None:
         self.last: Snapshot | None = None
+        # weak references to the recorded storages: while one is held, no new storage
+        # can take its identity (a freed storage's identity is reserved, not reused)
+        self._held: list[StorageWeakRef | None] = []
+        self._held_memory: tuple[int, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) compares against nothing: its first update reconciles
+        return {"last": None, "_held": [], "_held_memory": ()}
 
     def record(self, keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> None:
         self.last = _snapshot(keys, shadows)
+        if self.last[2] != self._held_memory:  # after a cast, a move, ``p.data = ...``
+            storages = map(_storage, keys)
+            self._held = [None if s is None else StorageWeakRef(s) for s in storages]
+            self._held_memory = self.last[2]
 
     def moved(self, shadows: Sequence[torch.Tensor]) -> None:
         """The copies were moved (not written) by a cast or move of the module."""

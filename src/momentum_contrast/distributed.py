@@ -36,12 +36,14 @@ from momentum_contrast._collectives import (
     gather_checked,
     gather_with_sizes,
 )
+from momentum_contrast._ddp import exclude_from_ddp
 
 __all__ = [
     "assume_equal_batches",
     "batch_shuffle",
     "batch_unshuffle",
     "concat_all_gather",
+    "exclude_from_ddp",
     "gather_sizes",
     "is_distributed",
     "rank",

@@ -7,6 +7,7 @@ import itertools
 from torch import nn
 
 from momentum_contrast._checks import check_positive_int
+from momentum_contrast._hf import hf_features
 
 __all__ = [
     "build_mlp",
@@ -172,6 +173,10 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
 
     - timm models (anything with ``reset_classifier`` and ``num_features``):
       ``reset_classifier(0)``.
+    - Hugging Face ``transformers`` vision models (``ResNetForImageClassification``,
+      ``ViTModel``, ...), which return a ``ModelOutput``: *not* modified; returned is a
+      new module around their base model that returns its ``pooler_output`` (flattened),
+      or the class token of ``last_hidden_state`` when there is no pooler.
     - models whose last child is an ``nn.Linear`` named ``fc``, ``head``,
       ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
       ``nn.Sequential`` under such a name ending in one (torchvision ViT's
@@ -200,6 +205,9 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from_hf = hf_features(model)
+    if from_hf is not None:
+        return from_hf
     reset = getattr(model, "reset_classifier", None)
     num_features = getattr(model, "num_features", None)
     if callable(reset) and isinstance(num_features, int):

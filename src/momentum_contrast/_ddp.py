@@ -1,0 +1,94 @@
+"""Keep DistributedDataParallel's per-forward broadcast off MoCo's own state (private;
+exported by :mod:`momentum_contrast.distributed`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["exclude_from_ddp"]
+
+
+def exclude_from_ddp(module: nn.Module) -> list[str]:
+    """Tell DDP to leave the queue, the key encoder's buffers and the ``ema_dtype`` copies alone.
+
+    ``DistributedDataParallel`` (with ``broadcast_buffers=True``, its default, which
+    PyTorch Lightning and Hugging Face Accelerate keep) copies every buffer of the module
+    it wraps from rank 0 at every forward. With MoCo's pieces inside that module (the
+    layout of a LightningModule, of a container given to ``accelerator.prepare()``, and of
+    the authors' code) that is a [`KeyQueue`][momentum_contrast.KeyQueue] (32 MiB at
+    65,536 x 128) and the key encoder's BatchNorm statistics at every step. The queue is
+    already the same on every rank (it gathers before it writes, and broadcasts rank 0's
+    random start once), so that copy is pure cost; and it replaces each rank's key-encoder
+    statistics with rank 0's. After this call DDP skips those buffers: at construction and
+    at every forward. The online model's buffers are broadcast as before, and the key
+    encoder's parameters are still made rank 0's once, when DDP is built.
+
+    Call it on the very module given to DDP, before it is wrapped: in a LightningModule's
+    ``__init__`` or ``setup()`` (Lightning carries the names over to its wrapper), or on
+    the container before ``accelerator.prepare()``. When a process group is initialised
+    already, the ``ema_dtype`` copies are broadcast from rank 0 once here (DDP no longer
+    does); otherwise build the model from the same seed on every rank.
+
+    Args:
+        module: the module DDP will wrap, holding ``KeyQueue`` and/or
+            ``MomentumEncoder`` submodules (at any depth).
+
+    Returns:
+        The names DDP now ignores (added to any already set on ``module``).
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or is wrapped in DDP already (too
+            late: DDP reads the names when it is built).
+        ValueError: ``module`` holds neither a ``KeyQueue`` nor a ``MomentumEncoder``.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from momentum_contrast import KeyQueue, MomentumEncoder
+        >>> from momentum_contrast.distributed import exclude_from_ddp
+        >>> model = nn.Module()
+        >>> model.online = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+        >>> model.key = MomentumEncoder(model.online)
+        >>> model.queue = KeyQueue(size=64, dim=8)
+        >>> for name in exclude_from_ddp(model):
+        ...     print(name)
+        key.key_encoder.1.running_mean
+        key.key_encoder.1.running_var
+        key.key_encoder.1.num_batches_tracked
+        queue.keys
+        queue.ptr
+        queue.length
+    """
+    from momentum_contrast.encoder import MomentumEncoder
+    from momentum_contrast.queue import KeyQueue
+
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "exclude_from_ddp: module is wrapped in DistributedDataParallel already; call it "
+            "on the module before wrapping it (DDP reads the names when it is built)"
+        )
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    names: list[str] = []
+    copies: list[torch.Tensor] = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, (KeyQueue, MomentumEncoder)):
+            names += [name for name, _ in sub.named_buffers(prefix=prefix)]
+            shadow = getattr(sub, "ema_shadow", None) if isinstance(sub, MomentumEncoder) else None
+            copies += list(shadow.buffers()) if isinstance(shadow, nn.Module) else []
+    if not names and not any(isinstance(m, MomentumEncoder) for m in module.modules()):
+        raise ValueError(
+            f"exclude_from_ddp: {type(module).__name__} holds no KeyQueue or MomentumEncoder "
+            "(call it on the module DDP will wrap, which holds them)"
+        )
+    if copies and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for copy in copies:  # once: DDP will not make them rank 0's any more
+                dist.broadcast(copy, src=0)
+    before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    ignored = before + [n for n in names if n not in before]
+    ddp = nn.parallel.DistributedDataParallel
+    ddp._set_params_and_buffers_to_ignore_for_model(module, ignored)  # type: ignore[no-untyped-call]
+    return names

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from conftest import no_host_sync
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,3 +161,33 @@ def test_push_and_negatives_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) 
             q.push(keys[:7])
             q.negatives()
             q.push(torch.randn(250, 8))
+
+
+@pytest.mark.parametrize("cast", ["to(bfloat16)", "half()", "to(meta, float16)"])
+def test_a_cast_of_the_parent_module_keeps_the_queue_dtype(cast: str) -> None:
+    # Lightning's precision="bf16-true" does module.to(torch.bfloat16): the queue keeps the
+    # dtype it was built with (and its keys), and still follows device moves
+    parent = nn.Module()
+    parent.online = nn.Linear(4, 4)
+    parent.queue = KeyQueue(size=8, dim=4, dtype=torch.float32)
+    keys = parent.queue.keys.clone()
+    if cast == "to(bfloat16)":
+        parent.to(torch.bfloat16)
+    elif cast == "half()":
+        parent.half()
+    else:
+        parent.to("meta", torch.float16)
+    assert parent.online.weight.dtype != torch.float32  # the module itself was cast
+    assert parent.queue.keys.dtype == torch.float32
+    if cast.startswith("to(meta"):
+        assert parent.queue.keys.device.type == "meta" and parent.queue.ptr.device.type == "meta"
+    else:
+        assert torch.equal(parent.queue.keys, keys)
+        parent.queue.push(torch.randn(2, 4, dtype=parent.online.weight.dtype))
+        assert parent.queue.keys.dtype == torch.float32
+
+
+def test_a_bfloat16_queue_stays_bfloat16_through_a_float_cast() -> None:
+    queue = KeyQueue(size=8, dim=4, dtype=torch.bfloat16)
+    queue.float()
+    assert queue.keys.dtype == torch.bfloat16

@@ -38,10 +38,10 @@ class HFFeatures(nn.Module):
         """``(N, 3, H, W)`` images -> ``(N, C)`` features."""
         out: Any = self.model(pixel_values=pixel_values)
         pooled = getattr(out, "pooler_output", None)
-        if pooled is not None:
-            features = pooled.flatten(1)  # (N, C, 1, 1) for CNNs -> (N, C)
-        else:
-            features = out.last_hidden_state[:, 0]  # (N, L, C) -> class token (N, C)
+        # (N, C, 1, 1) for CNNs -> (N, C); without a pooler: the class token of (N, L, C)
+        features: torch.Tensor = (
+            pooled.flatten(1) if pooled is not None else out.last_hidden_state[:, 0]
+        )
         if features.shape[1] != self.dim:
             raise ValueError(
                 f"{type(self.model).__name__} returned {features.shape[1]} features, "

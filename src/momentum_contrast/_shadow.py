@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from momentum_contrast._casts import apply_keeping_dtype
 from momentum_contrast._dtensor import layout, local
 from momentum_contrast._ema import Weight, lerp_
 from momentum_contrast._pairing import TensorPairs
@@ -48,7 +49,11 @@ def _host_only(cls: type[ShadowWeights]) -> None:
         for name in ("sync", "stamp"):
             fn = getattr(cls, "_" + name)
             reason = "host-side checks of the ema_dtype copies"
-            setattr(cls, name, torch.compiler.disable(fn, reason=reason))  # type: ignore[no-untyped-call]
+            try:
+                host_only = torch.compiler.disable(fn, reason=reason)  # type: ignore[no-untyped-call]
+            except TypeError:  # torch < 2.8 takes no reason
+                host_only = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
+            setattr(cls, name, host_only)
 
 
 # Per (device, dtype) group of shadowed parameters: key, shadow and online local tensors.
@@ -62,12 +67,7 @@ class _Level(nn.Module):
         if recurse:
             for child in self.children():
                 child._apply(fn)  # type: ignore[no-untyped-call]
-        for name, buf in self._buffers.items():
-            if buf is None:
-                continue
-            probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
-            # a cast: follow the device only; anything else (moves, to_empty): apply it
-            self._buffers[name] = fn(buf) if probe.dtype == buf.dtype else buf.to(probe.device)
+        apply_keeping_dtype(self._buffers, fn)  # a cast: follow the device only
         return self
 
 

@@ -37,6 +37,10 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
+def _weak(storage: torch.UntypedStorage) -> StorageWeakRef:
+    return StorageWeakRef(storage)  # type: ignore[no-untyped-call]
+
+
 def _memory(t: torch.Tensor) -> int:
     """The identity of ``t``'s storage (not its address: freed memory is soon reused)."""
     storage = _storage(t)
@@ -83,8 +87,8 @@ class Stamps:
     def record(self, keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> None:
         self.last = _snapshot(keys, shadows)
         if self.last[2] != self._held_memory:  # after a cast, a move, ``p.data = ...``
-            storages = map(_storage, keys)
-            self._held = [None if s is None else StorageWeakRef(s) for s in storages]
+            held = [None if s is None else _weak(s) for s in map(_storage, keys)]
+            self._held = held
             self._held_memory = self.last[2]
 
     def moved(self, shadows: Sequence[torch.Tensor]) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentum_contrast._casts import apply_keeping_dtype
 from momentum_contrast._checks import (
     check_choice,
     check_float_matrix,
@@ -36,7 +38,10 @@ class KeyQueue(nn.Module):
         size: number of keys ``K`` kept (65,536 in the papers), ``>= 1``.
         dim: key dimension ``D`` (128 in the papers), ``>= 1``.
         dtype: storage dtype; ``torch.bfloat16`` / ``torch.float16`` halve the
-            memory, and [`info_nce`][] still computes in float32.
+            memory, and [`info_nce`][] still computes in float32. Kept through casts
+            of a parent module (``model.half()``, ``model.to(torch.bfloat16)``,
+            Lightning's ``precision="bf16-true"``), which still move the queue between
+            devices: choose the dtype here.
         init: ``"random"`` (default, as the papers): full from the start with
             unit-norm random keys. ``"empty"``: starts with no keys and grows.
         normalize: L2-normalise every pushed key (the queue then always holds
@@ -96,6 +101,10 @@ class KeyQueue(nn.Module):
         # Each rank drew its own random keys: make them rank 0's on first use.
         self._broadcast_pending = init == "random" and self.gather
         self.register_load_state_dict_post_hook(_sync_length)  # type: ignore[no-untyped-call]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        apply_keeping_dtype(self._buffers, fn)  # a cast moves the keys, keeps their dtype
+        return self
 
     def __len__(self) -> int:
         """Number of valid keys: ``size`` once full (from the start with ``init="random"``)."""

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SITE = ROOT / "site"
 
 
 def require(ok: bool, what: str) -> None:
@@ -29,8 +29,10 @@ def require(ok: bool, what: str) -> None:
 @functools.cache
 def build_site() -> Path:
     require(shutil.which("mkdocs") is not None or _has_module("mkdocs"), "mkdocs")
+    # a directory of this process's own: pytest-xdist workers build side by side
+    site = Path(tempfile.mkdtemp(prefix="momentum-contrast-site-"))
     out = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(SITE)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -38,7 +40,7 @@ def build_site() -> Path:
         timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    return SITE
+    return site
 
 
 def _has_module(name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from _dist_workers import global_tensor
+from _dist_workers import fully_shard, global_tensor
 from conftest import SmallCNN
 from torch import nn
 
@@ -46,7 +46,6 @@ class TinyViT(nn.Module):
 def shard(model: nn.Module, units: list[nn.Module], **kwargs: Any) -> None:
     """``fully_shard`` each of ``units``, then ``model``, on a mesh over all ranks."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world_size(),))
     for unit in units:

@@ -35,6 +35,16 @@ QUEUE_PUSHES = [[4, 4, 4], [3, 5, 1], [1, 7, 2], [6, 2, 6], [0, 3, 1]]
 VARIABLE_SIZES = [3, 5, 2]
 
 
+def fully_shard(module: nn.Module, **kwargs: Any) -> Any:
+    """FSDP2's ``fully_shard``, public in ``torch.distributed.fsdp`` from torch 2.6 (before:
+    ``torch.distributed._composable.fsdp``)."""
+    try:
+        from torch.distributed.fsdp import fully_shard as shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard as shard
+    return shard(module, **kwargs)
+
+
 def global_tensor(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The same tensor on every rank (and in the parent)."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)

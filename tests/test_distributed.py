@@ -30,6 +30,9 @@ from momentum_contrast.distributed import (
     world_size,
 )
 
+# one pytest-xdist worker runs this file (--dist loadgroup): its module fixtures run once
+pytestmark = pytest.mark.xdist_group("distributed")
+
 
 def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)

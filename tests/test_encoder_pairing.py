@@ -204,3 +204,20 @@ def test_compiled_key_encoder_is_unwrapped_like_the_online_model() -> None:
         enc.key_encoder._orig_mod.named_parameters(), online.parameters(), strict=True
     ):
         assert torch.equal(k, o), name
+
+
+def test_tensor_subclass_parameters_without_storage_of_their_own() -> None:
+    # a wrapper subclass (as torchao's) has no storage to compare: it must still average
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    online = nn.Linear(3, 3)
+    online.weight = nn.Parameter(TwoTensor(torch.randn(3, 3), torch.randn(3, 3)))
+    enc = MomentumEncoder(online, momentum=0.5)
+    before = enc.key_encoder.weight.detach().clone()
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    enc.update()
+    want = 0.5 * before + 0.5 * online.weight.detach()
+    for part in ("a", "b"):
+        got, expected = getattr(enc.key_encoder.weight, part), getattr(want, part)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

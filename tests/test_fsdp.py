@@ -11,19 +11,25 @@ from typing import Any
 import pytest
 import torch
 from _dist_recipes import TinyViT
-from _dist_workers import global_tensor, launch
+from _dist_workers import fully_shard, global_tensor, launch
 from torch import nn
 
 from momentum_contrast import MomentumEncoder, symmetric_contrastive_loss
+from momentum_contrast._versions import FSDP2_TORCH, torch_at_least
 from momentum_contrast.distributed import rank, world_size
 
 pytest.importorskip("torch.distributed.fsdp")
+pytestmark = [
+    pytest.mark.xdist_group("fsdp"),  # module fixtures run once under pytest-xdist
+    pytest.mark.skipif(
+        not torch_at_least(FSDP2_TORCH), reason=f"FSDP2 on the CPU needs torch>={FSDP2_TORCH}"
+    ),
+]
 STEPS, BATCH, TOKENS = 5, 4, 4  # per rank
 
 
 def shard(model: nn.Module, **kwargs: Any) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world_size(),))
     for block in model.blocks:  # type: ignore[union-attr]

@@ -23,7 +23,15 @@ import torch
 from _dist_recipes import STEPS, TinyViT, bf16_shadow, scenario_recipes, v2_fsdp, v3_ddp
 from _dist_workers import launch
 
+from momentum_contrast._versions import FSDP2_TORCH, torch_at_least
+
 pytest.importorskip("torch.distributed.fsdp")
+pytestmark = [
+    pytest.mark.xdist_group("fsdp_recipes"),  # module fixtures run once under pytest-xdist
+    pytest.mark.skipif(
+        not torch_at_least(FSDP2_TORCH), reason=f"FSDP2 on the CPU needs torch>={FSDP2_TORCH}"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import SmallCNN
 from test_compile import (
+    FLOAT_MOMENTUM_REASON,
+    FLOAT_MOMENTUM_TORCH,
     check_losses_compile,
     check_update_compiles,
     check_update_compiles_with_tensor_momentum,
@@ -27,6 +29,7 @@ from momentum_contrast import (
     moco_v3_projector,
     symmetric_contrastive_loss,
 )
+from momentum_contrast._versions import torch_at_least
 from momentum_contrast.distributed import batch_shuffle, batch_unshuffle
 from momentum_contrast.norm import convert_split_batchnorm
 from momentum_contrast.optim import LARS
@@ -179,6 +182,7 @@ def test_update_with_tensor_momentum_compiles_with_inductor_once() -> None:
     check_update_compiles_with_tensor_momentum(cuda, "inductor")
 
 
+@pytest.mark.skipif(not torch_at_least(FLOAT_MOMENTUM_TORCH), reason=FLOAT_MOMENTUM_REASON)
 def test_update_compiles_with_inductor_without_recompiling() -> None:
     torch._dynamo.reset()
     check_update_compiles(cuda, "inductor")

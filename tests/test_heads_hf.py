@@ -41,10 +41,26 @@ def _convnext() -> nn.Module:
     return transformers.ConvNextForImageClassification(config)
 
 
+def _segformer() -> nn.Module:  # a (N, C, H, W) last_hidden_state, no pooler
+    config = transformers.SegformerConfig(
+        hidden_sizes=[8, 8, 8, 16], num_encoder_blocks=4, depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=8, num_labels=5,
+    )  # fmt: skip
+    return transformers.SegformerForImageClassification(config)
+
+
+def _ijepa() -> nn.Module:  # tokens without a class token: the classifier reads their mean
+    return transformers.IJepaForImageClassification(transformers.IJepaConfig(num_labels=5, **VIT))
+
+
+class MyViT(transformers.ViTForImageClassification):  # a user's subclass, defined here
+    pass
+
+
 @pytest.mark.parametrize(
     ("build", "want_dim"),
-    [(_resnet, 16), (_vit, 32), (_convnext, 16)],
-    ids=["resnet", "vit", "convnext"],
+    [(_resnet, 16), (_vit, 32), (_convnext, 16), (_segformer, 16), (_ijepa, 32)],
+    ids=["resnet", "vit", "convnext", "segformer", "ijepa"],
 )
 def test_features_are_what_the_classifier_reads(build: Any, want_dim: int) -> None:
     torch.manual_seed(0)
@@ -57,16 +73,43 @@ def test_features_are_what_the_classifier_reads(build: Any, want_dim: int) -> No
     assert isinstance(f, torch.Tensor) and dim == want_dim and f.shape == (3, want_dim)
     classifier = model.classifier
     head = classifier[-1] if isinstance(classifier, nn.Sequential) else classifier
-    torch.testing.assert_close(head(f), logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(head(f), logits, rtol=0, atol=1e-5)
     assert model(x).logits.shape == (3, 5)  # the model itself is left as it was
 
 
-def test_a_base_model_with_a_pooler_gives_the_pooled_output() -> None:
+def test_a_learned_pooler_is_not_used_the_class_token_is() -> None:
+    # ViTModel's pooler is dense + tanh over the class token, untrained in classification
+    # checkpoints: the features are the class token, as ViTForImageClassification reads it
     model = transformers.ViTModel(transformers.ViTConfig(**VIT)).eval()
     x = torch.randn(2, 3, 32, 32)
     features, dim = strip_classifier(model)
     with torch.no_grad():
-        torch.testing.assert_close(features(x), model(x).pooler_output, rtol=0, atol=0)
+        out = model(x)
+        f = features(x)
+    torch.testing.assert_close(f, out.last_hidden_state[:, 0], rtol=0, atol=0)
+    assert not torch.allclose(f, out.pooler_output) and dim == 32
+
+
+def test_tuple_outputs_and_subclasses_are_understood() -> None:
+    torch.manual_seed(0)
+    model = MyViT(transformers.ViTConfig(num_labels=5, **VIT)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x).logits
+        model.config.return_dict = False  # the model now returns tuples
+        features, _ = strip_classifier(model)
+        torch.testing.assert_close(model.classifier(features(x)), want, rtol=0, atol=1e-6)
+
+
+def test_random_patch_masking_is_refused() -> None:
+    config = transformers.ViTMAEConfig(**VIT)  # mask_ratio 0.75 by default
+    with pytest.raises(TypeError, match=r"masks a random 75% of the patches.*mask_ratio=0\.0"):
+        strip_classifier(transformers.ViTMAEModel(config))
+    unmasked = transformers.ViTMAEModel(transformers.ViTMAEConfig(mask_ratio=0.0, **VIT))
+    features, dim = strip_classifier(unmasked.eval())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the patches are still shuffled: the same up to rounding
+        torch.testing.assert_close(features(x), features(x), rtol=1e-5, atol=1e-5)
     assert dim == 32
 
 
@@ -96,5 +139,6 @@ def test_a_wrong_feature_size_is_named() -> None:
     from momentum_contrast._hf import HFFeatures
 
     base = transformers.ViTModel(transformers.ViTConfig(**VIT), add_pooling_layer=False)
-    with pytest.raises(ValueError, match="ViTModel returned 32 features, expected 64"):
+    match = r"ViTModel gave features of shape \(1, 32\), expected \(N, 64\)"
+    with pytest.raises(ValueError, match=match):
         HFFeatures(base, 64)(torch.randn(1, 3, 32, 32))

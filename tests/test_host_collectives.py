@@ -15,6 +15,9 @@ from _dist_workers import global_tensor, launch
 import momentum_contrast._collectives as collectives
 import momentum_contrast.distributed as mcd
 
+# one pytest-xdist worker runs this file (--dist loadgroup): its module fixtures run once
+pytestmark = pytest.mark.xdist_group("host_collectives")
+
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:

@@ -77,7 +77,9 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert readme_extras == ci_extras == ["test"], (readme_extras, ci_extras)
     assert "torch==2.14.1 torchvision==0.29.1" in commands[0]
     assert "pip install -q torch==2.14.1 torchvision==0.29.1" in ci
-    assert re.search(r"^python -m pytest$", ci, re.M)
+    pytest_call = re.search(r"python -m pytest.*$", commands[0])
+    assert pytest_call is not None and "-n auto" in pytest_call.group()
+    assert re.search(rf"^{re.escape(pytest_call.group())}$", ci, re.M), pytest_call.group()
     assert "apt-get install -y chromium" in readme and "apt-get install -y -qq chromium" in ci
 
 

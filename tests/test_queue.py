@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from conftest import no_host_sync
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from momentum_contrast import KeyQueue, info_nce
 

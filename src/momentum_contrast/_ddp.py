@@ -3,8 +3,6 @@ exported by :mod:`momentum_contrast.distributed`)."""
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 __all__ = ["exclude_from_ddp"]
@@ -25,11 +23,12 @@ def exclude_from_ddp(module: nn.Module) -> list[str]:
     at every forward. The online model's buffers are broadcast as before, and the key
     encoder's parameters are still made rank 0's once, when DDP is built.
 
-    Call it on the very module given to DDP, before it is wrapped: in a LightningModule's
-    ``__init__`` or ``setup()`` (Lightning carries the names over to its wrapper), or on
-    the container before ``accelerator.prepare()``. When a process group is initialised
-    already, the ``ema_dtype`` copies are broadcast from rank 0 once here (DDP no longer
-    does); otherwise build the model from the same seed on every rank.
+    Call it on the very module given to DDP, before it is wrapped (after
+    ``torch.compile``, if you compile first): in a LightningModule's ``__init__`` or
+    ``setup()``, or on the container before ``accelerator.prepare()``. Called on a
+    submodule, it changes nothing: DDP looks the names up from the module it wraps. The
+    ``ema_dtype`` copies, which DDP no longer makes rank 0's, are broadcast from rank 0 once,
+    at the first ``update()`` (wherever the copies are by then: a GPU under NCCL).
 
     Args:
         module: the module DDP will wrap, holding ``KeyQueue`` and/or
@@ -72,21 +71,19 @@ def exclude_from_ddp(module: nn.Module) -> list[str]:
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     names: list[str] = []
-    copies: list[torch.Tensor] = []
+    encoders = [m for m in module.modules() if isinstance(m, MomentumEncoder)]
     for prefix, sub in module.named_modules():
         if isinstance(sub, (KeyQueue, MomentumEncoder)):
             names += [name for name, _ in sub.named_buffers(prefix=prefix)]
-            shadow = getattr(sub, "ema_shadow", None) if isinstance(sub, MomentumEncoder) else None
-            copies += list(shadow.buffers()) if isinstance(shadow, nn.Module) else []
-    if not names and not any(isinstance(m, MomentumEncoder) for m in module.modules()):
+    if not names and not encoders:
         raise ValueError(
             f"exclude_from_ddp: {type(module).__name__} holds no KeyQueue or MomentumEncoder "
             "(call it on the module DDP will wrap, which holds them)"
         )
-    if copies and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        with torch.no_grad():
-            for copy in copies:  # once: DDP will not make them rank 0's any more
-                dist.broadcast(copy, src=0)
+    for encoder in encoders:
+        shadow = getattr(encoder, "ema_shadow", None)
+        if shadow is not None:  # rank 0's copies at the first update
+            shadow.broadcast_pending = True
     before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
     ignored = before + [n for n in names if n not in before]
     ddp = nn.parallel.DistributedDataParallel

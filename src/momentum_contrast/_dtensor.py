@@ -8,14 +8,24 @@ from typing import Any
 
 import torch
 
+# FSDP2's public home is torch.distributed.fsdp from torch 2.6 (before: ._composable.fsdp),
+# DTensor's torch.distributed.tensor from 2.5 (before: ._tensor); the newer torches keep
+# the old modules as aliases of the same classes
+_FSDP2 = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")
+_DTENSOR = ("torch.distributed.tensor", "torch.distributed._tensor")
 
-def _loaded(module: str, name: str) -> Any:
-    """``module.name`` if the user's program imported ``module``, else ``None``.
+
+def _loaded(modules: str | tuple[str, ...], name: str) -> Any:
+    """``module.name`` for the first of ``modules`` that the user's program imported and
+    that has ``name``, else ``None``.
 
     Importing FSDP2 or DTensor costs about 0.6 s (it pulls in sympy); without that import
     no FSDP module or DTensor can exist, so this library never imports them itself."""
-    found = sys.modules.get(module)
-    return getattr(found, name, None) if found is not None else None
+    for module in (modules,) if isinstance(modules, str) else modules:
+        found = getattr(sys.modules.get(module), name, None)
+        if found is not None:
+            return found
+    return None
 
 
 def reshard_fsdp(*models: torch.nn.Module) -> bool:
@@ -27,7 +37,7 @@ def reshard_fsdp(*models: torch.nn.Module) -> bool:
     weights, stale after an update. Resharding is local (no collective); it is a no-op
     on a module already resharded, and is skipped under ``torch.compile``. Returns
     whether there was any FSDP2 module."""
-    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    fsdp_module = _loaded(_FSDP2, "FSDPModule")
     if fsdp_module is None or torch.compiler.is_compiling():
         return False
     found = False
@@ -41,12 +51,12 @@ def reshard_fsdp(*models: torch.nn.Module) -> bool:
 
 def is_fsdp2(model: torch.nn.Module) -> bool:
     """Whether any module of ``model`` was sharded by FSDP2's ``fully_shard``."""
-    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    fsdp_module = _loaded(_FSDP2, "FSDPModule")
     return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    dtensor = _loaded(_DTENSOR, "DTensor")
     return dtensor is not None and isinstance(t, dtensor)
 
 

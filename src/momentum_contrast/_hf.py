@@ -1,8 +1,8 @@
 """Hugging Face ``transformers`` vision models as feature extractors (private).
 
-They return a ``ModelOutput`` (a dataclass of tensors), not a tensor; MoCo's heads and
-losses take ``(N, C)`` tensors. [`HFFeatures`][] wraps the base model (the classifier
-dropped) and returns its pooled features. ``transformers`` is never imported here.
+They return a ``ModelOutput`` (or a tuple), not a tensor; MoCo's heads and losses take
+``(N, C)`` tensors. [`HFFeatures`][] wraps the base model (the classifier dropped) and
+returns its pooled features. ``transformers`` is never imported here.
 """
 
 from __future__ import annotations
@@ -16,13 +16,24 @@ __all__ = ["HFFeatures", "hf_features"]
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+    classes = type(model).__mro__  # a user's subclass of a transformers model counts
+    return hasattr(model, "config") and any(
+        c.__module__.startswith("transformers.") for c in classes
+    )
+
+
+def _learned_pooler(base: nn.Module) -> bool:
+    """A pooler that is a trained projection of the class token (``dense`` + tanh: ViT,
+    DeiT), which classification checkpoints leave untrained: not used."""
+    return isinstance(getattr(getattr(base, "pooler", None), "dense", None), nn.Linear)
 
 
 class HFFeatures(nn.Module):
     """A ``transformers`` vision base model returning ``(N, C)`` features: its
-    ``pooler_output`` (flattened) when it has one, else the first token of
-    ``last_hidden_state`` (the class token of a ViT, as its classifier reads it).
+    ``pooler_output`` when it has a pooling pooler (average pooling, the class token after
+    its norm), else the class token of ``last_hidden_state`` (ViT, DeiT: what their
+    classifier reads), the mean of its tokens when it has no class token, or the spatial
+    mean of a ``(N, C, H, W)`` map.
 
     Args:
         model: a ``transformers`` base model (``ResNetModel``, ``ViTModel``, ...).
@@ -33,19 +44,30 @@ class HFFeatures(nn.Module):
         super().__init__()
         self.model = model
         self.dim = dim
+        self.use_pooler = not _learned_pooler(model)
+        embeddings = getattr(model, "embeddings", None)
+        self.class_token = getattr(embeddings, "cls_token", None) is not None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` images -> ``(N, C)`` features."""
         out: Any = self.model(pixel_values=pixel_values)
-        pooled = getattr(out, "pooler_output", None)
-        # (N, C, 1, 1) for CNNs -> (N, C); without a pooler: the class token of (N, L, C)
-        features: torch.Tensor = (
-            pooled.flatten(1) if pooled is not None else out.last_hidden_state[:, 0]
-        )
-        if features.shape[1] != self.dim:
+        if isinstance(out, tuple):  # return_dict=False: (last_hidden_state, pooler_output, ...)
+            last, pooled = out[0], out[1] if len(out) > 1 else None
+        else:
+            last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
+        features: torch.Tensor
+        if pooled is not None and self.use_pooler:
+            features = pooled.flatten(1)  # (N, C, 1, 1) for CNNs -> (N, C)
+        elif last.dim() == 4:
+            features = last.mean(dim=(2, 3))  # (N, C, H, W) -> (N, C)
+        elif self.class_token:
+            features = last[:, 0]  # (N, L, C) -> the class token (N, C)
+        else:
+            features = last.mean(dim=1)  # (N, L, C) -> the mean token (N, C)
+        if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(
-                f"{type(self.model).__name__} returned {features.shape[1]} features, "
-                f"expected {self.dim} from its config; build the feature extractor yourself"
+                f"{type(self.model).__name__} gave features of shape {tuple(features.shape)}, "
+                f"expected (N, {self.dim}) from its config; build the feature extractor yourself"
             )
         return features
 
@@ -58,17 +80,25 @@ def hf_features(model: nn.Module) -> tuple[nn.Module, int] | None:
     if not _is_transformers_model(model):
         return None
     config: Any = model.config
+    name = type(model).__name__
+    if (getattr(config, "mask_ratio", 0) or 0) > 0:
+        raise TypeError(
+            f"strip_classifier: {name} masks a random {config.mask_ratio:.0%} of the patches "
+            "at every forward (mask_ratio), in eval() too; load it with mask_ratio=0.0"
+        )
     base = getattr(model, "base_model", model)
-    sizes = getattr(config, "hidden_sizes", None)  # CNNs (ResNet, ConvNeXt, RegNet)
-    dim = sizes[-1] if isinstance(sizes, (list, tuple)) and sizes else None
+    dim = None
+    for sizes in ("neck_hidden_sizes", "hidden_sizes"):  # CNNs: MobileViT, ResNet, ConvNeXt
+        value = getattr(config, sizes, None)
+        if isinstance(value, (list, tuple)) and value:
+            dim = value[-1]
+            break
     if dim is None:
         dim = getattr(config, "hidden_size", None)  # transformers (ViT, DeiT, Swin)
-    if getattr(base, "pooler", None) is not None and getattr(config, "pooler_output_size", None):
-        dim = config.pooler_output_size
     if not isinstance(dim, int) or not isinstance(base, nn.Module):
         raise TypeError(
-            f"strip_classifier: cannot tell the feature size of {type(model).__name__} from "
-            "its config (no hidden_sizes or hidden_size); build the feature extractor "
-            "yourself and pass it with its output size"
+            f"strip_classifier: cannot tell the feature size of {name} from its config (no "
+            "hidden_sizes or hidden_size); build the feature extractor yourself and pass it "
+            "with its output size"
         )
     return HFFeatures(base, dim), dim

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from momentum_contrast._dtensor import describe_layout, is_dtensor, layout, local, reshard_fsdp
+from momentum_contrast._versions import FSDP2_TORCH, require_torch
 
 Signature = tuple[torch.Size, torch.dtype, torch.device]
 Group = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -112,7 +113,10 @@ def _storage(t: torch.Tensor) -> tuple[torch.device, int] | None:
     t = local(t)
     if torch.compiler.is_compiling() or t.device.type == "meta" or t.numel() == 0:
         return None
-    return (t.device, int(t.untyped_storage().data_ptr()))
+    try:
+        return (t.device, int(t.untyped_storage().data_ptr()))
+    except RuntimeError:  # a tensor subclass without storage of its own (TwoTensor)
+        return None
 
 
 def shared_memory(
@@ -189,6 +193,8 @@ def pair_by_name(
     key_seen = tuple(t for _, t in key_named)
     sharded = any(map(is_dtensor, online_seen + key_seen))
     compiling = torch.compiler.is_compiling()  # Dynamo cannot look at data pointers
+    if sharded and not compiling:
+        require_torch(FSDP2_TORCH, "MomentumEncoder with FSDP2 (fully_shard) or DTensor parameters")
     return TensorPairs(
         online_names=tuple(n for n, _ in online_named),
         key_names=tuple(n for n, _ in key_named),

@@ -29,10 +29,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from momentum_contrast._casts import apply_keeping_dtype
-from momentum_contrast._dtensor import layout, local
+from momentum_contrast._dtensor import is_dtensor, layout, local
 from momentum_contrast._ema import Weight, lerp_
 from momentum_contrast._pairing import TensorPairs
 from momentum_contrast._shadow_state import Stamps, check_ema_dtype, relaid
@@ -51,7 +52,7 @@ def _host_only(cls: type[ShadowWeights]) -> None:
             reason = "host-side checks of the ema_dtype copies"
             try:
                 host_only = torch.compiler.disable(fn, reason=reason)  # type: ignore[no-untyped-call]
-            except TypeError:  # torch < 2.8 takes no reason
+            except TypeError:  # torch 2.7 and older take no reason
                 host_only = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
             setattr(cls, name, host_only)
 
@@ -104,6 +105,9 @@ class ShadowWeights(_Level):
         self._built: list[torch.Tensor] = []  # the copies the groups hold
         self._groups: list[ShadowGroup] = []
         self._others: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        # set by exclude_from_ddp: DDP no longer makes the copies rank 0's, the first
+        # update does (one broadcast, once, wherever the copies are by then)
+        self.broadcast_pending = False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
@@ -146,9 +150,24 @@ class ShadowWeights(_Level):
         if self._pairs is not pairs or any(map(operator.is_not, shadows, self._built)):
             self._build(pairs)
             shadows = self.shadows()
+        if self.broadcast_pending:
+            self._take_rank0_copies(shadows)
         for i, key_written, _ in self.stamps.written(self._keys, shadows):
             self.follow(i, self._keys[i], key_written)
         return self._groups
+
+    @torch.no_grad()
+    def _take_rank0_copies(self, shadows: list[torch.Tensor]) -> None:
+        """Every rank takes rank 0's copies, and its keys become their rounding (DDP made
+        the key weights rank 0's when it was built, without a trace a counter would show)."""
+        self.broadcast_pending = False
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for i, shadow in enumerate(shadows):
+            if not is_dtensor(shadow):  # FSDP2's copies are shards: never broadcast
+                dist.broadcast(shadow, src=0)
+                local(self._keys[i]).copy_(shadow)
+        self.stamps.record(self._keys, shadows)
 
     sync = _sync  # replaced by its never-compiled form at the first construction
 

@@ -282,7 +282,9 @@ class MomentumEncoder(nn.Module):
             refuse_fsdp1(self.online)  # wrapped in FSDP1 after construction: say so
             refuse_fsdp1(self.key_encoder)
             raise
-        if pairs is not cached:
+        # FSDP1 wrapped after construction: checked eagerly (torch 2.5's and 2.6's Dynamo
+        # cannot trace the check; a pairing failure still names FSDP1, above)
+        if pairs is not cached and not torch.compiler.is_compiling():
             refuse_fsdp1(self.online)
         if params:
             self._param_pairs = pairs

@@ -175,8 +175,10 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
       ``reset_classifier(0)``.
     - Hugging Face ``transformers`` vision models (``ResNetForImageClassification``,
       ``ViTModel``, ...), which return a ``ModelOutput``: *not* modified; returned is a
-      new module around their base model that returns its ``pooler_output`` (flattened),
-      or the class token of ``last_hidden_state`` when there is no pooler.
+      new module around their base model giving ``(N, C)``: its pooled output (average
+      pooling; not a ``dense`` + tanh pooler), else the class token of
+      ``last_hidden_state``, or the mean of its tokens or of its ``(N, C, H, W)`` map.
+      Models that mask patches at random (``mask_ratio``, ViTMAE) are refused.
     - models whose last child is an ``nn.Linear`` named ``fc``, ``head``,
       ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
       ``nn.Sequential`` under such a name ending in one (torchvision ViT's

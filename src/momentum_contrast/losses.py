@@ -44,7 +44,9 @@ Examples:
 
 def _float32_context(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Disable autocast so logits and loss are computed in (at least) float32."""
-    if torch.amp.is_autocast_available(device.type):
+    # CPU and CUDA always have autocast: asked only for the other devices, as the Dynamo of
+    # torch 2.5 and 2.6 cannot trace the question
+    if device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from _site import ROOT, build_site, require
 
+# one pytest-xdist worker runs this file (--dist loadgroup): its module fixtures run once
+pytestmark = pytest.mark.xdist_group("site")
+
 MODULES = [
     "momentum_contrast.encoder",
     "momentum_contrast.queue",

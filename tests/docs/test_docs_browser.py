@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from _site import build_site, require, serve
 
+# one pytest-xdist worker runs this file (--dist loadgroup): its module fixtures run once
+pytestmark = pytest.mark.xdist_group("site")
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Offline: no sandbox as root, no GPU, and none of the background connections Chromium
 # would otherwise try (and fail) to make at start.

@@ -22,6 +22,9 @@ import pytest
 import torch
 from example_runner import V3, checkpoint, differences, losses, metrics, run, run_2p
 
+# one pytest-xdist worker runs this file (--dist loadgroup): its module fixtures run once
+pytestmark = pytest.mark.xdist_group("fsdp_example")
+
 FLAGS = [*V3, "--arch", "vit_tiny", "--accumulate", "2", "--max-steps", "4"]  # 4 steps: 1 epoch
 FLAGS += ["--optimizer", "lars", "--lr", "0.5"]
 

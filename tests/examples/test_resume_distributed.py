@@ -12,6 +12,9 @@ import pytest
 import torch
 from example_runner import checkpoint, differences, losses, metrics, run, run_2p
 
+# one pytest-xdist worker runs this file (--dist loadgroup): its module fixtures run once
+pytestmark = pytest.mark.xdist_group("resume_distributed")
+
 SMALL = [
     "--device",
     "cpu",

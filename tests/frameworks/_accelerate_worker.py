@@ -16,15 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
 
-torch.set_num_threads(1)
-faulthandler.dump_traceback_later(150, exit=True)  # a hang ends with every thread's stack
-
-from accelerate import Accelerator  # noqa: E402
-from torch import nn  # noqa: E402
-
-from momentum_contrast import cosine_momentum  # noqa: E402
-from momentum_contrast.distributed import exclude_from_ddp  # noqa: E402
+from momentum_contrast import cosine_momentum
+from momentum_contrast.distributed import exclude_from_ddp
 
 _spec = importlib.util.spec_from_file_location(
     "_accelerate_guide", Path(__file__).resolve().parent / "_accelerate_guide.py"
@@ -178,5 +174,7 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # never at import (pytest's doctest collection imports it)
+    torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang ends with every thread's stack
     main()

@@ -104,7 +104,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
     kernel = torch.exp(-0.5 * (t / sig) ** 2)  # (B, k)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     kernel = repeat(kernel, "b k -> (b c) 1 k", c=c)  # one filter per channel of each image
-    y = F.pad(rearrange(x, "b c h w -> 1 (b c) h w"), (half, half, half, half), mode="reflect")
+    y = rearrange(x, "b c h w -> 1 (b c) h w")
+    # torch < 2.6 has no float16 reflect padding on the CPU: padding copies, so pad in float32
+    wide = y.float() if y.dtype == torch.float16 else y
+    y = F.pad(wide, (half, half, half, half), mode="reflect").to(y.dtype)
     y = F.conv2d(y, kernel[..., None], groups=b * c)  # vertical: (B*C, 1, k, 1)
     y = F.conv2d(y, kernel[:, :, None], groups=b * c)  # horizontal: (B*C, 1, 1, k)
     return rearrange(y, "1 (b c) h w -> b c h w", b=b)

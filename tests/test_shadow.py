@@ -167,6 +167,8 @@ def test_copies_into_an_encoder_without_ema_dtype_raise_one_line() -> None:
 
 def test_version_0_2_0_names_load() -> None:
     online = nn.Sequential(nn.Linear(4, 4)).bfloat16()
+    with torch.no_grad():  # in [1, 2) bfloat16's spacing is 2**-7: a 1e-4 shift rounds alike
+        online[0].weight.copy_(torch.linspace(1.0, 1.9, 16).reshape(4, 4))
     enc = MomentumEncoder(online, ema_dtype=torch.float32)
     state = {k.replace("ema_shadow.0.", "ema_shadow.0/"): v for k, v in enc.state_dict().items()}
     state["ema_shadow.0/weight"] = state["ema_shadow.0/weight"] + 1e-4  # still rounds alike

@@ -178,7 +178,9 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
       new module around their base model giving ``(N, C)``: its pooled output (average
       pooling; not a ``dense`` + tanh pooler), else the class token of
       ``last_hidden_state``, or the mean of its tokens or of its ``(N, C, H, W)`` map.
-      Models that mask patches at random (``mask_ratio``, ViTMAE) are refused.
+      Models that mask patches at random (``mask_ratio``, ViTMAE) are refused. (Dinov2's
+      classifier reads the class token and the mean patch token, ``2C``: this gives the
+      ``C``-wide pooled class token.)
     - models whose last child is an ``nn.Linear`` named ``fc``, ``head``,
       ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
       ``nn.Sequential`` under such a name ending in one (torchvision ViT's

@@ -32,7 +32,18 @@ def main(out_dir: Path) -> None:
     import torch.distributed as dist
     import torch.nn as nn
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from test_lightning import DIM, QUEUE, loader, module_state, tiny, tiny_vit, v2, v3, views
+    from test_lightning import (
+        DIM,
+        QUEUE,
+        QUIET,
+        loader,
+        module_state,
+        tiny,
+        tiny_vit,
+        v2,
+        v3,
+        views,
+    )
 
     from momentum_contrast import MomentumEncoder
 
@@ -54,15 +65,7 @@ def main(out_dir: Path) -> None:
             self.ignored = sorted(ddp.parameters_to_ignore) if self.wrapped else []
 
     def trainer(**kwargs: Any) -> Any:
-        return L.Trainer(
-            accelerator="cpu",
-            devices=2,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            **kwargs,
-        )
+        return L.Trainer(accelerator="cpu", devices=2, **QUIET, **kwargs)
 
     phase("imported")
     out: dict[str, Any] = {}

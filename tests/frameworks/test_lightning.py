@@ -34,6 +34,12 @@ HERE = Path(__file__).resolve().parent
 IN, DIM, QUEUE = 12, 8, 24  # input width, embedding width, queue size
 KEY_BIAS = "0.encoder.layers.encoder_layer_0.self_attention.in_proj_bias"
 UNCHANGED = "ran again with the online model unchanged"
+QUIET = {  # no logs, checkpoints, progress bars or summaries: the tests read the modules
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -72,15 +78,7 @@ def loader(data: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> DataLoad
 
 
 def fit(module: Any, data: DataLoader, ckpt_path: str | None = None, **kwargs: Any) -> Any:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, **QUIET, **kwargs)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 

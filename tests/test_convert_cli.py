@@ -79,6 +79,16 @@ def test_an_existing_file_is_replaced_only_with_overwrite(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pth", "ckpt.pt"]
 
 
+def test_overwrite_keeps_the_replaced_files_permissions(tmp_path: Path) -> None:
+    training_checkpoint(src := tmp_path / "ckpt.pt")
+    dst = tmp_path / "backbone.pth"
+    dst.write_bytes(b"an older, private conversion")
+    dst.chmod(0o600)
+    assert main([str(src), str(dst), "--to", "torchvision", "--overwrite"]) == 0
+    assert "conv1.weight" in torch.load(dst, weights_only=True)
+    assert dst.stat().st_mode & 0o777 == 0o600  # still private, not made world-readable
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -287,6 +287,31 @@ def test_a_plain_cast_keeps_the_copies_precision() -> None:
     assert torch.equal(enc.ema_shadow.get_buffer("weight"), exact)
 
 
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.float16, torch.float32),
+    ],
+)
+def test_a_cast_to_another_precision_keeps_the_copies(start: torch.dtype, end: torch.dtype) -> None:
+    """After a cast, the key is its copy's rounding to the old dtype, then cast: not the
+    copy's direct rounding to the new one; that is still no outside write to follow."""
+    online = nn.Linear(8, 8).to(start)
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=torch.float32)
+    with torch.no_grad():
+        online.weight.fill_(1.0 + torch.finfo(start).eps)  # one ulp above 1
+    enc.update()
+    exact = enc.ema_shadow.get_buffer("weight").clone()
+    assert not torch.equal(exact, exact.to(start).float())  # more than the keys hold
+    nn.ModuleList([online, enc]).to(end)
+    enc.update(1.0)  # m = 1: nothing averaged, only the host checks run
+    assert torch.equal(enc.ema_shadow.get_buffer("weight"), exact)
+    assert torch.equal(enc.key_encoder.weight, exact.to(end))
+
+
 def test_a_copy_loaded_alone_gives_the_key_its_rounding() -> None:
     online = nn.Linear(8, 8).bfloat16()
     enc = MomentumEncoder(online, ema_dtype=torch.float32)

@@ -152,8 +152,10 @@ class ShadowWeights(_Level):
             shadows = self.shadows()
         if self.broadcast_pending:
             self._take_rank0_copies(shadows)
+        recorded = self.stamps.key_dtypes
         for i, key_written, _ in self.stamps.written(self._keys, shadows):
-            self.follow(i, self._keys[i], key_written)
+            dtype = recorded[i] if len(recorded) == len(self._keys) else None
+            self.follow(i, self._keys[i], key_written, dtype)
         return self._groups
 
     @torch.no_grad()
@@ -182,17 +184,20 @@ class ShadowWeights(_Level):
         self, i: int, key: torch.Tensor, key_written: bool, saved_dtype: torch.dtype | None = None
     ) -> None:
         """After an outside write to copy ``i`` or its key. A written key gives its value
-        to the copy where it is no longer the copy's rounding (to ``saved_dtype``, the
-        key's dtype in a loaded checkpoint, then to the key's own); elsewhere the copy keeps
-        its precision. Then the key is the copy's rounding. Eager only (never compiled),
-        and only after an outside write, so no compiler can drop the rounding it needs."""
+        to the copy where it is no longer the copy's rounding, neither to the key's own
+        dtype nor to ``saved_dtype`` then the key's (the key's dtype in a loaded checkpoint,
+        or at the last update before a cast); elsewhere the copy keeps its precision. Then
+        the key is the copy's rounding. Eager only (never compiled), and only after an
+        outside write, so no compiler can drop the rounding it needs."""
         shadow = self.shadows()[i]
         if layout(shadow) != layout(key) or local(shadow).shape != local(key).shape:
             return  # re-laid out by _build, which keeps the values
         k, s = local(key), local(shadow)
         if key_written:
-            rounded = s.to(saved_dtype or k.dtype).to(k.dtype)
-            s.copy_(torch.where(rounded == k, s, k.to(s.dtype)))
+            kept = s.to(k.dtype) == k
+            if saved_dtype is not None and saved_dtype != k.dtype:
+                kept |= s.to(saved_dtype).to(k.dtype) == k
+            s.copy_(torch.where(kept, s, k.to(s.dtype)))
         k.copy_(s)
 
     @torch.no_grad()

@@ -79,13 +79,17 @@ class Stamps:
         # can take its identity (a freed storage's identity is reserved, not reused)
         self._held: list[StorageWeakRef | None] = []
         self._held_memory: tuple[int, ...] = ()
+        # the keys' dtypes at the record: a key cast since then (bf16 -> fp16) is still its
+        # copy's rounding to this dtype, then cast, not the direct rounding to its new one
+        self.key_dtypes: tuple[torch.dtype, ...] = ()
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy, pickle) compares against nothing: its first update reconciles
-        return {"last": None, "_held": [], "_held_memory": ()}
+        return {"last": None, "_held": [], "_held_memory": (), "key_dtypes": ()}
 
     def record(self, keys: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor]) -> None:
         self.last = _snapshot(keys, shadows)
+        self.key_dtypes = tuple(k.dtype for k in keys)
         if self.last[2] != self._held_memory:  # after a cast, a move, ``p.data = ...``
             held = [None if s is None else _weak(s) for s in map(_storage, keys)]
             self._held = held

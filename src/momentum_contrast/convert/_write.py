@@ -65,9 +65,13 @@ def write_atomically(obj: Any, dst: Path, to: str) -> None:
             _dump(obj, f, to)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have made
+        if dst.exists():  # --overwrite: the replaced file's permissions (a private one stays so)
+            mode = dst.stat().st_mode & 0o7777
+        else:  # mkstemp's 0600 -> what open() would have made
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, dst)
     except BaseException:
         if os.path.lexists(tmp):

@@ -69,9 +69,11 @@ def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
     arg("--arch", default=trained["arch"], help=f"backbone: {', '.join(ARCHS)}, a torchvision "
         "classification model or timm:NAME (default: the checkpoint's)")
     arg("--image-size", type=int, default=trained["image_size"], help="side of the crops (px)")
-    arg("--data", default="shapes", help="'shapes' (built in), 'cifar10', 'cifar100', 'stl10' "
-        "(under --data-root) or a folder with train/ [and val/] (ImageFolder)")
-    arg("--data-root", default="data", help="cifar10|cifar100|stl10: where it is (or goes)")
+    arg("--data", default=trained.get("data", "shapes"), help="'shapes' (built in), 'cifar10', "
+        "'cifar100', 'stl10' (under --data-root) or a folder with train/ [and val/] "
+        "(ImageFolder); default: the checkpoint's pre-training data, else shapes")
+    arg("--data-root", default=trained.get("data_root", "data"),
+        help="cifar10|cifar100|stl10: where it is (or goes); default: the checkpoint's")
     arg("--epochs", type=int, help=f"epochs (v1/v2 {PAPER['epochs']}, v3 {V3['epochs']})")
     arg("--batch-size", type=int, help="total batch size over all processes")
     arg("--lr", type=float, help="learning rate (v3: for a batch of 256, scaled linearly)")
@@ -127,8 +129,12 @@ def read_pretrained(argv: list[str]) -> tuple[str, str, dict[str, Any]]:
 def validate(args: argparse.Namespace) -> None:
     world, a = int(os.environ.get("WORLD_SIZE", "1")), vars(args)
     for name in ("batch_size", "epochs", "lr", "image_size", "shapes_train", "shapes_val"):
-        if a[name] <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {a[name]}")
+        if not a[name] > 0 or not math.isfinite(a[name]):  # NaN and inf too
+            fail(f"--{name.replace('_', '-')} must be positive and finite, got {a[name]}")
+    if args.image_size > 4096:
+        fail(f"--image-size {args.image_size}: the augmentation takes at most 4096 px")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        fail(f"--output-dir {args.output_dir} is a file, not a folder")
     if args.workers < 0:
         fail(f"--workers must be >= 0, got {args.workers}")
     try:
@@ -160,6 +166,8 @@ def validate(args: argparse.Namespace) -> None:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
         fail(f"--device {args.device!r} is not a device ('cpu', 'cuda')")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device!r}: these scripts run on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: CUDA is not available here (use --device cpu)")
 
@@ -279,7 +287,10 @@ def evaluation_batches(data: Images, args: argparse.Namespace, device: torch.dev
 
 
 # ---- The backbone: built as the pre-training scripts build it, then the checkpoint's weights
-def backbone(arch: str, image_size: int, num_heads: int | None = None) -> tuple[nn.Module, int]:
+def backbone(
+    arch: str, image_size: int, num_heads: int | None = None, keep_classifier: bool = False
+) -> tuple[nn.Module, int]:
+    finish = (lambda net: (net, 0)) if keep_classifier else strip_classifier
     if arch == "small_cnn":
         layers: list[nn.Module] = []
         for c_in, c_out in ((3, 32), (32, 64), (64, 128), (128, 256)):
@@ -289,7 +300,7 @@ def backbone(arch: str, image_size: int, num_heads: int | None = None) -> tuple[
     if arch.startswith("timm:"):
         import timm
 
-        return strip_classifier(timm.create_model(arch[5:], pretrained=False))
+        return finish(timm.create_model(arch[5:], pretrained=False))
     import torchvision
 
     if arch in VITS:  # the head count: the checkpoint's record (the weights do not hold it)
@@ -297,23 +308,33 @@ def backbone(arch: str, image_size: int, num_heads: int | None = None) -> tuple[
         patch = 16 if image_size >= 128 else 8
         vit = torchvision.models.VisionTransformer(
             image_size, patch, depth, num_heads or heads, dim, 4 * dim)  # fmt: skip
-        return strip_classifier(vit)
-    size = {"image_size": image_size} if arch.startswith("vit_") else {}
+        return finish(vit)
+    size: dict[str, Any] = {"image_size": image_size} if arch.startswith("vit_") else {}
+    if arch in ("googlenet", "inception_v3"):  # features only: no auxiliary classifiers
+        size |= {"aux_logits": False, "init_weights": True}  # (their default, unwarned)
     net = torchvision.models.get_model(arch, weights=None, **size)
     if arch.startswith("resnet") and image_size <= 32:  # the CIFAR stem, as in pre-training
         net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    return strip_classifier(net)
+    return finish(net)
+
+
+def attention_heads(model: nn.Module) -> int | None:
+    heads = (getattr(m, "num_heads", None) for m in model.modules())
+    return next((h for h in heads if isinstance(h, int)), None)
 
 
 def pretrained_backbone(
-    ckpt: dict[str, Any], kind: str, v3: bool, arch: str
+    ckpt: dict[str, Any], kind: str, v3: bool, arch: str, known_heads: int | None = None
 ) -> tuple[dict[str, torch.Tensor], int | None]:
     """The query encoder's backbone weights, named as [`backbone`][] names them, and a ViT's
-    number of attention heads as the checkpoint records it (None for other backbones)."""
+    number of attention heads as the checkpoint records it (None for other backbones);
+    ``known_heads``: a torchvision ViT's by its name (vit_b_16), checked against a record."""
     if arch.startswith("vit"):  # the heads are not in the weights: convert reads the record
-        spec = backbone_spec(ckpt, to="torchvision")
+        spec = backbone_spec(ckpt, to="torchvision", num_heads=known_heads)
         heads = spec.kwargs["num_heads"] if spec is not None else None
-        return backbone_state_dict(ckpt, to="torchvision"), heads
+        return backbone_state_dict(ckpt, to="torchvision", num_heads=known_heads), heads
+    if kind == "state_dict" and not arch.startswith("resnet"):  # any other model's own names
+        return {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}, None
     if kind != "project":  # torchvision names: the ResNets of backbone()
         return backbone_state_dict(ckpt, to="torchvision"), None
     prefix = "0.0." if v3 else "0."  # query encoder = Sequential(features, head) [+ predictor]
@@ -355,13 +376,23 @@ def main() -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # the same classifier on every rank
 
+    features, dim = backbone(args.arch, args.image_size)  # a vit_* name fixes its heads
+    torchvision_vit = args.arch.startswith("vit_") and args.arch not in VITS
+    known = attention_heads(features) if torchvision_vit else None
     try:
-        state, heads = pretrained_backbone(ckpt, kind, v3, args.arch)
+        state, heads = pretrained_backbone(ckpt, kind, v3, args.arch, known)
     except LayoutError as e:
         fail(f"--pretrained {path}: {e}")
-    features, dim = backbone(args.arch, args.image_size, num_heads=heads)
+    if args.arch in VITS:  # this project's ViTs: the heads the checkpoint records
+        features, dim = backbone(args.arch, args.image_size, num_heads=heads)
+    if kind == "state_dict":  # a whole classification model's: without its classifier
+        whole = backbone(args.arch, args.image_size, keep_classifier=True)[0].state_dict()
+        head = whole.keys() - features.state_dict().keys()
+        state = {k: v for k, v in state.items() if k not in head}
     if problems := mismatches(features.state_dict(), state):
-        fail(f"--pretrained {path} does not fit --arch {args.arch}: {problems}")
+        stem = args.arch.startswith("resnet") and args.image_size <= 32
+        why = " (at --image-size 32 or less a ResNet has the CIFAR stem: 3x3 conv1, no max-pool)"
+        fail(f"--pretrained {path} does not fit --arch {args.arch}: {problems}{why * stem}")
     features.load_state_dict(state)
     features.to(device).eval().requires_grad_(False)  # frozen, BatchNorm in eval mode
     frozen = {k: v.clone() for k, v in features.state_dict().items()}

@@ -13,7 +13,10 @@ On ImageNet the defaults are the paper's (ResNet-50, 200 epochs, batch 256, SGD 
 K 65,536, m 0.999, T 0.2, cosine schedule); CIFAR and STL-10 get the authors' CIFAR-10 demo
 settings, the built-in `shapes` data settings that finish on a CPU in minutes. Read top to
 bottom: flags, set-up, data, the MoCo pieces and their step, the loop's helpers (step log, kNN
-monitor, checkpoints), the loop. One file: copy it, and change what you need.
+monitor, checkpoints), the loop. One file: copy it, and change what you need. The MoCo
+part (``build``) is one screen; the rest is longer than a bare loop because it keeps what the
+tests prove: every flag checked up front, four data sources and image decoding, exact resume
+under any number of processes (every rank's random state) and the resume checks.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--image-size", type=int, help="side of the square training views, in pixels")
     arg("--queue-size", type=int, help="number of keys K in the queue of negatives")
     arg("--moco-momentum", type=float, help="momentum m of the key encoder")
-    arg("--temperature", type=float, help="temperature T of the loss (default: the paper's)")
+    arg("--temperature", type=float, help="temperature T of the loss (v1 0.07, v2 0.2)")
     arg("--dim", type=int, help="output dimension of the head (the keys' dimension)")
     arg("--weight-decay", type=float, help="weight decay of SGD")
     arg("--schedule-milestones", help="v1: comma-separated epochs where lr is divided by 10")
@@ -118,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, version: str = "v2") -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    for name, value in {**PAPER, **RECIPES.get(args.data, {})}.items():
+    paper = {**PAPER, "temperature": 0.2 if version == "v2" else 0.07}  # the papers' T
+    for name, value in {**paper, **RECIPES.get(args.data, {})}.items():
         if getattr(args, name) is None:  # not given: the recipe's value
             setattr(args, name, value)
     if args.print_config:
@@ -156,11 +160,14 @@ def validate(args: argparse.Namespace, *, blur: bool) -> None:
     for name in ("batch_size", "epochs", "lr", "image_size", "queue_size", "dim", "knn_bank",
                  "knn_queries", "shapes_train", "shapes_val", "shuffle_splits", "temperature",
                  "log_every", "accumulate"):
-        if a[name] is not None and a[name] <= 0:
+        if a[name] is not None and not a[name] > 0:  # NaN too
             fail(f"{flag(name)} must be positive, got {a[name]}")
     for name in ("max_steps", "workers", "weight_decay"):
-        if a[name] < 0:
+        if not a[name] >= 0:
             fail(f"{flag(name)} must be >= 0, got {a[name]}")
+    for name in ("lr", "weight_decay", "temperature"):
+        if not math.isfinite(a[name]):
+            fail(f"{flag(name)} must be finite, got {a[name]}")
     for name in ("moco_momentum", "blur_p", "crop_min"):
         if not 0 <= a[name] <= 1 or (name == "crop_min" and a[name] == 0):
             low = "(0" if name == "crop_min" else "[0"
@@ -185,6 +192,9 @@ def validate(args: argparse.Namespace, *, blur: bool) -> None:
         (args.arch in VITS and size % patch,
          f"--image-size {size} {fits}: {patch}-px patches at this size: use a multiple of {patch}"),
         (blur and size < 12, f"--image-size {size} {fits}: the 23-px blur kernel needs 12 px"),
+        (size > 4096, f"--image-size {size}: the augmentation takes at most 4096 px"),
+        (Path(args.output_dir).exists() and not Path(args.output_dir).is_dir(),
+         f"--output-dir {args.output_dir} is a file, not a folder"),
         (args.resume not in ("", "auto") and not os.path.isfile(args.resume),
          f"--resume {args.resume}: no such file"),
     ]:
@@ -194,6 +204,8 @@ def validate(args: argparse.Namespace, *, blur: bool) -> None:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
         fail(f"--device {args.device!r} is not a device ('cpu', 'cuda')")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device!r}: these scripts run on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: CUDA is not available here (use --device cpu)")
 
@@ -394,7 +406,9 @@ def backbone(arch: str, image_size: int, num_heads: int | None = None) -> tuple[
         vit = torchvision.models.VisionTransformer(
             image_size, patch, depth, num_heads or heads, width, 4 * width)  # fmt: skip
         return strip_classifier(vit)
-    size = {"image_size": image_size} if arch.startswith("vit_") else {}
+    size: dict[str, Any] = {"image_size": image_size} if arch.startswith("vit_") else {}
+    if arch in ("googlenet", "inception_v3"):  # features only: no auxiliary classifiers
+        size |= {"aux_logits": False, "init_weights": True}  # (their default, unwarned)
     net = torchvision.models.get_model(arch, weights=None, **size)
     if arch.startswith("resnet") and image_size <= 32:  # the CIFAR stem (the authors' demo):
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # 3x3, stride 1, no max-pool
@@ -402,23 +416,41 @@ def backbone(arch: str, image_size: int, num_heads: int | None = None) -> tuple[
     return strip_classifier(net)
 
 
-def check_fits(features: nn.Module, arch: str, image_size: int) -> None:
-    """A torchvision or timm model that cannot take this image size stops here, naming
-    --arch, not with a traceback in the first step (one no-grad forward of 2 images)."""
+def checked_backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
+    """[`backbone`][]; a torchvision or timm model that cannot be used at this size stops
+    here, naming --arch, not with a traceback in the first step: a copy takes one training
+    forward of 2 images (the random state kept), which must give (2, features) features."""
+    if arch in ARCHS:
+        return backbone(arch, image_size)
     try:
-        with torch.no_grad():
-            features.eval()(torch.zeros(2, 3, image_size, image_size))
-    except RuntimeError as e:
-        sys.exit(f"error: --arch {arch} does not work at --image-size {image_size}: {e}")
-    features.train()
+        features, dim = backbone(arch, image_size)
+    except TypeError as e:  # strip_classifier does not know this model's classifier
+        fail(f"--arch {arch}: {e}")
+    except (AssertionError, RuntimeError, ValueError) as e:  # e.g. a ViT's patch size
+        fail(f"--arch {arch} does not work at --image-size {image_size}: {e}")
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = copy.deepcopy(features).train()(torch.zeros(2, 3, image_size, image_size))
+    except Exception as e:  # RuntimeError, or an AssertionError of timm's fixed input size
+        fail(f"--arch {arch} does not work at --image-size {image_size}: {e}")
+    if not isinstance(out, torch.Tensor) or out.shape != (2, dim):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        fail(f"--arch {arch} gives {got}, not (N, {dim}) features")
+    return features, dim
+
+
+def attention_heads(arch: str, features: nn.Module) -> int | None:
+    """A ViT's number of attention heads, which checkpoints record (no weight holds it)."""
+    if arch in VITS or not arch.removeprefix("timm:").startswith(("vit", "deit")):
+        return VITS[arch][1] if arch in VITS else None
+    heads = (getattr(m, "num_heads", None) for m in features.modules())
+    return next((h for h in heads if isinstance(h, int)), None)
 
 
 def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, int]) -> Any:
     """(stateful, train_step, augment, features) of MoCo ``version`` ('v1' or 'v2')."""
     device, _, world = env
-    features, feature_dim = backbone(args.arch, args.image_size)
-    if args.arch not in ARCHS:
-        check_fits(features, args.arch, args.image_size)
+    features, feature_dim = checked_backbone(args.arch, args.image_size)
     head = (moco_v2_head if version == "v2" else moco_v1_head)(feature_dim, out_dim=args.dim)
     model = nn.Sequential(features, head).to(device)
     if world > 1:  # the query encoder trains under DDP; the key encoder uses Shuffle-BN
@@ -434,7 +466,6 @@ def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, 
         augment = MoCoV2Augment(args.image_size, scale=(args.crop_min, 1), blur_p=args.blur_p)
     else:
         augment = MoCoV1Augment(args.image_size, scale=(args.crop_min, 1))
-    temperature = args.temperature or (0.2 if version == "v2" else 0.07)
     milestones = [int(m) for m in args.schedule_milestones.split(",")]
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -470,7 +501,7 @@ def build(args: argparse.Namespace, version: str, env: tuple[torch.device, int, 
                 q = encode_q(x_q[rows])  # (N / n, dim) queries
                 shuffled, idx = batch_shuffle(x_k[rows], shuffle_rng)  # Shuffle-BN
                 k = batch_unshuffle(encode_k(shuffled), idx)  # (N / n, dim) keys, no grad
-                loss = info_nce(q, k, negatives, temperature=temperature) / n
+                loss = info_nce(q, k, negatives, temperature=args.temperature) / n
             loss.backward()  # the gradients add up to the mean over the whole batch
             total += loss.detach()
             keys.append(k)
@@ -659,10 +690,15 @@ def load_resume(args: argparse.Namespace, recipe: str) -> tuple[Path, dict[str, 
     saved, ours = ckpt["args"], vars(args)
 
     def changed(*names: str) -> str:
-        names = tuple(n for n in names if n in saved and n in ours and saved[n] != ours[n])
+        names = tuple(
+            n
+            for n in names  # None: not recorded (--temperature up to 0.3.0)
+            if saved.get(n) is not None and n in ours and saved[n] != ours[n]
+        )
         return ", ".join(f"{flag(n)} {ours[n]} (checkpoint: {saved[n]})" for n in names)
 
-    if differ := changed("arch", "dim", "queue_size", *["image_size"] * (args.arch in VITS)):
+    vit = args.arch.startswith("vit")  # a torchvision ViT's weights depend on the image size
+    if differ := changed("arch", "dim", "queue_size", *["image_size"] * vit):
         fail(f"--resume {path} was trained with other settings: {differ}")  # tensors' shapes
     if (heads := VITS.get(args.arch, (0, None))[1]) and ckpt.get("num_heads") != heads:
         has = f"has {ckpt['num_heads']}" if ckpt.get("num_heads") else \
@@ -684,7 +720,7 @@ def debug_dump(stateful: dict[str, Any], rank: int, tag: str) -> None:
 def main(version: str = "v2") -> None:
     from tqdm import tqdm
 
-    args = parse_args()
+    args = parse_args(version=version)
     validate(args, blur=version == "v2" and args.blur_p > 0)
     recipe = f"moco_{version}"
     resume = load_resume(args, recipe)  # checked before anything is built
@@ -760,12 +796,12 @@ def main(version: str = "v2") -> None:
             knn = knn_now()
             log({"step": step, "epoch": epoch, "knn_top1": round(knn, 2)})
             if rank == 0:
-                plot(out)
                 print(f"epoch {epoch + 1}: kNN top-1 {knn:.1f}%")
         rng, tag = rng_states(device), f"{step:07d}"  # every rank's (a collective)
         debug_dump(stateful, rank, tag)
         if rank == 0:  # written, then renamed: a killed run leaves the previous checkpoint
-            heads = VITS[args.arch][1] if args.arch in VITS else None
+            plot(out)
+            heads = attention_heads(args.arch, features)
             torch.save({**state_of(stateful), "recipe": recipe, "step": step, "rng": rng,
                         "args": vars(args), "knn_baseline": baseline, "num_heads": heads},
                        out / "checkpoint.tmp")  # fmt: skip

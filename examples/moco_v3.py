@@ -125,6 +125,10 @@ FLAGS = {  # flag: (default, help); None: from the tables above, for --data and 
 }  # fmt: skip
 
 
+def is_vit(arch: str) -> bool:  # the ViT recipe: torchvision's vit_* and timm's ViTs
+    return arch.removeprefix("timm:").startswith(("vit", "deit"))
+
+
 def flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -145,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser().parse_args(argv)
     data = DATA.get(args.data, {})  # an ImageFolder takes the paper's
     args.arch = args.arch or data.get("arch", PAPER["arch"])
-    vit = args.arch.startswith("vit")
+    vit = is_vit(args.arch)
     shapes_vit = SHAPES_VIT if vit and args.data == "shapes" else {}
     for name, value in {**PAPER, **(VIT if vit else {}), **data, **shapes_vit}.items():
         if getattr(args, name) is None:
@@ -169,6 +173,7 @@ def validate(args: argparse.Namespace) -> None:
                 "accumulate")  # fmt: skip
     for names, ok, rule in (
         (positive, lambda v: v > 0, "must be positive"),
+        (("lr", "weight_decay", "temperature"), math.isfinite, "must be finite"),
         (("max_steps", "workers", "weight_decay", "warmup_epochs"), lambda v: v >= 0,
          "must be >= 0"),
         (("moco_momentum",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
@@ -203,8 +208,9 @@ def validate(args: argparse.Namespace) -> None:
              f"(--batch-size {args.batch_size} over {world}) into equal micro-batches")  # fmt: skip
     if local // n < 2:
         fail(f"--accumulate {n} gives micro-batches of fewer than 2 images: BatchNorm")
-    if args.fsdp and not arch.startswith("vit"):
-        fail(f"--fsdp shards transformer blocks: --arch {arch} is not a ViT (use a vit_*)")
+    if args.fsdp and not arch.startswith("vit"):  # torchvision's ViT blocks are the units
+        what = "a timm model" if arch.startswith("timm:") else "not a ViT"
+        fail(f"--fsdp shards transformer blocks: --arch {arch} is {what} (use a vit_*)")
     why = None
     if arch == "small_cnn" and size < 8:
         why = "small_cnn halves the image three times: it needs at least 8 px"
@@ -214,12 +220,18 @@ def validate(args: argparse.Namespace) -> None:
         why = "the recipe's 23-px blur kernel needs at least 12 px"
     if why:
         fail(f"--image-size {size} does not fit --arch {arch}: {why}")
+    if size > 4096:
+        fail(f"--image-size {size}: the augmentation takes at most 4096 px")
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
         fail(f"--device {args.device!r} is not a device ('cpu', 'cuda')")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device!r}: these scripts run on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        fail(f"--output-dir {args.output_dir} is a file, not a folder")
     if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
         fail(f"--resume {args.resume}: no such file")
 
@@ -384,6 +396,14 @@ def knn_accuracy(features: nn.Module, train: Images, val: Images, classes: int,
 
 
 # ---- Checkpoints: a resume reads and checks one before anything is built --------------------
+def attention_heads(arch: str, features: nn.Module) -> int | None:
+    """A ViT's number of attention heads, which checkpoints record (no weight holds it)."""
+    if arch in VITS or not is_vit(arch):
+        return vit_heads(arch)
+    heads = (getattr(m, "num_heads", None) for m in features.modules())
+    return next((h for h in heads if isinstance(h, int)), None)
+
+
 def vit_heads(arch: str) -> int | None:
     return VITS[arch][1] if arch in VITS else None
 
@@ -447,31 +467,43 @@ def backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
             image_size, patch, depth, heads, width, 4 * width
         )
         return strip_classifier(vit)
-    size = {"image_size": image_size} if arch.startswith("vit_") else {}
+    size: dict[str, Any] = {"image_size": image_size} if arch.startswith("vit_") else {}
+    if arch in ("googlenet", "inception_v3"):  # features only: no auxiliary classifiers
+        size |= {"aux_logits": False, "init_weights": True}  # (their default, unwarned)
     net = torchvision.models.get_model(arch, weights=None, **size)
     if arch.startswith("resnet") and image_size <= 32:  # the CIFAR stem, as the authors' demo
         net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     return strip_classifier(net)
 
 
-def check_fits(features: nn.Module, arch: str, image_size: int) -> None:
-    """A torchvision or timm model that cannot take this image size stops here, naming
-    --arch, not with a traceback in the first step (one no-grad forward of 2 images)."""
+def checked_backbone(arch: str, image_size: int) -> tuple[nn.Module, int]:
+    """[`backbone`][]; a torchvision or timm model that cannot be used at this size stops
+    here, naming --arch, not with a traceback in the first step: a copy takes one training
+    forward of 2 images (the random state kept), which must give (2, features) features."""
+    if arch in ARCHS:
+        return backbone(arch, image_size)
     try:
-        with torch.no_grad():
-            features.eval()(torch.zeros(2, 3, image_size, image_size))
-    except RuntimeError as e:
-        sys.exit(f"error: --arch {arch} does not work at --image-size {image_size}: {e}")
-    features.train()
+        features, dim = backbone(arch, image_size)
+    except TypeError as e:  # strip_classifier does not know this model's classifier
+        fail(f"--arch {arch}: {e}")
+    except (AssertionError, RuntimeError, ValueError) as e:  # e.g. a ViT's patch size
+        fail(f"--arch {arch} does not work at --image-size {image_size}: {e}")
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = copy.deepcopy(features).train()(torch.zeros(2, 3, image_size, image_size))
+    except Exception as e:  # RuntimeError, or an AssertionError of timm's fixed input size
+        fail(f"--arch {arch} does not work at --image-size {image_size}: {e}")
+    if not isinstance(out, torch.Tensor) or out.shape != (2, dim):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        fail(f"--arch {arch} gives {got}, not (N, {dim}) features")
+    return features, dim
 
 
 def build(args: argparse.Namespace, env: tuple[torch.device, int, int]) -> tuple[Any, ...]:
     """The MoCo v3 pieces, the step that trains them, the augmentation, the kNN's backbone."""
     device, rank, world = env
-    vit = args.arch.startswith("vit")
-    features, feature_dim = backbone(args.arch, args.image_size)
-    if args.arch not in ARCHS:
-        check_fits(features, args.arch, args.image_size)
+    vit = is_vit(args.arch)
+    features, feature_dim = checked_backbone(args.arch, args.image_size)
     if vit:  # the v3 ViT recipe: fixed random patch projection, fixed sin-cos positions
         freeze_patch_embedding(features)
         use_sincos_position_embedding(features)
@@ -564,8 +596,11 @@ def main() -> None:
     args = parse_args()
     validate(args)
     resume = load_resume(args)  # read and checked before anything is built
-    if "RANK" in os.environ:  # launched by torchrun: one process per GPU
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if "RANK" in os.environ or args.fsdp:  # torchrun: one process per GPU; --fsdp alone: one
+        one = (
+            {} if "RANK" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        )
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", **one)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -737,13 +772,14 @@ def main() -> None:
             knn = knn_now()
             log({"step": step, "epoch": epoch, "knn_top1": round(knn, 2)})
             if rank == 0:
-                plot(out)
                 print(f"epoch {epoch + 1}: kNN top-1 {knn:.1f}%")
         state = states()  # a collective under --fsdp
         dump(state, f"{step:07d}")
         if rank == 0:  # written to a temporary file, then renamed: never a truncated one
+            plot(out)
+            heads = attention_heads(args.arch, monitor)
             state |= {"recipe": "moco_v3", "step": step, "rng": every, "args": vars(args),
-                      "knn_baseline": baseline, "num_heads": vit_heads(args.arch)}  # fmt: skip
+                      "knn_baseline": baseline, "num_heads": heads}  # fmt: skip
             torch.save(state, out / "checkpoint.tmp")
             os.replace(out / "checkpoint.tmp", out / f"checkpoint_{step:07d}.pt")
             for old in out.glob("checkpoint_*.pt"):  # keep only the newest

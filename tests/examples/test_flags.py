@@ -145,3 +145,89 @@ def test_scripts_check_flags_before_building_anything() -> None:
         and result.stderr.strip() == "error: --epochs must be positive, got -2"
     )
     assert "kNN" not in result.stdout
+
+
+def le_args(*argv: str) -> argparse.Namespace:
+    return linear_eval.parse_args([*TINY[:-4], *argv], False, TRAINED)
+
+
+BAD_VALUES = [  # (flag, value, start of the message); linear_eval has no decay or temperature
+    ("--lr", "nan", "--lr must be positive"),
+    ("--lr", "inf", "--lr must be"),
+    ("--weight-decay", "nan", "--weight-decay must be"),
+    ("--weight-decay", "inf", "--weight-decay must be finite, got inf"),
+    ("--temperature", "inf", "--temperature must be finite, got inf"),
+    ("--temperature", "nan", "--temperature must be positive"),
+    ("--device", "meta", "--device 'meta': these scripts run on 'cpu' or 'cuda'"),
+    ("--image-size", "5000", "--image-size 5000: the augmentation takes at most 4096 px"),
+]
+CASES = [
+    (script, *case)
+    for script in ("moco_v2", "moco_v3", "linear_eval")
+    for case in BAD_VALUES
+    if script != "linear_eval" or case[0] not in ("--weight-decay", "--temperature")
+]
+
+
+@pytest.mark.parametrize(("script", "name", "value", "message"), CASES)
+def test_nan_inf_devices_and_sizes_no_script_takes(
+    script: str, name: str, value: str, message: str
+) -> None:
+    """NaN passed `<= 0` checks and trained a NaN model; the others were tracebacks."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        if script == "moco_v2":
+            validate(v2_args(name, value), blur=False)
+        elif script == "moco_v3":
+            moco_v3.validate(v3_args(name, value))
+        else:
+            linear_eval.validate(le_args(name, value))
+
+
+@pytest.mark.parametrize("script", ["moco_v2", "moco_v3", "linear_eval"])
+def test_an_output_dir_that_is_a_file_is_named(script: str, tmp_path: Path) -> None:
+    (file := tmp_path / "afile").write_text("")
+    flags = ("--output-dir", str(file))
+    with pytest.raises(SystemExit, match=f"--output-dir {re.escape(str(file))} is a file"):
+        if script == "moco_v2":
+            validate(v2_args(*flags), blur=False)
+        elif script == "moco_v3":
+            moco_v3.validate(v3_args(*flags))
+        else:
+            linear_eval.validate(le_args(*flags))
+
+
+def test_print_config_shows_the_temperature_each_version_uses() -> None:
+    assert moco_v2.parse_args(V12, version="v1").temperature == 0.07  # MoCo v1
+    assert moco_v2.parse_args(V12).temperature == 0.2  # MoCo v2
+    for version in ("v1", "v2"):  # the authors' CIFAR-10 demo
+        assert moco_v2.parse_args(["--data", "cifar10"], version=version).temperature == 0.1
+        assert (
+            moco_v2.parse_args([*V12, "--temperature", "0.5"], version=version).temperature == 0.5
+        )
+    shown = run("moco_v1.py", *V12, "--print-config")
+    assert '"temperature": 0.07' in shown.stdout
+
+
+def test_a_checkpoint_without_a_recorded_temperature_resumes_quietly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Up to 0.3.0 the scripts saved --temperature as None (the paper's, resolved later)."""
+    load_resume(v2_args("--resume", str(fake_checkpoint(tmp_path / "a.pt", temperature=None))),
+                "moco_v2")  # fmt: skip
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_timm_vit_gets_the_vit_recipe() -> None:
+    pytest.importorskip("timm")
+    args = moco_v3.parse_args(["--arch", "timm:vit_tiny_patch16_224", "--image-size", "224"])
+    assert (args.optimizer, args.lr, args.warmup_epochs) == ("adamw", 5e-4, 1)  # shapes' ViTs
+    args = moco_v3.parse_args(["--arch", "timm:vit_tiny_patch16_224", "--data", "/d"])
+    assert (args.optimizer, args.lr, args.temperature) == ("adamw", 1.5e-4, 0.2)  # the paper's
+    moco_v3.validate(moco_v3.parse_args([*TINY, "--arch", "timm:vit_tiny_patch16_224"]))
+    with pytest.raises(SystemExit, match="--arch timm:vit_tiny_patch16_224 is a timm model"):
+        moco_v3.validate(v3_args("--fsdp", "--arch", "timm:vit_tiny_patch16_224"))
+    args = v3_args("--arch", "timm:vit_tiny_patch16_224", "--image-size", "224")
+    *_, features = moco_v3.build(args, (torch.device("cpu"), 0, 1))
+    assert not features.patch_embed.proj.weight.requires_grad  # the frozen patch projection
+    assert not features.pos_embed.requires_grad  # fixed sin-cos positions
+    assert moco_v3.attention_heads(args.arch, features) == 3

@@ -95,3 +95,55 @@ def test_the_authors_vit_small_is_built_with_12_heads() -> None:
     ckpt, _ = official_v3_vit_small()  # the authors' ViT-S: arch "vit_small", 12 heads
     state, heads = linear_eval.pretrained_backbone(ckpt, "official_v3", True, "vit_small")
     assert heads == 12 and "conv_proj.weight" in state
+
+
+def test_a_torchvision_vit_is_evaluated_with_its_heads(tmp_path: Path) -> None:
+    """Any ViT's head count is recorded (not only the scripts' own vit_*); a torchvision
+    name fixes it, so a checkpoint without the record is still evaluated."""
+    flags = [*TINY, "--epochs", "2", "--queue-size", "64", "--shuffle-splits", "2"]
+    run(
+        "moco_v2.py",
+        *flags,
+        "--arch",
+        "vit_b_32",
+        "--max-steps",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
+    (path,) = tmp_path.glob("checkpoint_*.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["num_heads"] == 12  # vit_b_32: 12 heads
+    evaluate = [*TINY[:-4], "--epochs", "1", "--pretrained"]
+    result = run("linear_eval.py", *evaluate, str(path))
+    assert "top-1" in result.stdout and "backbone unchanged" in result.stdout
+    ckpt["num_heads"] = None  # as written up to 0.3.0 for torchvision ViTs
+    torch.save(ckpt, old := tmp_path / "old.pt")
+    assert "backbone unchanged" in run("linear_eval.py", *evaluate, str(old)).stdout
+
+
+def test_a_whole_classification_models_state_dict_is_evaluated(tmp_path: Path) -> None:
+    """The classifier that strip_classifier removes is dropped, for any torchvision model."""
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), mb := tmp_path / "mb.pth")
+    result = run("linear_eval.py", *FLAGS, "--arch", "mobilenet_v3_small", "--pretrained", str(mb))
+    assert "top-1" in result.stdout and "backbone unchanged" in result.stdout
+    torch.save(torchvision.models.resnet18().state_dict(), r18 := tmp_path / "r18.pth")
+    result = run("linear_eval.py", *FLAGS, "--arch", "resnet18", "--pretrained", str(r18))
+    assert "top-1" in result.stdout  # fc.* included
+    small = [*FLAGS[:-2], "--image-size", "32", "--arch", "resnet18", "--pretrained", str(r18)]
+    refused = run("linear_eval.py", *small, check=False)
+    (line,) = refused.stderr.strip().splitlines()
+    assert "of another shape (first: conv1.weight)" in line and "the CIFAR stem" in line
+
+
+def test_the_data_defaults_to_the_checkpoints(tmp_path: Path) -> None:
+    run("moco_v2.py", *TINY, "--queue-size", "64", "--shuffle-splits", "2", "--max-steps", "1",
+        "--output-dir", str(tmp_path))  # fmt: skip
+    (path,) = tmp_path.glob("checkpoint_*.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["args"] |= {"data": "cifar10", "data_root": "/datasets"}
+    torch.save(ckpt, cifar := tmp_path / "cifar.pt")
+    shown = json.loads(run("linear_eval.py", "--pretrained", str(cifar), "--print-config").stdout)
+    assert (shown["data"], shown["data_root"]) == ("cifar10", "/datasets")
+    given = run("linear_eval.py", "--pretrained", str(cifar), "--data", "shapes", "--print-config")
+    assert json.loads(given.stdout)["data"] == "shapes"

@@ -273,6 +273,8 @@ def decode(path: str) -> torch.Tensor:
                 image = io.decode_image(path, mode=io.ImageReadMode.RGB)
     except (RuntimeError, ValueError, OSError) as e:
         raise RuntimeError(f"cannot decode image file {path}: {e}") from e
+    if image.ndim == 4:  # an animated GIF (frames, C, H, W): its first frame
+        image = image[0]
     if image.dtype == torch.uint16:  # 0 -> 0, 65535 -> 255, 257 * v -> v
         image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
     return image

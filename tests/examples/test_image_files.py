@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,14 @@ def test_a_corrupt_file_is_named(workers: int, tmp_path: Path) -> None:
     args = argparse.Namespace(seed=0, workers=workers, device="cpu")
     with pytest.raises(RuntimeError, match=r"cannot decode image file .*broken\.jpg"):
         list(loader(Images(train.items, train.labels), args, 2))
+
+
+@pytest.mark.parametrize("script", ["moco_v2", "moco_v3", "linear_eval"])
+def test_an_animated_gif_gives_its_first_frame(script: str, tmp_path: Path) -> None:
+    """TorchCodec and torchvision decode every frame, (frames, C, H, W); an image is one."""
+    frames = [np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(1, 4)]
+    pictures = [Image.fromarray(f) for f in frames]
+    pictures[0].save(gif := tmp_path / "anim.gif", save_all=True, append_images=pictures[1:])
+    decoded = importlib.import_module(script).decode(str(gif))
+    assert decoded.shape == (3, 8, 8)
+    assert torch.equal(decoded, torch.from_numpy(frames[0]).permute(2, 0, 1))

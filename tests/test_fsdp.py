@@ -79,7 +79,7 @@ def scenario_fsdp() -> dict[str, Any]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when other files run in between
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     return launch(scenario_fsdp, 2, tmp_path_factory.mktemp("fsdp"))
 

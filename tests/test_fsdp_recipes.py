@@ -34,7 +34,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when other files run in between
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
     return launch(scenario_recipes, 2, tmp_path_factory.mktemp("recipes"))
 

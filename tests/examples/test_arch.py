@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
 import pytest
-from example_runner import TINY, V12, losses, run
+import torch
+from example_runner import V12, import_examples, losses, run
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "timm:resnet18", "googlenet"])
@@ -23,31 +25,40 @@ def test_a_torchvision_or_timm_backbone_trains(tmp_path: Path, arch: str) -> Non
 
 
 @pytest.mark.parametrize(
-    ("script", "arch", "flags", "message"),
+    ("script", "arch", "size", "message"),
     [
-        ("moco_v2.py", "squeezenet1_0", [], "error: --arch squeezenet1_0: strip_classifier: "),
-        ("moco_v3.py", "squeezenet1_0", [], "error: --arch squeezenet1_0: strip_classifier: "),
-        ("moco_v2.py", "vit_b_16", ["--image-size", "40"], "does not work at --image-size 40"),
-        ("moco_v2.py", "timm:vit_tiny_patch16_224", [], "does not work at --image-size 32"),
-        ("moco_v3.py", "timm:vit_tiny_patch16_224", [], "does not work at --image-size 32"),
+        ("moco_v2", "squeezenet1_0", 32, "error: --arch squeezenet1_0: strip_classifier: "),
+        ("moco_v3", "squeezenet1_0", 32, "error: --arch squeezenet1_0: strip_classifier: "),
+        ("moco_v2", "vit_b_16", 40, "does not work at --image-size 40"),
+        ("moco_v2", "timm:vit_tiny_patch16_224", 32, "does not work at --image-size 32"),
+        ("moco_v3", "timm:vit_tiny_patch16_224", 32, "does not work at --image-size 32"),
     ],
 )
 def test_a_backbone_that_cannot_be_used_is_named_in_one_line(
-    tmp_path: Path, script: str, arch: str, flags: list[str], message: str
+    script: str, arch: str, size: int, message: str
 ) -> None:
-    """Not a traceback from the model's constructor, strip_classifier or the first step."""
+    """Not a traceback from the model's constructor, strip_classifier or the first step:
+    ``sys.exit`` with one line (what the scripts print on stderr, exit status 1)."""
     if arch.startswith("timm:"):
         pytest.importorskip("timm")
-    base = V12 if script == "moco_v2.py" else TINY
-    result = run(script, *base, "--arch", arch, *flags, "--output-dir", str(tmp_path), check=False)
-    assert result.returncode == 1, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: --arch {arch}") and message in lines[-1], lines[-5:]
-    assert "Traceback" not in result.stderr
+    import_examples()
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).checked_backbone(arch, size)
+    line = str(stop.value.code)
+    assert line.startswith(f"error: --arch {arch}") and message in line and "\n" not in line
 
 
-@pytest.mark.parametrize("arch", ["resnet_bogus", "timm:no_such_model"])
-def test_an_unknown_arch_is_named(tmp_path: Path, arch: str) -> None:
-    result = run("moco_v2.py", *V12, "--arch", arch, "--output-dir", str(tmp_path), check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --arch {arch}"), result.stderr
+def test_the_backbone_check_keeps_the_random_state() -> None:
+    """Its training-mode forward runs dropout; the run's random stream stays the model's."""
+    import_examples()
+    import moco_v2
+
+    torch.manual_seed(0)
+    moco_v2.backbone("mobilenet_v3_small", 32)
+    expected = torch.get_rng_state()
+    torch.manual_seed(0)
+    features, _ = moco_v2.checked_backbone("mobilenet_v3_small", 32)
+    assert torch.equal(torch.get_rng_state(), expected)
+    with torch.no_grad():
+        features.train()(torch.zeros(2, 3, 32, 32))  # what the check runs, unguarded
+    assert not torch.equal(torch.get_rng_state(), expected)

@@ -32,7 +32,7 @@ FLAGS += ["--optimizer", "lars", "--lr", "0.5"]
 FLAGS += ["--batch-size", "32", "--shapes-train", "128"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when other files run in between
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``fsdp`` and ``ddp``: 4 steps; ``stopped``: ``--fsdp`` stopped after 2 steps and
     resumed to 4; ``stopped_copy``: a copy of the checkpoint at step 2."""

@@ -46,7 +46,7 @@ def dump(folder: Path) -> dict[str, str]:
     return {"MOCO_EXAMPLES_DUMP_DIR": str(folder)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when other files run in between
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """A 2-process run stopped by ``--max-steps``, made once per module (a pristine copy is
     returned each time), with every rank's state dumped in its ``dump`` folder."""

@@ -378,9 +378,10 @@ def main() -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # the same classifier on every rank
 
-    features, dim = backbone(args.arch, args.image_size)  # a vit_* name fixes its heads
-    torchvision_vit = args.arch.startswith("vit_") and args.arch not in VITS
-    known = attention_heads(features) if torchvision_vit else None
+    known = None
+    if args.arch not in VITS:  # built once here; a torchvision vit_* name fixes its heads
+        features, dim = backbone(args.arch, args.image_size)
+        known = attention_heads(features) if args.arch.startswith("vit_") else None
     try:
         state, heads = pretrained_backbone(ckpt, kind, v3, args.arch, known)
     except LayoutError as e:

@@ -75,7 +75,7 @@ def _run(exclude: bool, seed_per_rank: bool, ema_dtype: torch.dtype | None) -> d
     for n, t in watched.items():
         out[f"{n}_overwritten"] = not torch.equal(t, moved[n])
     if ema_dtype is not None:
-        out["copies"] = {n: b.clone() for n, b in model.key.ema_shadow.named_buffers()}
+        out["copies"] = {n: p.clone() for n, p in model.key.key_encoder.named_parameters()}
     return out
 
 
@@ -89,3 +89,17 @@ def scenario_excluded() -> dict[str, Any]:
 
 def scenario_excluded_bf16_unseeded() -> dict[str, Any]:
     return _run(exclude=True, seed_per_rank=True, ema_dtype=torch.float32)
+
+
+def scenario_key_written_before_first_update() -> dict[str, Any]:
+    """Pre-trained key weights loaded on every rank after DDP is built, before the first
+    update (finding 1 of round 4: the float32 state must not be rank 0's stale one)."""
+    torch.manual_seed(rank())  # ranks start apart
+    model = MoCoV2Small(torch.float32).to(torch.bfloat16)
+    exclude_from_ddp(model)
+    nn.parallel.DistributedDataParallel(model)
+    with torch.no_grad():
+        model.key.key_encoder[0].weight.fill_(0.25)
+    model.key.key_encoder.load_state_dict({"0.bias": torch.full((8,), 0.5)}, strict=False)
+    model.key.update(1.0)  # m = 1: the key stays what was written
+    return {"key": {n: p.clone() for n, p in model.key.key_encoder.named_parameters()}}

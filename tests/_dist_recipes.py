@@ -133,7 +133,7 @@ def v2_fsdp(single: bool = False) -> dict[str, Any]:
 
 
 def bf16_shadow(single: bool = False) -> dict[str, Any]:
-    """A bfloat16 TinyViT and its key encoder (``ema_dtype=torch.float32``), both under
+    """A bfloat16 TinyViT and its float32 key encoder (``ema_dtype=torch.float32``), both under
     FSDP2: 20 updates with m = 0.999, each after an elementwise change of the online
     weights (the same on shards as on whole tensors) and a forward of the key encoder
     (which leaves its root unsharded: ``update`` reshards it)."""
@@ -151,12 +151,11 @@ def bf16_shadow(single: bool = False) -> dict[str, Any]:
                 p.mul_(0.99).add_(0.01 * (step % 3))  # local on every shard
         outputs.append(key_encoder(x).float())
         key_encoder.update()
-    shadow = {n: full(b) for n, b in key_encoder.ema_shadow.named_buffers()}
     keys = {n: full(p) for n, p in key_encoder.key_encoder.named_parameters()}
     state = {k: full(v) for k, v in key_encoder.state_dict().items()}
-    dtensors = [hasattr(b, "full_tensor") for b in key_encoder.ema_shadow.buffers()]
-    return {"shadow": shadow, "keys": keys, "outputs": torch.stack(outputs), "state": state,
-            "shadow_sharded": bool(dtensors) and all(dtensors)}  # fmt: skip
+    dtensors = [hasattr(p, "full_tensor") for p in key_encoder.key_encoder.parameters()]
+    return {"keys": keys, "outputs": torch.stack(outputs), "state": state,
+            "sharded": bool(dtensors) and all(dtensors)}  # fmt: skip
 
 
 def scenario_recipes() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from _dist_ddp import (
     scenario_default,
     scenario_excluded,
     scenario_excluded_bf16_unseeded,
+    scenario_key_written_before_first_update,
 )
 from _dist_workers import launch
 from torch import nn
@@ -19,15 +20,15 @@ from momentum_contrast import KeyQueue
 from momentum_contrast.distributed import exclude_from_ddp
 
 
-def test_names_are_the_queue_the_key_buffers_and_the_copies() -> None:
+def test_names_are_the_queue_and_the_key_buffers() -> None:
     model = MoCoV2Small(ema_dtype=torch.float32)
     names = exclude_from_ddp(model)
     want = {f"queue.{n}" for n in ("keys", "ptr", "length")}
     want |= {f"key.key_encoder.1.{n}" for n in ("running_mean", "running_var")}
     want |= {"key.key_encoder.1.num_batches_tracked"}
-    want |= {f"key.ema_shadow.{n}" for n in ("0.weight", "0.bias", "1.weight", "1.bias")}
     assert set(names) == want
-    assert set(model._ddp_params_and_buffers_to_ignore) == want  # what DDP reads
+    # what DDP reads, also through a torch.compile of the module
+    assert set(model._ddp_params_and_buffers_to_ignore) == want | {f"_orig_mod.{n}" for n in want}
     online = {n for n, _ in model.online.named_buffers(prefix="online")}
     assert not online & set(names)  # the online model's statistics are still broadcast
 
@@ -40,7 +41,7 @@ def test_names_already_set_are_kept_and_repeats_are_harmless() -> None:
     exclude_from_ddp(model)
     exclude_from_ddp(model)
     ignored = model._ddp_params_and_buffers_to_ignore
-    assert ignored[0] == "online.0.bias" and len(ignored) == len(set(ignored)) == 7
+    assert ignored[0] == "online.0.bias" and len(ignored) == len(set(ignored)) == 13
 
 
 def test_bad_modules_are_refused() -> None:
@@ -98,3 +99,25 @@ def test_two_ranks_bf16_copies_agree_when_ranks_start_apart(tmp_path: Path) -> N
     assert _same(r0["key"], r1["key"]) and _same(r0["online"], r1["online"])
     assert all(c.dtype == torch.float32 for c in r0["copies"].values())
     assert torch.equal(r0["queue"], r1["queue"])
+
+
+def test_two_ranks_key_weights_written_before_the_first_update_are_kept(tmp_path: Path) -> None:
+    for r in launch(scenario_key_written_before_first_update, 2, tmp_path):
+        assert torch.equal(r["key"]["0.weight"], torch.full((8, 6), 0.25))
+        assert torch.equal(r["key"]["0.bias"], torch.full((8,), 0.5))
+
+
+def test_exclusions_reach_ddp_through_a_later_torch_compile(tmp_path: Path) -> None:
+    model = MoCoV2Small()
+    names = exclude_from_ddp(model)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
+    )
+    try:
+        ddp = nn.parallel.DistributedDataParallel(torch.compile(model))
+        ignored = ddp.parameters_to_ignore
+        assert {f"_orig_mod.{n}" for n in names} <= ignored
+        kept = {id(b) for b in ddp.modules_buffers}
+        assert id(model.queue.keys) not in kept and id(model.online[1].running_mean) in kept
+    finally:
+        torch.distributed.destroy_process_group()

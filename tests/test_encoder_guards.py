@@ -60,6 +60,7 @@ def test_an_update_per_micro_batch_warns_once(opt_kind: str) -> None:
 def test_an_in_place_write_of_the_online_model_counts_as_a_step() -> None:
     online = nn.Linear(4, 4)
     enc = MomentumEncoder(online)
+    online(torch.randn(2, 4)).sum().backward()  # a misplaced update has gradients to see
     enc.update()
     with torch.no_grad():
         online.weight.add_(1.0)  # a hand-written optimizer step
@@ -113,7 +114,7 @@ def test_another_optimizer_stepping_does_not_hide_a_misplaced_update() -> None:
     key_encoder = MomentumEncoder(model, momentum=0.9)
     with pytest.warns(RuntimeWarning, match=WARNING):
         for _ in range(2):
-            probe(model(torch.randn(4, 8)).detach()).sum().backward()
+            probe(model(torch.randn(4, 8))).sum().backward()  # the model accumulates
             probe_opt.step()
             key_encoder.update()  # per micro-batch: no step of the model's optimizer
 

@@ -9,7 +9,7 @@ __all__ = ["exclude_from_ddp"]
 
 
 def exclude_from_ddp(module: nn.Module) -> list[str]:
-    """Tell DDP to leave the queue, the key encoder's buffers and the ``ema_dtype`` copies alone.
+    """Tell DDP to leave the queue and the key encoder's buffers alone.
 
     ``DistributedDataParallel`` (with ``broadcast_buffers=True``, its default, which
     PyTorch Lightning and Hugging Face Accelerate keep) copies every buffer of the module
@@ -23,12 +23,10 @@ def exclude_from_ddp(module: nn.Module) -> list[str]:
     at every forward. The online model's buffers are broadcast as before, and the key
     encoder's parameters are still made rank 0's once, when DDP is built.
 
-    Call it on the very module given to DDP, before it is wrapped (after
-    ``torch.compile``, if you compile first): in a LightningModule's ``__init__`` or
-    ``setup()``, or on the container before ``accelerator.prepare()``. Called on a
-    submodule, it changes nothing: DDP looks the names up from the module it wraps. The
-    ``ema_dtype`` copies, which DDP no longer makes rank 0's, are broadcast from rank 0 once,
-    at the first ``update()`` (wherever the copies are by then: a GPU under NCCL).
+    Call it on the very module given to DDP, or on the module that DDP gets through
+    ``torch.compile``, before wrapping: in a LightningModule's ``__init__`` or ``setup()``,
+    or on the container before ``accelerator.prepare()``. Called on a submodule, it changes
+    nothing: DDP looks the names up from the module it wraps.
 
     Args:
         module: the module DDP will wrap, holding ``KeyQueue`` and/or
@@ -80,12 +78,9 @@ def exclude_from_ddp(module: nn.Module) -> list[str]:
             f"exclude_from_ddp: {type(module).__name__} holds no KeyQueue or MomentumEncoder "
             "(call it on the module DDP will wrap, which holds them)"
         )
-    for encoder in encoders:
-        shadow = getattr(encoder, "ema_shadow", None)
-        if shadow is not None:  # rank 0's copies at the first update
-            shadow.broadcast_pending = True
     before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
-    ignored = before + [n for n in names if n not in before]
+    # DDP of a torch.compile of ``module`` reads these names through ``_orig_mod.``
+    ignored = before + [n for n in names + [f"_orig_mod.{n}" for n in names] if n not in before]
     ddp = nn.parallel.DistributedDataParallel
     ddp._set_params_and_buffers_to_ignore_for_model(module, ignored)  # type: ignore[no-untyped-call]
     return names

@@ -2,16 +2,13 @@
 
 ``lerp_`` does ``key += w * (online - key)`` for lists of tensors, ``w = 1 - m``:
 
-* a Python float ``w`` and one dtype: one fused ``torch._foreach_lerp_`` per group (the
-  fastest form, unchanged from before tensor momenta existed);
+* a Python float ``w`` and one dtype: one fused ``torch._foreach_lerp_``;
 * a 0-d tensor ``w`` on the parameters' device (a momentum schedule replayed in a CUDA
-  graph): ``_foreach_lerp_`` would read a tensor weight back to the host (``.item()``),
-  so the same update is ``d = online - key; d *= w; key += d`` with fused
-  multi-tensor ops whose scalar stays on the device. ``d`` is a temporary, made chunk by
-  chunk (at most ``_CHUNK_NUMEL`` elements at a time) so that a large model never needs a
-  second full copy;
-* onlines of another dtype than the keys (the float32 shadow of a bfloat16 model): the
-  onlines are cast into such a temporary first (one fused ``_foreach_copy_``);
+  graph; ``_foreach_lerp_`` would read a tensor weight back to the host), or onlines of a
+  narrower dtype than the keys (a float32 key encoder following a bfloat16 model):
+  ``d = online - key; d *= w; key += d`` with fused multi-tensor ops, in the keys' dtype,
+  the scalar staying on the device. ``d`` is a temporary made chunk by chunk (at most
+  ``_CHUNK_NUMEL`` elements at a time), so a large model never needs a second full copy;
 * under ``torch.compile``: one plain expression per tensor, which the compiler fuses and
   which keeps a momentum that changes every step a graph input (a foreach scalar would
   be specialised, recompiling at every new value).
@@ -68,29 +65,22 @@ def _chunks(
         yield keys[start:], onlines[start:]
 
 
-def lerp_(
-    keys: list[torch.Tensor], onlines: list[torch.Tensor], weight: Weight, *, cast: bool = False
-) -> None:
-    """``key += weight * (online - key)`` for every pair, in the keys' dtype; ``cast``: the
-    onlines have another dtype (else every pair has one dtype, as the pairing checks)."""
+def lerp_(keys: list[torch.Tensor], onlines: list[torch.Tensor], weight: Weight) -> None:
+    """``key += weight * (online - key)`` for every pair, in the keys' dtype (the onlines
+    of one call share a dtype, the keys' or a narrower one, as the pairing groups them)."""
     if not keys:
         return
     if torch.compiler.is_compiling():
         for key, online in zip(keys, onlines, strict=True):
             key.add_((online.to(key.dtype) - key) * weight)
         return
-    if isinstance(weight, float) and not cast:
+    if isinstance(weight, float) and keys[0].dtype == onlines[0].dtype:
         torch._foreach_lerp_(keys, onlines, weight)
         return
     for ks, os_ in _chunks(keys, onlines):
-        if not cast:
-            diff = list(torch._foreach_sub(os_, ks))
+        diff = torch._foreach_sub(os_, ks)  # (online - key) in the keys' dtype
+        if isinstance(weight, float):
+            torch._foreach_add_(ks, diff, alpha=weight)
         else:
-            diff = [torch.empty_like(k) for k in ks]
-            torch._foreach_copy_(diff, os_)  # cast the onlines to the keys' dtype
-            if isinstance(weight, float):
-                torch._foreach_lerp_(ks, diff, weight)
-                continue
-            torch._foreach_sub_(diff, ks)
-        torch._foreach_mul_(diff, weight)  # a 0-d device tensor: stays on the device
-        torch._foreach_add_(ks, diff)
+            torch._foreach_mul_(diff, weight)  # a 0-d device tensor: stays on the device
+            torch._foreach_add_(ks, diff)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
+from momentum_contrast._casts import keeping_dtype
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
 from momentum_contrast._dtensor import is_fsdp2, refuse_fsdp1
 from momentum_contrast._ema import check_momentum, lerp_
-from momentum_contrast._pairing import TensorPairs, current_pairs
-from momentum_contrast._shadow import ShadowWeights
-from momentum_contrast._shadow_load import load_post_hook, load_pre_hook
-from momentum_contrast._update_guard import UpdateGuard
+from momentum_contrast._pairing import Pairs, current
 
 __all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
 
@@ -66,17 +68,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class MomentumEncoder(nn.Module):
     """Key encoder of MoCo: a frozen copy of ``online`` updated as a moving average.
 
-    After every optimiser step call [`update`][] once (a second call with no change of
-    the online weights in between warns: under gradient accumulation the momentum would
-    compound to ``m**2``): ``key = m * key + (1 - m) * online``
-    on every parameter, in place, one fused multi-tensor op per device/dtype group,
-    parameters paired by name. Nothing can leave the key encoder silently stale: every
-    update first checks, on the host (no tensor value read, so it is safe in a CUDA
-    graph), that both models still hold the paired tensor objects with the same shape,
-    dtype and device. A replaced or reloaded tensor on either side
-    (``load_state_dict(assign=True)``, a swapped submodule, a new ``.key_encoder`` or
-    ``.online``) is re-paired by name; a real mismatch (a parameter added, renamed or
-    reshaped, one side moved alone) raises a ``ValueError`` naming it.
+    After every optimiser step call [`update`][] once (a second call with the online model
+    untouched in between warns: under gradient accumulation the momentum would compound to
+    ``m**2``): ``key = m * key + (1 - m) * online`` on every parameter, in place, in fused
+    multi-tensor ops (one per device/dtype group), parameters paired by name. Nothing can
+    leave the key encoder silently stale: every update walks both models and compares, on
+    the host (no tensor value is read, so it is safe in a CUDA graph), the names, tensor
+    objects and data addresses with the previous update's. A replaced, reloaded or moved
+    tensor on either side (``load_state_dict(assign=True)``, a swapped submodule, a new
+    ``.key_encoder`` or ``.online``) is re-paired by name; a real mismatch (a parameter
+    added, renamed or reshaped, one side moved alone) raises a ``ValueError`` naming it.
 
     FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings):
     an update reshards the modules left unsharded (a root after a no-grad forward), so
@@ -100,23 +101,18 @@ class MomentumEncoder(nn.Module):
             updated by its own forward passes. ``"copy"``: copied from the online
             model. ``"ema"``: floating-point buffers averaged like parameters.
             Integer buffers (``num_batches_tracked``) are copied, never averaged.
-        ema_dtype: ``None`` (default): every parameter is averaged in its own dtype.
-            ``torch.float32``: a float32 copy of every floating key parameter, made at
-            construction (``ema_shadow.<name>`` in ``state_dict``), receives the average
-            and the key weights are its rounding, so keys come out in the model's dtype
-            and the average does not stall below bfloat16's resolution. The copies stay
+        ema_dtype: ``None`` (default): the key encoder has the online model's dtypes
+            and is averaged in them. A bfloat16 or float16 key encoder stalls: most
+            steps ``(1 - m) * (online - key)`` are below half its resolution and round
+            away, so the first update of one warns. ``torch.float32``: the key encoder's
+            floating parameters and buffers are float32 from construction on, and stay
             float32 through any cast of a parent module (``.to(torch.bfloat16)``,
-            Lightning's ``bf16-true``) and follow its moves; a checkpoint loads into a
-            fresh encoder before or after such a cast. A key weight written outside
-            [`update`][] (``load_state_dict``, ``copy_``, ``p.data = ...``) is seen by
-            its version counter or memory on the host and followed (an in-place write
-            through ``p.data`` or by a ``torch.distributed`` collective is not seen:
-            write under ``torch.no_grad()``, or call
-            ``load_state_dict(state_dict())`` after it). Under
-            ``torch.compile`` those host checks run eagerly (one graph break, so not
-            with ``fullgraph=True``) and the result equals eager. A dtype narrower than
-            a parameter's raises ``ValueError``. Buffers (``buffers="ema"``) are averaged
-            in their own dtype.
+            Lightning's ``bf16-true``), which still moves them between devices. They are
+            the only state: the average runs on them, ``state_dict()`` saves them and
+            any write to them (``load_state_dict``, ``copy_``) is simply the new state.
+            The forward runs under ``torch.autocast`` to the online model's dtype when
+            that is narrower, and floating outputs come out in that dtype. A dtype
+            narrower than a parameter's raises ``ValueError``.
 
     Examples:
         >>> import torch
@@ -134,7 +130,7 @@ class MomentumEncoder(nn.Module):
         ...     optimizer.step(); optimizer.zero_grad()
         ...     key_encoder.update(m)  # once per optimizer step, after it
         >>> bf16 = MomentumEncoder(nn.Linear(8, 4).bfloat16(), ema_dtype=torch.float32)
-        >>> bf16.ema_shadow.weight.dtype, bf16.key_encoder.weight.dtype
+        >>> bf16.key_encoder.weight.dtype, bf16(torch.randn(2, 8).bfloat16()).dtype
         (torch.float32, torch.bfloat16)
     """
 
@@ -149,13 +145,18 @@ class MomentumEncoder(nn.Module):
         super().__init__()
         if not isinstance(online, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
+        if ema_dtype is not None and (
+            not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point
+        ):
+            raise TypeError(f"ema_dtype must be None or a floating torch.dtype, got {ema_dtype!r}")
         refuse_fsdp1(online)
         self.momentum = check_unit_interval("momentum", momentum)
         self.buffers_mode: BufferMode = check_choice("buffers", buffers, _BUFFER_MODES)  # type: ignore[assignment]
+        self.ema_dtype = ema_dtype
         base = unwrap_model(online)
         self.__dict__["_online"] = base  # a reference, not a submodule
         try:
-            self.key_encoder = copy.deepcopy(base)
+            key_encoder = copy.deepcopy(base)
         except (AssertionError, RuntimeError) as e:  # FSDP2 refuses deepcopy of a sharded model
             if not is_fsdp2(base):
                 raise
@@ -163,21 +164,17 @@ class MomentumEncoder(nn.Module):
                 "MomentumEncoder: cannot copy a model already sharded by fully_shard; build "
                 "the MomentumEncoder first, then fully_shard the online model and .key_encoder"
             ) from e
+        if ema_dtype is not None:
+            for name, t in [*key_encoder.named_parameters(), *key_encoder.named_buffers()]:
+                _check_ema_dtype(ema_dtype, name, t.dtype)
+            key_encoder.to(ema_dtype)
+        self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
             p.grad = None
-        self.ema_dtype = ema_dtype
-        if ema_dtype is not None:  # validated there
-            self.ema_shadow = ShadowWeights(ema_dtype, self.key_encoder_params())
-        self._register_load_state_dict_pre_hook(load_pre_hook, with_module=True)  # type: ignore[no-untyped-call]
-        self.register_load_state_dict_post_hook(load_post_hook)  # type: ignore[no-untyped-call]
-        self._guard = UpdateGuard()
-        self._param_pairs: TensorPairs | None = None
-        self._buffer_pairs: TensorPairs | None = None
-
-    def key_encoder_params(self) -> list[tuple[str, torch.Tensor]]:
-        """``(name, parameter)`` of the (unwrapped) key encoder."""
-        return list(unwrap_model(self.key_encoder).named_parameters())
+        self._pairs: dict[str, Pairs] = {}
+        self._last_update: tuple[object, ...] | None = None  # what update() last saw online
+        self._warned = False
 
     @property
     def online(self) -> nn.Module:
@@ -195,17 +192,13 @@ class MomentumEncoder(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(model).__name__}")
         refuse_fsdp1(model)
-        base = unwrap_model(model)
-        previous = self.__dict__["_online"]
-        self.__dict__["_online"] = base
+        previous, self.__dict__["_online"] = self.online, unwrap_model(model)
         try:
-            self._param_pairs = self._buffer_pairs = None
-            self._pairs("parameter")
-            if self.buffers_mode != "own":
-                self._pairs("buffer")
+            self._pairs = {}
+            for kind in ("parameter",) if self.buffers_mode == "own" else ("parameter", "buffer"):
+                self._paired(kind)
         except ValueError:
-            self.__dict__["_online"] = previous
-            self._param_pairs = self._buffer_pairs = None
+            self.__dict__["_online"], self._pairs = previous, {}
             raise
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -214,10 +207,31 @@ class MomentumEncoder(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        if self.ema_dtype is None:
+            return super()._apply(fn, recurse)  # type: ignore[no-any-return,no-untyped-call]
+        self.key_encoder._apply(keeping_dtype(fn))  # type: ignore[no-untyped-call]  # a cast moves it
+        return self
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the key encoder under ``torch.no_grad()`` (same signature as ``online``)."""
-        with torch.no_grad():
-            return self.key_encoder(*args, **kwargs)
+        with torch.no_grad(), self._autocast() as dtype:
+            out = self.key_encoder(*args, **kwargs)
+        if dtype is None:
+            return out
+        return tree_map_only(
+            torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, out
+        )
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Any:
+        """With ``ema_dtype``: autocast to the online model's dtype where it is narrower."""
+        first = next((p for p in self.online.parameters() if p.is_floating_point()), None)
+        if self.ema_dtype is None or first is None or first.dtype == self.ema_dtype:
+            yield None
+            return
+        with torch.autocast(first.device.type, dtype=first.dtype):
+            yield first.dtype
 
     @torch.no_grad()
     def update(self, momentum: float | torch.Tensor | None = None) -> None:
@@ -243,58 +257,91 @@ class MomentumEncoder(nn.Module):
             ...     _ = m.fill_(cosine_momentum(step, 3))  # e.g. before graph.replay()
             ...     encoder.update(m)
         """
-        pairs = self._pairs("parameter")
+        pairs = self._paired("parameter")
         m: float | torch.Tensor = self.momentum
         if momentum is not None:
-            m = check_momentum(momentum, {ks[0].device for ks, _ in pairs.groups})
+            m = check_momentum(momentum, {keys[0].device for keys, _ in pairs.groups})
         if not torch.compiler.is_compiling():
-            self._guard.check(pairs.online_seen)  # warns once if nothing moved since the last
+            self._warn_if_misused(pairs)
         weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
-        if self.ema_dtype is not None:
-            shadows, compiling = self.ema_shadow, torch.compiler.is_compiling()
-            # host checks, never compiled (under Dynamo: a graph break runs them eagerly)
-            groups = shadows.sync(pairs) if compiling else shadows._sync(pairs)
-            for keys, onlines in shadows.others:
+        for keys, onlines in pairs.groups:
+            if keys[0].is_floating_point():
                 lerp_(keys, onlines, weight)
-            shadows.update_(groups, weight)
-            shadows.stamp(pairs) if compiling else shadows._stamp(pairs)
-        else:
-            for keys, onlines in pairs.groups:
-                lerp_(keys, onlines, weight)
+            else:
+                torch._foreach_copy_(keys, onlines)  # integer parameters: copied
         if self.buffers_mode == "own":
             return
-        bufs = self._pairs("buffer")
-        for keys, onlines in bufs.other_groups:
-            torch._foreach_copy_(keys, onlines)
-        for keys, onlines in bufs.float_groups:
-            if self.buffers_mode == "ema":
+        for keys, onlines in self._paired("buffer").groups:
+            if self.buffers_mode == "ema" and keys[0].is_floating_point():
                 lerp_(keys, onlines, weight)
             else:
                 torch._foreach_copy_(keys, onlines)
 
-    def _pairs(self, kind: str) -> TensorPairs:
-        """The (cached) pairing of ``kind`` tensors, validated against both models."""
-        params = kind == "parameter"
-        cached = self._param_pairs if params else self._buffer_pairs
+    def _paired(self, kind: str) -> Pairs:
+        """The pairing of ``kind`` tensors, checked against both models."""
         try:
-            pairs = current_pairs(kind, cached, self.online, unwrap_model(self.key_encoder))
+            pairs = current(
+                kind,
+                self._pairs.get(kind),
+                self.online,
+                unwrap_model(self.key_encoder),
+                self.ema_dtype,
+            )
         except ValueError:
             refuse_fsdp1(self.online)  # wrapped in FSDP1 after construction: say so
             refuse_fsdp1(self.key_encoder)
             raise
-        # FSDP1 wrapped after construction: checked eagerly (torch 2.5's and 2.6's Dynamo
-        # cannot trace the check; a pairing failure still names FSDP1, above)
-        if pairs is not cached and not torch.compiler.is_compiling():
-            refuse_fsdp1(self.online)
-        if params:
-            self._param_pairs = pairs
-        else:
-            self._buffer_pairs = pairs
+        if pairs is not self._pairs.get(kind) and not torch.compiler.is_compiling():
+            refuse_fsdp1(self.online)  # checked eagerly: torch 2.5's Dynamo cannot trace it
+        self._pairs[kind] = pairs
         return pairs
+
+    def _warn_if_misused(self, pairs: Pairs) -> None:
+        """Warn once: an update right after the previous one (no optimizer step between),
+        or a low-precision key encoder without ``ema_dtype``. The online weights' version
+        counters tell a step (a fused optimizer leaves them alone but replaces the
+        gradients, which ``zero_grad()`` sets to ``None``; accumulation keeps them)."""
+        onlines = [t for _, group in pairs.groups for t in group]
+        now = (tuple(t._version for t in onlines), tuple(id(t.grad) for t in onlines))
+        misplaced = now == self._last_update and any(t.grad is not None for t in onlines)
+        self._last_update = now
+        low = [k[0].dtype for k, _ in pairs.groups if k[0].dtype in (torch.bfloat16, torch.float16)]
+        if self._warned or not (misplaced or low):
+            return
+        self._warned = True
+        if misplaced:
+            message = (
+                "MomentumEncoder.update() ran again with the online model unchanged since the "
+                "previous update (no optimizer step in between): the momentum compounds to "
+                "m**2. Call it once per optimizer step: after optimizer.step(); in Lightning, "
+                "in an optimizer_step override, not on_train_batch_end; in Accelerate, under "
+                "`if accelerator.sync_gradients:`. (A step that a GradScaler skipped after an "
+                "fp16 overflow looks the same: then ignore this.)"
+            )
+        else:
+            message = (
+                f"MomentumEncoder: the key encoder is {low[0]}, too coarse for a moving average "
+                "(most steps (1 - m) * (online - key) round away and the key encoder stalls); "
+                "build it with ema_dtype=torch.float32"
+            )
+        warnings.warn(message, RuntimeWarning, stacklevel=4)  # the caller of update()
 
     def extra_repr(self) -> str:
         dtype = "" if self.ema_dtype is None else f", ema_dtype={self.ema_dtype}"
         return f"momentum={self.momentum}, buffers={self.buffers_mode!r}{dtype}"
+
+
+def _check_ema_dtype(ema_dtype: torch.dtype, name: str, dtype: torch.dtype) -> None:
+    """``ema_dtype`` must hold every value of ``dtype`` at least as precisely (float16
+    copies of bfloat16 weights would turn 1e5 into inf)."""
+    if not dtype.is_floating_point:
+        return
+    wide, narrow = torch.finfo(ema_dtype), torch.finfo(dtype)
+    if wide.eps > narrow.eps or wide.max < narrow.max or wide.tiny > narrow.tiny:
+        raise ValueError(
+            f"ema_dtype {ema_dtype} has less range or precision than {name!r} ({dtype}); use "
+            "torch.float32 (or torch.float64 for float64 parameters)"
+        )
 
 
 def cosine_momentum(

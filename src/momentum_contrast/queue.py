@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentum_contrast._casts import apply_keeping_dtype
+from momentum_contrast._casts import keeping_dtype
 from momentum_contrast._checks import (
     check_choice,
     check_float_matrix,
@@ -103,8 +103,8 @@ class KeyQueue(nn.Module):
         self.register_load_state_dict_post_hook(_sync_length)  # type: ignore[no-untyped-call]
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        apply_keeping_dtype(self._buffers, fn)  # a cast moves the keys, keeps their dtype
-        return self
+        # a cast moves the keys, keeps their dtype
+        return super()._apply(keeping_dtype(fn), recurse)  # type: ignore[no-any-return,no-untyped-call]
 
     def __len__(self) -> int:
         """Number of valid keys: ``size`` once full (from the start with ``init="random"``)."""

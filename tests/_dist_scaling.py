@@ -81,9 +81,9 @@ def _counted(counts: dict[str, int], label: str, fn: Any, *args: Any, **kwargs: 
     calls = []
     real = collectives.all_gather_host
 
-    def counting(values: list[int]) -> list[list[int]]:
+    def counting(values: list[int], group: Any = None) -> list[list[int]]:
         calls.append(values)
-        return real(values)
+        return real(values, group)
 
     collectives.all_gather_host = counting  # type: ignore[assignment]
     try:

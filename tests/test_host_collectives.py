@@ -69,11 +69,31 @@ def test_broken_promises_raise_on_every_rank(ranks: list[Any]) -> None:
 
 
 def test_assume_equal_batches_is_a_scoped_setting() -> None:
-    assert collectives.EQUAL_BATCHES == [False]
+    assert not collectives.EQUAL_BATCHES.get()
     with pytest.raises(RuntimeError), mcd.assume_equal_batches():
-        assert collectives.EQUAL_BATCHES == [True]
+        assert collectives.EQUAL_BATCHES.get()
         raise RuntimeError
-    assert collectives.EQUAL_BATCHES == [False]
+    assert not collectives.EQUAL_BATCHES.get()
     x = global_tensor(1, 4, 3)
     with mcd.assume_equal_batches():
         assert torch.equal(mcd.concat_all_gather(x), x)  # single process: unchanged
+
+
+def test_assume_equal_batches_belongs_to_its_own_thread() -> None:
+    import threading
+
+    seen: list[bool] = []
+    inside, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait()
+        seen.append(collectives.EQUAL_BATCHES.get())  # another thread's gathers
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with mcd.assume_equal_batches():
+        inside.set()
+        done.wait()
+    thread.join()
+    assert seen == [False]

@@ -1,46 +1,83 @@
 """The gathers behind ``momentum_contrast.distributed`` (private): host exchanges of
-batch layouts over a gloo group, padded device all-gathers, and the checksum-tagged
-gather used when every rank's row count is already known."""
+batch layouts, padded device all-gathers, and the checksum-tagged gather used when every
+rank's row count is already known. Every function takes the process group (``None``: the
+whole world) and keeps no state: the one thing worth keeping, a gloo group for the host
+exchanges of an NCCL group, lives in torch's own registry of process groups."""
 
 from __future__ import annotations
 
+import contextvars
 import math
 import zlib
 
 import torch
 import torch.distributed as dist
 
-_size_groups: dict[int, dist.ProcessGroup] = {}
-EQUAL_BATCHES = [False]  # set by distributed.assume_equal_batches
+Group = dist.ProcessGroup | None
+
+# set by distributed.assume_equal_batches for its ``with`` block: per thread and task
+EQUAL_BATCHES = contextvars.ContextVar("momentum_contrast_equal_batches", default=False)
+_HOST_GROUP = "momentum_contrast host exchanges"  # the group_desc of the gloo groups made here
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def world(group: Group = None) -> int:
+    return dist.get_world_size(group) if initialized() else 1
 
 
-def size_group() -> dist.ProcessGroup | None:
-    """A gloo group for exchanging host integers (the default group if it is gloo)."""
-    if dist.get_backend() == "gloo":
-        return None  # the default group
-    key = id(dist.distributed_c10d._get_default_group())
-    if key not in _size_groups:
-        group = dist.new_group(backend="gloo")  # collective: all ranks, first gather only
-        if not isinstance(group, dist.ProcessGroup):
-            raise RuntimeError("could not create a gloo group to exchange batch sizes")
-        _size_groups[key] = group
-    return _size_groups[key]
+def rank(group: Group = None) -> int:
+    return dist.get_rank(group) if initialized() else 0
 
 
-def all_gather_host(values: list[int]) -> list[list[int]]:
+def global_rank(group: Group, group_rank: int) -> int:
+    """The global rank of ``group``'s rank ``group_rank`` (what ``src=`` takes)."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+def host_group(group: Group) -> Group:
+    """A group over ``group``'s ranks that carries CPU tensors: ``group`` itself when it
+    has a gloo backend, else a gloo group with the same ranks, found in torch's registry
+    or made there by the first host exchange (every rank of ``group`` reaches it together)."""
+    if "gloo" in str(dist.get_backend(group)):
+        return group
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    for pg in list(dist.distributed_c10d._world.pg_group_ranks):
+        if not isinstance(pg, dist.ProcessGroup) or getattr(pg, "group_desc", "") != _HOST_GROUP:
+            continue
+        if dist.get_process_group_ranks(pg) == ranks:
+            return pg
+    made = dist.new_group(
+        ranks, backend="gloo", use_local_synchronization=True, group_desc=_HOST_GROUP
+    )
+    if not isinstance(made, dist.ProcessGroup):
+        raise RuntimeError("could not create a gloo group to exchange batch sizes")
+    return made
+
+
+def all_gather_host(values: list[int], group: Group = None) -> list[list[int]]:
     """Every rank's list of host integers (all of the same length), in rank order."""
     local = torch.tensor(values, dtype=torch.long)
-    parts = [torch.empty_like(local) for _ in range(_world())]
-    dist.all_gather(parts, local, group=size_group())
+    parts = [torch.empty_like(local) for _ in range(world(group))]
+    dist.all_gather(parts, local, group=host_group(group))
     return [p.tolist() for p in parts]  # CPU tensors: no device synchronisation
+
+
+def members(group: Group) -> tuple[int, ...]:
+    """Who is in ``group``, as a tensor may keep it (a group object cannot be copied)."""
+    return () if group is None else tuple(dist.get_process_group_ranks(group))
+
+
+def gather(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """``concat_all_gather``: the gather ``batch_unshuffle`` attached to its output when
+    ``x`` is that output, unchanged since (version counter, data pointer), else a new one."""
+    known = getattr(x, "_moco_gathered", None)
+    if known is not None and known[1:] == (x._version, x.data_ptr(), members(group)):
+        gathered: torch.Tensor = known[0]
+        return gathered
+    return gather_with_sizes(x, group)[0]
 
 
 _SHOWN_DIMS = 6  # trailing dimensions exchanged verbatim (the rest only through a checksum)
@@ -62,36 +99,39 @@ def _describe(row: list[int]) -> str:
 
 
 @torch.no_grad()
-def gather_with_sizes(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def gather_with_sizes(x: torch.Tensor, group: Group = None) -> tuple[torch.Tensor, list[int]]:
     """``concat_all_gather`` that also returns every rank's row count, so that callers
     needing both exchange the sizes once. Every rank checks that all ranks passed the
     same trailing shape and dtype, and raises the same ``ValueError`` if not."""
     x = x.detach()
-    if _world() == 1:
+    if world(group) == 1:
         return x, [x.shape[0]]
-    if EQUAL_BATCHES[0]:
-        sizes = [x.shape[0]] * _world()
-        return gather_checked(x, sizes, tag_rows=True), sizes
-    rows = all_gather_host(_layout(x))
+    if EQUAL_BATCHES.get():
+        sizes = [x.shape[0]] * world(group)
+        return gather_checked(x, sizes, tag_rows=True, group=group), sizes
+    rows = all_gather_host(_layout(x), group)
     if any(row[1:] != rows[0][1:] for row in rows):
         described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
         raise ValueError(
             "concat_all_gather: every rank must pass the same trailing shape and dtype "
-            f"(this is rank {_rank()}, {tuple(x.shape)} {x.dtype}); got {described}"
+            f"(this is rank {rank(group)}, {tuple(x.shape)} {x.dtype}); got {described}"
         )
-    return _all_gather(x.contiguous(), [row[0] for row in rows]), [row[0] for row in rows]
+    sizes = [row[0] for row in rows]
+    return _all_gather(x.contiguous(), sizes, group), sizes
 
 
-def gather_checked(x: torch.Tensor, sizes: list[int], tag_rows: bool) -> torch.Tensor:
+def gather_checked(
+    x: torch.Tensor, sizes: list[int], tag_rows: bool, group: Group = None
+) -> torch.Tensor:
     """All ranks' rows when every rank's row count is already known (``sizes``), without
     a host exchange: each rank's data travels with a checksum of its trailing shape and
     dtype (and row count when ``tag_rows``), compared on arrival. A mismatch raises
     ``ValueError`` for CPU tensors, and fills a floating result with NaN on a GPU (no
     device read); differing element counts make the collective itself fail."""
-    if x.shape[0] != sizes[_rank()]:
+    me, n_ranks = rank(group), world(group)
+    if x.shape[0] != sizes[me]:
         raise ValueError(
-            f"x must have {sizes[_rank()]} rows on rank {_rank()} (as at batch_shuffle), "
-            f"got {tuple(x.shape)}"
+            f"x must have {sizes[me]} rows on rank {me} (as at batch_shuffle), got {tuple(x.shape)}"
         )
     rows = x.shape[0] if tag_rows else 0
     tag = zlib.crc32(f"{rows}|{tuple(x.shape[1:])}|{x.dtype}".encode())
@@ -99,9 +139,9 @@ def gather_checked(x: torch.Tensor, sizes: list[int], tag_rows: bool) -> torch.T
     payload = x.new_zeros((longest * width + 8,), dtype=torch.uint8)
     payload[: x.numel() * x.element_size()] = x.contiguous().reshape(-1).view(torch.uint8)
     payload[-8:] = torch.full((1,), tag, dtype=torch.long, device=x.device).view(torch.uint8)
-    out = _all_gather(payload, [payload.shape[0]] * _world()).view(_world(), -1)
+    out = _all_gather(payload, [payload.shape[0]] * n_ranks, group).view(n_ranks, -1)
     ok = (out[:, -8:].reshape(-1).view(torch.long) == tag).all()
-    data = out[:, :-8].reshape(_world(), longest * width)
+    data = out[:, :-8].reshape(n_ranks, longest * width)
     data = torch.cat([data[r, : n * width] for r, n in enumerate(sizes)]) if width else data
     gathered = data.reshape(-1).view(x.dtype).reshape(sum(sizes), *x.shape[1:])
     if x.device.type == "cpu":  # a host tensor: reading it synchronises nothing
@@ -109,23 +149,23 @@ def gather_checked(x: torch.Tensor, sizes: list[int], tag_rows: bool) -> torch.T
             raise ValueError(
                 "every rank must pass the same trailing shape and dtype"
                 + (" and number of rows (assume_equal_batches)" if tag_rows else "")
-                + f"; this is rank {_rank()}, {tuple(x.shape)} {x.dtype}"
+                + f"; this is rank {me}, {tuple(x.shape)} {x.dtype}"
             )
     elif gathered.is_floating_point():
         gathered = gathered.masked_fill(~ok, float("nan"))  # visible, on the device, no sync
     return gathered
 
 
-def _all_gather(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, sizes: list[int], group: Group) -> torch.Tensor:
     """Concatenate every rank's rows; ``sizes[r]`` rows come from rank ``r``."""
-    longest = max(sizes)
+    longest, n_ranks = max(sizes), world(group)
     if x.shape[0] < longest:  # pad to a common shape; trimmed below
         x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-    out = x.new_empty((_world() * longest, *x.shape[1:]))
-    if dist.get_backend() == "nccl":
-        dist.all_gather_into_tensor(out, x)
+    out = x.new_empty((n_ranks * longest, *x.shape[1:]))
+    if dist.get_backend(group) == "nccl":
+        dist.all_gather_into_tensor(out, x, group=group)
     else:
-        dist.all_gather(list(out.chunk(_world())), x)
+        dist.all_gather(list(out.chunk(n_ranks)), x, group=group)
     if all(s == longest for s in sizes):
         return out
     return torch.cat([out[r * longest : r * longest + s] for r, s in enumerate(sizes)])

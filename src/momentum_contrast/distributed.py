@@ -4,11 +4,15 @@ Every function is safe to call whether or not a process group is initialised.
 Without one, ``rank() == 0``, ``world_size() == 1``, ``concat_all_gather(x)``
 returns ``x`` detached, and ``batch_shuffle`` permutes the local batch (so that
 with [`SplitBatchNorm`][momentum_contrast.norm.SplitBatchNorm] one device gets
-Shuffle-BN).
+Shuffle-BN). Every collective takes ``group=``: a process group (the data-parallel
+group of a DP x TP or HSDP job), the whole world by default; ranks are then the ranks
+in that group.
 
 Ranks may hold batches of different sizes (a last batch that does not divide
 evenly): the sizes are exchanged as host integers over a CPU (gloo) group, never
-read back from the GPU, and the gathers pad and trim accordingly. The rows of
+read back from the GPU, and the gathers pad and trim accordingly. Under NCCL that gloo
+group is made once per group, by the first exchange, and kept in torch's registry of
+process groups (so it goes with ``destroy_process_group``). The rows of
 every gather are in rank order, so all ranks see the same concatenation.
 
 Host collectives: one per MoCo v2 step, one per v3 step (from three and two). A
@@ -23,19 +27,14 @@ host exchange at all.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
-from momentum_contrast import _collectives
+from momentum_contrast import _collectives as c
 from momentum_contrast._checks import check_same_device
-from momentum_contrast._collectives import (
-    EQUAL_BATCHES,
-    gather_checked,
-    gather_with_sizes,
-)
+from momentum_contrast._collectives import EQUAL_BATCHES, Group
 from momentum_contrast._ddp import exclude_from_ddp
 
 __all__ = [
@@ -50,12 +49,6 @@ __all__ = [
     "world_size",
 ]
 
-# the last batch_unshuffle: (weak ref to its output, its version, its data pointer, all
-# ranks' rows in order)
-_last_unshuffle: list[tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = []
-# the last batch_shuffle: (weak ref to its idx_unshuffle, every rank's rows)
-_last_shuffle: list[tuple[weakref.ref[torch.Tensor], list[int]]] = []
-
 
 @contextlib.contextmanager
 def assume_equal_batches() -> Iterator[None]:
@@ -68,6 +61,7 @@ def assume_equal_batches() -> Iterator[None]:
     loss that visibly breaks). Ranks with different element counts make the
     collective itself fail (gloo aborts, NCCL errors or times out). Use it when every
     rank's batch has the same size (``drop_last=True``), not for a last uneven batch.
+    The setting belongs to the ``with`` block of this thread (or asyncio task) only.
 
     Examples:
         >>> import torch
@@ -76,12 +70,11 @@ def assume_equal_batches() -> Iterator[None]:
         ...     concat_all_gather(torch.ones(4, 2)).shape
         torch.Size([4, 2])
     """
-    previous = EQUAL_BATCHES[0]
-    EQUAL_BATCHES[0] = True
+    token = EQUAL_BATCHES.set(True)
     try:
         yield
     finally:
-        EQUAL_BATCHES[0] = previous
+        EQUAL_BATCHES.reset(token)
 
 
 def is_distributed() -> bool:
@@ -92,32 +85,32 @@ def is_distributed() -> bool:
         >>> is_distributed()
         False
     """
-    return dist.is_available() and dist.is_initialized()
+    return c.initialized()
 
 
-def rank() -> int:
-    """This process's rank in the default group, 0 without one.
+def rank(group: Group = None) -> int:
+    """This process's rank in ``group`` (the whole world by default), 0 without one.
 
     Examples:
         >>> from momentum_contrast.distributed import rank
         >>> rank()
         0
     """
-    return dist.get_rank() if is_distributed() else 0
+    return c.rank(group)
 
 
-def world_size() -> int:
-    """Number of processes in the default group, 1 without one.
+def world_size(group: Group = None) -> int:
+    """Number of processes in ``group`` (the whole world by default), 1 without one.
 
     Examples:
         >>> from momentum_contrast.distributed import world_size
         >>> world_size()
         1
     """
-    return dist.get_world_size() if is_distributed() else 1
+    return c.world(group)
 
 
-def gather_sizes(n: int) -> list[int]:
+def gather_sizes(n: int, *, group: Group = None) -> list[int]:
     """Every rank's ``n`` (a host integer, e.g. its batch size), in rank order.
 
     Exchanged over a CPU group, so it never waits for the GPU.
@@ -127,21 +120,23 @@ def gather_sizes(n: int) -> list[int]:
         >>> gather_sizes(32)
         [32]
     """
-    if world_size() == 1:
+    if c.world(group) == 1:
         return [int(n)]
-    return [int(row[0]) for row in _collectives.all_gather_host([int(n)])]
+    return [int(row[0]) for row in c.all_gather_host([int(n)], group)]
 
 
 @torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+def concat_all_gather(x: torch.Tensor, *, group: Group = None) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0, in rank order, without gradient.
 
     Ranks may pass different numbers of rows, but the same trailing shape and dtype:
     otherwise every rank raises the same ``ValueError`` listing each rank's shape
-    (they are exchanged with the row counts, in the same host all-gather).
+    (they are exchanged with the row counts, in the same host all-gather). The keys
+    [`batch_unshuffle`][] just returned carry their gather: it is reused (see there).
 
     Args:
         x: ``(N_r, ...)`` tensor on rank ``r``.
+        group: the process group to gather over; the whole world by default.
 
     Returns:
         ``(sum_r N_r, ...)`` tensor, rank 0's rows first; ``x.detach()`` when not
@@ -157,16 +152,12 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (N, ...), got a 0-d tensor")
-    if _last_unshuffle:  # the keys batch_unshuffle just returned: their gather is known
-        ref, version, address, gathered = _last_unshuffle.pop()  # used once: never twice
-        if ref() is x and x._version == version and x.data_ptr() == address:
-            return gathered
-    return gather_with_sizes(x)[0]
+    return c.gather(x, group)
 
 
 @torch.no_grad()
 def batch_shuffle(
-    x: torch.Tensor, generator: torch.Generator | None = None
+    x: torch.Tensor, generator: torch.Generator | None = None, *, group: Group = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle-BN, step one: give each rank a random sub-batch drawn from all ranks.
 
@@ -179,10 +170,12 @@ def batch_shuffle(
         x: ``(N_r, ...)`` batch on this rank.
         generator: random generator for the permutation (used on rank 0), on ``x``'s
             device; the global one by default.
+        group: the process group to shuffle across; the whole world by default.
 
     Returns:
         ``(x_shuffled, idx_unshuffle)``: ``(N_r, ...)`` rows for this rank, and the
-        ``(sum_r N_r,)`` inverse permutation to pass to [`batch_unshuffle`][].
+        ``(sum_r N_r,)`` inverse permutation to pass to [`batch_unshuffle`][] (it carries
+        every rank's row count, so that the unshuffle exchanges none).
 
     Examples:
         >>> import torch
@@ -194,29 +187,34 @@ def batch_shuffle(
     """
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise TypeError(f"x must be a torch.Tensor with a batch dimension, got {x!r:.40}")
-    gathered, sizes = gather_with_sizes(x)  # (sum N_r, ...)
+    gathered, sizes = c.gather_with_sizes(x, group)  # (sum N_r, ...)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)
-    if world_size() > 1:
-        dist.broadcast(perm, src=0)
-    start = sum(sizes[: rank()])
+    if c.world(group) > 1:
+        dist.broadcast(perm, src=c.global_rank(group, 0), group=group)
+    start = sum(sizes[: c.rank(group)])
     idx_unshuffle = torch.argsort(perm)
-    _last_shuffle[:] = [(weakref.ref(idx_unshuffle), sizes)]  # for batch_unshuffle
+    idx_unshuffle._moco_sizes = (sizes, c.members(group))  # type: ignore[attr-defined]
     return gathered[perm[start : start + x.shape[0]]], idx_unshuffle
 
 
 @torch.no_grad()
-def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+def batch_unshuffle(
+    x: torch.Tensor, idx_unshuffle: torch.Tensor, *, group: Group = None
+) -> torch.Tensor:
     """Shuffle-BN, step two: undo [`batch_shuffle`][] on the key encoder's output.
 
-    It gathers every rank's rows; a [`concat_all_gather`][] (a ``KeyQueue.push``) of the
-    very tensor it returns reuses that gather once, unless the tensor was changed in place
-    since (its version counter and data pointer tell), so the push costs no second
-    exchange. Like autograd's own checks, writes through ``.data`` are not seen: edit
-    the keys in place with ordinary ops (or ``.clone()`` them first).
+    It gathers every rank's rows, with the row counts [`batch_shuffle`][] exchanged (no
+    second host exchange). The tensor it returns carries that gather in the original
+    order: a [`concat_all_gather`][] of it over the same group (a ``KeyQueue.push``)
+    reuses it, unless the tensor was changed in place since (its version counter and data
+    pointer tell), so the push costs no second exchange. Like autograd's own checks,
+    writes through ``.data`` are not seen: edit the keys in place with ordinary ops (or
+    ``.clone()`` them first).
 
     Args:
         x: ``(N_r, ...)`` output computed on this rank's shuffled sub-batch.
         idx_unshuffle: the ``(sum_r N_r,)`` index returned by [`batch_shuffle`][].
+        group: the process group of the [`batch_shuffle`][]; the whole world by default.
 
     Returns:
         ``(N_r, ...)``: row ``i`` is the output for this rank's original row ``i``.
@@ -234,24 +232,23 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     if not isinstance(idx_unshuffle, torch.Tensor) or idx_unshuffle.dtype != torch.long:
         raise TypeError("idx_unshuffle must be the long tensor returned by batch_shuffle")
     check_same_device("idx_unshuffle", idx_unshuffle, "x", x)
-    if _last_shuffle and _last_shuffle[0][0]() is idx_unshuffle and world_size() > 1:
-        sizes = _last_shuffle[0][1]  # known from batch_shuffle: no host exchange
-        gathered = gather_checked(x.detach(), sizes, tag_rows=EQUAL_BATCHES[0])
+    known = getattr(idx_unshuffle, "_moco_sizes", None)
+    if known is not None and known[1] == c.members(group) and c.world(group) > 1:
+        sizes = known[0]  # from batch_shuffle: no host exchange
+        gathered = c.gather_checked(x.detach(), sizes, tag_rows=EQUAL_BATCHES.get(), group=group)
     else:
-        gathered, sizes = gather_with_sizes(x)  # rows in shuffled order
+        gathered, sizes = c.gather_with_sizes(x, group)  # rows in shuffled order
     if idx_unshuffle.shape != (sum(sizes),):
         raise ValueError(
             f"idx_unshuffle must have shape ({sum(sizes)},) (all ranks' rows), "
             f"got {tuple(idx_unshuffle.shape)}"
         )
-    start = sum(sizes[: rank()])
+    start = sum(sizes[: c.rank(group)])
     mine = gathered[idx_unshuffle[start : start + x.shape[0]]]
-    # all ranks' rows in their original order: what concat_all_gather(mine) (a queue
-    # push of these keys) would gather, kept for it (weakly, for one use). Inference
-    # tensors have no version counter to tell an in-place edit: nothing is kept for them.
-    _last_unshuffle.clear()
+    # all ranks' rows in their original order: what concat_all_gather(mine) (a queue push
+    # of these keys) would gather. Inference tensors have no version counter to tell an
+    # in-place edit: nothing is kept for them.
     if not mine.is_inference():
-        _last_unshuffle.append(
-            (weakref.ref(mine), mine._version, mine.data_ptr(), gathered[idx_unshuffle])
-        )
+        gathered_in_order = gathered[idx_unshuffle]
+        mine._moco_gathered = (gathered_in_order, mine._version, mine.data_ptr(), c.members(group))  # type: ignore[attr-defined]
     return mine

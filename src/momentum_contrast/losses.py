@@ -18,7 +18,7 @@ from momentum_contrast._checks import (
     check_same_device,
     check_same_shape,
 )
-from momentum_contrast._collectives import gather_with_sizes
+from momentum_contrast._collectives import Group, gather_with_sizes
 from momentum_contrast._queue_cross_entropy import QueueCrossEntropy
 from momentum_contrast.distributed import rank, world_size
 
@@ -146,6 +146,7 @@ def symmetric_contrastive_loss(
     temperature: float = 1.0,
     gather: bool = True,
     positive_offset: int | None = None,
+    group: Group = None,
 ) -> torch.Tensor:
     """MoCo v3 loss ``ctr(q1, k2) + ctr(q2, k1)`` with in-batch negatives.
 
@@ -173,6 +174,8 @@ def symmetric_contrastive_loss(
         k2: ``(M, D)`` momentum-encoder output for view two.
         temperature: ``T > 0``; 1.0 as the MoCo v3 ResNet recipe (0.2 for ViT).
         gather: use the keys of all ranks as negatives (the reference does).
+        group: the process group whose ranks' keys are gathered (a data-parallel group);
+            the whole world by default. ``rank`` above is the rank in it.
         positive_offset: ``None`` (keys and queries are the same rows), or a host
             int ``s`` with ``0 <= s`` and ``s + N <= M``: query ``i``'s positive is
             local key row ``s + i``.
@@ -225,9 +228,9 @@ def symmetric_contrastive_loss(
     with _float32_context(q1.device):
         a, b = q1.to(dtype), q2.to(dtype)
         keys = torch.cat([F.normalize(k.detach().to(dtype), dim=1) for k in (k1, k2)], dim=1)
-        if gather and world_size() > 1:
-            keys, sizes = gather_with_sizes(keys)  # (sum of M over ranks, 2D): one gather
-            first += sum(sizes[: rank()])  # M * rank when every rank has M rows
+        if gather and world_size(group) > 1:
+            keys, sizes = gather_with_sizes(keys, group)  # (sum of M over ranks, 2D): one gather
+            first += sum(sizes[: rank(group)])  # M * rank when every rank has M rows
         c, d = keys[:, : q1.shape[1]], keys[:, q1.shape[1] :]
         return _ctr(a, d, t, first) + _ctr(b, c, t, first)
 
@@ -311,8 +314,11 @@ class SymmetricContrastiveLoss(nn.Module):
         k1: torch.Tensor,
         k2: torch.Tensor,
         positive_offset: int | None = None,
+        *,
+        group: Group = None,
     ) -> torch.Tensor:
-        """Args as [`symmetric_contrastive_loss`][]: queries ``(N, D)``, keys ``(M, D)``."""
+        """Args as [`symmetric_contrastive_loss`][]: queries ``(N, D)``, keys ``(M, D)``;
+        ``group`` is the process group to gather the keys over (the whole world by default)."""
         return symmetric_contrastive_loss(
             q1,
             q2,
@@ -321,6 +327,7 @@ class SymmetricContrastiveLoss(nn.Module):
             temperature=self.temperature,
             gather=self.gather,
             positive_offset=positive_offset,
+            group=group,
         )
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from momentum_contrast._checks import (
     check_positive_int,
     check_same_device,
 )
-from momentum_contrast.distributed import concat_all_gather, is_distributed
+from momentum_contrast._collectives import Group, gather, global_rank, initialized
 
 QueueInit = Literal["random", "empty"]
 
@@ -111,7 +111,7 @@ class KeyQueue(nn.Module):
         return self._length
 
     @torch.no_grad()
-    def push(self, keys: torch.Tensor) -> None:
+    def push(self, keys: torch.Tensor, *, group: Group = None) -> None:
         """Enqueue a batch of keys, overwriting the oldest.
 
         Args:
@@ -119,12 +119,14 @@ class KeyQueue(nn.Module):
                 Detached; gathered from all ranks first when ``gather`` and
                 ``torch.distributed`` is initialised; L2-normalised when
                 ``normalize``. With ``N > size`` only the newest ``size`` are kept.
+            group: the process group whose ranks share this queue (a data-parallel
+                group); the whole world by default. Pass the same one at every call.
         """
         check_float_matrix("keys", keys, self.dim)
         check_same_device("keys", keys, "the queue", self.keys)
-        self._sync_initial_keys()
+        self._sync_initial_keys(group)
         if self.gather:  # (world * N, D); the very keys batch_unshuffle returned: no exchange
-            keys = concat_all_gather(keys)
+            keys = gather(keys, group)
         keys = keys.detach()
         n = keys.shape[0]
         if n == 0:
@@ -140,21 +142,25 @@ class KeyQueue(nn.Module):
             self._length = min(self._length + n, self.size)
             self.length.fill_(self._length)
 
-    def negatives(self) -> torch.Tensor:
+    def negatives(self, *, group: Group = None) -> torch.Tensor:
         """The valid keys, as a copy that a later [`push`][] cannot change.
+
+        Args:
+            group: the group given to [`push`][] (its rank 0's random initial keys are
+                every rank's, at the first call of either).
 
         Returns:
             ``(len(self), dim)`` tensor in the storage dtype, without gradient.
             It is a snapshot (as the reference's ``queue.clone()``), so a loss
             built from it backpropagates correctly even after the next ``push``.
         """
-        self._sync_initial_keys()
+        self._sync_initial_keys(group)
         return self.keys[: self._length].clone()
 
-    def _sync_initial_keys(self) -> None:
+    def _sync_initial_keys(self, group: Group) -> None:
         """Once, under a process group: every rank takes rank 0's random initial keys."""
-        if self._broadcast_pending and is_distributed():
-            torch.distributed.broadcast(self.keys, src=0)
+        if self._broadcast_pending and initialized():
+            torch.distributed.broadcast(self.keys, src=global_rank(group, 0), group=group)
             self._broadcast_pending = False
 
     def extra_repr(self) -> str:

@@ -6,9 +6,11 @@
 * a 0-d tensor ``w`` on the parameters' device (a momentum schedule replayed in a CUDA
   graph; ``_foreach_lerp_`` would read a tensor weight back to the host), or onlines of a
   narrower dtype than the keys (a float32 key encoder following a bfloat16 model):
-  ``d = online - key; d *= w; key += d`` with fused multi-tensor ops, in the keys' dtype,
-  the scalar staying on the device. ``d`` is a temporary made chunk by chunk (at most
-  ``_CHUNK_NUMEL`` elements at a time), so a large model never needs a second full copy;
+  ``d = online - key; d *= w; key += d`` with fused multi-tensor ops, in the keys' dtype
+  (the increment alone is rounded, as in a lerp: ``m * key + w * online`` would round the
+  whole key twice a step), the scalar staying on the device. ``d`` is a temporary made
+  chunk by chunk (at most ``_CHUNK_NUMEL`` elements at a time), so a large model never
+  needs a second full copy;
 * under ``torch.compile``: one plain expression per tensor, which the compiler fuses and
   which keeps a momentum that changes every step a graph input (a foreach scalar would
   be specialised, recompiling at every new value).

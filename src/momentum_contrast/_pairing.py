@@ -31,6 +31,7 @@ class Pairs:
     groups: list[Group]
     sharded: bool
     held: tuple[torch.Tensor, ...]  # the walked tensors: while held, no id is reused
+    onlines: tuple[torch.Tensor, ...]  # the online model's, as walked (DTensors, not shards)
 
 
 def walk(model: nn.Module, kind: str) -> Named:
@@ -145,4 +146,4 @@ def pair_by_name(
     if sharded and not compiling:
         require_torch(FSDP2_TORCH, "MomentumEncoder with FSDP2 (fully_shard) or DTensor parameters")
     memo = () if compiling else memo_of(online_named, key_named, sharded)
-    return Pairs(memo, list(groups.values()), sharded, held)
+    return Pairs(memo, list(groups.values()), sharded, held, held[: len(online_named)])

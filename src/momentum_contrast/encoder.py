@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -173,8 +174,10 @@ class MomentumEncoder(nn.Module):
             p.requires_grad_(False)
             p.grad = None
         self._pairs: dict[str, Pairs] = {}
-        self._last_update: tuple[object, ...] | None = None  # what update() last saw online
-        self._warned = False
+        # what update() last saw of the online model: its version counters and a weak
+        # reference to one of its gradients; and whether a step ever moved the counters
+        self._last_update: tuple[tuple[int, ...], Callable[[], object]] | None = None
+        self._steps_move_versions = self._warned = False
 
     @property
     def online(self) -> nn.Module:
@@ -297,14 +300,20 @@ class MomentumEncoder(nn.Module):
         return pairs
 
     def _warn_if_misused(self, pairs: Pairs) -> None:
-        """Warn once: an update right after the previous one (no optimizer step between),
-        or a low-precision key encoder without ``ema_dtype``. The online weights' version
-        counters tell a step (a fused optimizer leaves them alone but replaces the
-        gradients, which ``zero_grad()`` sets to ``None``; accumulation keeps them)."""
-        onlines = [t for _, group in pairs.groups for t in group]
-        now = (tuple(t._version for t in onlines), tuple(id(t.grad) for t in onlines))
-        misplaced = now == self._last_update and any(t.grad is not None for t in onlines)
-        self._last_update = now
+        """Warn once: an update with no optimizer step since the previous one, or a
+        low-precision key encoder without ``ema_dtype``. A step moves the online weights'
+        version counters; a fused optimizer moves none, but its gradients are new ones
+        after ``zero_grad()``, while accumulated ones are the same tensors."""
+        versions = tuple(t._version for t in pairs.onlines)
+        grad = next((t.grad for t in pairs.onlines if t.grad is not None), None)
+        misplaced = False
+        if self._last_update is not None:
+            if versions != self._last_update[0]:
+                self._steps_move_versions = True
+            else:
+                same_grad = grad is not None and self._last_update[1]() is grad
+                misplaced = self._steps_move_versions or same_grad
+        self._last_update = (versions, _no_ref if grad is None else weakref.ref(grad))
         low = [k[0].dtype for k, _ in pairs.groups if k[0].dtype in (torch.bfloat16, torch.float16)]
         if self._warned or not (misplaced or low):
             return
@@ -316,7 +325,8 @@ class MomentumEncoder(nn.Module):
                 "m**2. Call it once per optimizer step: after optimizer.step(); in Lightning, "
                 "in an optimizer_step override, not on_train_batch_end; in Accelerate, under "
                 "`if accelerator.sync_gradients:`. (A step that a GradScaler skipped after an "
-                "fp16 overflow looks the same: then ignore this.)"
+                "fp16 overflow, or a fused optimizer with zero_grad(set_to_none=False) and "
+                "the update before zero_grad(), look the same: then ignore this.)"
             )
         else:
             message = (
@@ -329,6 +339,10 @@ class MomentumEncoder(nn.Module):
     def extra_repr(self) -> str:
         dtype = "" if self.ema_dtype is None else f", ema_dtype={self.ema_dtype}"
         return f"momentum={self.momentum}, buffers={self.buffers_mode!r}{dtype}"
+
+
+def _no_ref() -> None:
+    return None
 
 
 def _check_ema_dtype(ema_dtype: torch.dtype, name: str, dtype: torch.dtype) -> None:

@@ -376,7 +376,7 @@ def main() -> None:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)  # the same classifier on every rank
+    torch.manual_seed(args.seed)  # the backbone's initial weights (overwritten by the checkpoint)
 
     known = None
     if args.arch not in VITS:  # built once here; a torchvision vit_* name fixes its heads
@@ -405,6 +405,10 @@ def main() -> None:
              "no full batch to train on (lower --batch-size)")  # fmt: skip
     if val is train and rank == 0:
         print(f"warning: {args.data} has no val/ folder: the accuracy is on the training images")
+    # Seeded here, after every model is built (a state dict builds a second one to find the
+    # classifier it drops): the classifier and the crops depend on --seed, not on the kind of
+    # checkpoint; the same classifier on every rank
+    torch.manual_seed(args.seed)
     classifier = nn.Linear(dim, classes).to(device)
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)

@@ -216,6 +216,26 @@ def test_strip_timm_models(name: str, dim: int) -> None:
     assert model(torch.randn(1, 3, 224, 224)).shape == (1, dim)
 
 
+@pytest.mark.parametrize(
+    ("name", "dim"),
+    [
+        ("mobilenetv3_small_050", 1024),  # num_features 288
+        ("ghostnet_050", 1280),  # 480
+        ("mobilenetv4_conv_small", 1280),  # 960
+        ("efficientvit_b0", 1280),  # 128
+        ("hgnetv2_b0", 2048),  # 1024
+        ("repghostnet_050", 1280),  # 480
+    ],
+)
+def test_strip_timm_models_with_a_pre_logits_head_gives_its_width(name: str, dim: int) -> None:
+    # A pre-logits layer (conv_head, ...) between the pooling and the classifier stays after
+    # reset_classifier(0): the features are head_hidden_size wide, not num_features
+    model, got = strip_classifier(timm.create_model(name, pretrained=False).eval())
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert got == out.shape[1] == dim and out.shape == (2, dim)
+
+
 def test_strip_unknown_model_says_what_to_do() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     with pytest.raises(TypeError, match="Build the feature extractor yourself"):

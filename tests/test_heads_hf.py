@@ -142,3 +142,92 @@ def test_a_wrong_feature_size_is_named() -> None:
     match = r"ViTModel gave features of shape \(1, 32\), expected \(N, 64\)"
     with pytest.raises(ValueError, match=match):
         HFFeatures(base, 64)(torch.randn(1, 3, 32, 32))
+
+
+def _vit_no_pooler() -> nn.Module:
+    config = transformers.ViTConfig(attn_implementation="eager", **VIT)
+    return transformers.ViTModel(config, add_pooling_layer=False)
+
+
+def _vit_eager() -> nn.Module:
+    config = transformers.ViTConfig(num_labels=5, attn_implementation="eager", **VIT)
+    return transformers.ViTForImageClassification(config)
+
+
+def _segformer_eager() -> nn.Module:
+    model = _segformer()
+    model.set_attn_implementation("eager")
+    return model
+
+
+class PlainCallViT(transformers.ViTModel):  # a forward without the flags: its config decides
+    def forward(self, pixel_values: torch.Tensor) -> Any:
+        return super().forward(pixel_values=pixel_values)
+
+
+def _vit_plain_call() -> nn.Module:
+    config = transformers.ViTConfig(attn_implementation="eager", **VIT)
+    return PlainCallViT(config, add_pooling_layer=False)
+
+
+HIERA = {
+    "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 1], "image_size": [32, 32],
+    "patch_size": [3, 3], "patch_stride": [2, 2], "patch_padding": [1, 1],
+    "masked_unit_size": [4, 4], "num_query_pool": 1, "query_stride": [2, 2], "mlp_ratio": 2.0,
+}  # fmt: skip
+
+
+def _hiera() -> nn.Module:  # mask_ratio 0.6 in its config, for the MAE model only
+    config = transformers.HieraConfig(num_labels=5, attn_implementation="eager", **HIERA)
+    return transformers.HieraForImageClassification(config)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_vit_no_pooler, _vit_eager, _resnet, _segformer_eager, _hiera, _vit_plain_call],
+    ids=["vit-no-pooler", "vit-classifier", "resnet", "segformer", "hiera", "vit-plain-call"],
+)
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"return_dict": False},
+        {"return_dict": False, "output_hidden_states": True},
+        {"return_dict": False, "output_attentions": True},
+        {"output_hidden_states": True, "output_attentions": True},
+    ],
+    ids=["tuple", "tuple-hidden-states", "tuple-attentions", "dict-hidden-attentions"],
+)
+def test_the_features_do_not_depend_on_the_output_flags(build: Any, flags: dict[str, bool]) -> None:
+    # return_dict=False with hidden states or attentions and no pooler gave the tuple
+    # (last_hidden_state, hidden_states, ...): hidden_states was taken for the pooled output
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, 32, 32)
+    features, dim = strip_classifier(model)
+    with torch.no_grad():
+        want = features(x)
+        for name, value in flags.items():
+            setattr(model.config, name, value)
+        got = features(x)
+    assert want.shape == (2, dim)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_hiera_classification_is_accepted_its_mae_pre_training_refused() -> None:
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(num_labels=5, **HIERA)
+    assert config.mask_ratio == 0.6  # read by the pre-training model only
+    model = transformers.HieraForImageClassification(config).eval()
+    x = torch.randn(3, 3, 32, 32)
+    features, dim = strip_classifier(model)
+    with torch.no_grad():
+        logits = model(x).logits
+        f = features(x)
+    assert dim == 16 and f.shape == (3, 16)  # embed_dim 8, doubled once
+    torch.testing.assert_close(model.classifier(f), logits, rtol=0, atol=1e-5)
+    with torch.no_grad():  # no random masking: the same features twice
+        torch.testing.assert_close(features(x), f, rtol=0, atol=0)
+    mae = {"decoder_hidden_size": 8, "decoder_depth": 1, "decoder_num_heads": 1}
+    pre_training = transformers.HieraForPreTraining(transformers.HieraConfig(**HIERA, **mae))
+    with pytest.raises(TypeError, match=r"HieraForPreTraining masks a random 60% of the patches"):
+        strip_classifier(pre_training)

@@ -7,6 +7,7 @@ returns its pooled features. ``transformers`` is never imported here.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -22,6 +23,33 @@ def _is_transformers_model(model: nn.Module) -> bool:
     )
 
 
+# Asked of the base model at every forward, whatever its config says (return_dict=False,
+# output_hidden_states=True, ...): a ModelOutput, read by name, without the hidden states
+# and attention maps of every layer (never used here, and kept in memory until the end).
+_CALL_FLAGS = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
+
+
+def _call_flags(model: nn.Module) -> dict[str, bool]:
+    """The flags of ``_CALL_FLAGS`` that ``model.forward`` takes (by name or ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: the model's own defaults
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(_CALL_FLAGS)
+    return {k: v for k, v in _CALL_FLAGS.items() if k in params}
+
+
+def _masks_patches(model: nn.Module) -> bool:
+    """Whether ``model`` drops a random ``config.mask_ratio`` of its patches at every forward:
+    ViTMAE always does; Hiera's config holds a ``mask_ratio`` too, but only its MAE
+    pre-training model (``is_mae=True`` in its embeddings) masks, never the classifier."""
+    if not (getattr(model.config, "mask_ratio", 0) or 0) > 0:
+        return False
+    modes = [m.is_mae for m in model.modules() if isinstance(getattr(m, "is_mae", None), bool)]
+    return not modes or any(modes)
+
+
 def _learned_pooler(base: nn.Module) -> bool:
     """A pooler that is a trained projection of the class token (``dense`` + tanh: ViT,
     DeiT), which classification checkpoints leave untrained: not used."""
@@ -33,7 +61,9 @@ class HFFeatures(nn.Module):
     ``pooler_output`` when it has a pooling pooler (average pooling, the class token after
     its norm), else the class token of ``last_hidden_state`` (ViT, DeiT: what their
     classifier reads), the mean of its tokens when it has no class token, or the spatial
-    mean of a ``(N, C, H, W)`` map.
+    mean of a ``(N, C, H, W)`` map. The base model is called with ``return_dict=True`` and
+    without hidden states or attention maps, whatever its config asks for (``return_dict``
+    or ``output_*``), when its ``forward`` takes these flags.
 
     Args:
         model: a ``transformers`` base model (``ResNetModel``, ``ViTModel``, ...).
@@ -47,12 +77,16 @@ class HFFeatures(nn.Module):
         self.use_pooler = not _learned_pooler(model)
         embeddings = getattr(model, "embeddings", None)
         self.class_token = getattr(embeddings, "cls_token", None) is not None
+        self.flags = _call_flags(model)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` images -> ``(N, C)`` features."""
-        out: Any = self.model(pixel_values=pixel_values)
-        if isinstance(out, tuple):  # return_dict=False: (last_hidden_state, pooler_output, ...)
-            last, pooled = out[0], out[1] if len(out) > 1 else None
+        out: Any = self.model(pixel_values=pixel_values, **self.flags)
+        if isinstance(out, tuple):  # a forward without return_dict, its config's set False
+            # (last_hidden_state, pooler_output, ...) without the None fields: a second item
+            # that is no tensor is the tuple of hidden states or attention maps, not a pooling
+            second = out[1] if len(out) > 1 else None
+            last, pooled = out[0], second if isinstance(second, torch.Tensor) else None
         else:
             last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
         features: torch.Tensor
@@ -81,7 +115,7 @@ def hf_features(model: nn.Module) -> tuple[nn.Module, int] | None:
         return None
     config: Any = model.config
     name = type(model).__name__
-    if (getattr(config, "mask_ratio", 0) or 0) > 0:
+    if _masks_patches(model):
         raise TypeError(
             f"strip_classifier: {name} masks a random {config.mask_ratio:.0%} of the patches "
             "at every forward (mask_ratio), in eval() too; load it with mask_ratio=0.0"

@@ -172,15 +172,18 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     Modifies ``model`` in place and returns it. Understood:
 
     - timm models (anything with ``reset_classifier`` and ``num_features``):
-      ``reset_classifier(0)``.
+      ``reset_classifier(0)``; the feature size is ``head_hidden_size`` where the model has
+      it (the width after a pre-logits layer: 1024 for ``mobilenetv3_small_050``, whose
+      ``num_features`` is 288), else ``num_features``.
     - Hugging Face ``transformers`` vision models (``ResNetForImageClassification``,
       ``ViTModel``, ...), which return a ``ModelOutput``: *not* modified; returned is a
       new module around their base model giving ``(N, C)``: its pooled output (average
       pooling; not a ``dense`` + tanh pooler), else the class token of
-      ``last_hidden_state``, or the mean of its tokens or of its ``(N, C, H, W)`` map.
-      Models that mask patches at random (``mask_ratio``, ViTMAE) are refused. (Dinov2's
-      classifier reads the class token and the mean patch token, ``2C``: this gives the
-      ``C``-wide pooled class token.)
+      ``last_hidden_state``, or the mean of its tokens or of its ``(N, C, H, W)`` map,
+      whatever the config's ``return_dict`` and ``output_*`` flags. Models that mask
+      patches at random (``mask_ratio``: ViTMAE, Hiera's MAE pre-training model, not its
+      classifier) are refused. (Dinov2's classifier reads the class token and the mean
+      patch token, ``2C``: this gives the ``C``-wide pooled class token.)
     - models whose last child is an ``nn.Linear`` named ``fc``, ``head``,
       ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
       ``nn.Sequential`` under such a name ending in one (torchvision ViT's
@@ -215,8 +218,9 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     reset = getattr(model, "reset_classifier", None)
     num_features = getattr(model, "num_features", None)
     if callable(reset) and isinstance(num_features, int):
-        reset(0)
-        return model, num_features
+        reset(0)  # keeps a pre-logits layer (MobileNetV3's conv_head): head_hidden_size wide
+        width = getattr(model, "head_hidden_size", None)
+        return model, width if isinstance(width, int) and width > 0 else num_features
     children = list(model.named_children())
     if children and children[-1][0] in _CLASSIFIER_NAMES:
         name, last = children[-1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from example_runner import TINY, V3, import_examples, run
+from example_runner import TINY, V3, V12, import_examples, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_convert_official import official, official_v3_vit_small
@@ -150,3 +150,42 @@ def test_the_data_defaults_to_the_checkpoints() -> None:
     )
     older = linear_eval.build_parser(False, {"arch": "resnet50", "image_size": 224})  # authors'
     assert (older.parse_args([]).data, older.parse_args([]).data_root) == ("shapes", "data")
+
+
+def test_the_classifier_starts_alike_from_a_checkpoint_or_a_state_dict(tmp_path: Path) -> None:
+    """The same weights as an example checkpoint and as a plain state dict, the same --seed:
+    the same result. A state dict built a second model (the classifier's) first, which drew
+    random numbers before the classifier's init and the augmentations."""
+    import_examples()
+    import linear_eval
+    from shapes import make_shapes
+
+    run("moco_v2.py", *V12, "--max-steps", "1", "--output-dir", str(tmp_path / "run"))
+    (path,) = (tmp_path / "run").glob("checkpoint_*.pt")
+    ckpt = torch.load(path, weights_only=True)
+    state, _ = linear_eval.pretrained_backbone(ckpt, "project", False, "small_cnn")
+    # BatchNorm statistics of the images: after 1 step they are still the initial ones, the
+    # features nearly the same for every image, and any classifier predicts one class
+    features, _ = linear_eval.backbone("small_cnn", 32)
+    features.load_state_dict(state)
+    for m in features.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # the average over the batch
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features.train()((make_shapes(256, 32, seed=5)[0] / 255 - mean) / std)
+    state = features.state_dict()
+    ckpt["model"] = {**ckpt["model"], **{f"0.{k}": v for k, v in state.items()}}
+    torch.save(ckpt, project := tmp_path / "checkpoint.pt")
+    torch.save(state, plain := tmp_path / "backbone.pth")
+    # a small lr: the classifier stays near its initialisation, which decides the accuracy
+    flags = [*FLAGS, "--image-size", "32", "--shapes-val", "200", "--lr", "0.01", "--seed", "1",
+             "--arch", "small_cnn", "--data", "shapes"]  # fmt: skip
+    results = []
+    for src, out in ((project, tmp_path / "a"), (plain, tmp_path / "b")):
+        run("linear_eval.py", *flags, "--pretrained", str(src), "--output-dir", str(out))
+        result = json.loads((out / "linear_eval.json").read_text())
+        results.append({k: result[k] for k in ("top1", "top5", "images")})
+    assert results[0] == results[1] and results[0]["images"] == 200, results

@@ -41,14 +41,14 @@ def walk(model: nn.Module, kind: str) -> Named:
 def memo_of(online: Named, key: Named, sharded: bool) -> tuple[object, ...]:
     """Names, tensor objects (by id: `Pairs.held` keeps them, so no id is reused) and
     data addresses of both walks (local shards' for ``DTensor``s: FSDP2 may re-pad one)."""
-    tensors = [t for _, t in online] + [t for _, t in key]
-    data = list(map(local, tensors)) if sharded else tensors
-    return (
-        tuple(n for n, _ in online),
-        tuple(n for n, _ in key),
-        tuple(map(id, tensors)),
-        tuple(t.data_ptr() for t in data),
-    )
+    online_names, online_tensors = zip(*online, strict=True) if online else ((), ())
+    key_names, key_tensors = zip(*key, strict=True) if key else ((), ())
+    tensors = online_tensors + key_tensors
+    data = map(local, tensors) if sharded else tensors
+    return (online_names, key_names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)))
+
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 def current(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import warnings
 import weakref
 from collections.abc import Callable
@@ -304,7 +305,7 @@ class MomentumEncoder(nn.Module):
         low-precision key encoder without ``ema_dtype``. A step moves the online weights'
         version counters; a fused optimizer moves none, but its gradients are new ones
         after ``zero_grad()``, while accumulated ones are the same tensors."""
-        versions = tuple(t._version for t in pairs.onlines)
+        versions = tuple(map(_version, pairs.onlines))
         grad = next((t.grad for t in pairs.onlines if t.grad is not None), None)
         misplaced = False
         if self._last_update is not None:
@@ -339,6 +340,9 @@ class MomentumEncoder(nn.Module):
     def extra_repr(self) -> str:
         dtype = "" if self.ema_dtype is None else f", ema_dtype={self.ema_dtype}"
         return f"momentum={self.momentum}, buffers={self.buffers_mode!r}{dtype}"
+
+
+_version = operator.attrgetter("_version")
 
 
 def _no_ref() -> None:

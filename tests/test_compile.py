@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from _torch_version import torch_at_least
 from conftest import perturb_
 from torch import nn
 
@@ -23,7 +24,6 @@ from momentum_contrast import (
     info_nce,
     symmetric_contrastive_loss,
 )
-from momentum_contrast._versions import torch_at_least
 
 # Dynamo of torch 2.5 to 2.10 specialises a Python float momentum (2.13 and 2.14 do not):
 # each new value recompiles the update; a tensor momentum compiles once on every supported

@@ -220,3 +220,22 @@ def test_a_deep_copy_follows_its_own_online_copy() -> None:
     for (name, a), b in zip(holder.state_dict().items(), twin.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
         assert a.data_ptr() != b.data_ptr(), name
+
+
+def test_a_parameter_removed_from_both_models_after_construction_is_followed() -> None:
+    # round 4, finding 3: a bare KeyError in update() and load_state_dict(strict=False)
+    online = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).bfloat16()
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=torch.float32)
+    enc.update()
+    for model in (online, enc.key_encoder):
+        del model[1]._parameters["bias"]
+        model[1].register_parameter("bias", None)
+    with torch.no_grad():
+        online[1].weight.fill_(1.0)
+    enc.update()
+    start = enc.key_encoder[1].weight.detach().clone()
+    enc.update()
+    torch.testing.assert_close(enc.key_encoder[1].weight, 0.5 * start + 0.5)
+    state = {k: v for k, v in enc.state_dict().items() if k != "key_encoder.0.bias"}
+    result = enc.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["key_encoder.0.bias"] and not result.unexpected_keys

@@ -12,10 +12,10 @@ import pytest
 import torch
 from _dist_recipes import TinyViT
 from _dist_workers import fully_shard, global_tensor, launch
+from _torch_version import FSDP2_TORCH, torch_at_least
 from torch import nn
 
 from momentum_contrast import MomentumEncoder, symmetric_contrastive_loss
-from momentum_contrast._versions import FSDP2_TORCH, torch_at_least
 from momentum_contrast.distributed import rank, world_size
 
 pytest.importorskip("torch.distributed.fsdp")

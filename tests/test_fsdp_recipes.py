@@ -22,8 +22,7 @@ import pytest
 import torch
 from _dist_recipes import STEPS, TinyViT, bf16_shadow, scenario_recipes, v2_fsdp, v3_ddp
 from _dist_workers import launch
-
-from momentum_contrast._versions import FSDP2_TORCH, torch_at_least
+from _torch_version import FSDP2_TORCH, torch_at_least
 
 pytest.importorskip("torch.distributed.fsdp")
 pytestmark = [

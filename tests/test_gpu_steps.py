@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _torch_version import torch_at_least
 from conftest import SmallCNN
 from test_compile import (
     FLOAT_MOMENTUM_REASON,
@@ -29,7 +30,6 @@ from momentum_contrast import (
     moco_v3_projector,
     symmetric_contrastive_loss,
 )
-from momentum_contrast._versions import torch_at_least
 from momentum_contrast.distributed import batch_shuffle, batch_unshuffle
 from momentum_contrast.norm import convert_split_batchnorm
 from momentum_contrast.optim import LARS

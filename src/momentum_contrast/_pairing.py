@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from momentum_contrast._dtensor import describe_layout, is_dtensor, layout, local, reshard_fsdp
-from momentum_contrast._versions import FSDP2_TORCH, require_torch
 
 Named = list[tuple[str, torch.Tensor]]
 Group = tuple[list[torch.Tensor], list[torch.Tensor]]  # (key tensors, online tensors)
@@ -143,7 +142,5 @@ def pair_by_name(
             p.requires_grad_(False)
     held = tuple(t for _, t in online_named + key_named)
     sharded = any(map(is_dtensor, held))
-    if sharded and not compiling:
-        require_torch(FSDP2_TORCH, "MomentumEncoder with FSDP2 (fully_shard) or DTensor parameters")
     memo = () if compiling else memo_of(online_named, key_named, sharded)
     return Pairs(memo, list(groups.values()), sharded, held, held[: len(online_named)])

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from momentum_contrast import _collectives as c
+import momentum_contrast._collectives as c
 from momentum_contrast._checks import check_same_device
 from momentum_contrast._collectives import EQUAL_BATCHES, Group
 from momentum_contrast._ddp import exclude_from_ddp

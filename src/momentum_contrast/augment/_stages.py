@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from momentum_contrast.augment import _ops
+import momentum_contrast.augment._ops as _ops
 
 
 def after_crop_stage(

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
+import momentum_contrast.augment._ops as _ops
 from momentum_contrast._checks import check_positive_int
-from momentum_contrast.augment import _ops
 from momentum_contrast.augment._checks import as_batch, check_boxes, check_images, check_mask
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 

@@ -221,3 +221,13 @@ def test_tensor_subclass_parameters_without_storage_of_their_own() -> None:
     for part in ("a", "b"):
         got, expected = getattr(enc.key_encoder.weight, part), getattr(want, part)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_parameter_tied_on_one_side_only_raises() -> None:
+    online = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    online[1].weight = online[0].weight  # tied online
+    enc = MomentumEncoder(online)
+    enc.update()  # tied on both sides: fine, averaged once
+    enc.key_encoder[1].weight = nn.Parameter(enc.key_encoder[1].weight.detach().clone())
+    with pytest.raises(ValueError, match=r"'1.weight' is tied to another parameter on one side"):
+        enc.update()

@@ -34,7 +34,11 @@ class Pairs:
 
 
 def walk(model: nn.Module, kind: str) -> Named:
-    return list(model.named_parameters() if kind == "parameter" else model.named_buffers())
+    """Every name of every tensor: a tied tensor once per name (no de-duplicating set of
+    tensors, which costs a Python ``__hash__`` per tensor; the pairing drops repeats)."""
+    if kind == "parameter":
+        return list(model.named_parameters(remove_duplicate=False))
+    return list(model.named_buffers(remove_duplicate=False))
 
 
 def memo_of(online: Named, key: Named, sharded: bool) -> tuple[object, ...]:
@@ -132,11 +136,19 @@ def pair_by_name(
             "changing the model's structure."
         )
     groups: dict[tuple[object, ...], Group] = {}
+    partner: dict[int, int] = {}  # id of a tensor of either side -> id of its pair
     for name, o in online_named:
-        k = local(key[name])
+        k = key[name]
+        if id(k) in partner or id(o) in partner:  # a tied tensor, seen under another name
+            if partner.get(id(k)) != id(o) or partner.get(id(o)) != id(k):
+                problems.append(f"{kind} {name!r} is tied to another {kind} on one side only")
+            continue
+        partner[id(k)], partner[id(o)] = id(o), id(k)
         keys, onlines = groups.setdefault((k.device, k.dtype, o.dtype), ([], []))
-        keys.append(k)
+        keys.append(local(k))
         onlines.append(local(o))
+    if problems:
+        raise ValueError(f"MomentumEncoder: {'; '.join(problems)}")
     if kind == "parameter":
         for _, p in key_named:  # a reloaded or replaced key encoder stays frozen
             p.requires_grad_(False)

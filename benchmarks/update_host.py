@@ -3,7 +3,8 @@ of both models (``named_parameters()``) plus one ``torch._foreach_lerp_``, as ti
 ``AveragedModel``'s updates are. Every parameter is shrunk to one element, so the device
 work is nothing and the host work (walks, pairing checks, warnings) is all there is.
 
-    python benchmarks/update_host.py          # ResNet-50 and ViT-B/16, float32 and ema_dtype
+    python benchmarks/update_host.py              # ResNet-50 and ViT-B/16, float32 and ema_dtype
+    python benchmarks/update_host.py --iters 20   # a quick run (the test's)
 
 Rows: the model, the precision (``float32``: float32 models; ``ema_dtype``: bfloat16 online
 model, float32 key encoder, against a plain walk and lerp of two bfloat16 models), the
@@ -12,6 +13,7 @@ best-of-7 median microseconds of each, and their ratio (the target is <= 1.2).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import sys
@@ -40,7 +42,7 @@ def tiny(model: nn.Module) -> nn.Module:
 
 def host_us(fn: Callable[[], object], iters: int = 2000, repeats: int = 7) -> float:
     """Best of ``repeats`` medians-of-batches: the least disturbed measure of a host loop."""
-    for _ in range(100):
+    for _ in range(min(iters, 100)):
         fn()
     batches = []
     for _ in range(repeats):
@@ -51,7 +53,7 @@ def host_us(fn: Callable[[], object], iters: int = 2000, repeats: int = 7) -> fl
     return min(batches) if len(batches) < 3 else min(statistics.median(batches), min(batches))
 
 
-def measure(arch: str, precision: str) -> dict[str, object]:
+def measure(arch: str, precision: str, iters: int) -> dict[str, object]:
     torch.manual_seed(0)
     online = tiny(getattr(torchvision.models, arch)())
     if precision == "ema_dtype":
@@ -65,8 +67,8 @@ def measure(arch: str, precision: str) -> dict[str, object]:
         onlines = [p for _, p in online.named_parameters()]
         torch._foreach_lerp_(keys, onlines, 0.001)
 
-    library = host_us(encoder.update)
-    baseline = host_us(plain)
+    library = host_us(encoder.update, iters)
+    baseline = host_us(plain, iters)
     return {
         "model": arch,
         "precision": precision,
@@ -77,8 +79,15 @@ def measure(arch: str, precision: str) -> dict[str, object]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=2000, help="updates per timed batch")
+    iters = parser.parse_args().iters
     torch.set_num_threads(1)
-    rows = [measure(arch, p) for arch in ("resnet50", "vit_b_16") for p in ("float32", "ema_dtype")]
+    rows = [
+        measure(arch, p, iters)
+        for arch in ("resnet50", "vit_b_16")
+        for p in ("float32", "ema_dtype")
+    ]
     save("update_host", rows, {"target": "ratio <= 1.2"})
 
 

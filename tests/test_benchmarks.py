@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -153,3 +154,20 @@ def test_info_nce_peak_memory_is_below_the_reference() -> None:
     logits_bytes = n * m * 4
     assert ours < ref, (ours / logits_bytes, ref / logits_bytes)
     assert ours <= 2.2 * logits_bytes, ours / logits_bytes  # two (N, M) buffers at most
+
+
+def test_update_host_time_rows_compare_the_update_with_a_plain_walk(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "update_host.py"), "--iters", "5"],
+        capture_output=True, text=True, timeout=300, cwd=BENCH,
+        env={**os.environ, "BENCH_OUT": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "update_host.json").read_text())["rows"]
+    assert [(r["model"], r["precision"]) for r in rows] == [
+        (m, p) for m in ("resnet50", "vit_b_16") for p in ("float32", "ema_dtype")
+    ]
+    for r in rows:
+        assert r["update_us"] > 0 and r["plain_walk_lerp_us"] > 0
+        # (the times are rounded to 0.1 us in the table, the ratio is not)
+        assert abs(r["ratio"] - r["update_us"] / r["plain_walk_lerp_us"]) < 0.01

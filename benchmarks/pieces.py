@@ -73,7 +73,7 @@ def ema(device: torch.device, bandwidth_gbs: float) -> list[Row]:
             rows.append({**row, "x floor": row["ms"] / floor})  # type: ignore[operator]
         rows.append({"piece": rows[-1]["piece"], "implementation": "bandwidth floor", "ms": floor})
         # The check of both models that precedes every update: host time only, no device work.
-        check_ms = median_ms(lambda e=encoder: e._pairs("parameter"), torch.device("cpu"))
+        check_ms = median_ms(lambda e=encoder: e._paired("parameter"), torch.device("cpu"))
         rows.append({"piece": rows[-1]["piece"], "implementation": "pairing check (host)",
                      "ms": check_ms})  # fmt: skip
     return rows

@@ -215,3 +215,15 @@ def test_a_directory_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([str(tmp_path), str(tmp_path / "out.pth"), "--to", "timm"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path} is a directory, not a checkpoint file"
+
+
+def test_a_0_3_0_float32_copy_is_not_a_second_encoder() -> None:
+    torch.manual_seed(0)
+    backbone, dim = strip_classifier(torchvision.models.resnet18())
+    model = nn.Sequential(backbone, moco_v2_head(dim)).bfloat16()
+    key = MomentumEncoder(model).state_dict()  # key_encoder.* in bfloat16, as 0.3.0 saved
+    state = {**key, **{f"ema_shadow.{k[len('key_encoder.') :]}": v.float() for k, v in key.items()}}
+    with pytest.raises(LayoutError, match="holds only a key encoder"):
+        backbone_state_dict(state)  # not the copy taken for a query encoder
+    result = backbone_state_dict(state, encoder="key")
+    assert result["conv1.weight"].dtype == torch.bfloat16  # the key weights, not the copy

@@ -165,8 +165,16 @@ def test_an_online_model_cast_wider_than_ema_dtype_is_refused_at_update() -> Non
     online = nn.Linear(4, 4)
     enc = MomentumEncoder(online, ema_dtype=torch.float32)
     online.double()
-    with pytest.raises(ValueError, match=r"'weight' is torch.float64 online, wider than ema_dtype"):
+    with pytest.raises(ValueError, match=r"'weight' is torch.float64 online, which ema_dtype can"):
         enc.update()
+
+
+def test_an_ema_dtype_wider_than_float32_over_float32_weights_is_refused() -> None:
+    # no autocast runs float64 weights in float32: the forward would fail on the first batch
+    with pytest.raises(ValueError, match=r"ema_dtype torch.float64 cannot follow 'weight'"):
+        MomentumEncoder(nn.Linear(4, 4), ema_dtype=torch.float64)
+    enc = MomentumEncoder(nn.Linear(4, 4).double(), ema_dtype=torch.float64)  # its own dtype
+    assert enc(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
 
 
 @pytest.mark.parametrize("assign", [False, True])

@@ -4,6 +4,8 @@ tensors of either model, the next update follows the models as they are now, or 
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -231,3 +233,41 @@ def test_a_parameter_tied_on_one_side_only_raises() -> None:
     enc.key_encoder[1].weight = nn.Parameter(enc.key_encoder[1].weight.detach().clone())
     with pytest.raises(ValueError, match=r"'1.weight' is tied to another parameter on one side"):
         enc.update()
+
+
+def test_a_smaller_view_swapped_in_at_the_same_address_raises() -> None:
+    # (16,) -> (1,) keeps the object and the data pointer; the lerp would broadcast it
+    online = nn.Linear(8, 16)
+    enc = MomentumEncoder(online, momentum=0.5)
+    enc.update()
+    online.bias.data = online.bias.data[:1]
+    with pytest.raises(ValueError, match=r"'bias' has shape \(1,\) online but \(16,\)"):
+        enc.update()
+
+
+def test_ties_reloaded_with_assign_stay_ties() -> None:
+    online = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    online[1].weight = online[0].weight
+    enc = MomentumEncoder(online, momentum=0.5)
+    enc.update()
+    buffer = io.BytesIO()
+    torch.save(enc.state_dict(), buffer)  # one storage for both names
+    buffer.seek(0)
+    enc.load_state_dict(torch.load(buffer), assign=True)  # two objects, one memory
+    assert enc.key_encoder[0].weight is not enc.key_encoder[1].weight
+    before = enc.key_encoder[0].weight.detach().clone()
+    with torch.no_grad():
+        online[0].weight.add_(1.0)
+    enc.update()  # averaged once, not twice
+    expected = 0.5 * before + 0.5 * online[0].weight.detach()
+    torch.testing.assert_close(enc.key_encoder[1].weight, expected, rtol=0, atol=1e-6)
+
+
+def test_an_encoder_pickles_after_updates_with_gradients() -> None:
+    online = nn.Linear(4, 4)
+    enc = MomentumEncoder(online)
+    online(torch.randn(2, 4)).sum().backward()
+    enc.update()
+    clone = pickle.loads(pickle.dumps(enc))
+    assert torch.equal(clone.key_encoder.weight, enc.key_encoder.weight)
+    clone.update()  # it follows its own copy of the online model

@@ -43,6 +43,9 @@ def scenario_groups() -> dict[str, Any]:
     out["shuffled"] = shuffled
     keys = mcd.batch_unshuffle(shuffled * 2, idx, group=group)
     out["unshuffled"] = keys
+    if mcd.world_size(group) > 1:  # (alone, a gather is x.detach(): an alias of the keys)
+        mcd.concat_all_gather(keys, group=group).add_(100.0)  # takes the attached gather
+    out["regathered"] = mcd.concat_all_gather(keys, group=group)  # a new gather, unharmed
     torch.manual_seed(me)  # every rank draws other initial keys: the group's rank 0 wins
     queue = KeyQueue(QUEUE, DIM, dtype=torch.float64)
     out["initial"] = queue.negatives(group=group)
@@ -79,6 +82,7 @@ def test_every_collective_stays_inside_its_group(ranks: list[Any]) -> None:
         assert got["shuffled"].shape == rank_rows(2, me).shape
         assert all(any(torch.equal(row, p) for p in pool) for row in got["shuffled"])
         assert torch.equal(got["unshuffled"], rank_rows(2, me) * 2)
+        assert torch.equal(got["regathered"], pool * 2)
         # the queue: the group's rank 0's initial keys, then the group's keys in rank order
         first = ranks[members[0]]
         assert torch.equal(got["initial"], first["initial"])

@@ -72,8 +72,9 @@ def members(group: Group) -> tuple[int, ...]:
 
 def gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     """``concat_all_gather``: the gather ``batch_unshuffle`` attached to its output when
-    ``x`` is that output, unchanged since (version counter, data pointer), else a new one."""
-    known = getattr(x, "_moco_gathered", None)
+    ``x`` is that output, unchanged since (version counter, data pointer), else a new one.
+    The attached gather is handed over once (and let go): a second call gathers anew."""
+    known = x.__dict__.pop("_moco_gathered", None)
     if known is not None and known[1:] == (x._version, x.data_ptr(), members(group)):
         gathered: torch.Tensor = known[0]
         return gathered

@@ -42,16 +42,17 @@ def walk(model: nn.Module, kind: str) -> Named:
 
 
 def memo_of(online: Named, key: Named, sharded: bool) -> tuple[object, ...]:
-    """Names, tensor objects (by id: `Pairs.held` keeps them, so no id is reused) and
-    data addresses of both walks (local shards' for ``DTensor``s: FSDP2 may re-pad one)."""
+    """Names, tensor objects (by id: `Pairs.held` keeps them, so no id is reused), data
+    addresses and sizes of both walks (local shards' for ``DTensor``s: FSDP2 may re-pad one)."""
     online_names, online_tensors = zip(*online, strict=True) if online else ((), ())
     key_names, key_tensors = zip(*key, strict=True) if key else ((), ())
     tensors = online_tensors + key_tensors
-    data = map(local, tensors) if sharded else tensors
-    return (online_names, key_names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)))
+    data = tuple(map(local, tensors)) if sharded else tensors
+    numels = tuple(map(_numel, data))  # a view swapped in at the same address: (16,) -> (1,)
+    return (online_names, key_names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)), numels)
 
 
-_data_ptr = torch.Tensor.data_ptr
+_data_ptr, _numel = torch.Tensor.data_ptr, torch.Tensor.numel
 
 
 def current(
@@ -76,6 +77,13 @@ def current(
             break
         online_named, key_named = walk(online, kind), walk(key, kind)
     return pair_by_name(kind, online_named, key_named, ema_dtype, compiling)
+
+
+def ema_follows(online: torch.dtype, ema_dtype: torch.dtype) -> bool:
+    """Whether a key encoder in ``ema_dtype`` can follow ``online`` weights: of its own
+    dtype, or bfloat16/float16 ones in float32 (its forward autocasts to them)."""
+    low = (torch.bfloat16, torch.float16)
+    return online == ema_dtype or (ema_dtype == torch.float32 and online in low)
 
 
 def _expected_dtype(online: torch.Tensor, ema_dtype: torch.dtype | None) -> torch.dtype:
@@ -119,9 +127,8 @@ def pair_by_name(
             if kv != ov:
                 want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} (ema_dtype)"
                 problems.append(f"{kind} {name!r} has {what} {want} but {kv} in the key encoder")
-        wider = ema_dtype is not None and torch.promote_types(o.dtype, ema_dtype) != ema_dtype
-        if wider and o.is_floating_point():
-            problems.append(f"{kind} {name!r} is {o.dtype} online, wider than ema_dtype")
+        if ema_dtype is not None and o.is_floating_point() and not ema_follows(o.dtype, ema_dtype):
+            problems.append(f"{kind} {name!r} is {o.dtype} online, which ema_dtype cannot follow")
     if not compiling and (shared := _shared(online_named, key_named)):
         problems.append(
             f"the key encoder shares these {kind}s' memory with the online model (an update "
@@ -135,15 +142,25 @@ def pair_by_name(
             "alike (fully_shard with the same mesh), or build a new MomentumEncoder after "
             "changing the model's structure."
         )
+
+    def tie(t: torch.Tensor, side: str) -> object:
+        """What tied tensors share: the object, or (eagerly) the memory and its layout, so
+        that ties reloaded with ``assign=True`` (other objects, one memory) stay ties."""
+        t = local(t)
+        if compiling or not t.data_ptr():
+            return (side, id(t))
+        return (side, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
     groups: dict[tuple[object, ...], Group] = {}
-    partner: dict[int, int] = {}  # id of a tensor of either side -> id of its pair
+    partner: dict[object, object] = {}  # a tensor of either side -> its pair
     for name, o in online_named:
         k = key[name]
-        if id(k) in partner or id(o) in partner:  # a tied tensor, seen under another name
-            if partner.get(id(k)) != id(o) or partner.get(id(o)) != id(k):
+        tk, to = tie(k, "key"), tie(o, "online")
+        if tk in partner or to in partner:  # a tied tensor, seen under another name
+            if partner.get(tk) != to or partner.get(to) != tk:
                 problems.append(f"{kind} {name!r} is tied to another {kind} on one side only")
             continue
-        partner[id(k)], partner[id(o)] = id(o), id(k)
+        partner[tk], partner[to] = to, tk
         keys, onlines = groups.setdefault((k.device, k.dtype, o.dtype), ([], []))
         keys.append(local(k))
         onlines.append(local(o))

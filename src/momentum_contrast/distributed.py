@@ -204,10 +204,12 @@ def batch_unshuffle(
     """Shuffle-BN, step two: undo [`batch_shuffle`][] on the key encoder's output.
 
     It gathers every rank's rows, with the row counts [`batch_shuffle`][] exchanged (no
-    second host exchange). The tensor it returns carries that gather in the original
-    order: a [`concat_all_gather`][] of it over the same group (a ``KeyQueue.push``)
-    reuses it, unless the tensor was changed in place since (its version counter and data
-    pointer tell), so the push costs no second exchange. Like autograd's own checks,
+    second host exchange). Under a process group the tensor it returns carries that gather
+    in the original order: the first [`concat_all_gather`][] of it over the same group (a
+    ``KeyQueue.push``) takes it, unless the tensor was changed in place since (its version
+    counter and data pointer tell), so the push costs no second exchange. Edit the keys on
+    every rank alike or on none: a rank whose keys changed gathers anew, a collective the
+    others do not join. Like autograd's own checks,
     writes through ``.data`` are not seen: edit the keys in place with ordinary ops (or
     ``.clone()`` them first).
 
@@ -248,7 +250,7 @@ def batch_unshuffle(
     # all ranks' rows in their original order: what concat_all_gather(mine) (a queue push
     # of these keys) would gather. Inference tensors have no version counter to tell an
     # in-place edit: nothing is kept for them.
-    if not mine.is_inference():
+    if c.world(group) > 1 and not mine.is_inference():
         gathered_in_order = gathered[idx_unshuffle]
         mine._moco_gathered = (gathered_in_order, mine._version, mine.data_ptr(), c.members(group))  # type: ignore[attr-defined]
     return mine

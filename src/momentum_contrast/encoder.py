@@ -7,7 +7,6 @@ import copy
 import math
 import operator
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ from momentum_contrast._casts import keeping_dtype
 from momentum_contrast._checks import check_choice, check_real, check_unit_interval
 from momentum_contrast._dtensor import is_fsdp2, refuse_fsdp1
 from momentum_contrast._ema import check_momentum, lerp_
-from momentum_contrast._pairing import Pairs, current
+from momentum_contrast._pairing import Pairs, current, ema_follows
 
 __all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
 
@@ -112,9 +111,12 @@ class MomentumEncoder(nn.Module):
             Lightning's ``bf16-true``), which still moves them between devices. They are
             the only state: the average runs on them, ``state_dict()`` saves them and
             any write to them (``load_state_dict``, ``copy_``) is simply the new state.
-            The forward runs under ``torch.autocast`` to the online model's dtype when
-            that is narrower, and floating outputs come out in that dtype. A dtype
-            narrower than a parameter's raises ``ValueError``.
+            The forward runs under ``torch.autocast`` to the online model's dtype (that
+            of its first floating parameter) when that is narrower, and floating outputs
+            come out in that dtype; code that mixes dtypes by hand (``out[idx] = y`` into
+            a ``zeros_like(x)``) may need the same care as under any autocast. It
+            follows bfloat16/float16 weights in float32, or weights of its own dtype;
+            any other pair raises ``ValueError``.
 
     Examples:
         >>> import torch
@@ -175,10 +177,10 @@ class MomentumEncoder(nn.Module):
             p.requires_grad_(False)
             p.grad = None
         self._pairs: dict[str, Pairs] = {}
-        # what update() last saw of the online model: its version counters and a weak
-        # reference to one of its gradients; and whether a step ever moved the counters
-        self._last_update: tuple[tuple[int, ...], Callable[[], object]] | None = None
-        self._steps_move_versions = self._warned = False
+        # the online weights' version counters at the last update, whether a step was
+        # ever seen to move them, and which warnings were given
+        self._last_versions: tuple[int, ...] | None = None
+        self._steps_move_versions = self._warned_misplaced = self._warned_low = False
 
     @property
     def online(self) -> nn.Module:
@@ -301,24 +303,26 @@ class MomentumEncoder(nn.Module):
         return pairs
 
     def _warn_if_misused(self, pairs: Pairs) -> None:
-        """Warn once: an update with no optimizer step since the previous one, or a
+        """Warn once each: an update with no optimizer step since the previous one, and a
         low-precision key encoder without ``ema_dtype``. A step moves the online weights'
-        version counters; a fused optimizer moves none, but its gradients are new ones
-        after ``zero_grad()``, while accumulated ones are the same tensors."""
+        version counters; once a step was seen to move them, an update that finds them
+        where the previous one left them had no step before it. (A fused optimizer moves
+        no counter: with one, nothing is learned and nothing is said.)"""
         versions = tuple(map(_version, pairs.onlines))
-        grad = next((t.grad for t in pairs.onlines if t.grad is not None), None)
         misplaced = False
-        if self._last_update is not None:
-            if versions != self._last_update[0]:
+        if self._last_versions is not None:
+            if versions != self._last_versions:
                 self._steps_move_versions = True
             else:
-                same_grad = grad is not None and self._last_update[1]() is grad
-                misplaced = self._steps_move_versions or same_grad
-        self._last_update = (versions, _no_ref if grad is None else weakref.ref(grad))
+                misplaced = self._steps_move_versions
+        self._last_versions = versions
         low = [k[0].dtype for k, _ in pairs.groups if k[0].dtype in (torch.bfloat16, torch.float16)]
-        if self._warned or not (misplaced or low):
+        if misplaced and not self._warned_misplaced:
+            self._warned_misplaced = True
+        elif low and not self._warned_low:
+            self._warned_low, misplaced = True, False
+        else:
             return
-        self._warned = True
         if misplaced:
             message = (
                 "MomentumEncoder.update() ran again with the online model unchanged since the "
@@ -326,8 +330,7 @@ class MomentumEncoder(nn.Module):
                 "m**2. Call it once per optimizer step: after optimizer.step(); in Lightning, "
                 "in an optimizer_step override, not on_train_batch_end; in Accelerate, under "
                 "`if accelerator.sync_gradients:`. (A step that a GradScaler skipped after an "
-                "fp16 overflow, or a fused optimizer with zero_grad(set_to_none=False) and "
-                "the update before zero_grad(), look the same: then ignore this.)"
+                "fp16 overflow looks the same: then ignore this.)"
             )
         else:
             message = (
@@ -345,14 +348,10 @@ class MomentumEncoder(nn.Module):
 _version = operator.attrgetter("_version")
 
 
-def _no_ref() -> None:
-    return None
-
-
 def _check_ema_dtype(ema_dtype: torch.dtype, name: str, dtype: torch.dtype) -> None:
-    """``ema_dtype`` must hold every value of ``dtype`` at least as precisely (float16
-    copies of bfloat16 weights would turn 1e5 into inf)."""
-    if not dtype.is_floating_point:
+    """``ema_dtype`` must follow ``dtype`` (see `ema_follows`): float16 for bfloat16 weights
+    would turn 1e5 into inf, and float64 for float32 ones has no autocast to run them."""
+    if not dtype.is_floating_point or ema_follows(dtype, ema_dtype):
         return
     wide, narrow = torch.finfo(ema_dtype), torch.finfo(dtype)
     if wide.eps > narrow.eps or wide.max < narrow.max or wide.tiny > narrow.tiny:
@@ -360,6 +359,11 @@ def _check_ema_dtype(ema_dtype: torch.dtype, name: str, dtype: torch.dtype) -> N
             f"ema_dtype {ema_dtype} has less range or precision than {name!r} ({dtype}); use "
             "torch.float32 (or torch.float64 for float64 parameters)"
         )
+    raise ValueError(
+        f"ema_dtype {ema_dtype} cannot follow {name!r} ({dtype}): the key encoder's forward "
+        "autocasts to the weights' dtype, which exists for bfloat16 and float16 only; use "
+        "torch.float32 for those, or the weights' own dtype"
+    )
 
 
 def cosine_momentum(

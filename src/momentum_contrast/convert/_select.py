@@ -6,7 +6,8 @@ Every nested dict of the checkpoint is flattened into dotted names (``state_dict
 is wherever the anchor keys of a ResNet or ViT sit (``_names.FAMILIES``), at any prefix.
 A backbone whose path has a part named ``key_encoder`` (a ``MomentumEncoder``'s state),
 ``encoder_k`` (MoCo v1/v2) or a ``_``-separated word ``momentum`` (``momentum_encoder``,
-``backbone_momentum``) is a key encoder; any other is a query encoder.
+``backbone_momentum``) is a key encoder; any other is a query encoder. The float32
+``ema_shadow`` copy in a 0.3.0 ``MomentumEncoder``'s state is not a separate encoder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from momentum_contrast.convert._names import FAMILIES, LayoutError, State, find_
 from momentum_contrast.convert._spec import MODEL_KEY
 
 KEY_NAMES = ("key_encoder", "encoder_k")
+SHADOW = "ema_shadow"  # 0.3.0's float32 copies of the key weights
 
 
 def is_key_path(prefix: str) -> bool:
@@ -105,7 +107,7 @@ def select_backbone(
     """The backbone of the ``encoder`` (``"query"``, ``"key"``, or None: the only one) in
     ``tree``, restricted to the sub-dict ``prefix`` (a dotted path) when given."""
     tensors, others = flatten(tree)
-    found = find_backbones(tensors)
+    found = [(p, f) for p, f in find_backbones(tensors) if SHADOW not in p.split(".")]
     if not found:
         sample = ", ".join(list(tensors)[:4]) or "no tensors at all"
         expected = "; ".join(f"{f}: {', '.join(a)}" for f, (a, _) in FAMILIES.items())

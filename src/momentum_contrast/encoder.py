@@ -70,8 +70,9 @@ class MomentumEncoder(nn.Module):
     """Key encoder of MoCo: a frozen copy of ``online`` updated as a moving average.
 
     After every optimiser step call [`update`][] once (a second call with the online model
-    untouched in between warns: under gradient accumulation the momentum would compound to
-    ``m**2``): ``key = m * key + (1 - m) * online`` on every parameter, in place, in fused
+    untouched in between warns, except after a fused optimizer's steps, which leave no trace
+    to read: under gradient accumulation the momentum would compound to ``m**2``):
+    ``key = m * key + (1 - m) * online`` on every parameter, in place, in fused
     multi-tensor ops (one per device/dtype group), parameters paired by name. Nothing can
     leave the key encoder silently stale: every update walks both models and compares, on
     the host (no tensor value is read, so it is safe in a CUDA graph), the names, tensor

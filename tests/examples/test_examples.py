@@ -110,10 +110,11 @@ def test_clear_errors(tmp_path: Path) -> None:
     assert other.returncode != 0 and "is a moco_v2 checkpoint, not moco_v3" in other.stderr
 
 
-def test_batch_that_does_not_split_across_processes() -> None:
+def test_batch_that_does_not_split_across_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     sys.path.insert(0, str(EXAMPLES))
-    from moco_v2 import check_batch_split
+    from moco_v2 import parse_args, validate
 
-    check_batch_split(64, 4)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun sets
+    validate(parse_args([*V12, "--batch-size", "64"]), blur=False)
     with pytest.raises(SystemExit, match="--batch-size 30 does not split across 4 processes"):
-        check_batch_split(30, 4)
+        validate(parse_args([*V12, "--batch-size", "30"]), blur=False)

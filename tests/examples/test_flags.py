@@ -1,4 +1,6 @@
-"""Flags are checked before anything is built, with an error naming the flag."""
+"""Flags are checked before anything is built, with a one-line error naming the flag: by
+argparse (``error: argument --flag: ...``) for a flag alone, by the scripts for flags that
+must fit together."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from moco_v2 import check_steps, load_resume, validate  # noqa: E402
 TRAINED = {"arch": "small_cnn", "image_size": 32}
 PARSERS = {
     "moco_v2": moco_v2.build_parser,
-    "moco_v3": moco_v3.parser,
+    "moco_v3": moco_v3.build_parser,
     "linear_eval": lambda: linear_eval.build_parser(False, TRAINED),
 }
 
@@ -42,27 +44,35 @@ def v3_args(*argv: str) -> argparse.Namespace:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
-        (["--batch-size", "-16"], "--batch-size must be positive"),
+        (["--batch-size", "0"], "error: argument --batch-size: must be positive, got 0"),
+        (["--batch-size", "-16"], "argument --batch-size: must be positive"),
         (["--batch-size", "12", "--shuffle-splits", "8"], "--shuffle-splits 8"),
-        (["--epochs", "-1"], "--epochs must be positive"),
-        (["--max-steps", "-3"], "--max-steps must be >= 0"),
+        (["--epochs", "-1"], "argument --epochs: must be positive"),
+        (["--max-steps", "-3"], "argument --max-steps: must be >= 0"),
+        (["--epochs", "three"], "argument --epochs: invalid int value: 'three'"),
         (["--image-size", "4"], "--image-size 4 does not fit --arch small_cnn"),
         (["--arch", "vit_tiny", "--image-size", "36"], "use a multiple of 8"),
         (["--blur-p", "0.5", "--image-size", "8"], "23-px blur kernel"),
-        (["--blur-p", "1.5"], "--blur-p must be in [0, 1]"),
-        (["--queue-size", "0"], "--queue-size must be positive"),
-        (["--workers", "-1"], "--workers must be >= 0"),
-        (["--resume", "/nonexistent/checkpoint.pt"], "--resume /nonexistent/checkpoint.pt: no"),
-        (["--accumulate", "0"], "--accumulate must be positive, got 0"),
+        (["--blur-p", "1.5"], "argument --blur-p: must be in [0, 1]"),
+        (["--crop-min", "0"], "argument --crop-min: must be in (0, 1]"),
+        (["--queue-size", "0"], "argument --queue-size: must be positive"),
+        (["--workers", "-1"], "argument --workers: must be >= 0"),
+        (["--schedule-milestones", "120,x"], "argument --schedule-milestones: invalid"),
+        (["--augment-on", "tpu"], "argument --augment-on: invalid choice: 'tpu'"),
+        (["--accumulate", "0"], "argument --accumulate: must be positive, got 0"),
         (["--accumulate", "3"], "--accumulate 3 does not split the 16 images per process"),
         (["--accumulate", "16"], "--accumulate 16 gives micro-batches of fewer than 2 images"),
-        (["--accumulate", "4", "--shuffle-splits", "8"], "micro-batches of 4 images, which do"),
+        (
+            ["--accumulate", "4", "--shuffle-splits", "8"],
+            "--shuffle-splits 8 does not split the 4 images of a (micro-)batch",
+        ),
     ],
 )
 def test_bad_flags_stop_with_an_error_naming_the_flag(argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit, match=re.escape(message)) as stop:
         validate(v2_args(*argv), blur=v2_args(*argv).blur_p > 0)
+    line = str(stop.value.code)  # what the script prints on stderr (exit status 1)
+    assert line.startswith("error: ") and "\n" not in line
 
 
 def test_world_size_and_device_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,9 +84,9 @@ def test_world_size_and_device_are_checked(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(SystemExit, match="--image-size 8 does not fit --arch small_cnn: the"):
         moco_v3.validate(v3_args("--image-size", "8"))  # v3 always blurs
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA here"):
             moco_v3.validate(v3_args("--device", "cuda"))
-    with pytest.raises(SystemExit, match="--device 'gpu0' is not a device"):
+    with pytest.raises(SystemExit, match="argument --device: invalid choice: 'gpu0'"):
         moco_v3.validate(v3_args("--device", "gpu0"))
 
 
@@ -100,6 +110,8 @@ def fake_checkpoint(path: Path, **changes: object) -> Path:
 
 
 def test_resume_checks_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match=r"--resume /nonexistent/checkpoint\.pt is not a check"):
+        load_resume(v2_args("--resume", "/nonexistent/checkpoint.pt"), "moco_v2")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match=r"notes\.txt is not a checkpoint"):
         load_resume(v2_args("--resume", str(tmp_path / "notes.txt")), "moco_v2")
@@ -142,7 +154,7 @@ def test_scripts_check_flags_before_building_anything() -> None:
     result = run("moco_v3.py", *TINY, "--epochs", "-2", check=False)
     assert (
         result.returncode == 1
-        and result.stderr.strip() == "error: --epochs must be positive, got -2"
+        and result.stderr.strip() == "error: argument --epochs: must be positive, got -2"
     )
     assert "kNN" not in result.stdout
 
@@ -152,14 +164,14 @@ def le_args(*argv: str) -> argparse.Namespace:
 
 
 BAD_VALUES = [  # (flag, value, start of the message); linear_eval has no decay or temperature
-    ("--lr", "nan", "--lr must be positive"),
-    ("--lr", "inf", "--lr must be"),
-    ("--weight-decay", "nan", "--weight-decay must be"),
-    ("--weight-decay", "inf", "--weight-decay must be finite, got inf"),
-    ("--temperature", "inf", "--temperature must be finite, got inf"),
-    ("--temperature", "nan", "--temperature must be positive"),
-    ("--device", "meta", "--device 'meta': these scripts run on 'cpu' or 'cuda'"),
-    ("--image-size", "5000", "--image-size 5000: the augmentation takes at most 4096 px"),
+    ("--lr", "nan", "argument --lr: must be positive and finite, got nan"),
+    ("--lr", "inf", "argument --lr: must be positive and finite, got inf"),
+    ("--weight-decay", "nan", "argument --weight-decay: must be finite and >= 0, got nan"),
+    ("--weight-decay", "inf", "argument --weight-decay: must be finite and >= 0, got inf"),
+    ("--temperature", "inf", "argument --temperature: must be positive and finite, got inf"),
+    ("--temperature", "nan", "argument --temperature: must be positive and finite, got nan"),
+    ("--device", "meta", "argument --device: invalid choice: 'meta'"),
+    ("--image-size", "5000", "argument --image-size: must be in 1..4096"),
 ]
 CASES = [
     (script, *case)
@@ -224,7 +236,9 @@ def test_a_timm_vit_gets_the_vit_recipe() -> None:
     args = moco_v3.parse_args(["--arch", "timm:vit_tiny_patch16_224", "--data", "/d"])
     assert (args.optimizer, args.lr, args.temperature) == ("adamw", 1.5e-4, 0.2)  # the paper's
     moco_v3.validate(moco_v3.parse_args([*TINY, "--arch", "timm:vit_tiny_patch16_224"]))
-    with pytest.raises(SystemExit, match="--arch timm:vit_tiny_patch16_224 is a timm model"):
+    with pytest.raises(
+        SystemExit, match="--arch timm:vit_tiny_patch16_224 is not a torchvision ViT"
+    ):
         moco_v3.validate(v3_args("--fsdp", "--arch", "timm:vit_tiny_patch16_224"))
     args = v3_args("--arch", "timm:vit_tiny_patch16_224", "--image-size", "224")
     *_, features = moco_v3.build(args, (torch.device("cpu"), 0, 1))

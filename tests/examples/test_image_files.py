@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ from example_runner import V12, import_examples, losses, run, write_png
 from PIL import Image
 
 import_examples()
-from moco_v2 import Images, datasets, loader  # noqa: E402
+from data import Images, datasets, decode, loader  # noqa: E402
 
 
 def folder_with_a_16_bit_png(root: Path) -> Path:
@@ -31,8 +29,7 @@ def folder_with_a_16_bit_png(root: Path) -> Path:
 
 def test_16_bit_png_is_scaled_to_uint8(tmp_path: Path) -> None:
     root = folder_with_a_16_bit_png(tmp_path / "data")
-    args = argparse.Namespace(data=str(root))
-    train, _, _ = datasets(args)
+    train, _, _ = datasets(str(root))
     i = next(i for i, p in enumerate(train.items) if p.endswith("deep.png"))
     image, label = train[i]
     assert image.dtype == torch.uint8 and image.shape == (3, 36, 40) and label == 1
@@ -49,18 +46,17 @@ def test_a_corrupt_file_is_named(workers: int, tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(folder / "good.png"))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"truncated" * 10)
-    train, _, _ = datasets(argparse.Namespace(data=str(tmp_path / "data")))
-    args = argparse.Namespace(seed=0, workers=workers, device="cpu")
+    train, _, _ = datasets(str(tmp_path / "data"))
     with pytest.raises(RuntimeError, match=r"cannot decode image file .*broken\.jpg"):
-        list(loader(Images(train.items, train.labels), args, 2))
+        list(loader(Images(train.items, train.labels), 2, workers=workers, seed=0))
 
 
-@pytest.mark.parametrize("script", ["moco_v2", "moco_v3", "linear_eval"])
-def test_an_animated_gif_gives_its_first_frame(script: str, tmp_path: Path) -> None:
-    """TorchCodec and torchvision decode every frame, (frames, C, H, W); an image is one."""
+def test_an_animated_gif_gives_its_first_frame(tmp_path: Path) -> None:
+    """TorchCodec and torchvision decode every frame, (frames, C, H, W); an image is one
+    (data.decode, which every script reads its image files with)."""
     frames = [np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(1, 4)]
     pictures = [Image.fromarray(f) for f in frames]
     pictures[0].save(gif := tmp_path / "anim.gif", save_all=True, append_images=pictures[1:])
-    decoded = importlib.import_module(script).decode(str(gif))
+    decoded = decode(str(gif))
     assert decoded.shape == (3, 8, 8)
     assert torch.equal(decoded, torch.from_numpy(frames[0]).permute(2, 0, 1))

@@ -11,7 +11,8 @@ from example_runner import V12, checkpoint, import_examples, knn_baselines, run_
 from torch import nn
 
 import_examples()
-from moco_v2 import datasets, evaluation_batches, knn_accuracy  # noqa: E402
+from data import datasets, evaluation_batches, knn_split  # noqa: E402
+from moco_v2 import knn_accuracy  # noqa: E402
 
 from momentum_contrast.knn import knn_predict  # noqa: E402
 
@@ -44,11 +45,11 @@ def flags(root: Path) -> argparse.Namespace:
 
 def random_split_accuracy(root: Path, args: argparse.Namespace, features: nn.Module) -> float:
     """Mean kNN top-1 (%) over 30 random disjoint splits of all images, as a reference."""
-    train, val, _ = datasets(args)
+    train, val, _ = datasets(args.data, image_size=args.image_size)
     data = [
         b
         for d in ([train] if val is train else [train, val])
-        for b in evaluation_batches(d, args, torch.device("cpu"))
+        for b in evaluation_batches(d, args.image_size, torch.device("cpu"))
     ]
     x = features(torch.cat([b[0] for b in data]))
     y = torch.cat([b[1] for b in data])
@@ -68,15 +69,13 @@ def test_knn_accuracy_is_that_of_a_random_split(val: bool, tmp_path: Path) -> No
     features = nn.Flatten()  # raw normalised pixels: a fixed feature extractor
     reference = random_split_accuracy(root, args, features)
     assert 65 < reference < 90  # the task is neither trivial nor hopeless
-    train, held_out, classes = datasets(args)
+    train, held_out, classes = datasets(args.data, image_size=args.image_size)
     accuracy = knn_accuracy(features, train, held_out, classes, args, torch.device("cpu"))
     assert abs(accuracy - reference) < 10, (accuracy, reference)
 
 
 def test_queries_are_never_in_the_bank_and_the_subsets_are_fixed(tmp_path: Path) -> None:
-    from moco_v2 import knn_split
-
-    train, val, _ = datasets(flags(image_folder(tmp_path, val=False)))
+    train, val, _ = datasets(flags(image_folder(tmp_path, val=False)).data)
     assert val is train
     bank, queries = knn_split(train, val, bank=1000, queries=1000, seed=0)
     assert not set(bank.tolist()) & set(queries.tolist())

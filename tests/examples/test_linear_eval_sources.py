@@ -158,7 +158,7 @@ def test_the_classifier_starts_alike_from_a_checkpoint_or_a_state_dict(tmp_path:
     random numbers before the classifier's init and the augmentations."""
     import_examples()
     import linear_eval
-    from shapes import make_shapes
+    from data import make_shapes
 
     run("moco_v2.py", *V12, "--max-steps", "1", "--output-dir", str(tmp_path / "run"))
     (path,) = (tmp_path / "run").glob("checkpoint_*.pt")

@@ -3,7 +3,6 @@ augmentation is a function of (seed, epoch, position); older checkpoints still l
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from example_runner import V12, import_examples, losses, metrics, run
 from torch import nn
 
 import_examples()
-from moco_v2 import Images, loader  # noqa: E402
+from data import Images, epoch_batches, loader  # noqa: E402
 
 from momentum_contrast.augment import MoCoV2Augment  # noqa: E402
 
@@ -44,8 +43,8 @@ def views(workers: int, epoch: int, start: int = 0) -> dict[int, torch.Tensor]:
     """Image index -> its first view, for one epoch of CPU augmentation (4 batches of 4)."""
     images = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator())
     data = Images(images, torch.arange(16), transform=MoCoV2Augment(16, blur_p=0.0))
-    args = argparse.Namespace(seed=0, workers=workers, device="cpu")
-    batches = loader(data, args, 4, epoch=epoch, start=start, rank=0, world=1)
+    order = epoch_batches(16, 4, seed=0, epoch=epoch, start=start, view_seeds=True)
+    batches = loader(data, order, workers=workers, seed=0)
     out = {}
     for (view, _), labels in batches:
         out.update({int(i): v for i, v in zip(labels, view, strict=True)})
@@ -56,8 +55,8 @@ def same_image_views(epoch: int) -> list[torch.Tensor]:
     """Views of 16 copies of one image, in loading order: only the augmentation differs."""
     image = torch.randint(0, 256, (1, 3, 20, 20), dtype=torch.uint8).expand(16, -1, -1, -1)
     data = Images(image.contiguous(), torch.arange(16), transform=MoCoV2Augment(16, blur_p=0.0))
-    args = argparse.Namespace(seed=0, workers=2, device="cpu")
-    batches = loader(data, args, 4, epoch=epoch, start=0, rank=0, world=1)
+    order = epoch_batches(16, 4, seed=0, epoch=epoch, view_seeds=True)
+    batches = loader(data, order, workers=2, seed=0)
     return [v for (view, _), _ in batches for v in view]
 
 

@@ -82,23 +82,25 @@ def test_no_host_read_between_log_steps(
     assert all(float(r["loss"]) > 0 for r in rows)
 
 
-def test_step_log_reads_once_per_flush(monkeypatch: pytest.MonkeyPatch) -> None:
-    rows: list[dict[str, object]] = []
-    log = StepLog(every=5, batch_size=8, write=rows.append)
+def test_step_log_reads_once_per_flush(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    log = StepLog(tmp_path / "metrics.csv", every=5, batch_size=8)
+
+    def rows() -> list[dict[str, str]]:
+        with open(tmp_path / "metrics.csv") as f:
+            return [row for row in csv.DictReader(f) if row["loss"]]
+
     reads = []
     original = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or original(t))
     losses = [torch.tensor(float(i)) / 3 for i in range(1, 8)]
     for step, loss in enumerate(losses[:4], start=1):
-        log.add(step, 0, loss, 0.1, 0.99)
-        assert not log.due(step)
-    assert reads == [] and rows == []
-    log.add(5, 0, losses[4], 0.1, 0.99)
-    assert log.due(5)
+        assert not log.add(step, 0, loss, 0.1, 0.99)  # not yet due
+    assert reads == [] and rows() == []
+    assert log.add(5, 0, losses[4], 0.1, 0.99)  # due: every 5th step
     log.flush()
     assert reads == [1]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    assert [float(r["loss"]) for r in rows] == [float(x) for x in losses[:5]]  # exact
+    assert [int(r["step"]) for r in rows()] == [1, 2, 3, 4, 5]
+    assert [float(r["loss"]) for r in rows()] == [float(x) for x in losses[:5]]  # exact
     assert log.last["loss"] == pytest.approx(sum(float(x) for x in losses[:5]) / 5)
     log.flush()  # nothing pending: no read
     assert reads == [1]
@@ -108,4 +110,5 @@ def test_log_every_must_be_positive() -> None:
     from example_runner import run
 
     result = run("moco_v2.py", *TINY, "--log-every", "0", check=False)
-    assert result.returncode != 0 and "--log-every must be positive, got 0" in result.stderr
+    assert result.returncode != 0
+    assert "error: argument --log-every: must be positive, got 0" in result.stderr

@@ -16,7 +16,7 @@ import pytest
 from example_runner import checkpoint, import_examples, knn_baselines, losses, run
 
 import_examples()
-from shapes import make_shapes  # noqa: E402
+from data import make_shapes  # noqa: E402
 
 SITECUSTOMIZE = """
 import torchvision.datasets.cifar as cifar, torchvision.datasets.stl10 as stl10

@@ -11,14 +11,15 @@ import torch
 from example_runner import V3, import_examples
 
 import_examples()
-from moco_v3 import VITS, load_resume, parse_args, vit_heads  # noqa: E402
+from moco_v3 import VITS, attention_heads, backbone, load_resume, parse_args  # noqa: E402
 
 
 def test_the_vits_heads() -> None:
-    assert {arch: vit_heads(arch) for arch in VITS} == {
+    heads = {arch: attention_heads(arch, backbone(arch, 32)[0]) for arch in VITS}
+    assert heads == {
         "vit_tiny": 3, "vit_small": 12, "vit_base": 12,  # ViT-S: 12 in the MoCo v3 paper
     }  # fmt: skip
-    assert vit_heads("resnet50") is None
+    assert attention_heads("resnet50", backbone("resnet18", 32)[0]) is None
 
 
 @pytest.mark.parametrize(("recorded", "refused"), [(3, False), (None, True), (6, True)])
@@ -32,6 +33,6 @@ def test_a_resume_refuses_another_head_count(
     args.resume = str(path)
     if refused:
         with pytest.raises(SystemExit, match=r"attention heads, --arch vit_tiny has 3"):
-            load_resume(args)
+            load_resume(args, "moco_v3")
     else:
-        assert load_resume(args) is not None
+        assert load_resume(args, "moco_v3") is not None

@@ -3,6 +3,8 @@ configs): features are what the model's own classifier reads, as ``(N, C)`` tens
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,6 +90,35 @@ def test_a_learned_pooler_is_not_used_the_class_token_is() -> None:
         f = features(x)
     torch.testing.assert_close(f, out.last_hidden_state[:, 0], rtol=0, atol=0)
     assert not torch.allclose(f, out.pooler_output) and dim == 32
+    # the unused pooler is left out of the features (its parameters would get no gradient)
+    # but not out of the model, which still gives its pooler_output
+    assert not [n for n, _ in features.named_parameters() if "pooler" in n]
+    assert model.pooler is not None and out.pooler_output is not None
+
+
+def scenario_vit_model_under_ddp() -> dict[str, Any]:
+    torch.manual_seed(0)  # the same model on every rank
+    features, dim = strip_classifier(transformers.ViTModel(transformers.ViTConfig(**VIT)))
+    online = nn.Sequential(features, moco_v2_head(dim, hidden_dim=16, out_dim=8))
+    ddp = nn.parallel.DistributedDataParallel(online)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    torch.manual_seed(1 + torch.distributed.get_rank())
+    losses = []
+    for _ in range(3):  # DDP refused the second step while the pooler was in the model
+        loss = info_nce(ddp(torch.randn(4, 3, 32, 32)), torch.randn(4, 8))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "weight": online[1][0].weight.detach().clone()}
+
+
+def test_a_vit_model_trains_under_ddp(tmp_path: Path) -> None:
+    from _dist_workers import launch
+
+    rank0, rank1 = launch(scenario_vit_model_under_ddp, 2, tmp_path)
+    assert all(math.isfinite(v) for v in rank0["losses"] + rank1["losses"])
+    torch.testing.assert_close(rank0["weight"], rank1["weight"], rtol=0, atol=0)  # in sync
 
 
 def test_tuple_outputs_and_subclasses_are_understood() -> None:

@@ -7,6 +7,7 @@ returns its pooled features. ``transformers`` is never imported here.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -60,7 +61,8 @@ class HFFeatures(nn.Module):
     """A ``transformers`` vision base model returning ``(N, C)`` features: its
     ``pooler_output`` when it has a pooling pooler (average pooling, the class token after
     its norm), else the class token of ``last_hidden_state`` (ViT, DeiT: what their
-    classifier reads), the mean of its tokens when it has no class token, or the spatial
+    classifier reads; a learned ``dense`` + tanh pooler is then left out of this module,
+    not of the model), the mean of its tokens when it has no class token, or the spatial
     mean of a ``(N, C, H, W)`` map. The base model is called with ``return_dict=True`` and
     without hidden states or attention maps, whatever its config asks for (``return_dict``
     or ``output_*``), when its ``forward`` takes these flags.
@@ -72,9 +74,13 @@ class HFFeatures(nn.Module):
 
     def __init__(self, model: nn.Module, dim: int) -> None:
         super().__init__()
+        self.use_pooler = not _learned_pooler(model)
+        if not self.use_pooler:  # a view of the model without it: its parameters would get
+            # no gradient, which DistributedDataParallel refuses at the second step
+            model = copy.copy(model)
+            model._modules = {**model._modules, "pooler": None}
         self.model = model
         self.dim = dim
-        self.use_pooler = not _learned_pooler(model)
         embeddings = getattr(model, "embeddings", None)
         self.class_token = getattr(embeddings, "cls_token", None) is not None
         self.flags = _call_flags(model)

@@ -240,21 +240,15 @@ def test_update_per_micro_batch_warns_and_the_guides_placement_does_not() -> Non
 # ---- 5. save and resume equal an uninterrupted run ----
 
 
-class StopAfterOneEpoch(L.Callback):  # type: ignore[misc, name-defined]
-    """An interrupted run: the same max_epochs (the v3 momentum schedule spans the whole
-    run), stopped at the end of the first epoch."""
-
-    def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-        trainer.should_stop = True
-
-
 def test_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    # the guide's pattern: the same max_epochs, stopped by its StopAfterEpochs callback
+    stop_after = load("MoCoV2", "StopAfterEpochs")["StopAfterEpochs"]
     data = views(16)
     for build in (v2, v3):
         whole = build()
         fit(whole, loader(data, 8), max_epochs=3)  # 6 steps
         first = build()
-        trainer = fit(first, loader(data, 8), max_epochs=3, callbacks=[StopAfterOneEpoch()])
+        trainer = fit(first, loader(data, 8), max_epochs=3, callbacks=[stop_after(1)])
         assert trainer.global_step == 2
         ckpt = tmp_path / f"{build.__name__}.ckpt"
         trainer.save_checkpoint(ckpt)
@@ -263,6 +257,20 @@ def test_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
         assert trainer.global_step == 6
         assert_same(module_state(resumed), module_state(whole))
         assert_same(dict(resumed.state_dict()), dict(whole.state_dict()))
+
+
+def test_resuming_v3_with_a_longer_max_epochs_changes_the_run(tmp_path: Path) -> None:
+    # what the guide warns of: a first run of max_epochs=1 spans its momentum schedule over
+    # 2 steps, not the 6 of the whole run
+    data = views(16)
+    whole = v3()
+    fit(whole, loader(data, 8), max_epochs=3)
+    first = v3()
+    fit(first, loader(data, 8), max_epochs=1).save_checkpoint(tmp_path / "short.ckpt")
+    resumed = v3(seed=5)
+    fit(resumed, loader(data, 8), max_epochs=3, ckpt_path=str(tmp_path / "short.ckpt"))
+    key, want = module_state(resumed)["key"], module_state(whole)["key"]
+    assert any(not torch.equal(key[n], want[n]) for n in want)
 
 
 # ---- 6. bf16-true: the key weights follow a float32 average ----

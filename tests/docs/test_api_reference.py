@@ -118,6 +118,42 @@ def test_every_public_name_is_rendered_in_the_api_reference() -> None:
     assert "MomentumEncoder" in encoder and "buffers" in encoder and "BufferMode" in encoder
 
 
+def _overview_rows() -> dict[str, set[str]]:
+    """The overview table of ``docs/api/index.md``: its page link -> the names in its row."""
+    rows: dict[str, set[str]] = {}
+    for line in (ROOT / "docs" / "api" / "index.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        link = re.search(r"\]\((\w[\w-]*\.md)\)", cells[-1]) if len(cells) == 3 else None
+        if link is not None:
+            rows[link.group(1)] = set(re.findall(r"`([\w.]+)`", cells[0]))
+    return rows
+
+
+def test_api_overview_lists_every_public_name_on_its_modules_row() -> None:
+    """Every name in a public module's ``__all__`` is in the overview table, on the row
+    that links to that module's page; the package's own names are on some row."""
+    rows = _overview_rows()
+    pages = {p.name: p.read_text() for p in (ROOT / "docs" / "api").glob("*.md")}
+    missing = []
+    for module in MODULES:
+        page = next(n for n, text in pages.items() if f"::: {module}\n" in text)
+        listed = rows.get(page, set())
+        missing += [f"{module}.{name}" for name, _ in _exported(module) if name not in listed]
+    everywhere = set().union(*rows.values())
+    for name, _ in _exported("momentum_contrast"):
+        if name not in everywhere and name != "__version__":
+            missing.append(f"momentum_contrast.{name}")
+    assert missing == [], f"not in docs/api/index.md's table: {missing}"
+    assert "`momentum_contrast.__version__`" in pages["index.md"]
+
+
+def _exported(module: str) -> list[tuple[str, object]]:
+    """``(name, value)`` of ``module.__all__`` without sub-modules (they have their page)."""
+    mod = importlib.import_module(module)
+    values = [(name, getattr(mod, name)) for name in mod.__all__]
+    return [(name, value) for name, value in values if not inspect.ismodule(value)]
+
+
 def test_api_pages_are_in_the_navigation() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in (ROOT / "docs" / "api").glob("*.md"):

@@ -12,6 +12,8 @@ import copy
 import importlib.util
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -210,6 +212,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _guide_cpu_launch() -> list[str]:
+    """The guide's line for 2 CPU processes, ``torchrun --nproc-per-node 2 train.py`` (with
+    ``Accelerator(cpu=True)``, as the worker builds it), up to the script: the line a user
+    runs is the one tested. torchrun is run as this interpreter's module."""
+    page = (HERE.parents[1] / "docs" / "guides" / "accelerate.md").read_text()
+    line = re.search(r"^`(torchrun --nproc-per-node 2 train\.py)`$", page, re.M)
+    assert line is not None, "docs/guides/accelerate.md: the CPU launch line is gone"
+    argv = shlex.split(line.group(1))
+    return [sys.executable, "-m", "torch.distributed.run", *argv[1:-1]]
+
+
 def test_two_processes(tmp_path: Path) -> None:
     """One launch of 2 gloo processes checks: equality with one process that sees the
     whole batch (v2 and v3, float64), the same queue on every rank, DDP leaving the queue
@@ -217,8 +230,8 @@ def test_two_processes(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    argv += ["--master_port", str(_free_port()), str(HERE / "_accelerate_worker.py"), str(tmp_path)]
+    argv = [*_guide_cpu_launch(), "--master_port", str(_free_port())]
+    argv += [str(HERE / "_accelerate_worker.py"), str(tmp_path)]
     with (tmp_path / "launch.log").open("w") as log:
         launch = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:

@@ -13,11 +13,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from torch import nn
+from torch.utils.data import DataLoader
 
 from momentum_contrast import cosine_momentum
 from momentum_contrast.distributed import exclude_from_ddp
@@ -124,38 +127,42 @@ def ddp_leaves_the_queue_alone(res: dict) -> None:
 
 
 def resume_is_exact(res: dict, directory: str) -> None:
-    """A BatchNorm model with Shuffle-BN: 4 steps straight, against 2 + save, load, 2."""
+    """The guide's checkpoint functions with a BatchNorm model, Shuffle-BN and a shuffled,
+    seedable loader (as the guide builds it): 2 epochs straight, against 1 epoch, a new
+    build with other weights and other random state that loads the checkpoint, epoch 2."""
+    views = torch.utils.data.TensorDataset(*g.batches(1, 8 * N)[0])  # 4 steps per epoch
 
-    def build(seed: int) -> tuple[Accelerator, nn.Module, nn.Module, torch.optim.Optimizer]:
-        accelerator = Accelerator(cpu=True)  # CPU processes under torchrun: see the guide
+    def build(seed: int) -> tuple[Accelerator, nn.Module, nn.Module, Any, Any]:
+        loaders = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0)  # the guide's
+        accelerator = Accelerator(cpu=True, dataloader_config=loaders)
         moco = guide["MoCoV2"](g.bn_model(seed=seed), dim=16, queue_size=24, momentum=0.9)
         exclude_from_ddp(moco)
-        model, optimizer = accelerator.prepare(moco, g.sgd(moco.online.parameters()))
-        return accelerator, moco, model, optimizer
+        loader = DataLoader(views, batch_size=N, shuffle=True, drop_last=True)
+        model, optimizer, loader = accelerator.prepare(
+            moco, g.sgd(moco.online.parameters()), loader
+        )
+        return accelerator, moco, model, optimizer, loader
 
     def key_buffers(moco: nn.Module) -> dict[str, torch.Tensor]:
         return {n: b.clone() for n, b in moco.key_encoder.key_encoder.named_buffers()}
 
-    data = mine(g.batches(4, 2 * N))
-    accelerator, moco, model, optimizer = build(0)
-    window: list[torch.Tensor] = []
-    for i, (x_q, x_k) in enumerate(data):
-        guide["train_step"](accelerator, model, optimizer, x_q, x_k, window)
-        if i == 1:
-            guide["save_checkpoint"](accelerator, model, directory)
-            at_save = key_buffers(moco)
+    accelerator, moco, model, optimizer, loader = build(0)
+    guide["train_epochs"](accelerator, model, optimizer, loader, 0, 2, directory + "_straight")
     final = copy.deepcopy(moco.state_dict())
     mean = moco.key_encoder.key_encoder[1].running_mean
     res["key_bn_differs_from_rank0"] = not torch.equal(mean, from_rank0(mean))
 
-    accelerator, moco, model, optimizer = build(5)  # other weights: the load must set them
+    accelerator, moco, model, optimizer, loader = build(0)
+    guide["train_epochs"](accelerator, model, optimizer, loader, 0, 1, directory)  # stopped
+    at_save = key_buffers(moco)
+    torch.manual_seed(1000 + dist.get_rank())  # a new process: other random state
+    accelerator, moco, model, optimizer, loader = build(5)  # other weights: loaded below
     accelerator.load_state(directory)  # Accelerate alone: process 0's state dict everywhere
     res["key_buffers_restored_by_load_state_alone"] = g.equal(key_buffers(moco), at_save)
-    guide["load_checkpoint"](accelerator, model, directory)
+    first_epoch = guide["load_checkpoint"](accelerator, model, directory)
     res["resume_key_buffers_equal"] = g.equal(key_buffers(moco), at_save)
-    window = []
-    for x_q, x_k in data[2:]:
-        guide["train_step"](accelerator, model, optimizer, x_q, x_k, window)
+    res["resume_first_epoch"] = first_epoch
+    guide["train_epochs"](accelerator, model, optimizer, loader, first_epoch, 2, directory)
     same_queue = same_on_every_rank(moco.queue.keys)  # a collective: every rank calls it
     res["resume_equal"] = g.equal(moco.state_dict(), final) and same_queue
 

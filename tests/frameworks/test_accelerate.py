@@ -255,12 +255,21 @@ def test_two_processes(tmp_path: Path) -> None:
         assert res["ddp_ignores_queue"], (rank, res)
         assert res["sentinel_kept_with_exclude"], (rank, res)
         assert res["sentinel_overwritten_without_exclude"], (rank, res)  # the control
-        # resume equals the uninterrupted run, key-encoder BatchNorm statistics included
+        # resume equals the uninterrupted run, key-encoder BatchNorm statistics included,
+        # with the guide's shuffled, seedable loader
         assert res["resume_equal"], (rank, res)
+        assert res["resume_first_epoch"] == 1, (rank, res)
         assert res["resume_key_buffers_equal"], (rank, res)
     # the statistics are per rank, and save_state alone gives rank 1 rank 0's
     assert results[1]["key_bn_differs_from_rank0"]
     assert not results[1]["key_buffers_restored_by_load_state_alone"]
+
+
+def test_the_guides_loader_is_seedable_and_told_its_epoch() -> None:
+    # what makes resume exact with shuffle=True (test_two_processes checks the result)
+    page = g.GUIDE.read_text()
+    assert "DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0)" in page
+    assert page.count("    loader.set_epoch(epoch)  # ") == 2  # the first loop and train_epochs
 
 
 def test_timm_and_hugging_face_backbones_train_in_the_guides_container() -> None:

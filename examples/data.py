@@ -9,7 +9,7 @@
 * ``knn_split``, ``evaluation_batches``: the kNN monitor's fixed random images, and every
   image resized and normalised, for the kNN monitor and the linear evaluation.
 
-The scripts import it as their only module of examples/ (``from data import ...``).
+The scripts and harness.py import it (``from data import ...``); it imports neither.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Linear evaluation of a pre-trained backbone, in one file: frozen features, a linear classifier.
+"""Linear evaluation of a pre-trained backbone: frozen features, a linear classifier.
 
     python examples/linear_eval.py --pretrained runs/example/checkpoint_0001860.pt
     torchrun --nproc-per-node 8 examples/linear_eval.py --data /data/imagenet \\
@@ -16,7 +16,8 @@ mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, mome
 weight decay, on random-resized crops and flips: MoCo v1/v2 lr 30 for 100 epochs, divided by
 10 at 60 and 80; MoCo v3 lr 0.1 x batch/256 for 90 epochs, cosine. Reports top-1 and top-5 on
 the held-out split (also in --output-dir/linear_eval.json) and checks the backbone is unchanged.
-The flags and the backbones as in the pre-training scripts; the data comes from data.py.
+The flag helpers, the set-up and the backbones are the pre-training scripts' (harness.py); the
+data comes from data.py.
 """
 
 from __future__ import annotations
@@ -27,15 +28,31 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from data import datasets, epoch_batches, evaluation_batches, loader, to_device
+from data import epoch_batches, evaluation_batches, loader, to_device
+from harness import (
+    ARCHS,
+    VITS,
+    OneLineParser,
+    attention_heads,
+    backbone,
+    check_flags,
+    check_steps,
+    fail,
+    load_data,
+    milestones,
+    non_negative_int,
+    parse_flags,
+    pixels,
+    positive_float,
+    positive_int,
+    setup,
+)
 from torch import nn
 from tqdm import tqdm
 
-from momentum_contrast import strip_classifier
 from momentum_contrast.augment import TwoViewAugment, ViewRecipe
 from momentum_contrast.convert import (
     LayoutError,
@@ -47,39 +64,6 @@ from momentum_contrast.convert import (
 # ---- Flags: the protocol's defaults (v1/v2 in the parser, V3), the shapes ones, the command line
 V3 = {"epochs": 90, "batch_size": 1024, "lr": 0.1}
 SHAPES = {"epochs": 5, "batch_size": 64, "schedule_milestones": "3,4"}
-VITS = {"vit_tiny": (4, 3, 192), "vit_small": (12, 12, 384), "vit_base": (12, 12, 768)}
-ARCHS = ("small_cnn", "resnet18", "resnet50", *VITS)
-
-
-def fail(message: str) -> NoReturn:
-    sys.exit(f"error: {message}")  # on stderr, exit status 1
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # "error: argument --flag: what is wrong"
-        fail(message)
-
-
-def number(kind: type, rule: str, ok: Any) -> Any:
-    """An argparse ``type=``: a finite ``kind`` for which ``ok(value)`` holds."""
-
-    def convert(text: str) -> Any:
-        if not (math.isfinite(value := kind(text)) and ok(value)):  # kind(): a ValueError
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-
-    convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
-    return convert
-
-
-positive_int = number(int, "positive", lambda v: v > 0)
-non_negative_int = number(int, ">= 0", lambda v: v >= 0)
-positive_float = number(float, "positive and finite", lambda v: v > 0)
-pixels = number(int, "in 1..4096 (the augmentation's largest)", lambda v: 0 < v <= 4096)
-
-
-def milestones(text: str) -> str:  # "60,80": epochs
-    return ",".join(str(int(epoch)) for epoch in text.split(","))
 
 
 def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
@@ -115,11 +99,7 @@ def parse_args(argv: list[str], v3: bool, trained: dict[str, Any]) -> argparse.N
     parser = build_parser(v3, trained)
     if parser.parse_known_args(argv)[0].data == "shapes":
         parser.set_defaults(**SHAPES)
-    args = parser.parse_args(argv)
-    if args.print_config:
-        print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
-        sys.exit(0)
-    return args
+    return parse_flags(parser, argv)
 
 
 def read_pretrained(argv: list[str]) -> tuple[str, str, dict[str, Any]]:
@@ -143,70 +123,10 @@ def read_pretrained(argv: list[str]) -> tuple[str, str, dict[str, Any]]:
 
 def validate(args: argparse.Namespace) -> None:
     """The flags that must fit together (argparse checked each alone), and the processes."""
-    b, size, arch = args.batch_size, args.image_size, args.arch
-    world, patch = int(os.environ.get("WORLD_SIZE", "1")), 16 if size >= 128 else 8
-    fits = f"--image-size {size} does not fit --arch {arch}"
-    for bad, message in [
-        (b % world, f"--batch-size {b} does not split across {world} processes"),
-        (arch == "small_cnn" and size < 8, f"{fits}: it halves the image three times: 8 px"),
-        (arch in VITS and size % patch, f"{fits}: {patch}-px patches: use a multiple of {patch}"),
-        (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA here"),
-        (Path(args.output_dir).is_file(), f"--output-dir {args.output_dir} is a file"),
-    ]:  # fmt: skip
-        if bad:
-            fail(message)
-
-
-def check_steps(images: int, batch_size: int) -> int:
-    """Full batches per epoch; an error naming --batch-size when there is none."""
-    if images < batch_size:
-        fail(f"--batch-size {batch_size} is larger than the {images} training images")
-    return images // batch_size
+    check_flags(args)
 
 
 # ---- The backbone: built as the pre-training scripts build it, then the checkpoint's weights
-def is_vit(arch: str) -> bool:  # torchvision's vit_* and timm's ViTs
-    return arch.removeprefix("timm:").startswith(("vit", "deit"))
-
-
-def backbone(
-    arch: str, image_size: int, num_heads: int | None = None, keep_classifier: bool = False
-) -> tuple[nn.Module, int]:
-    """A randomly initialised feature extractor and its output size (or the whole model, 0)."""
-    finish = (lambda net: (net, 0)) if keep_classifier else strip_classifier
-    if arch == "small_cnn":  # four conv-BN-ReLU stages: quick on a CPU
-        layers: list[nn.Module] = []
-        for c_in, c_out in ((3, 32), (32, 64), (64, 128), (128, 256)):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
-            layers += [nn.ReLU(), nn.MaxPool2d(2) if c_out < 256 else nn.AdaptiveAvgPool2d(1)]
-        return nn.Sequential(*layers, nn.Flatten()), 256
-    if arch.startswith("timm:"):
-        import timm
-
-        return finish(timm.create_model(arch[5:], pretrained=False))
-    import torchvision
-
-    if arch in VITS:  # a checkpoint's record of the heads overrides the table's
-        (depth, heads, width), patch = VITS[arch], 16 if image_size >= 128 else 8
-        vit = torchvision.models.VisionTransformer(
-            image_size, patch, depth, num_heads or heads, width, 4 * width
-        )
-        return finish(vit)
-    size: dict[str, Any] = {"image_size": image_size} if arch.startswith("vit_") else {}
-    if arch in ("googlenet", "inception_v3"):  # features only: no auxiliary classifiers
-        size |= {"aux_logits": False, "init_weights": True}  # (their default, unwarned)
-    net = torchvision.models.get_model(arch, weights=None, **size)
-    if arch.startswith("resnet") and image_size <= 32:  # the CIFAR stem, as the authors' demo
-        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    return finish(net)
-
-
-def attention_heads(arch: str, features: nn.Module) -> int | None:
-    """A ViT's number of attention heads, which checkpoints record (no weight holds it)."""
-    heads = (getattr(m, "num_heads", None) for m in features.modules()) if is_vit(arch) else ()
-    return next((h for h in heads if isinstance(h, int)), None)
-
-
 def pretrained_backbone(
     ckpt: dict[str, Any], kind: str, v3: bool, arch: str, known_heads: int | None = None
 ) -> tuple[dict[str, torch.Tensor], int | None]:
@@ -273,22 +193,11 @@ def main() -> None:
     if args.arch is None:
         fail(f"--pretrained {path} does not name its architecture: pass --arch")
     validate(args)
-    if "RANK" in os.environ:  # one process per GPU under torchrun
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)  # the backbone's initial weights (overwritten by the checkpoint)
+    device, rank, world = setup(args)  # torchrun's processes; seeds the backbone (then loaded)
     features, dim = load_backbone(args, path, kind, ckpt, v3)
     features.to(device)
     frozen = {k: v.clone() for k, v in features.state_dict().items()}
-    try:  # (train, held-out, classes): STL-10's labelled train split only
-        sizes = (args.image_size, args.shapes_train, args.shapes_val)
-        train, val, classes = datasets(args.data, args.data_root, *sizes, unlabeled=False)
-    except (OSError, RuntimeError) as e:
-        fail(f"--data {args.data}: {e}")
+    train, val, classes = load_data(args, unlabeled=False)  # STL-10's labelled train split only
     steps = check_steps(len(train), args.batch_size)
     if val is train and rank == 0:
         print(f"warning: {args.data} has no val/ folder: the accuracy is on the training images")

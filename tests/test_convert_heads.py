@@ -114,7 +114,7 @@ def test_load_official_checkpoint_refuses_a_model_with_other_heads() -> None:
 
 def test_the_examples_vit_small_has_the_papers_12_heads() -> None:
     sys.path.insert(0, str(EXAMPLES))
-    from moco_v2 import backbone
+    from harness import backbone
 
     vit, dim = backbone("vit_small", 224)
     assert dim == 384

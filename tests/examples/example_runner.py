@@ -116,6 +116,7 @@ def losses(out: Path) -> list[float]:
 
 KNN_LINE = re.compile(r"^kNN top-1 at random initialisation: (\d+(?:\.\d+)?)%$", re.M)
 EPOCH_KNN_LINE = re.compile(r"^epoch \d+: kNN top-1 (\d+(?:\.\d+)?)%$", re.M)
+STOP_KNN_LINE = re.compile(r"^kNN top-1 at step (\d+): (\d+(?:\.\d+)?)%$", re.M)
 DONE_LINE = re.compile(
     r"^done: (\d+) steps; kNN top-1 (\d+(?:\.\d+)?)% \(random initialisation (\d+(?:\.\d+)?)%\)",
     re.M,
@@ -143,9 +144,10 @@ def assert_trained_sanely(
     initialisation printed once, recorded in the checkpoint and above chance (``100 /
     classes`` %: a check of the monitor, random features tell the shapes apart; it says
     nothing of the training). Each epoch's kNN is printed as ``metrics.csv`` records it, and
-    the last line reports the last one (the baseline if no epoch ended: nothing trained was
-    measured). ``learns``: the run is long enough to learn, the last epoch's kNN beats the
-    baseline by ``KNN_GAIN`` points."""
+    the last line reports the kNN of the weights at the stop: the last epoch's if the run
+    stopped at an epoch's end, else the one measured at the stop (its own line, not in
+    ``metrics.csv``). ``learns``: the run is long enough to learn, the last epoch's kNN beats
+    the baseline by ``KNN_GAIN`` points."""
     values = losses(out)
     assert len(values) == steps, values
     assert all(math.isfinite(v) and v > 0 for v in values), values
@@ -156,9 +158,17 @@ def assert_trained_sanely(
     recorded = [float(row["knn_top1"]) for row in metrics(out) if row["knn_top1"]]  # 2 places
     assert len(recorded) == len(trained), (recorded, stdout[-2000:])
     assert all(abs(r - t) <= 0.051 for r, t in zip(recorded, trained, strict=True)), recorded
+    stopped = [(int(at), float(v)) for at, v in STOP_KNN_LINE.findall(stdout)]
+    epoch_ends = [int(row["step"]) for row in metrics(out) if row["knn_top1"]]
+    if epoch_ends and epoch_ends[-1] == steps:  # stopped at an epoch's end: measured there
+        assert not stopped, stdout[-2000:]
+        final = trained[-1]
+    else:  # stopped inside an epoch: measured at the stop
+        assert [at for at, _ in stopped] == [steps], stdout[-2000:]
+        final = stopped[0][1]
     done = DONE_LINE.search(stdout)
     assert done, stdout[-2000:]
-    assert (int(done[1]), float(done[2]), float(done[3])) == (steps, (trained or [knn])[-1], knn)
+    assert (int(done[1]), float(done[2]), float(done[3])) == (steps, final, knn)
     if learns:
         assert trained, f"no epoch ended in {steps} steps: no trained kNN\n{stdout[-2000:]}"
         assert trained[-1] >= knn + KNN_GAIN, f"kNN {trained} after training, {knn} before"

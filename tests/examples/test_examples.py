@@ -31,8 +31,8 @@ KNN_DATA = ["--shapes-train", "400", "--shapes-val", "200", "--knn-bank", "400",
 )
 def test_script_runs_and_checkpoints(script: str, flags: list[str], tmp_path: Path) -> None:
     result = run(script, *flags, *KNN_DATA, "--max-steps", "3", "--output-dir", str(tmp_path))
-    # 3 steps: finite losses, the kNN monitor above chance at random initialisation, and no
-    # trained kNN (no epoch ended): too short to learn, test_linear_evaluation learns
+    # 3 steps: finite losses, the kNN monitor above chance at random initialisation, and the
+    # kNN at the stop (no epoch ended): too short to learn, test_linear_evaluation learns
     assert_trained_sanely(tmp_path, result.stdout, steps=3)
     (ckpt,) = tmp_path.glob("checkpoint_*.pt")
     state = torch.load(ckpt, weights_only=True)

@@ -16,9 +16,12 @@ import_examples()
 import linear_eval  # noqa: E402
 import moco_v2  # noqa: E402
 import moco_v3  # noqa: E402
-from moco_v2 import check_steps, load_resume, validate  # noqa: E402
+from harness import attention_heads, check_steps, load_resume  # noqa: E402
+from moco_v2 import validate  # noqa: E402
 
 TRAINED = {"arch": "small_cnn", "image_size": 32}
+V2_RESUME = ("moco_v2", moco_v2.MUST_MATCH, moco_v2.WARN_IF_CHANGED)  # load_resume's checks
+V3_RESUME = ("moco_v3", moco_v3.MUST_MATCH, moco_v3.WARN_IF_CHANGED)
 PARSERS = {
     "moco_v2": moco_v2.build_parser,
     "moco_v3": moco_v3.build_parser,
@@ -111,26 +114,26 @@ def fake_checkpoint(path: Path, **changes: object) -> Path:
 
 def test_resume_checks_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit, match=r"--resume /nonexistent/checkpoint\.pt is not a check"):
-        load_resume(v2_args("--resume", "/nonexistent/checkpoint.pt"), "moco_v2")
+        load_resume(v2_args("--resume", "/nonexistent/checkpoint.pt"), *V2_RESUME)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match=r"notes\.txt is not a checkpoint"):
-        load_resume(v2_args("--resume", str(tmp_path / "notes.txt")), "moco_v2")
+        load_resume(v2_args("--resume", str(tmp_path / "notes.txt")), *V2_RESUME)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match=r"other\.pt is not a checkpoint of these scripts"):
-        load_resume(v2_args("--resume", str(tmp_path / "other.pt")), "moco_v2")
+        load_resume(v2_args("--resume", str(tmp_path / "other.pt")), *V2_RESUME)
     path = fake_checkpoint(tmp_path / "a.pt", arch="resnet18", dim=64)
     with pytest.raises(SystemExit, match=r"--arch small_cnn \(checkpoint: resnet18\), --dim 128"):
-        load_resume(v2_args("--resume", str(path)), "moco_v2")
+        load_resume(v2_args("--resume", str(path)), *V2_RESUME)
     with pytest.raises(SystemExit, match="is a moco_v2 checkpoint, not moco_v3"):
-        load_resume(v3_args("--resume", str(path)), "moco_v3")
+        load_resume(v3_args("--resume", str(path)), *V3_RESUME)
     path = fake_checkpoint(tmp_path / "b.pt", batch_size=32, epochs=5, seed=3)
-    _, ckpt = load_resume(v2_args("--resume", str(path)), "moco_v2") or (None, {})
+    _, ckpt = load_resume(v2_args("--resume", str(path)), *V2_RESUME) or (None, {})
     assert ckpt["step"] == 1
     warning = capsys.readouterr().err
     assert "warning: resuming with changed --batch-size 16 (checkpoint: 32)" in warning
     assert "--epochs 2 (checkpoint: 5)" in warning and "--seed 0 (checkpoint: 3)" in warning
     load_resume(v2_args("--resume", str(path), "--batch-size", "32", "--epochs", "5",
-                        "--seed", "3"), "moco_v2")  # fmt: skip
+                        "--seed", "3"), *V2_RESUME)  # fmt: skip
     assert "warning" not in capsys.readouterr().err
 
 
@@ -225,7 +228,7 @@ def test_a_checkpoint_without_a_recorded_temperature_resumes_quietly(
 ) -> None:
     """Up to 0.3.0 the scripts saved --temperature as None (the paper's, resolved later)."""
     load_resume(v2_args("--resume", str(fake_checkpoint(tmp_path / "a.pt", temperature=None))),
-                "moco_v2")  # fmt: skip
+                *V2_RESUME)  # fmt: skip
     assert "warning" not in capsys.readouterr().err
 
 
@@ -244,4 +247,4 @@ def test_a_timm_vit_gets_the_vit_recipe() -> None:
     *_, features = moco_v3.build(args, (torch.device("cpu"), 0, 1))
     assert not features.patch_embed.proj.weight.requires_grad  # the frozen patch projection
     assert not features.pos_embed.requires_grad  # fixed sin-cos positions
-    assert moco_v3.attention_heads(args.arch, features) == 3
+    assert attention_heads(args.arch, features) == 3

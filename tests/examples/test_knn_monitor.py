@@ -1,4 +1,5 @@
-"""The kNN monitor samples its bank and queries at random and never puts a query in the bank."""
+"""The kNN monitor samples its bank and queries at random and never puts a query in the bank;
+a run's last line reports the kNN of the weights it stops with."""
 
 from __future__ import annotations
 
@@ -7,12 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from example_runner import V12, checkpoint, import_examples, knn_baselines, run_2p_ranks, write_png
+from example_runner import (
+    DONE_LINE,
+    STOP_KNN_LINE,
+    V3,
+    V12,
+    checkpoint,
+    import_examples,
+    knn_baselines,
+    run,
+    run_2p_ranks,
+    write_png,
+)
 from torch import nn
 
 import_examples()
 from data import datasets, evaluation_batches, knn_split  # noqa: E402
-from moco_v2 import knn_accuracy  # noqa: E402
+from harness import backbone, knn_accuracy, load_data  # noqa: E402
 
 from momentum_contrast.knn import knn_predict  # noqa: E402
 
@@ -101,3 +113,28 @@ def test_only_rank_0_reports_the_knn_at_random_initialisation(tmp_path: Path) ->
     assert knn > 10.0  # above chance (10 classes)
     assert round(checkpoint(out)["knn_baseline"], 1) == knn
     assert knn_baselines(rank1) == [] and "kNN top-1" not in rank1, rank1[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "stop", "prefix"),
+    [("moco_v2.py", V12, 6, "0."), ("moco_v3.py", V3, 2, "0.0.")],
+    ids=["v2-inside-epoch-2", "v3-inside-epoch-1"],
+)
+def test_a_stop_inside_an_epoch_reports_the_knn_of_the_weights_at_the_stop(
+    script: str, flags: list[str], stop: int, prefix: str, tmp_path: Path
+) -> None:
+    """``--max-steps`` inside an epoch (4 steps each): the last line's kNN is measured on the
+    weights at the stop, as the checkpoint holds them. It used to repeat the kNN at random
+    initialisation (a stop inside the first epoch) or at the last epoch's end."""
+    out = tmp_path / "run"
+    result = run(script, *flags, "--max-steps", str(stop), "--output-dir", str(out))
+    done, stopped = DONE_LINE.search(result.stdout), STOP_KNN_LINE.findall(result.stdout)
+    assert done and stopped == [(str(stop), done[2])], result.stdout[-2000:]
+    ckpt = checkpoint(out)
+    args = argparse.Namespace(**ckpt["args"])
+    features, _ = backbone(args.arch, args.image_size)  # the query encoder's, at the stop
+    n = len(prefix)
+    features.load_state_dict({k[n:]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    train, val, classes = load_data(args)
+    expected = knn_accuracy(features, train, val, classes, args, torch.device("cpu"))
+    assert (ckpt["step"], done[2]) == (stop, f"{expected:.1f}"), result.stdout[-2000:]

@@ -157,6 +157,7 @@ def test_the_classifier_starts_alike_from_a_checkpoint_or_a_state_dict(tmp_path:
     the same result. A state dict built a second model (the classifier's) first, which drew
     random numbers before the classifier's init and the augmentations."""
     import_examples()
+    import harness
     import linear_eval
     from data import make_shapes
 
@@ -166,7 +167,7 @@ def test_the_classifier_starts_alike_from_a_checkpoint_or_a_state_dict(tmp_path:
     state, _ = linear_eval.pretrained_backbone(ckpt, "project", False, "small_cnn")
     # BatchNorm statistics of the images: after 1 step they are still the initial ones, the
     # features nearly the same for every image, and any classifier predicts one class
-    features, _ = linear_eval.backbone("small_cnn", 32)
+    features, _ = harness.backbone("small_cnn", 32)
     features.load_state_dict(state)
     for m in features.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

@@ -11,7 +11,8 @@ import torch
 from example_runner import V3, import_examples
 
 import_examples()
-from moco_v3 import VITS, attention_heads, backbone, load_resume, parse_args  # noqa: E402
+from harness import VITS, attention_heads, backbone, load_resume  # noqa: E402
+from moco_v3 import MUST_MATCH, WARN_IF_CHANGED, parse_args  # noqa: E402
 
 
 def test_the_vits_heads() -> None:
@@ -33,6 +34,6 @@ def test_a_resume_refuses_another_head_count(
     args.resume = str(path)
     if refused:
         with pytest.raises(SystemExit, match=r"attention heads, --arch vit_tiny has 3"):
-            load_resume(args, "moco_v3")
+            load_resume(args, "moco_v3", MUST_MATCH, WARN_IF_CHANGED)
     else:
-        assert load_resume(args, "moco_v3") is not None
+        assert load_resume(args, "moco_v3", MUST_MATCH, WARN_IF_CHANGED) is not None

@@ -5,15 +5,14 @@
   (``positive_int``, ``fraction``, ...), ``run_flags`` (the flags of a run that are not its
   method's: data, backbone, kNN monitor, output, resume, device), ``parse_flags``
   (``--print-config``) and ``check_flags`` (the flags that must fit together).
-* Processes: ``setup`` (torchrun's process group, the device, the seed), every rank's
-  random states (``rng_states``) and their restore (``restore_rng``).
+* Processes: ``setup`` (torchrun's process group, the device, the seed).
 * Backbones: ``backbone``, ``checked_backbone`` (a bad ``--arch`` stops in one line) and
   ``attention_heads`` (a ViT's, which checkpoints record).
-* The loop's helpers: ``load_data``, ``training_views`` (each step's two views, epoch after
-  epoch), ``StepLog`` (metrics.csv), ``plot`` (metrics.png), the kNN monitor
-  (``knn_accuracy``, ``KnnMonitor``) and the last line (``report``).
-* Checkpoints: ``state_of``, ``load_states``, ``save_checkpoint``, ``load_resume``,
-  ``resume_states``, and ``debug_dump`` for the tests.
+* The loop's helpers: ``load_data`` and ``training_views`` (each step's two views, epoch
+  after epoch).
+
+What a run reports (metrics.csv, metrics.png, the kNN monitor) is in monitoring.py;
+checkpoints and resuming are in checkpoints.py.
 
 The scripts import it as ``from harness import ...``; it imports no script.
 """
@@ -22,28 +21,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
-from data import Images, datasets, epoch_batches, evaluation_batches, knn_split, loader, to_device
+from data import Images, datasets, epoch_batches, loader, to_device
+from monitoring import Env, StepLog
 from torch import nn
 
 from momentum_contrast.heads import strip_classifier
-from momentum_contrast.knn import knn_predict
 
-Env = tuple[torch.device, int, int]  # (device, rank, world): what ``setup`` returns
 # ViTs: (layers, heads, width). vit_small is the MoCo v3 paper's ViT-S, 12 heads (DeiT's and
 # timm's have 6, as these scripts up to 0.2.0); checkpoints record the count (``num_heads``).
 VITS = {"vit_tiny": (4, 3, 192), "vit_small": (12, 12, 384), "vit_base": (12, 12, 768)}
@@ -101,6 +95,9 @@ def run_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     arg("--log-every", type=positive_int, default=20, help="read the losses every N steps")
     arg("--output-dir", default="runs/example", help="checkpoints and metrics go here")
     arg("--resume", default="", help="checkpoint path, or 'auto' (the newest in --output-dir)")
+    arg("--save-every", type=non_negative_int, default=0,
+        help="a checkpoint every N steps too (0: at each epoch's end only)")  # fmt: skip
+    arg("--keep", type=positive_int, default=2, help="the newest N checkpoints stay")
     arg("--seed", type=int, default=0, help="seed of every random choice of the run")
     arg("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
         help="one GPU per process under torchrun")  # fmt: skip
@@ -157,7 +154,7 @@ def run_steps(args: argparse.Namespace, images: int) -> tuple[int, int]:
     return steps_per_epoch, min(args.max_steps, last) if args.max_steps else last
 
 
-# ---- Set-up: one process, or one per GPU under torchrun; every rank's random stream
+# ---- Set-up: one process, or one per GPU under torchrun
 def world_size() -> int:
     """The number of processes torchrun starts (1 without it), known before any is joined."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,6 +164,13 @@ def setup(args: argparse.Namespace, *, alone: bool = False) -> Env:
     """Join torchrun's process group (``alone``, without torchrun: a group of one); seed
     every rank alike (identical models, and queue)."""
     backend = "nccl" if args.device == "cuda" else "gloo"
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if restarts and shared and os.environ.get("RANK") == "0":
+        print("warning: torchrun shares its rendezvous store with these processes: restarted "
+              "ones would read the failed attempt's addresses and never connect (pytorch "
+              "issue 135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+              "(docs/guides/multi-node.md)", file=sys.stderr)  # fmt: skip
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     elif alone:
@@ -180,37 +184,6 @@ def setup(args: argparse.Namespace, *, alone: bool = False) -> Env:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     return device, rank, world
-
-
-def rng_states(device: torch.device, world: int) -> list[dict[str, Any]]:
-    """Every rank's generator states, in rank order (a collective)."""
-    mine = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    every: list[Any] = [mine] * world
-    if world > 1:
-        dist.all_gather_object(every, mine)
-    return every
-
-
-def restore_rng(saved: list[dict[str, Any]], seed: int, rank: int, world: int, step: int) -> None:
-    """Rank r takes the states rank r saved: the same number of processes continues exactly.
-    A rank without (all of them in a new run) is seeded from (seed, rank, step)."""
-    saved = saved if isinstance(saved, list) else [saved]  # one dict: older checkpoints
-    if rank < len(saved):
-        torch.set_rng_state(saved[rank]["torch"])
-        random.setstate(saved[rank]["python"])
-        if "cuda" in saved[rank] and torch.cuda.is_initialized():
-            torch.cuda.set_rng_state(saved[rank]["cuda"], torch.cuda.current_device())
-    else:  # a 63-bit hash of (seed, rank, step): the same stream in any process
-        digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
-        torch.manual_seed(int.from_bytes(digest, "little") >> 1)
-        random.seed(int.from_bytes(digest, "little") >> 1)
-    if saved and rank >= len(saved):
-        print(f"warning: rank {rank} has no saved random state: reseeded", file=sys.stderr)
-    if saved and rank == 0 and len(saved) != world:
-        print(f"warning: the checkpoint holds the random states of {len(saved)} processes, "
-              f"this run has {world}: the augmentations will differ", file=sys.stderr)  # fmt: skip
 
 
 # ---- Backbones: --arch, built with random weights, its classifier taken off
@@ -273,7 +246,7 @@ def attention_heads(arch: str, features: nn.Module) -> int | None:
     return next((h for h in heads if isinstance(h, int)), None)
 
 
-# ---- The loop's helpers: the data, each step's views, the step log, the kNN monitor
+# ---- The loop's helpers: the data, each step's views
 def load_data(args: argparse.Namespace, **kwargs: Any) -> tuple[Images, Images, int]:
     """(train, held-out, classes) of --data (without a val/ folder held-out *is* train), or
     an error naming --data; ``kwargs`` go to ``data.datasets``."""
@@ -315,219 +288,3 @@ def training_views(
             if end:
                 break
             bar.set_postfix({k: f"{v:.4g}" for k, v in log.last.items()}, refresh=False)
-
-
-class StepLog:
-    """metrics.csv, written on rank 0 (``path`` None elsewhere): a row per step, its loss read
-    with the pending ones in one transfer by ``flush``, and a row per kNN measurement. ``keep``:
-    a resumed checkpoint's step (a crash's later rows are dropped). ``last``: for the bar."""
-
-    FIELDS = ("step", "epoch", "loss", "lr", "momentum", "images_per_s", "knn_top1")
-
-    def __init__(self, path: Path | None, every: int, batch_size: int, *, keep: int = 0) -> None:
-        self.path, self.every, self.batch_size = path, every, batch_size
-        self.pending: list[tuple[int, int, torch.Tensor, float, float]] = []
-        self.last: dict[str, float] = {}  # the latest flush's, for the progress bar
-        self.tick, kept = time.perf_counter(), []
-        if path is not None and keep and path.exists():
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= keep]
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.write(*kept, mode="w")
-
-    def write(self, *rows: dict[str, Any], mode: str = "a") -> None:
-        if self.path is not None:
-            with open(self.path, mode, newline="") as f:
-                writer = csv.DictWriter(f, self.FIELDS)
-                if mode == "w":
-                    writer.writeheader()
-                writer.writerows(rows)
-
-    def add(self, step: int, epoch: int, loss: torch.Tensor, lr: float, momentum: float) -> bool:
-        """Keeps a step (its loss on the device: no host read); True: time to ``flush``."""
-        self.pending.append((step, epoch, loss.detach(), lr, momentum))
-        return step % self.every == 0
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        losses = torch.stack([p[2] for p in self.pending]).float().tolist()  # the one read
-        now, (*_, lr, momentum) = time.perf_counter(), self.pending[-1]
-        rate, self.tick = self.batch_size * len(losses) / (now - self.tick), now
-        self.write(*({"step": s, "epoch": e, "loss": repr(v), "lr": r, "momentum": m,
-                      "images_per_s": round(rate, 1)}
-                     for (s, e, _, r, m), v in zip(self.pending, losses, strict=True)))  # fmt: skip
-        self.last = {"loss": sum(losses) / len(losses), "lr": lr, "m": momentum, "img_s": rate}
-        self.pending.clear()
-
-
-def plot(out: Path) -> None:
-    """metrics.png: the loss per step and the kNN accuracy per epoch."""
-    from matplotlib.figure import Figure
-
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    fig = Figure(figsize=(10, 3.5), layout="tight")
-    for ax, key in zip(fig.subplots(1, 2), ("loss", "knn_top1"), strict=True):
-        points = [(int(row["step"]), float(row[key])) for row in rows if row[key]]
-        ax.plot(*zip(*points, strict=True), marker="o" if key == "knn_top1" else None)
-        ax.set(xlabel="step", title="held-out kNN top-1 (%)" if key == "knn_top1" else key)
-    fig.savefig(out / "metrics.png", dpi=100)
-
-
-@torch.no_grad()
-def knn_accuracy(features: nn.Module, train: Images, val: Images, classes: int, args: Any,
-                 device: torch.device) -> float:  # fmt: skip
-    """Weighted kNN top-1 (%) of the frozen features (k 200, as the authors' monitor) of
-    --knn-queries held-out images against a bank of --knn-bank training images."""
-    features.eval()
-    embedded = []  # [(N, features) features, (N,) labels] of the bank, then of the queries
-    chosen = knn_split(train, val, bank=args.knn_bank, queries=args.knn_queries, seed=args.seed)
-    for data, idx in zip((train, val), chosen, strict=True):
-        pairs = []
-        for x, y in evaluation_batches(data.subset(idx), args.image_size, device):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pairs.append((features(x).float(), y))
-        embedded.append([torch.cat(part) for part in zip(*pairs, strict=True)])
-    (bank, bank_labels), (queries, labels) = embedded
-    features.train()
-    pred = knn_predict(queries, bank, bank_labels, classes, k=min(200, len(bank))).argmax(1)
-    return 100.0 * (pred == labels).float().mean().item()
-
-
-class KnnMonitor:
-    """The kNN monitor: [`knn_accuracy`][] of ``features``, measured on rank 0 and printed
-    there (the other ranks hold 0.0). ``gather``, if given, runs first on every rank (v3's
-    --fsdp: the sharded backbone into rank 0's copy, a collective)."""
-
-    def __init__(self, features: nn.Module, data: tuple[Images, Images, int], args: Any,
-                 env: Env, *, gather: Any = None) -> None:  # fmt: skip
-        self.features, self.data, self.args, self.env = features, data, args, env
-        self.gather, self.at, self.value = gather, -1, 0.0  # the latest: its step, its value
-
-    def __call__(self, step: int, line: str, **fields: Any) -> float:
-        """The kNN top-1 (%) at ``step``; rank 0 prints ``line`` formatted with ``fields``,
-        ``step`` and ``value``."""
-        (device, rank, _), (train, val, classes) = self.env, self.data
-        if self.gather is not None:
-            self.gather()
-        value = 0.0
-        if rank == 0:
-            value = knn_accuracy(self.features, train, val, classes, self.args, device)
-            print(line.format(step=step, value=value, **fields))
-        self.at, self.value = step, value
-        return value
-
-    def final(self, step: int) -> float:
-        """The kNN top-1 (%) of the weights at ``step``, where the run stops: the one measured
-        at that epoch's end, else (a stop inside an epoch, or no step run) measured now."""
-        if self.at == step:
-            return self.value
-        return self(step, "kNN top-1 at step {step}: {value:.1f}%")
-
-
-def report(step: int, knn: float, baseline: float, out: Path, env: Env) -> None:
-    """Rank 0's last line: the steps, the kNN at the stop and at random initialisation."""
-    device, rank, _ = env
-    if rank == 0:
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
-        print(f"done: {step} steps; kNN top-1 {knn:.1f}% (random initialisation {baseline:.1f}%)"
-              f"{f'; peak GPU memory {peak:.1f} GiB' if peak else ''}; checkpoints and metrics "
-              f"in {out}")  # fmt: skip
-
-
-# ---- Checkpoints. One holds the unwrapped modules' states (no DDP "module." prefix: it
-# resumes under any number of processes), every rank's generator states ("rng", by rank), the
-# step, the flags, the kNN baseline and a ViT's head count (docs/guides/checkpointing.md).
-def state_of(pieces: dict[str, Any]) -> dict[str, Any]:
-    return {name: getattr(obj, "module", obj).state_dict() for name, obj in pieces.items()}
-
-
-def load_states(pieces: dict[str, Any], ckpt: dict[str, Any]) -> None:
-    """Also a checkpoint of older scripts, with DDP's "module." prefix."""
-    for name, obj in pieces.items():
-        state, obj = ckpt[name], getattr(obj, "module", obj)
-        if isinstance(obj, nn.Module):
-            state = {re.sub(r"^(key_encoder\.)?module\.", r"\1", k): v for k, v in state.items()}
-        obj.load_state_dict(state)
-
-
-def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step: int,
-                    env: Env) -> None:  # fmt: skip
-    """The pieces' ``state`` and the run's ``meta`` at ``step``, with every rank's random
-    states (a collective: every rank calls it). Rank 0 writes checkpoint_<step>.pt, then
-    renames it (a killed run leaves the previous one whole): only the newest stays. It
-    redraws metrics.png."""
-    device, rank, world = env
-    rng = rng_states(device, world)
-    debug_dump(state, rank, f"{step:07d}")
-    if rank == 0:
-        plot(out)
-        torch.save({**state, **meta, "step": step, "rng": rng}, out / "checkpoint.tmp")
-        os.replace(out / "checkpoint.tmp", out / f"checkpoint_{step:07d}.pt")
-        for old in sorted(out.glob("checkpoint_*.pt"))[:-1]:
-            old.unlink()
-
-
-def resume_states(
-    resume: tuple[Path, dict[str, Any]] | None, pieces: dict[str, Any], env: Env, *,
-    load: Any = load_states, states: Any = state_of,
-) -> tuple[int, Any, Any]:  # fmt: skip
-    """The step, kNN baseline and every rank's random states of ``resume`` (load_resume's),
-    its states loaded into ``pieces`` (``load``; ``states`` reads them back for the tests'
-    dump); a new run's: (0, None, [])."""
-    if resume is None:
-        return 0, None, []
-    path, ckpt = resume
-    load(pieces, ckpt)
-    print(f"resumed from {path} at step {ckpt['step']}")
-    debug_dump(states(pieces), env[1], "loaded")
-    return ckpt["step"], ckpt["knn_baseline"], ckpt["rng"]
-
-
-def debug_dump(state: dict[str, Any], rank: int, tag: str) -> None:
-    """For the tests: every rank's own states, in $MOCO_EXAMPLES_DUMP_DIR/rank<r>_<tag>.pt."""
-    if folder := os.environ.get("MOCO_EXAMPLES_DUMP_DIR"):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save(state, Path(folder) / f"rank{rank}_{tag}.pt")
-
-
-def load_resume(
-    args: argparse.Namespace, recipe: str, must_match: tuple[str, ...], warn: tuple[str, ...]
-) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to resume, read and checked against the flags before anything is built:
-    a ``recipe`` checkpoint whose flags ``must_match`` (the tensors' shapes) the command
-    line's; a changed flag of ``warn`` is a warning."""
-    if not args.resume:
-        return None
-    found = sorted(Path(args.output_dir).glob("checkpoint_*.pt"))  # checkpoint_<step>.pt
-    path = Path(args.resume) if args.resume != "auto" else found[-1] if found else None
-    if path is None:
-        print(f"no checkpoint in {args.output_dir}: starting from scratch")
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # no such file, not a PyTorch file
-        fail(f"--resume {path} is not a checkpoint ({type(e).__name__}: {e})")
-    keys = ("recipe", "step", "args", "model", "rng")
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
-        fail(f"--resume {path} is not a checkpoint of these scripts (keys {', '.join(keys)})")
-    if ckpt["recipe"] != recipe:
-        fail(f"{path} is a {ckpt['recipe']} checkpoint, not {recipe}")
-    saved, ours = ckpt["args"], vars(args)
-
-    def changed(*names: str) -> str:  # None: not recorded (--temperature up to 0.3.0)
-        differ = [n for n in names if saved.get(n) is not None and saved[n] != ours[n]]
-        flags = (f"--{n.replace('_', '-')} {ours[n]} (checkpoint: {saved[n]})" for n in differ)
-        return ", ".join(flags)
-
-    vit = args.arch.startswith("vit")  # a torchvision ViT's weights depend on the image size
-    if differ := changed(*must_match, *["image_size"] * vit):
-        fail(f"--resume {path} was trained with other settings: {differ}")
-    if (heads := VITS.get(args.arch, (0, None))[1]) and ckpt.get("num_heads") != heads:
-        has = f"has {ckpt['num_heads']}" if ckpt.get("num_heads") else "does not record its"
-        fail(f"--resume {path} {has} attention heads, --arch {args.arch} has {heads}")
-    if (differ := changed(*warn)) and int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: resuming with changed {differ}", file=sys.stderr)
-    return path, ckpt

@@ -4,8 +4,10 @@
     python examples/moco_v2.py --data cifar10 --data-root data   # the authors' CIFAR-10 demo
     python examples/moco_v2.py --data /data/imagenet --arch resnet50           # one GPU
     torchrun --nproc-per-node 8 examples/moco_v2.py --data /data/imagenet --arch resnet50
-    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        examples/moco_v2.py --data /data/imagenet --arch resnet50 --batch-size 1024 --lr 0.12
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 4 --nproc-per-node 8 \\
+        --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN --max-restarts 3 \\
+        examples/moco_v2.py --data /data/imagenet --batch-size 1024 --lr 0.12 \\
+        --output-dir /shared/runs/v2 --resume auto --save-every 1000    # on every node
     python examples/moco_v2.py --resume auto                     # continue the last run
     python examples/moco_v2.py --accumulate 2                    # 2 micro-batches per step
 
@@ -14,8 +16,11 @@ K 65,536, m 0.999, T 0.2, cosine schedule); CIFAR and STL-10 get the authors' CI
 settings, the built-in `shapes` data settings that finish on a CPU in minutes. Read top to
 bottom: flags, the MoCo pieces and their step (``build``), the loop (``main``). What a run
 needs besides MoCo (set-up, random states, backbones, step log, kNN monitor, checkpoints)
-is in harness.py, the data in data.py. A checkpoint resumes exactly, in any number of
-processes.
+is in harness.py, monitoring.py and checkpoints.py, the data in data.py. A checkpoint
+resumes exactly, in any number of processes. Several nodes, restarts after a lost process,
+Slurm (multi_node.sbatch): docs/guides/multi-node.md. Tested on the CPU with gloo (torch
+2.14.1): 1 and 2 processes, 2 torchrun agents on one machine, a process killed and
+restarted by torchrun, a one-machine Slurm cluster; not tested here: NCCL, real nodes.
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from checkpoints import (
+    load_resume,
+    restore_rng,
+    resume_states,
+    save_checkpoint,
+    saves_at,
+    state_of,
+)
 from harness import (
     Env,
-    KnnMonitor,
     OneLineParser,
-    StepLog,
     attention_heads,
     check_flags,
     checked_backbone,
     fraction,
     load_data,
-    load_resume,
     milestones,
     non_negative_float,
     number,
@@ -46,16 +56,16 @@ from harness import (
     pixels,
     positive_float,
     positive_int,
-    report,
-    restore_rng,
-    resume_states,
     run_flags,
     run_steps,
-    save_checkpoint,
     setup,
-    state_of,
     training_views,
     world_size,
+)
+from monitoring import (
+    KnnMonitor,
+    StepLog,
+    report,
 )
 from torch import nn
 
@@ -221,12 +231,12 @@ def main(version: str = "v2") -> None:
         step, epoch = step + 1, step // steps_per_epoch
         if log.add(step, epoch, stats["loss"], stats["lr"], stats["momentum"]):
             log.flush()  # one read of the last --log-every losses
-        if step % steps_per_epoch == 0 or step == last:  # an epoch's end, or the stop
+        if saves_at(args, step, steps_per_epoch, last):  # an epoch's end, the stop, --save-every
             log.flush()  # its last steps, before the kNN monitor and the checkpoint
             if step % steps_per_epoch == 0:
                 value = knn(step, "epoch {epoch}: kNN top-1 {value:.1f}%", epoch=epoch + 1)
                 log.write({"step": step, "epoch": epoch, "knn_top1": round(value, 2)})
-            save_checkpoint(out, state_of(pieces), meta, step, env)
+            save_checkpoint(out, state_of(pieces), meta, step, env, args.keep)
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
 
 

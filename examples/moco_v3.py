@@ -4,8 +4,10 @@
     python examples/moco_v3.py --arch vit_tiny                   # a small ViT on shapes
     python examples/moco_v3.py --data cifar10 --data-root data   # CIFAR-10 (downloaded there)
     torchrun --nproc-per-node 8 examples/moco_v3.py --data /data/imagenet --arch vit_small
-    torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        examples/moco_v3.py --data /data/imagenet --arch vit_base --fsdp --accumulate 2
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 8 --nproc-per-node 8 \\
+        --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN --max-restarts 3 \\
+        examples/moco_v3.py --data /data/imagenet --arch vit_base --fsdp --accumulate 2 \\
+        --output-dir /shared/runs/v3 --resume auto --save-every 1000    # on every node
 
 Paper defaults (ImageNet): ResNet-50 with LARS, lr 0.6 x batch/256, weight decay 1e-6, T 1.0,
 10 warm-up epochs, 100 epochs; ViTs with AdamW, lr 1.5e-4 x batch/256, weight decay 0.1,
@@ -18,8 +20,12 @@ block; checkpoints in the replicated run's form (they move between ``--fsdp`` an
 
 Read top to bottom, as moco_v2.py: flags, the MoCo v3 pieces and their step (``build``),
 the checkpoints of ``--fsdp``, the loop (``main``). What a run needs besides MoCo (set-up,
-random states, backbones, step log, kNN monitor, checkpoints) is in harness.py, the data in
-data.py. A checkpoint resumes exactly, in any number of processes.
+random states, backbones, step log, kNN monitor, checkpoints) is in harness.py,
+monitoring.py and checkpoints.py, the data in data.py. A checkpoint resumes exactly, in any
+number of processes. Several nodes, restarts after a lost process, Slurm
+(multi_node.sbatch): docs/guides/multi-node.md. Tested on the CPU with gloo (torch 2.14.1):
+1 and 2 processes, 2 torchrun agents on one machine, a process killed and restarted by
+torchrun; not tested here: NCCL, real nodes.
 """
 
 from __future__ import annotations
@@ -33,34 +39,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from checkpoints import (
+    load_resume,
+    load_states,
+    restore_rng,
+    resume_states,
+    save_checkpoint,
+    saves_at,
+    state_of,
+)
 from harness import (
     Env,
-    KnnMonitor,
     OneLineParser,
-    StepLog,
     attention_heads,
     check_flags,
     checked_backbone,
     fraction,
     is_vit,
     load_data,
-    load_resume,
-    load_states,
     non_negative_float,
     non_negative_int,
     parse_flags,
     pixels,
     positive_float,
     positive_int,
-    report,
-    restore_rng,
-    resume_states,
     run_flags,
     run_steps,
-    save_checkpoint,
     setup,
-    state_of,
     training_views,
+)
+from monitoring import (
+    KnnMonitor,
+    StepLog,
+    report,
 )
 from torch import nn
 
@@ -292,12 +303,12 @@ def main() -> None:
         step, epoch = step + 1, step // steps_per_epoch
         if log.add(step, epoch, stats["loss"], stats["lr"], stats["momentum"]):
             log.flush()  # one read of the last --log-every losses
-        if step % steps_per_epoch == 0 or step == last:  # an epoch's end, or the stop
+        if saves_at(args, step, steps_per_epoch, last):  # an epoch's end, the stop, --save-every
             log.flush()  # its last steps, before the kNN monitor and the checkpoint
             if step % steps_per_epoch == 0:
                 value = knn(step, "epoch {epoch}: kNN top-1 {value:.1f}%", epoch=epoch + 1)
                 log.write({"step": step, "epoch": epoch, "knn_top1": round(value, 2)})
-            save_checkpoint(out, states(pieces), meta, step, env)  # collectives under --fsdp
+            save_checkpoint(out, states(pieces), meta, step, env, args.keep)  # collectives: --fsdp
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
 
 

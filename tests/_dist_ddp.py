@@ -60,13 +60,16 @@ def _run(exclude: bool, seed_per_rank: bool, ema_dtype: torch.dtype | None) -> d
         model.queue.push(k)
     out: dict[str, Any] = {
         "queue": model.queue.keys.clone(),
-        "key_bn": model.key.key_encoder[1].running_mean.clone(),
+        "key_bn": model.key.key_encoder.get_buffer("1.running_mean").clone(),
         "key": {n: p.detach().clone() for n, p in model.key.key_encoder.named_parameters()},
         "online": {n: p.detach().clone() for n, p in model.online.named_parameters()},
     }
     # A probe: rank 1 moves its queue and key statistics, then DDP runs the online branch
     # only. A broadcast (which bumps no version counter) would put rank 0's values back.
-    watched = {"queue": model.queue.keys, "key_bn": model.key.key_encoder[1].running_mean}
+    watched = {
+        "queue": model.queue.keys,
+        "key_bn": model.key.key_encoder.get_buffer("1.running_mean"),
+    }
     with torch.no_grad():
         for t in watched.values():
             t.add_(float(rank()))
@@ -99,7 +102,7 @@ def scenario_key_written_before_first_update() -> dict[str, Any]:
     exclude_from_ddp(model)
     nn.parallel.DistributedDataParallel(model)
     with torch.no_grad():
-        model.key.key_encoder[0].weight.fill_(0.25)
+        model.key.key_encoder.get_parameter("0.weight").fill_(0.25)
     model.key.key_encoder.load_state_dict({"0.bias": torch.full((8,), 0.5)}, strict=False)
     model.key.update(1.0)  # m = 1: the key stays what was written
     return {"key": {n: p.clone() for n, p in model.key.key_encoder.named_parameters()}}

@@ -6,7 +6,7 @@ process, without a process group."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from _dist_workers import fully_shard, global_tensor
@@ -90,7 +90,7 @@ def v2_fsdp(single: bool = False) -> dict[str, Any]:
     model = SmallCNN(out_dim=8).double()
     key_encoder = MomentumEncoder(model, momentum=0.9)
     if not single:
-        for net in (model, key_encoder.key_encoder):
+        for net in (model, cast(SmallCNN, key_encoder.key_encoder)):
             shard(net, [net.conv1, net.bn1, net.conv2, net.bn2])
     queue = KeyQueue(24, 8, dtype=torch.float64)
     queue.keys.copy_(nn.functional.normalize(global_tensor(90, 24, 8), dim=1))
@@ -125,7 +125,7 @@ def v2_fsdp(single: bool = False) -> dict[str, Any]:
     params = {n: full(p) for n, p in model.named_parameters()}
     keys = {n: full(p) for n, p in key_encoder.key_encoder.named_parameters()}
     sharded = hasattr(model.conv1.weight, "full_tensor") and hasattr(
-        key_encoder.key_encoder.conv1.weight,
+        cast(SmallCNN, key_encoder.key_encoder).conv1.weight,
         "full_tensor",  # (the roots may be unsharded)
     )
     return {"losses": torch.stack(losses), "online": params, "keys": keys, "queue": queue.keys,
@@ -141,7 +141,7 @@ def bf16_shadow(single: bool = False) -> dict[str, Any]:
     model = TinyViT().bfloat16()
     key_encoder = MomentumEncoder(model, momentum=0.999, ema_dtype=torch.float32)
     if not single:
-        for net in (model, key_encoder.key_encoder):
+        for net in (model, cast(TinyViT, key_encoder.key_encoder)):
             shard(net, list(net.blocks))
     x = global_tensor(110, BATCH, TOKENS, 12, dtype=torch.bfloat16)
     outputs = []

@@ -100,6 +100,15 @@ def check_update_compiles_with_tensor_momentum(device: torch.device, backend: st
     assert graphs_after[0] <= 2 and graphs_after == [graphs_after[0]] * 8, graphs_after
 
 
+# a loss, its compiled twin, and the arguments of one call
+LossCall = tuple[
+    Callable[..., torch.Tensor],
+    Callable[..., torch.Tensor],
+    tuple[torch.Tensor, ...],
+    dict[str, Any],
+]
+
+
 def check_losses_compile(device: torch.device, backend: str) -> None:
     torch.manual_seed(0)
     counter = CountingBackend(backend)
@@ -109,10 +118,11 @@ def check_losses_compile(device: torch.device, backend: str) -> None:
     for step in range(4):  # new data every step: no recompilation
         q1, q2 = (torch.randn(8, 16, device=device, requires_grad=True) for _ in range(2))
         k1, k2 = (torch.randn(8, 16, device=device) for _ in range(2))
-        for fn, compiled, args, kwargs in (
+        calls: tuple[LossCall, ...] = (
             (info_nce, nce, (q1, k1, queue), {"temperature": 0.2}),
             (symmetric_contrastive_loss, sym, (q1, q2, k1, k2), {"temperature": 0.2}),
-        ):
+        )
+        for fn, compiled, args, kwargs in calls:
             got = compiled(*args, **kwargs)
             grads = torch.autograd.grad(got, (q1,))
             want = fn(*args, **kwargs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import timm
@@ -42,7 +42,7 @@ def v2_checkpoint(arch: str, ddp: bool) -> tuple[dict[str, Any], nn.Module, nn.M
     if ddp:  # what DistributedDataParallel's state_dict looked like
         state = {f"module.{k}": v for k, v in state.items()}
     ckpt = {"recipe": "moco_v2", "model": state, "key_encoder": key_encoder.state_dict()}
-    return ckpt, model[0], key_encoder.key_encoder[0]
+    return ckpt, model[0], cast(nn.Sequential, key_encoder.key_encoder)[0]
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -92,7 +92,8 @@ def test_vit_small_loads_into_timm_and_torchvision_with_the_same_features(encode
         "num_heads": 12,  # what the example scripts record
     }
     x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
-    expected = features(base[0] if encoder == "query" else key_encoder.key_encoder[0], x)
+    key_base = cast(nn.Sequential, key_encoder.key_encoder)
+    expected = features(base[0] if encoder == "query" else key_base[0], x)
 
     tm = timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)
     tm.load_state_dict(backbone_state_dict(ckpt, encoder=encoder, to="timm"), strict=True)  # type: ignore[arg-type]
@@ -119,8 +120,10 @@ def test_from_a_momentum_encoder_or_a_model_in_a_loop() -> None:
     from_key = backbone_state_dict(key_encoder, encoder="key")
     assert from_model.keys() == from_query.keys() == from_key.keys()
     assert not any(k.startswith("fc.") for k in from_model)
-    assert torch.equal(from_query["conv1.weight"], model[0].conv1.weight)
-    assert torch.equal(from_key["conv1.weight"], key_encoder.key_encoder[0].conv1.weight)
+    # (get_parameter: model[0].conv1.weight and key_encoder.key_encoder[0]'s, typed)
+    assert torch.equal(from_query["conv1.weight"], model.get_parameter("0.conv1.weight"))
+    key_conv1 = key_encoder.key_encoder.get_parameter("0.conv1.weight")
+    assert torch.equal(from_key["conv1.weight"], key_conv1)
     assert not torch.equal(from_query["conv1.weight"], from_key["conv1.weight"])
 
 

@@ -106,7 +106,8 @@ def test_load_official_checkpoint_refuses_a_model_with_other_heads() -> None:
         predictor = moco_v3_predictor(32, hidden_dim=64)
         if fits:
             load_official_checkpoint(ckpt, base, key_encoder, predictor=predictor)
-            assert torch.equal(vit.pos_embed, ckpt["state_dict"]["module.base_encoder.pos_embed"])
+            pos_embed = vit.get_parameter("pos_embed")  # (create_model says nn.Module)
+            assert torch.equal(pos_embed, ckpt["state_dict"]["module.base_encoder.pos_embed"])
         else:
             with pytest.raises(LayoutError, match=r"has 6 attention heads, the checkpoint 12"):
                 load_official_checkpoint(ckpt, base, key_encoder, predictor=predictor)
@@ -166,7 +167,13 @@ def test_a_timm_vit_that_averages_is_refused_for_torchvision_and_kept_for_timm(
     vit = tiny_timm_vit(**options)
     with pytest.raises(LayoutError, match=r"global_pool='avg'.*features would differ"):
         backbone_state_dict(vit, to="torchvision")
-    expected = {"num_classes": 0, "img_size": 32, "patch_size": 8, "depth": 2, "num_heads": 3}
+    expected: dict[str, Any] = {
+        "num_classes": 0,
+        "img_size": 32,
+        "patch_size": 8,
+        "depth": 2,
+        "num_heads": 3,
+    }
     expected |= {"global_pool": "avg"} | ({"fc_norm": False} if "fc_norm" in options else {})
     spec = backbone_spec(vit, to="timm")
     assert spec == ModelSpec("timm.create_model", ("vit_tiny_patch16_224",), expected)

@@ -73,13 +73,17 @@ def test_official_v2_loads_into_the_pieces_and_trains_one_more_step() -> None:
     queue = KeyQueue(65536, 128)
     info = load_official_checkpoint(ckpt, model, key_encoder, queue=queue)
     assert info == {"kind": "official_v1v2", "epoch": 200, "arch": "resnet50"}
+    # (get_parameter and get_buffer: model[0].layer4[2].conv3.weight etc., typed)
     assert torch.equal(
-        model[0].layer4[2].conv3.weight, state["module.encoder_q.layer4.2.conv3.weight"]
+        model.get_parameter("0.layer4.2.conv3.weight"),
+        state["module.encoder_q.layer4.2.conv3.weight"],
     )
-    assert torch.equal(model[1][2].weight, state["module.encoder_q.fc.2.weight"])
+    assert torch.equal(model.get_parameter("1.2.weight"), state["module.encoder_q.fc.2.weight"])
     key = key_encoder.key_encoder
-    assert torch.equal(key[0].bn1.running_var, state["module.encoder_k.bn1.running_var"])
-    assert torch.equal(key[1][0].bias, state["module.encoder_k.fc.0.bias"])
+    assert torch.equal(
+        key.get_buffer("0.bn1.running_var"), state["module.encoder_k.bn1.running_var"]
+    )
+    assert torch.equal(key.get_parameter("1.0.bias"), state["module.encoder_k.fc.0.bias"])
     assert queue.keys.shape == (65536, 128)
     for column in (0, 1, 12345, 65535):  # the authors' column j is our row j
         assert torch.equal(queue.keys[column], state["module.queue"][:, column])
@@ -93,7 +97,9 @@ def test_official_v2_loads_into_the_pieces_and_trains_one_more_step() -> None:
     key_encoder.update()
     queue.push(k)
     assert torch.isfinite(loss) and int(queue.ptr) == 2
-    assert not torch.equal(key[0].conv1.weight, state["module.encoder_k.conv1.weight"])
+    assert not torch.equal(
+        key.get_parameter("0.conv1.weight"), state["module.encoder_k.conv1.weight"]
+    )
 
 
 def test_official_v3_loads_into_the_pieces_and_trains_one_more_step() -> None:
@@ -104,17 +110,20 @@ def test_official_v3_loads_into_the_pieces_and_trains_one_more_step() -> None:
     key_encoder = MomentumEncoder(base)
     info = load_official_checkpoint(ckpt, base, key_encoder, predictor=predictor)
     assert info["kind"] == "official_v3"
-    assert torch.equal(base[1][4].running_var, state["module.base_encoder.fc.4.running_var"])
-    assert torch.equal(predictor[3].weight, state["module.predictor.3.weight"])
     assert torch.equal(
-        key_encoder.key_encoder[1][0].weight, state["module.momentum_encoder.fc.0.weight"]
+        base.get_buffer("1.4.running_var"), state["module.base_encoder.fc.4.running_var"]
+    )
+    assert torch.equal(predictor.get_parameter("3.weight"), state["module.predictor.3.weight"])
+    assert torch.equal(
+        key_encoder.key_encoder.get_parameter("1.0.weight"),
+        state["module.momentum_encoder.fc.0.weight"],
     )
     query = nn.Sequential(base, predictor)
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     loss = symmetric_contrastive_loss(query(x1), query(x2), key_encoder(x1), key_encoder(x2))
     loss.backward()
     key_encoder.update(0.99)
-    assert torch.isfinite(loss) and base[0].conv1.weight.grad is not None
+    assert torch.isfinite(loss) and base.get_parameter("0.conv1.weight").grad is not None
 
 
 @pytest.mark.parametrize("name", ["moco_v2_resnet50", "moco_v3_resnet50"])
@@ -197,7 +206,8 @@ def test_official_v3_vit_loads_into_pieces_with_a_timm_backbone() -> None:
     predictor = moco_v3_predictor(32, hidden_dim=64)
     key_encoder = MomentumEncoder(base)
     load_official_checkpoint(ckpt, base, key_encoder, predictor=predictor)
-    assert torch.equal(vit.cls_token, ckpt["state_dict"]["module.base_encoder.cls_token"])
+    cls_token = vit.get_parameter("cls_token")  # (create_model says nn.Module)
+    assert torch.equal(cls_token, ckpt["state_dict"]["module.base_encoder.cls_token"])
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

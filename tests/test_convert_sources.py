@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 import torchvision
 from conftest import perturb_
 from torch import nn
+from torchvision.models import ResNet
 
 from momentum_contrast import KeyQueue, MomentumEncoder, moco_v2_head, strip_classifier
 from momentum_contrast.convert import (
@@ -44,10 +45,14 @@ def assert_same(result: State, expected: nn.Module) -> None:
     assert all(torch.equal(result[k], v) for k, v in own.items())
 
 
-def query_and_key(
-    model: nn.Sequential, key_encoder: MomentumEncoder
-) -> tuple[nn.Module, nn.Module]:
-    return model[0], key_encoder.key_encoder[0]
+def key_backbone(key_encoder: MomentumEncoder) -> nn.Module:
+    """``key_encoder.key_encoder[0]``: the key side's copy of ``model[0]``."""
+    return cast(nn.Sequential, key_encoder.key_encoder)[0]
+
+
+def query_and_key(model: nn.Sequential, key_encoder: MomentumEncoder) -> tuple[ResNet, ResNet]:
+    """The two ResNet-18 backbones (strip_classifier keeps the model's class)."""
+    return cast(ResNet, model[0]), cast(ResNet, key_backbone(key_encoder))
 
 
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
@@ -78,7 +83,7 @@ def layouts(model: nn.Sequential, key_encoder: MomentumEncoder) -> dict[str, dic
             super().__init__()
             self.model, self.key_encoder = model, key_encoder
 
-    key = key_encoder.key_encoder[0]
+    key = key_backbone(key_encoder)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()  # lr 0: the weights stay, the optimizer gets per-parameter state
@@ -136,7 +141,7 @@ def test_the_authors_checkpoint_without_module_loads_into_the_pieces() -> None:
     queue = KeyQueue(16, 128)
     load_official_checkpoint(ckpt, model_2, key_2, queue=queue)
     assert_same(model_2[0].state_dict(), model[0])
-    assert_same(key_2.key_encoder[0].state_dict(), key_encoder.key_encoder[0])
+    assert_same(key_backbone(key_2).state_dict(), key_backbone(key_encoder))
     assert torch.equal(queue.keys, ckpt["state_dict"]["queue"].T)
 
 
@@ -153,7 +158,7 @@ def test_the_authors_checkpoint_without_a_queue(tmp_path: Path) -> None:
     info = load_official_checkpoint(ckpt, model_2, key_2)
     assert info == {"kind": "official_v1v2", "epoch": 200, "arch": "resnet18"}
     assert_same(model_2[0].state_dict(), model[0])
-    assert_same(key_2.key_encoder[0].state_dict(), key_encoder.key_encoder[0])
+    assert_same(key_backbone(key_2).state_dict(), key_backbone(key_encoder))
 
 
 def test_what_stays_ambiguous_leads_to_prefix(
@@ -192,7 +197,7 @@ def test_a_lone_key_encoder_says_to_ask_for_it() -> None:
         LayoutError, match=r"holds only a key encoder, at 'key_encoder.0.': pass --encoder key"
     ):
         backbone_state_dict(alone)
-    assert_same(backbone_state_dict(alone, encoder="key"), key_encoder.key_encoder[0])
+    assert_same(backbone_state_dict(alone, encoder="key"), key_backbone(key_encoder))
 
 
 def test_a_float32_key_encoder_of_a_bfloat16_model_converts_at_float32() -> None:
@@ -204,7 +209,7 @@ def test_a_float32_key_encoder_of_a_bfloat16_model_converts_at_float32() -> None
     key_encoder.update()
     ckpt = {"model": model.state_dict(), "key_encoder": key_encoder.state_dict()}
     result = backbone_state_dict(ckpt, encoder="key")
-    assert_same(result, key_encoder.key_encoder[0])
+    assert_same(result, key_backbone(key_encoder))
     assert result["conv1.weight"].dtype == torch.float32  # the average's precision kept
     assert backbone_state_dict(ckpt, encoder="query")["conv1.weight"].dtype == torch.bfloat16
 

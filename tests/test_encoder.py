@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def test_dtype_or_device_mismatch_names_the_problem() -> None:
     online.double()  # both moved: the cached pairing is rebuilt and works
     perturb_(online)
     enc.update(0.0)
-    assert torch.equal(enc.key_encoder.fc.weight, online.fc.weight)
+    assert torch.equal(cast(SmallCNN, enc.key_encoder).fc.weight, online.fc.weight)
 
 
 def test_online_moved_alone_is_reported_clearly() -> None:
@@ -143,12 +144,15 @@ def test_buffers_own_keeps_key_statistics() -> None:
     enc = MomentumEncoder(online, buffers="own")
     online(torch.randn(8, 3, 8, 8) + 3)  # online BN statistics move
     key_stats = snapshot(enc.key_encoder)
+    key_bn1 = cast(SmallCNN, enc.key_encoder).bn1
     enc.update(0.0)
-    assert torch.equal(enc.key_encoder.bn1.running_mean, key_stats["bn1.running_mean"])
-    assert int(enc.key_encoder.bn1.num_batches_tracked) == 0
+    assert torch.equal(cast(torch.Tensor, key_bn1.running_mean), key_stats["bn1.running_mean"])
+    assert int(cast(torch.Tensor, key_bn1.num_batches_tracked)) == 0
     enc(torch.randn(8, 3, 8, 8) - 3)  # the key encoder's own forward updates its own
-    assert int(enc.key_encoder.bn1.num_batches_tracked) == 1
-    assert not torch.equal(enc.key_encoder.bn1.running_mean, online.bn1.running_mean)
+    assert int(cast(torch.Tensor, key_bn1.num_batches_tracked)) == 1
+    assert not torch.equal(
+        cast(torch.Tensor, key_bn1.running_mean), cast(torch.Tensor, online.bn1.running_mean)
+    )
 
 
 def test_buffers_copy_copies_all_buffers() -> None:
@@ -161,7 +165,7 @@ def test_buffers_copy_copies_all_buffers() -> None:
         enc.key_encoder.named_buffers(), online.named_buffers(), strict=True
     ):
         assert torch.equal(k, o), name
-    assert int(enc.key_encoder.bn2.num_batches_tracked) == 3
+    assert int(cast(torch.Tensor, cast(SmallCNN, enc.key_encoder).bn2.num_batches_tracked)) == 3
 
 
 def test_buffers_ema_averages_floats_and_copies_integers() -> None:
@@ -178,7 +182,7 @@ def test_buffers_ema_averages_floats_and_copies_integers() -> None:
             torch.testing.assert_close(k, expected, rtol=0, atol=1e-15)
         else:
             assert k.dtype == torch.long and torch.equal(k, o), name  # copied: 3, not 0.75*0+...
-    assert int(enc.key_encoder.bn1.num_batches_tracked) == 3
+    assert int(cast(torch.Tensor, cast(SmallCNN, enc.key_encoder).bn1.num_batches_tracked)) == 3
 
 
 def test_transformer_block() -> None:
@@ -211,24 +215,32 @@ class Tied(nn.Module):
 def test_tied_parameters_stay_tied_and_are_averaged_once() -> None:
     online = Tied().double()
     enc = MomentumEncoder(online)
-    assert enc.key_encoder.out.weight is enc.key_encoder.embed.weight
-    before = enc.key_encoder.embed.weight.detach().clone()
+    key = cast(Tied, enc.key_encoder)
+    assert key.out.weight is key.embed.weight
+    before = key.embed.weight.detach().clone()
     perturb_(online)
     enc.update(0.5)
     expected = 0.5 * before + 0.5 * online.embed.weight.detach()
-    torch.testing.assert_close(enc.key_encoder.embed.weight, expected, rtol=0, atol=1e-15)
-    assert enc.key_encoder.out.weight is enc.key_encoder.embed.weight
+    torch.testing.assert_close(key.embed.weight, expected, rtol=0, atol=1e-15)
+    assert key.out.weight is key.embed.weight
 
 
 def test_unwraps_data_parallel_and_compile() -> None:
     model = SmallCNN()
-    for wrapped in (nn.DataParallel(model), torch.compile(model), nn.DataParallel(model)):
+    # torch.compile returns an OptimizedModule for a module; the stubs say a callable
+    for wrapped in (
+        nn.DataParallel(model),
+        cast(nn.Module, torch.compile(model)),
+        nn.DataParallel(model),
+    ):
         enc = MomentumEncoder(wrapped)
         assert enc.online is model
         assert isinstance(enc.key_encoder, SmallCNN)
         perturb_(model)
         enc.update(0.0)
-        assert torch.equal(enc.key_encoder.conv1.weight, model.conv1.weight)
+        # (mypy's loop inference widens model to Module after the `is` check above)
+        key, online = cast(SmallCNN, enc.key_encoder), cast(SmallCNN, model)
+        assert torch.equal(key.conv1.weight, online.conv1.weight)
 
 
 def test_state_dict_holds_only_the_key_encoder_and_round_trips() -> None:

@@ -4,6 +4,7 @@ module casts, state dicts in any order of casts, outside writes, and the dtype r
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_compiled_update_equals_eager_and_float64(backend: str, device: str) -> 
     online = nn.Linear(64, 64).bfloat16().to(device)
     enc = MomentumEncoder(online, momentum=M, ema_dtype=torch.float32)
     eager = MomentumEncoder(online, momentum=M, ema_dtype=torch.float32)
-    start = enc.key_encoder.weight.detach().to("cpu", copy=True)
+    start = cast(nn.Linear, enc.key_encoder).weight.detach().to("cpu", copy=True)
     g = torch.Generator().manual_seed(1)
     update = torch.compile(enc.update, backend=backend)
     m, seen = torch.tensor(M, device=device), []
@@ -73,7 +74,7 @@ def test_a_write_between_compiled_updates_is_the_new_state(backend: str) -> None
         online.weight.fill_(1.0)
     update()
     with torch.no_grad():
-        enc.key_encoder.weight.copy_(torch.full((8, 8), 3.0))  # outside update()
+        cast(nn.Linear, enc.key_encoder).weight.copy_(torch.full((8, 8), 3.0))  # outside update()
         online.weight.fill_(2.0)
     update()
     want = torch.full((8, 8), 0.5 * 3.0 + 0.5 * 2.0)
@@ -128,21 +129,29 @@ def test_a_container_cast_to_bf16_after_construction_round_trips() -> None:
         assert not torch.equal(key, key.bfloat16().float())  # float32 bits kept
 
 
+def linear_and_norm(enc: MomentumEncoder) -> tuple[nn.Linear, nn.BatchNorm1d]:
+    """``enc.key_encoder[0]`` and ``[1]``, typed, for a key encoder built on the
+    ``nn.Sequential(nn.Linear, nn.BatchNorm1d)`` below."""
+    key = cast(nn.Sequential, enc.key_encoder)
+    return cast(nn.Linear, key[0]), cast(nn.BatchNorm1d, key[1])
+
+
 @pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16, torch.float64])
 def test_casts_of_a_parent_keep_the_key_encoder_float32_and_move_it(cast: torch.dtype) -> None:
     holder = nn.Module()
     holder.online = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     holder.key = MomentumEncoder(holder.online, ema_dtype=torch.float32)
-    exact = holder.key.key_encoder[0].weight.clone()
+    key_linear, key_norm = linear_and_norm(holder.key)
+    exact = key_linear.weight.clone()
     holder.to(cast)
     assert holder.online[0].weight.dtype == cast
-    assert holder.key.key_encoder[0].weight.dtype == torch.float32
-    assert holder.key.key_encoder[1].running_var.dtype == torch.float32
-    assert holder.key.key_encoder[1].num_batches_tracked.dtype == torch.long
-    assert torch.equal(holder.key.key_encoder[0].weight, exact)  # no rounding on the way
+    assert key_linear.weight.dtype == torch.float32
+    assert key_norm.get_buffer("running_var").dtype == torch.float32
+    assert key_norm.get_buffer("num_batches_tracked").dtype == torch.long
+    assert torch.equal(key_linear.weight, exact)  # no rounding on the way
     holder.to("meta")
-    assert holder.key.key_encoder[0].weight.device.type == "meta"
-    assert holder.key.key_encoder[0].weight.dtype == torch.float32
+    assert key_linear.weight.device.type == "meta"
+    assert key_linear.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -206,7 +215,7 @@ def test_writes_no_version_counter_sees_are_the_new_state(how: str) -> None:
     holder.key = MomentumEncoder(online, momentum=0.99, ema_dtype=torch.float32)
     holder.key.update()
     new = torch.randn(8, 8)
-    weight = holder.key.key_encoder.weight
+    weight = cast(nn.Linear, holder.key.key_encoder).weight
     if how == "data_copy":  # the authors' init idiom: no version counter moves
         weight.data.copy_(new)
     elif how == "data_assign":
@@ -215,7 +224,7 @@ def test_writes_no_version_counter_sees_are_the_new_state(how: str) -> None:
         holder.to(torch.bfloat16)
         weight.data = new.clone()
     holder.key.update(1.0)  # m = 1: the key stays what was written
-    assert torch.equal(holder.key.key_encoder.weight, new)
+    assert torch.equal(cast(nn.Linear, holder.key.key_encoder).weight, new)
 
 
 def test_a_deep_copy_follows_its_own_online_copy() -> None:
@@ -235,15 +244,16 @@ def test_a_parameter_removed_from_both_models_after_construction_is_followed() -
     online = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).bfloat16()
     enc = MomentumEncoder(online, momentum=0.5, ema_dtype=torch.float32)
     enc.update()
-    for model in (online, enc.key_encoder):
+    key = cast(nn.Sequential, enc.key_encoder)
+    for model in (online, key):
         del model[1]._parameters["bias"]
         model[1].register_parameter("bias", None)
     with torch.no_grad():
-        online[1].weight.fill_(1.0)
+        cast(nn.Linear, online[1]).weight.fill_(1.0)
     enc.update()
-    start = enc.key_encoder[1].weight.detach().clone()
+    start = cast(nn.Linear, key[1]).weight.detach().clone()
     enc.update()
-    torch.testing.assert_close(enc.key_encoder[1].weight, 0.5 * start + 0.5)
+    torch.testing.assert_close(key[1].weight, 0.5 * start + 0.5)
     state = {k: v for k, v in enc.state_dict().items() if k != "key_encoder.0.bias"}
     result = enc.load_state_dict(state, strict=False)
     assert result.missing_keys == ["key_encoder.0.bias"] and not result.unexpected_keys

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from typing import cast
 
 import pytest
 import torch
@@ -35,8 +36,9 @@ def test_reload_with_assign_is_followed() -> None:
     enc.load_state_dict(copy.deepcopy(enc.state_dict()), assign=True)  # new key tensors
     fill_online(online, 3.0)
     enc.update(0.0)
-    assert torch.equal(enc.key_encoder.weight, torch.full((4, 4), 3.0))
-    assert not enc.key_encoder.weight.requires_grad  # the reloaded key encoder stays frozen
+    key = cast(nn.Linear, enc.key_encoder)
+    assert torch.equal(key.weight, torch.full((4, 4), 3.0))
+    assert not key.weight.requires_grad  # the reloaded key encoder stays frozen
 
 
 def test_online_reloaded_with_assign_is_followed() -> None:
@@ -46,7 +48,7 @@ def test_online_reloaded_with_assign_is_followed() -> None:
     state = {k: torch.full_like(v, 2.0) for k, v in online.state_dict().items()}
     online.load_state_dict(state, assign=True)  # new online tensors
     enc.update(0.0)
-    assert torch.equal(enc.key_encoder.weight, torch.full((4, 4), 2.0))
+    assert torch.equal(cast(nn.Linear, enc.key_encoder).weight, torch.full((4, 4), 2.0))
 
 
 def test_split_batchnorm_on_the_key_encoder_after_updates_is_followed() -> None:
@@ -54,11 +56,12 @@ def test_split_batchnorm_on_the_key_encoder_after_updates_is_followed() -> None:
     enc = MomentumEncoder(online)
     enc.update()
     convert_split_batchnorm(enc.key_encoder, 2)  # as the docs suggest for one GPU
-    assert isinstance(enc.key_encoder[1], SplitBatchNorm)
+    key = cast(nn.Sequential, enc.key_encoder)
+    assert isinstance(key[1], SplitBatchNorm)
     with torch.no_grad():
-        online[1].weight.fill_(5.0)
+        cast(nn.BatchNorm2d, online[1]).weight.fill_(5.0)
     enc.update(0.0)
-    assert torch.equal(enc.key_encoder[1].weight, torch.full((4,), 5.0))
+    assert torch.equal(cast(SplitBatchNorm, key[1]).weight, torch.full((4,), 5.0))
 
 
 def test_replaced_key_encoder_is_followed_and_frozen() -> None:
@@ -92,7 +95,7 @@ def test_online_moved_to_meta_raises() -> None:
 def test_key_data_swapped_to_another_shape_raises() -> None:
     enc = MomentumEncoder(SmallCNN())
     enc.update()
-    enc.key_encoder.fc.bias.data = torch.zeros(7)
+    cast(SmallCNN, enc.key_encoder).fc.bias.data = torch.zeros(7)
     with pytest.raises(ValueError, match=r"'fc.bias' has shape \(16,\) online but \(7,\)"):
         enc.update()
 
@@ -102,12 +105,13 @@ def test_parameter_swapped_without_registration_hooks_is_followed() -> None:
     online = SmallCNN()
     enc = MomentumEncoder(online)
     enc.update()
-    key_fc_before = enc.key_encoder.fc.weight.detach().clone()
+    key = cast(SmallCNN, enc.key_encoder)
+    key_fc_before = key.fc.weight.detach().clone()
     online.fc._parameters["weight"] = nn.Parameter(torch.full((16, 16), 4.0))
-    enc.key_encoder.conv1._parameters["weight"] = nn.Parameter(torch.zeros(8, 3, 3, 3))
+    key.conv1._parameters["weight"] = nn.Parameter(torch.zeros(8, 3, 3, 3))
     enc.update(0.5)
-    torch.testing.assert_close(enc.key_encoder.fc.weight, 0.5 * key_fc_before + 2.0)
-    torch.testing.assert_close(enc.key_encoder.conv1.weight, 0.5 * online.conv1.weight)
+    torch.testing.assert_close(key.fc.weight, 0.5 * key_fc_before + 2.0)
+    torch.testing.assert_close(key.conv1.weight, 0.5 * online.conv1.weight)
     enc.update(0.0)
     assert_key_equals_online(enc)
 
@@ -126,11 +130,12 @@ def test_buffers_replaced_on_the_key_side_are_followed() -> None:
     online = SmallCNN()
     enc = MomentumEncoder(online, buffers="copy")
     enc.update()
-    enc.key_encoder.bn1.register_buffer("running_mean", torch.zeros(8))  # a new tensor
+    key = cast(SmallCNN, enc.key_encoder)
+    key.bn1.register_buffer("running_mean", torch.zeros(8))  # a new tensor
     with torch.no_grad():
-        online.bn1.running_mean.fill_(1.5)
+        cast(torch.Tensor, online.bn1.running_mean).fill_(1.5)
     enc.update()
-    assert torch.equal(enc.key_encoder.bn1.running_mean, torch.full((8,), 1.5))
+    assert torch.equal(cast(torch.Tensor, key.bn1.running_mean), torch.full((8,), 1.5))
 
 
 def test_online_setter_repairs_and_never_registers() -> None:
@@ -142,7 +147,7 @@ def test_online_setter_repairs_and_never_registers() -> None:
     assert list(enc.state_dict()) == ["key_encoder.weight", "key_encoder.bias"]
     assert "online" not in dict(enc.named_children())
     enc.update(0.0)
-    assert torch.equal(enc.key_encoder.weight, b.weight)
+    assert torch.equal(cast(nn.Linear, enc.key_encoder).weight, b.weight)
     enc.online = nn.DataParallel(a)  # unwrapped like the constructor's argument
     assert enc.online is a
 
@@ -156,7 +161,7 @@ def test_online_setter_rejects_a_model_that_does_not_match() -> None:
     with pytest.raises(TypeError, match=r"online must be an nn\.Module, got str"):
         enc.online = "model"  # type: ignore[assignment]
     enc.update(0.0)
-    assert torch.equal(enc.key_encoder.weight, a.weight)
+    assert torch.equal(cast(nn.Linear, enc.key_encoder).weight, a.weight)
 
 
 def two_layers() -> nn.Sequential:
@@ -171,14 +176,17 @@ def test_memory_shared_after_the_first_update_raises(how: str) -> None:
     enc = MomentumEncoder(online, momentum=0.9)
     enc.update()
     before = [p.detach().clone() for p in online.parameters()]
-    key = enc.key_encoder
+    key = cast(nn.Sequential, enc.key_encoder)
+    key_first = cast(nn.Linear, key[0])
+    online_first, online_second = cast(nn.Linear, online[0]), cast(nn.Linear, online[1])
     if how == "data_same_name":
-        key[0].weight.data = online[0].weight.data
+        key_first.weight.data = online_first.weight.data
     elif how == "set_same_name":
         with torch.no_grad():
-            key[0].weight.set_(online[0].weight)
+            # the stubs omit set_(Tensor), which the docs and the runtime accept
+            key_first.weight.set_(online_first.weight)  # type: ignore[call-overload]
     elif how == "data_other_name":
-        key[0].weight.data = online[1].weight.data
+        key_first.weight.data = online_second.weight.data
     else:
         enc.key_encoder = nn.Sequential(online[1], online[0])
     with pytest.raises(ValueError, match="shares these parameters' memory"):
@@ -191,10 +199,11 @@ def test_data_swap_to_fresh_memory_is_followed() -> None:
     online = two_layers()
     enc = MomentumEncoder(online, momentum=0.5)
     enc.update()
-    enc.key_encoder[1].bias.data = torch.full((4,), 2.0)  # same object, new memory
+    key_second = cast(nn.Linear, cast(nn.Sequential, enc.key_encoder)[1])
+    key_second.bias.data = torch.full((4,), 2.0)  # same object, new memory
     enc.update()
-    expected = 0.5 * torch.full((4,), 2.0) + 0.5 * online[1].bias.detach()
-    torch.testing.assert_close(enc.key_encoder[1].bias, expected)
+    expected = 0.5 * torch.full((4,), 2.0) + 0.5 * cast(nn.Linear, online[1]).bias.detach()
+    torch.testing.assert_close(key_second.bias, expected)
 
 
 def test_compiled_key_encoder_is_unwrapped_like_the_online_model() -> None:
@@ -202,8 +211,9 @@ def test_compiled_key_encoder_is_unwrapped_like_the_online_model() -> None:
     enc = MomentumEncoder(online, momentum=0.0)
     enc.key_encoder = torch.compile(enc.key_encoder)  # type: ignore[assignment]
     enc.update()
+    compiled = cast("torch._dynamo.eval_frame.OptimizedModule", enc.key_encoder)
     for (name, k), o in zip(
-        enc.key_encoder._orig_mod.named_parameters(), online.parameters(), strict=True
+        compiled._orig_mod.named_parameters(), online.parameters(), strict=True
     ):
         assert torch.equal(k, o), name
 
@@ -215,22 +225,24 @@ def test_tensor_subclass_parameters_without_storage_of_their_own() -> None:
     online = nn.Linear(3, 3)
     online.weight = nn.Parameter(TwoTensor(torch.randn(3, 3), torch.randn(3, 3)))
     enc = MomentumEncoder(online, momentum=0.5)
-    before = enc.key_encoder.weight.detach().clone()
+    key = cast(nn.Linear, enc.key_encoder)
+    before = key.weight.detach().clone()
     with torch.no_grad():
         online.weight.add_(1.0)
     enc.update()
     want = 0.5 * before + 0.5 * online.weight.detach()
     for part in ("a", "b"):
-        got, expected = getattr(enc.key_encoder.weight, part), getattr(want, part)
+        got, expected = getattr(key.weight, part), getattr(want, part)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_a_parameter_tied_on_one_side_only_raises() -> None:
     online = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
-    online[1].weight = online[0].weight  # tied online
+    online[1].weight = cast(nn.Linear, online[0]).weight  # tied online
     enc = MomentumEncoder(online)
     enc.update()  # tied on both sides: fine, averaged once
-    enc.key_encoder[1].weight = nn.Parameter(enc.key_encoder[1].weight.detach().clone())
+    key_second = cast(nn.Linear, cast(nn.Sequential, enc.key_encoder)[1])
+    key_second.weight = nn.Parameter(key_second.weight.detach().clone())
     with pytest.raises(ValueError, match=r"'1.weight' is tied to another parameter on one side"):
         enc.update()
 
@@ -247,20 +259,23 @@ def test_a_smaller_view_swapped_in_at_the_same_address_raises() -> None:
 
 def test_ties_reloaded_with_assign_stay_ties() -> None:
     online = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
-    online[1].weight = online[0].weight
+    online[1].weight = cast(nn.Linear, online[0]).weight
     enc = MomentumEncoder(online, momentum=0.5)
     enc.update()
     buffer = io.BytesIO()
     torch.save(enc.state_dict(), buffer)  # one storage for both names
     buffer.seek(0)
     enc.load_state_dict(torch.load(buffer), assign=True)  # two objects, one memory
-    assert enc.key_encoder[0].weight is not enc.key_encoder[1].weight
-    before = enc.key_encoder[0].weight.detach().clone()
+    key = cast(nn.Sequential, enc.key_encoder)
+    key_first, key_second = cast(nn.Linear, key[0]), cast(nn.Linear, key[1])
+    assert key_first.weight is not key_second.weight
+    before = key_first.weight.detach().clone()
+    online_first = cast(nn.Linear, online[0])
     with torch.no_grad():
-        online[0].weight.add_(1.0)
+        online_first.weight.add_(1.0)
     enc.update()  # averaged once, not twice
-    expected = 0.5 * before + 0.5 * online[0].weight.detach()
-    torch.testing.assert_close(enc.key_encoder[1].weight, expected, rtol=0, atol=1e-6)
+    expected = 0.5 * before + 0.5 * online_first.weight.detach()
+    torch.testing.assert_close(key_second.weight, expected, rtol=0, atol=1e-6)
 
 
 def test_an_encoder_pickles_after_updates_with_gradients() -> None:
@@ -269,5 +284,5 @@ def test_an_encoder_pickles_after_updates_with_gradients() -> None:
     online(torch.randn(2, 4)).sum().backward()
     enc.update()
     clone = pickle.loads(pickle.dumps(enc))
-    assert torch.equal(clone.key_encoder.weight, enc.key_encoder.weight)
+    assert torch.equal(clone.key_encoder.weight, cast(nn.Linear, enc.key_encoder).weight)
     clone.update()  # it follows its own copy of the online model

@@ -66,7 +66,7 @@ def train(mode: str) -> dict[str, Any]:
 
 
 def scenario_fsdp() -> dict[str, Any]:
-    out = {mode: train(mode) for mode in ("default", "reshard")}
+    out: dict[str, Any] = {mode: train(mode) for mode in ("default", "reshard")}
     torch.manual_seed(0)
     online = TinyViT().double()
     half = MomentumEncoder(online)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_queue_push_inside_a_cuda_graph() -> None:
 
 def test_compiled_online_model() -> None:
     model = SmallCNN().to(cuda)
-    compiled = torch.compile(model)
+    compiled = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule
     enc = MomentumEncoder(compiled, momentum=0.5)
     x = torch.randn(8, 3, 16, 16, device=cuda)
     compiled(x).sum().backward()
@@ -155,5 +156,6 @@ def test_autocast_losses_are_float32_and_finite(amp_dtype: torch.dtype) -> None:
         ]
     for loss in losses:
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    sum(losses).backward()
+    cast(torch.Tensor, sum(losses)).backward()  # (sum's start, 0, types it Tensor | int)
+    assert proj.weight.grad is not None
     assert torch.isfinite(proj.weight.grad).all()

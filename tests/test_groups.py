@@ -5,7 +5,7 @@ DP x TP or HSDP job), on 2 gloo processes (one group per rank) and on 4 (groups 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -33,7 +33,8 @@ def scenario_groups() -> dict[str, Any]:
     world, me = dist.get_world_size(), dist.get_rank()
     mine = next(g for g in groups_of(world) if me in g)
     subgroups = [dist.new_group(g) for g in groups_of(world)]  # every rank makes every group
-    group = subgroups[groups_of(world).index(mine)]
+    # this rank's own group: new_group's NON_GROUP_MEMBER (-100) is for the others
+    group = cast(dist.ProcessGroup, subgroups[groups_of(world).index(mine)])
     out: dict[str, Any] = {"members": mine, "rank": mcd.rank(group)}
     out["world"] = mcd.world_size(group)
     out["sizes"] = mcd.gather_sizes(10 + me, group=group)
@@ -118,7 +119,7 @@ def test_a_group_without_gloo_gets_one_gloo_group_that_torch_keeps(
         dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
         try:
             assert c.host_group(None) is None  # a gloo group carries host integers itself
-            sub = dist.new_group([0])
+            sub = cast(dist.ProcessGroup, dist.new_group([0]))  # rank 0 is a member
             monkeypatch.setattr(dist, "get_backend", _as_nccl(sub, real))
             made = c.host_group(sub)  # as under NCCL: a gloo group with the same ranks
             assert made is not None and made is not sub and real(made) == "gloo"

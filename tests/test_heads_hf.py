@@ -14,6 +14,9 @@ from torch import nn
 from momentum_contrast import MomentumEncoder, info_nce, moco_v2_head, strip_classifier
 
 transformers = pytest.importorskip("transformers")
+# the bases of the subclasses below: mypy resolves no class through importorskip's value
+ViTForImageClassification: Any = transformers.ViTForImageClassification
+ViTModel: Any = transformers.ViTModel
 
 VIT = {
     "hidden_size": 32,
@@ -55,7 +58,7 @@ def _ijepa() -> nn.Module:  # tokens without a class token: the classifier reads
     return transformers.IJepaForImageClassification(transformers.IJepaConfig(num_labels=5, **VIT))
 
 
-class MyViT(transformers.ViTForImageClassification):  # a user's subclass, defined here
+class MyViT(ViTForImageClassification):  # a user's subclass, defined here
     pass
 
 
@@ -110,7 +113,8 @@ def scenario_vit_model_under_ddp() -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "weight": online[1][0].weight.detach().clone()}
+    weight = online.get_parameter("1.0.weight")  # online[1][0].weight, typed
+    return {"losses": losses, "weight": weight.detach().clone()}
 
 
 def test_a_vit_model_trains_under_ddp(tmp_path: Path) -> None:
@@ -186,12 +190,12 @@ def _vit_eager() -> nn.Module:
 
 
 def _segformer_eager() -> nn.Module:
-    model = _segformer()
+    model: Any = _segformer()  # a transformers model (transformers is untyped here)
     model.set_attn_implementation("eager")
     return model
 
 
-class PlainCallViT(transformers.ViTModel):  # a forward without the flags: its config decides
+class PlainCallViT(ViTModel):  # a forward without the flags: its config decides
     def forward(self, pixel_values: torch.Tensor) -> Any:
         return super().forward(pixel_values=pixel_values)
 

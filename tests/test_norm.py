@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import pytest
 import torch
@@ -22,15 +23,15 @@ f64 = torch.float64
 )
 @pytest.mark.parametrize("splits", [1, 2, 3, 4])
 def test_training_equals_batchnorm_per_split(
-    bn_cls: type[nn.Module], shape: tuple[int, ...], splits: int
+    bn_cls: type[nn.modules.batchnorm._BatchNorm], shape: tuple[int, ...], splits: int
 ) -> None:
     torch.manual_seed(0)
     reference = bn_cls(5, momentum=0.3).to(f64)
     with torch.no_grad():
         reference.weight.uniform_(0.5, 2)
         reference.bias.uniform_(-1, 1)
-        reference.running_mean.uniform_(-1, 1)
-        reference.running_var.uniform_(0.5, 2)
+        cast(torch.Tensor, reference.running_mean).uniform_(-1, 1)  # (typed Tensor | None)
+        cast(torch.Tensor, reference.running_var).uniform_(0.5, 2)
     split_bn = convert_split_batchnorm(copy.deepcopy(reference), splits)
     assert isinstance(split_bn, SplitBatchNorm)
     x = torch.randn(*shape, dtype=f64) * 3 + 1
@@ -41,7 +42,7 @@ def test_training_equals_batchnorm_per_split(
     mean_of = lambda name: torch.stack([getattr(bn, name) for bn in parts]).mean(0)  # noqa: E731
     torch.testing.assert_close(split_bn.running_mean, mean_of("running_mean"), rtol=0, atol=1e-12)
     torch.testing.assert_close(split_bn.running_var, mean_of("running_var"), rtol=0, atol=1e-12)
-    assert int(split_bn.num_batches_tracked) == 1
+    assert int(cast(torch.Tensor, split_bn.num_batches_tracked)) == 1
     # gradients flow to the shared affine parameters as in the separate BatchNorms
     y.square().sum().backward()
     sum(bn(c).square().sum() for bn, c in zip(parts, x.chunk(splits), strict=True)).backward()
@@ -72,7 +73,7 @@ def test_convert_keeps_state_dict_mode_and_grad_flags() -> None:
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert not model.training and not model.layer1[0].bn1.weight.requires_grad
+    assert not model.training and not model.get_parameter("layer1.0.bn1.weight").requires_grad
 
 
 def test_single_device_shuffle_bn() -> None:
@@ -98,7 +99,7 @@ def test_bad_input() -> None:
         SplitBatchNorm(4, 2)(torch.randn(4))
 
 
-def regrouped_batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, s: int) -> torch.Tensor:
+def regrouped_batch_norm(x: torch.Tensor, bn: SplitBatchNorm, s: int) -> torch.Tensor:
     """Split-BN written with plain reshapes: sub-batch i's channels become i*C ... (i+1)*C-1."""
     n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
     grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)

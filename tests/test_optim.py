@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_non_finite_or_negative_settings_are_refused(name: str, value: float) ->
 
 @pytest.mark.parametrize("name", SETTINGS)
 def test_parameter_group_settings_are_checked_too(name: str) -> None:
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [torch.zeros(2, requires_grad=True)]},
         {"params": [torch.zeros(2, requires_grad=True)], name: float("nan")},
     ]

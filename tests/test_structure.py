@@ -52,17 +52,22 @@ def test_no_import_cycle_and_at_most_seven_levels() -> None:
 def test_no_module_level_mutable_state_and_no_process_wide_hooks() -> None:
     for name, tree in modules().items():
         top = set()
-        for node in tree.body:
+        for statement in tree.body:
             targets = (
-                node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+                statement.targets
+                if isinstance(statement, ast.Assign)
+                else [getattr(statement, "target", None)]
             )
             top |= {t.id for t in targets if isinstance(t, ast.Name)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Global):
                 raise AssertionError(f"{name}: `global {', '.join(node.names)}`")
-            call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            if call and isinstance(node.func.value, ast.Name):  # type: ignore[union-attr]
-                owner, method = node.func.value.id, node.func.attr  # type: ignore[union-attr]
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+            ):
+                owner, method = node.func.value.id, node.func.attr
                 assert not (owner in top and method in MUTATORS), f"{name}: {owner}.{method}()"
                 assert method not in HOOKS, f"{name}: process-wide {method}"
             if isinstance(node, (ast.Assign, ast.AugAssign)):

@@ -74,8 +74,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
     ),
     (
         "non-tensor query",
-        lambda: mc.info_nce([[1.0]], k8),
-        TypeError,  # type: ignore[arg-type]
+        lambda: mc.info_nce([[1.0]], k8),  # type: ignore[arg-type]
+        TypeError,
         ["query", "torch.Tensor", "list"],
     ),
     (
@@ -98,8 +98,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
     ),
     (
         "unknown reduction",
-        lambda: mc.info_nce(q8, k8, reduction="avg"),
-        ValueError,  # type: ignore[arg-type]
+        lambda: mc.info_nce(q8, k8, reduction="avg"),  # type: ignore[arg-type]
+        ValueError,
         ["reduction", "'mean'", "'avg'"],
     ),
     (
@@ -122,8 +122,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
     ),
     (
         "InfoNCE bad reduction",
-        lambda: mc.InfoNCE(reduction="max"),
-        ValueError,  # type: ignore[arg-type]
+        lambda: mc.InfoNCE(reduction="max"),  # type: ignore[arg-type]
+        ValueError,
         ["reduction", "'max'"],
     ),
     (
@@ -159,8 +159,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
     ),
     (
         "online not a module",
-        lambda: mc.MomentumEncoder(torch.randn(2)),
-        TypeError,  # type: ignore[arg-type]
+        lambda: mc.MomentumEncoder(torch.randn(2)),  # type: ignore[arg-type]
+        TypeError,
         ["online", "nn.Module", "Tensor"],
     ),
     (
@@ -188,8 +188,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
     ),
     (
         "queue unknown init",
-        lambda: mc.KeyQueue(8, 3, init="zeros"),
-        ValueError,  # type: ignore[arg-type]
+        lambda: mc.KeyQueue(8, 3, init="zeros"),  # type: ignore[arg-type]
+        ValueError,
         ["init", "'random'", "'zeros'"],
     ),
     (
@@ -227,8 +227,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
     ),
     (
         "strip a tensor",
-        lambda: mc.strip_classifier(torch.randn(3)),
-        TypeError,  # type: ignore[arg-type]
+        lambda: mc.strip_classifier(torch.randn(3)),  # type: ignore[arg-type]
+        TypeError,
         ["model", "nn.Module", "Tensor"],
     ),
     # knn

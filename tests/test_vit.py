@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import timm
@@ -67,7 +68,9 @@ def test_torchvision_vit_helpers() -> None:
     opt.step()
     key.update()
     assert vit.conv_proj.weight.grad is None and torch.equal(vit.conv_proj.weight, before)
-    assert torch.equal(key.key_encoder.conv_proj.weight, before)
+    assert torch.equal(
+        cast(torchvision.models.VisionTransformer, key.key_encoder).conv_proj.weight, before
+    )
 
 
 def test_timm_vit_helpers() -> None:
@@ -76,7 +79,7 @@ def test_timm_vit_helpers() -> None:
     torch.testing.assert_close(vit.pos_embed, sincos_position_embedding(4, 4, 192))
     assert not vit.pos_embed.requires_grad
     freeze_patch_embedding(vit)
-    assert not vit.patch_embed.proj.weight.requires_grad
+    assert not vit.get_parameter("patch_embed.proj.weight").requires_grad
     assert vit(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ def images() -> torch.Tensor:
 
 
 def per_sample(
-    fn: Callable[..., torch.Tensor], x: torch.Tensor, *params: list[object]
+    fn: Callable[..., torch.Tensor], x: torch.Tensor, *params: Sequence[object]
 ) -> torch.Tensor:
     return torch.stack([fn(x[i], *(p[i] for p in params)) for i in range(x.shape[0])])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -185,7 +187,7 @@ def test_compiled_colour_stages_equal_eager() -> None:
     "call",
     [
         lambda: ViewRecipe((0.2, 1.0)),  # type: ignore[misc]
-        lambda: ViewRecipe(True),  # type: ignore[misc]
+        lambda: ViewRecipe(True),  # type: ignore[misc, arg-type]
         lambda: ViewRecipe((0.2, 1.0), (0.75, 1.33), 0.4, 0.4, 0.4, 0.1),  # type: ignore[misc]
     ],
     ids=["scale", "bare-bool", "many"],
@@ -201,7 +203,12 @@ def test_recipes_build_the_papers_views() -> None:
         scale=(0.2, 1.0), ratio=ratio, hue=0.4, jitter_p=1.0, grayscale_first=True, blur_p=0.0
     )
     v2 = ViewRecipe(scale=(0.2, 1.0), ratio=ratio, grayscale_first=False, blur_p=0.5)
-    v3 = {"scale": (0.08, 1.0), "ratio": ratio, "saturation": 0.2, "blur_sigma": (0.1, 2.0)}
+    v3: dict[str, Any] = {
+        "scale": (0.08, 1.0),
+        "ratio": ratio,
+        "saturation": 0.2,
+        "blur_sigma": (0.1, 2.0),
+    }
     assert MoCoV1Augment().view_one == MoCoV1Augment().view_two == v1
     assert MoCoV2Augment().view_one == MoCoV2Augment().view_two == v2
     assert MoCoV3Augment().view_one == ViewRecipe(**v3, blur_p=1.0, solarize_p=0.0)

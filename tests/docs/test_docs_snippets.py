@@ -100,8 +100,17 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("where, command", SHELL_COMMANDS, ids=lambda x: x[:60])
 def test_shell_commands_match_the_repository(where: str, command: str) -> None:
     argv = shlex.split(command)
-    if argv[0] == "torchrun":  # drop torchrun's own options: the script is the first .py
+    while re.fullmatch(r"[A-Z_]+=\S*", argv[0]):  # environment variables for the command
+        argv = argv[1:]
+    if argv[0] == "torchrun":  # torchrun's own parser reads its options; then the script
+        from torch.distributed.run import get_args_parser
+
+        get_args_parser().parse_args(argv[1:])  # an unknown option exits with 2
         argv = ["python", *argv[next(i for i, a in enumerate(argv) if a.endswith(".py")) :]]
+    if argv[0] == "sbatch":  # sbatch's options, the batch script, then what it runs
+        at = next(i for i, a in enumerate(argv) if a.endswith(".sbatch"))
+        assert (ROOT / argv[at]).is_file(), (where, command)
+        argv = ["python", *argv[at + 1 :]]
     if argv[0] in {"python", "python3"} and argv[1:3] == ["-m", "venv"]:
         assert len(argv) == 4 and not argv[3].startswith("-"), (where, command)
         # the page activates the environment it creates
@@ -124,7 +133,8 @@ def test_shell_commands_match_the_repository(where: str, command: str) -> None:
         if argv[-1] == "update":  # apt-get needs its package lists first on a fresh machine
             assert argv[-2:] == ["apt-get", "update"] and len(argv) <= 3, command
             return
-        assert argv[-1] == "chromium", command  # the only one: the docs site test needs it
+        packages = {a for a in argv[argv.index("install") + 1 :] if not a.startswith("-")}
+        assert packages <= {"chromium", "slurm-wlm"}, command  # the docs site and Slurm tests
         return
     if argv[0] == ".":  # activating a virtual environment
         assert argv[1].endswith("bin/activate"), command

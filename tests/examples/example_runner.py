@@ -175,9 +175,12 @@ def assert_trained_sanely(
 
 
 def checkpoint(out: Path) -> dict[str, Any]:
-    """The one checkpoint in ``out``."""
-    (path,) = out.glob("checkpoint_*.pt")
-    return dict(torch.load(path, weights_only=True))
+    """The newest of the scripts' checkpoints in ``out`` (checkpoint_<7 digits>.pt)."""
+    found = sorted(
+        p for p in out.glob("checkpoint_*.pt") if re.fullmatch(r"checkpoint_\d{7}\.pt", p.name)
+    )
+    assert found, f"no checkpoint in {out}"
+    return dict(torch.load(found[-1], weights_only=True))
 
 
 def differences(a: Any, b: Any, where: str = "") -> list[str]:

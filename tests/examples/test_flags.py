@@ -16,7 +16,8 @@ import_examples()
 import linear_eval  # noqa: E402
 import moco_v2  # noqa: E402
 import moco_v3  # noqa: E402
-from harness import attention_heads, check_steps, load_resume  # noqa: E402
+from checkpoints import load_resume  # noqa: E402
+from harness import attention_heads, check_steps  # noqa: E402
 from moco_v2 import validate  # noqa: E402
 
 TRAINED = {"arch": "small_cnn", "image_size": 32}

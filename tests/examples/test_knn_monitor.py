@@ -24,7 +24,8 @@ from torch import nn
 
 import_examples()
 from data import datasets, evaluation_batches, knn_split  # noqa: E402
-from harness import backbone, knn_accuracy, load_data  # noqa: E402
+from harness import backbone, load_data  # noqa: E402
+from monitoring import knn_accuracy  # noqa: E402
 
 from momentum_contrast.knn import knn_predict  # noqa: E402
 

@@ -1,23 +1,127 @@
-"""The launches of docs/guides/multi-node.md, on the CPU with gloo: the Slurm script
-(``examples/multi_node.sbatch``) on a one-machine Slurm cluster gives the run that two
-plain processes give, bit for bit."""
+"""The launches of docs/guides/multi-node.md, on the CPU with gloo, each against the run of
+two plain processes on one node, bit for bit: the guide's ``torchrun`` line with two agents
+(two "nodes" of one process on 127.0.0.1), the same with a process killed (SIGKILL) after a
+checkpoint, which torchrun restarts and which resumes (MoCo v2 and v3), and the Slurm
+script (``examples/multi_node.sbatch``) on a one-machine Slurm cluster."""
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import slurm_cluster
 from example_runner import EXAMPLES, checkpoint, differences, free_port, losses, run_2p
-from test_resume_distributed import V2
+from test_resume_distributed import V2, V3
 
 pytestmark = pytest.mark.xdist_group("multi_node")
 
 SBATCH = EXAMPLES / "multi_node.sbatch"
+GUIDE = EXAMPLES.parent / "docs" / "guides" / "multi-node.md"
 STEPS = ["--max-steps", "4"]
+LONGER = ["--epochs", "4"]  # 12 steps: time to kill a process after the first checkpoint
+FINAL = ("model", "key_encoder", "queue", "optimizer", "rng", "step")
+
+
+def guide_launch(script: str, flags: list[str], out: Path, port: int) -> tuple[dict, list]:
+    """The guide's torchrun line (its bash block with ``--rdzv-id RUN``), for 2 nodes of 1
+    process on 127.0.0.1: its environment and its command, ``script`` and the tests' small
+    ``flags`` in place of the guide's ImageNet ones."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", GUIDE.read_text(), re.S | re.M)
+    (line,) = [b for b in blocks if "--rdzv-id RUN" in b]
+    argv = shlex.split(line.replace("\\\n", " "))
+    env = dict(a.split("=", 1) for a in argv if re.fullmatch(r"[A-Z_]+=\S*", a))
+    argv = [a for a in argv if not re.fullmatch(r"[A-Z_]+=\S*", a)]
+    values = {"--nnodes": "2", "--nproc-per-node": "1", "--rdzv-endpoint": f"127.0.0.1:{port}",
+              "--rdzv-id": f"test{port}", "--output-dir": str(out)}  # fmt: skip
+    argv = [values.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+    at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    assert argv[at] == "examples/moco_v2.py" and argv[at + 1 : at + 3] == [
+        "--data",
+        "/data/imagenet",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *argv[1:at]]
+    return env, [*torchrun, str(EXAMPLES / script), *argv[at + 3 :], *flags]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return found
+
+
+def two_agents(script: str, flags: list[str], out: Path, *, kill: bool) -> str:
+    """Run the guide's line as 2 agents; with ``kill``, SIGKILL the second agent's process
+    once the first checkpoint is written. Returns both agents' output."""
+    port = free_port()
+    env, command = guide_launch(script, flags, out, port)
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=EXAMPLES,
+        )
+        for _ in range(2)
+    ]
+    try:
+        if kill:
+            deadline = time.monotonic() + 300
+            while not list(out.glob("checkpoint_*.pt")):
+                assert time.monotonic() < deadline and agents[1].poll() is None, "no checkpoint"
+                time.sleep(0.02)
+            (worker,) = [  # the second node's one process
+                pid
+                for pid in children(agents[1].pid)
+                if script in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            ]
+            os.kill(worker, signal.SIGKILL)
+        outputs = [a.communicate(timeout=600)[0] for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    text = "".join(outputs)
+    assert all(a.returncode == 0 for a in agents), text[-6000:]
+    return text
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "kill"),
+    [("moco_v2.py", V2, False), ("moco_v2.py", V2, True), ("moco_v3.py", V3, True)],
+    ids=["v2", "v2-killed", "v3-killed"],
+)
+def test_the_guides_torchrun_line_gives_the_run_of_one_node(
+    script: str, flags: list[str], kill: bool, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    run_2p(script, *flags, *LONGER, "--output-dir", str(plain))
+    nodes = tmp_path / "nodes"
+    output = two_agents(script, [*flags, *LONGER], nodes, kill=kill)
+    assert "no checkpoint in" in output  # the guide's --resume auto, at the first start
+    if kill:  # torchrun saw the process die, restarted both, and they resumed
+        assert "exitcode: -9" in output and "resumed from" in output, output[-6000:]
+    assert losses(nodes) == losses(plain) and len(losses(plain)) == 12
+    done, expected = checkpoint(nodes), checkpoint(plain)
+    keys = [k for k in FINAL if k in expected]  # v3 has no queue
+    assert not differences({k: done[k] for k in keys}, {k: expected[k] for k in keys})
 
 
 def test_the_sbatch_script_gives_the_run_of_two_plain_processes(tmp_path: Path) -> None:

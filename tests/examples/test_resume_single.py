@@ -72,7 +72,7 @@ def test_cpu_augmentation_depends_on_seed_epoch_and_position_only() -> None:
 
 
 def test_checkpoint_written_under_ddp_by_older_scripts_loads(tmp_path: Path) -> None:
-    from harness import load_states, state_of
+    from checkpoints import load_states, state_of
 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     saved = {"model": {f"module.{k}": v + 1 for k, v in model.state_dict().items()}}

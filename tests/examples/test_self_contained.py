@@ -1,10 +1,13 @@
 """What the example scripts import of examples/: ``data`` (examples/data.py: the data
-sources, decoding and loaders) and ``harness`` (examples/harness.py: what a run needs besides
-MoCo: flag helpers, set-up, random states, backbones, step log, kNN monitor, checkpoints),
-and no other module of it; otherwise torch, torchvision, momentum_contrast, the optional
-tqdm, matplotlib, timm and torchcodec, and the standard library. data.py holds data only:
-no flags, no training loop. harness.py parses no flags of its own (its flag helpers serve the
-scripts' parsers), and neither of the two imports a script."""
+sources, decoding and loaders), ``harness`` (examples/harness.py: what a run needs besides
+MoCo: flag helpers, set-up, backbones, each step's views), ``monitoring``
+(examples/monitoring.py: step log, metrics.png, kNN monitor) and ``checkpoints``
+(examples/checkpoints.py: saving, resuming, random states), and no other module of it;
+otherwise torch, torchvision, momentum_contrast, the optional tqdm, matplotlib, timm and
+torchcodec, and the standard library. data.py holds data only: no flags, no training loop.
+The helpers parse no flags of their own (they serve the scripts' parsers), none of them
+imports a script, and they build on each other in one direction: monitoring, then harness,
+then checkpoints."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import pytest
 from example_runner import EXAMPLES
 
 ALLOWED = {"torch", "torchvision", "momentum_contrast", "tqdm", "matplotlib", "timm"}
-ALLOWED |= {"torchcodec", "data", "harness"}
+ALLOWED |= {"torchcodec", "data", "harness", "monitoring", "checkpoints"}
 SCRIPTS = {"moco_v1", "moco_v2", "moco_v3", "linear_eval"}
 # data.py: torch, torchvision, torchcodec and the standard library, without flags
 DATA_ALLOWED = ({"torch", "torchvision", "torchcodec"} | set(sys.stdlib_module_names)) - {
@@ -37,7 +40,7 @@ def imported(script: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("script", ["moco_v2.py", "moco_v3.py", "linear_eval.py"])
-def test_script_imports_nothing_of_examples_but_data_and_harness(script: str) -> None:
+def test_script_imports_nothing_of_examples_but_its_helpers(script: str) -> None:
     others = imported(EXAMPLES / script) - ALLOWED - set(sys.stdlib_module_names)
     assert not others, f"{script} imports {sorted(others)}"
 
@@ -66,14 +69,26 @@ def test_data_holds_data_only() -> None:
     assert not (EXAMPLES / "shapes.py").exists()  # the built-in shapes live in data.py
 
 
-def test_harness_imports_no_script_and_parses_no_flags_of_its_own() -> None:
-    """harness.py imports data and the scripts' own dependencies, no script; it builds no
-    parser and reads no command line (the scripts do: ``parse_flags`` takes their parser and
-    their ``argv``), and it is no script itself (no ``main``)."""
-    source = EXAMPLES / "harness.py"
+@pytest.mark.parametrize(
+    ("helper", "defines"),
+    [
+        ("monitoring.py", {"StepLog", "KnnMonitor"}),
+        ("harness.py", {"setup", "check_flags"}),
+        ("checkpoints.py", {"load_resume"}),
+    ],
+)
+def test_helpers_import_no_script_and_parse_no_flags_of_their_own(
+    helper: str, defines: set[str]
+) -> None:
+    """The helpers import data and the scripts' own dependencies, no script; they build no
+    parser and read no command line (the scripts do: ``parse_flags`` takes their parser and
+    their ``argv``), and none is a script itself (no ``main``)."""
+    source = EXAMPLES / helper
     others = imported(source) - ALLOWED - set(sys.stdlib_module_names)
-    assert not others, f"harness.py imports {sorted(others)}"
+    assert not others, f"{helper} imports {sorted(others)}"
     assert not imported(source) & SCRIPTS
+    assert not imported(EXAMPLES / "monitoring.py") & {"harness", "checkpoints"}  # no cycle
+    assert "checkpoints" not in imported(EXAMPLES / "harness.py")
     tree = ast.parse(source.read_text())
     calls = {
         node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
@@ -84,6 +99,6 @@ def test_harness_imports_no_script_and_parses_no_flags_of_its_own() -> None:
     attributes = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     assert "argv" not in attributes  # no sys.argv: the scripts pass theirs
     names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    assert "main" not in names and {"setup", "StepLog", "load_resume"} <= names
+    assert "main" not in names and defines <= names
     assert "__main__" not in source.read_text()
-    assert not imported(EXAMPLES / "data.py") & (SCRIPTS | {"harness"})
+    assert not imported(EXAMPLES / "data.py") & (SCRIPTS | {"harness", "monitoring", "checkpoints"})

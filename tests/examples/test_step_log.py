@@ -16,14 +16,14 @@ from example_runner import TINY, V12, import_examples
 
 import_examples()
 import moco_v2  # noqa: E402
-from harness import StepLog  # noqa: E402
+from monitoring import StepLog  # noqa: E402
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
 # Where the step's device tensors live: the loop, the recipe, the run's helpers and the library.
 # (The loader reads its own CPU tensors, labels and indices, by design: no device value there.)
-DEVICE_SIDE = ("moco_v2.py", "harness.py")
+DEVICE_SIDE = ("moco_v2.py", "harness.py", "monitoring.py", "checkpoints.py")
 
 
 def on_device_side(path: str) -> bool:

@@ -11,7 +11,8 @@ import torch
 from example_runner import V3, import_examples
 
 import_examples()
-from harness import VITS, attention_heads, backbone, load_resume  # noqa: E402
+from checkpoints import load_resume  # noqa: E402
+from harness import VITS, attention_heads, backbone  # noqa: E402
 from moco_v3 import MUST_MATCH, WARN_IF_CHANGED, parse_args  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader
 
-from momentum_contrast import cosine_momentum
+from momentum_contrast import KeyQueue, MomentumEncoder, cosine_momentum
 from momentum_contrast.distributed import exclude_from_ddp
 
 _spec = importlib.util.spec_from_file_location(
@@ -143,13 +143,17 @@ def resume_is_exact(res: dict, directory: str) -> None:
         )
         return accelerator, moco, model, optimizer, loader
 
+    def key_encoder(moco: nn.Module) -> nn.Module:
+        """The page's ``moco.key_encoder.key_encoder`` (the container is built by the page)."""
+        return cast(MomentumEncoder, moco.key_encoder).key_encoder
+
     def key_buffers(moco: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: b.clone() for n, b in moco.key_encoder.key_encoder.named_buffers()}
+        return {n: b.clone() for n, b in key_encoder(moco).named_buffers()}
 
     accelerator, moco, model, optimizer, loader = build(0)
     guide["train_epochs"](accelerator, model, optimizer, loader, 0, 2, directory + "_straight")
     final = copy.deepcopy(moco.state_dict())
-    mean = moco.key_encoder.key_encoder[1].running_mean
+    mean = key_encoder(moco).get_buffer("1.running_mean")  # the BatchNorm's
     res["key_bn_differs_from_rank0"] = not torch.equal(mean, from_rank0(mean))
 
     accelerator, moco, model, optimizer, loader = build(0)
@@ -163,7 +167,8 @@ def resume_is_exact(res: dict, directory: str) -> None:
     res["resume_key_buffers_equal"] = g.equal(key_buffers(moco), at_save)
     res["resume_first_epoch"] = first_epoch
     guide["train_epochs"](accelerator, model, optimizer, loader, first_epoch, 2, directory)
-    same_queue = same_on_every_rank(moco.queue.keys)  # a collective: every rank calls it
+    # a collective: every rank calls it
+    same_queue = same_on_every_rank(cast(KeyQueue, moco.queue).keys)
     res["resume_equal"] = g.equal(moco.state_dict(), final) and same_queue
 
 

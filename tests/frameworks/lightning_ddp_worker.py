@@ -50,9 +50,11 @@ def main(out_dir: Path) -> None:
     broadcast: list[int] = []  # data pointers of every tensor DDP broadcasts
     original = dist._broadcast_coalesced
 
-    def recording(group: Any, tensors: list[Any], *args: Any) -> Any:
+    def recording(
+        process_group: dist.ProcessGroup, tensors: list[torch.Tensor], buffer_size: int, src: int
+    ) -> Any:
         broadcast.extend(t.data_ptr() for t in tensors)
-        return original(group, tensors, *args)
+        return original(process_group, tensors, buffer_size, src)
 
     dist._broadcast_coalesced = recording
 

@@ -19,14 +19,16 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import pytest
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from momentum_contrast import MomentumEncoder, cosine_momentum
+from momentum_contrast import KeyQueue, MomentumEncoder, cosine_momentum
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_accelerate_guide", HERE / "_accelerate_guide.py")
@@ -37,15 +39,32 @@ _spec.loader.exec_module(g)
 T = 0.2
 
 
+class GuideMoCoV2(Protocol):
+    """What the tests use of the page's ``MoCoV2`` (an ``nn.Module`` defined by running
+    the page, so it has no static type of its own)."""
+
+    online: nn.Module
+    key_encoder: MomentumEncoder
+    queue: KeyQueue
+
+
+class GuideMoCoV3(Protocol):
+    """What the tests use of the page's ``MoCoV3``."""
+
+    base: nn.Module
+    predictor: nn.Module
+    key_encoder: MomentumEncoder
+
+
 @pytest.fixture(autouse=True)
-def fresh_accelerate() -> None:
+def fresh_accelerate() -> Iterator[None]:
     """Each test gets its own Accelerator state (mixed precision, accumulation steps)."""
     g.reset_accelerate()
     yield
     g.reset_accelerate()
 
 
-def v2_pair(dtype: torch.dtype, momentum: float = 0.9) -> tuple[nn.Module, nn.Module, dict]:
+def v2_pair(dtype: torch.dtype, momentum: float = 0.9) -> tuple[GuideMoCoV2, nn.Module, dict]:
     """The guide's container and an independent copy of its initial online model and queue."""
     guide = g.guide()
     online = g.ln_model().to(dtype)
@@ -54,7 +73,7 @@ def v2_pair(dtype: torch.dtype, momentum: float = 0.9) -> tuple[nn.Module, nn.Mo
     return moco, online, copy.deepcopy(moco.queue.state_dict())
 
 
-def run_v2(accelerator: Accelerator, moco: nn.Module, data: list, micro: int) -> None:
+def run_v2(accelerator: Accelerator, moco: GuideMoCoV2, data: list, micro: int) -> None:
     guide = g.guide()
     model, optimizer = accelerator.prepare(moco, g.sgd(moco.online.parameters()))
     window: list[torch.Tensor] = []
@@ -64,7 +83,7 @@ def run_v2(accelerator: Accelerator, moco: nn.Module, data: list, micro: int) ->
     assert window == []
 
 
-def v3_pair(dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module]:
+def v3_pair(dtype: torch.dtype) -> tuple[GuideMoCoV3, nn.Module, nn.Module]:
     guide = g.guide()
     base = g.ln_model().to(dtype)
     torch.manual_seed(1)
@@ -74,7 +93,7 @@ def v3_pair(dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module]:
     return moco, base, predictor
 
 
-def run_v3(accelerator: Accelerator, moco: nn.Module, data: list, micro: int) -> None:
+def run_v3(accelerator: Accelerator, moco: GuideMoCoV3, data: list, micro: int) -> None:
     guide = g.guide()
     optimizer = g.sgd([*moco.base.parameters(), *moco.predictor.parameters()])
     model, optimizer = accelerator.prepare(moco, optimizer)
@@ -130,7 +149,9 @@ def test_v3_micro_batches_with_no_sync_equal_the_full_batch() -> None:
     assert g.max_diff(moco.base, g.ln_model().double()) > 1e-3
 
 
-def test_update_outside_sync_gradients_warns_and_the_guide_does_not() -> None:
+def test_update_outside_sync_gradients_warns_and_the_guide_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     data = [(x_q[:4], x_k[:4]) for x_q, x_k in g.batches(4, 8)]  # 4 micro-batches: 2 windows
 
     # wrong: update and push at every micro-batch
@@ -151,7 +172,12 @@ def test_update_outside_sync_gradients_warns_and_the_guide_does_not() -> None:
     moco, _, _ = v2_pair(torch.float32)
     updates = []
     update = moco.key_encoder.update
-    moco.key_encoder.update = lambda *a: (updates.append(1), update(*a))[1]  # count them
+
+    def counted(*a: Any) -> None:  # count them
+        updates.append(1)
+        update(*a)
+
+    monkeypatch.setattr(moco.key_encoder, "update", counted)
     model, optimizer = accelerator.prepare(moco, g.sgd(moco.online.parameters()))
     window: list[torch.Tensor] = []
     with warnings.catch_warnings():
@@ -202,7 +228,7 @@ def test_bf16_keys_are_computed_under_autocast_in_the_guides_order() -> None:
     late = MomentumEncoder(prepared)
     assert "forward" in vars(late.key_encoder)  # Accelerate's patch, deep-copied
     seen.clear()
-    _record_dtype(late.key_encoder[3], seen)
+    _record_dtype(cast(nn.Sequential, late.key_encoder)[3], seen)
     assert late(x_q).dtype == torch.float32 and seen == [torch.bfloat16]
 
 

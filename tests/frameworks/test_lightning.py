@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 IN, DIM, QUEUE = 12, 8, 24  # input width, embedding width, queue size
 KEY_BIAS = "0.encoder.layers.encoder_layer_0.self_attention.in_proj_bias"
 UNCHANGED = "ran again with the online model unchanged"
-QUIET = {  # no logs, checkpoints, progress bars or summaries: the tests read the modules
+# no logs, checkpoints, progress bars or summaries: the tests read the modules
+QUIET: dict[str, Any] = {
     "logger": False,
     "enable_checkpointing": False,
     "enable_progress_bar": False,
@@ -188,7 +189,8 @@ def test_one_process_equals_the_plain_loop_bit_for_bit() -> None:
 
 
 def test_accumulation_equals_the_full_batch() -> None:
-    data = tuple(t.double() for t in views(32))
+    x_q, x_k = views(32)
+    data = (x_q.double(), x_k.double())
     module = v2().double()
     want = plain_v2(module, batches_of(data, 16))  # 2 steps of 16
     trainer = fit(
@@ -337,7 +339,13 @@ def rank_batches(data: tuple[torch.Tensor, ...], per_rank: int, world: int = 2) 
     DataLoader does not; a step's batch is rank 0's rows, then rank 1's."""
     shares = []
     for r in range(world):
-        sampler = DistributedSampler(range(len(data[0])), num_replicas=world, rank=r, seed=0)
+        # the sampler takes only len() of its dataset; the stubs ask for a Dataset
+        sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(data[0])),  # type: ignore[arg-type]
+            num_replicas=world,
+            rank=r,
+            seed=0,
+        )
         sampler.set_epoch(0)
         shares.append(torch.tensor(list(sampler)).split(per_rank))
     return [

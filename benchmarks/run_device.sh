@@ -30,7 +30,8 @@ CPU_ONLY="tests/test_package.py tests/test_distributed.py tests/test_host_collec
   tests/examples/test_fsdp_example.py tests/examples/test_torchvision_data.py
   tests/examples/test_arch.py tests/test_encoder_guards.py tests/test_convert_cli.py
   tests/test_convert_heads.py tests/test_convert_sources.py tests/frameworks
-  tests/test_ddp_exclude.py tests/test_heads_hf.py tests/test_groups.py"
+  tests/test_ddp_exclude.py tests/test_heads_hf.py tests/test_groups.py
+  tests/examples/test_multi_node.py tests/examples/test_checkpoints.py tests/test_workflows.py"
 IGNORES=$(for t in $CPU_ONLY; do printf -- '--ignore=%s ' "$t"; done)
 # shellcheck disable=SC2086
 $PY -m pytest -q -p no:cacheprovider $IGNORES -rs ${TESTS:-} 2>&1 | tee "$OUT/pytest.log"

@@ -173,8 +173,8 @@ def datasets(
                 raise RuntimeError(f"no copy under {root} and the download failed ({why})") from e
 
     if name == "stl10":  # (N, 3, 96, 96) uint8
-        splits = ("train+unlabeled" if unlabeled else "train", "test")
-        sets = [load(tvd.STL10, split=split) for split in splits]
+        stl_splits = ("train+unlabeled" if unlabeled else "train", "test")
+        sets = [load(tvd.STL10, split=split) for split in stl_splits]
         train, test = (
             Images(torch.from_numpy(d.data), torch.from_numpy(d.labels).long()) for d in sets
         )
@@ -288,10 +288,15 @@ def evaluation_batches(
     ImageNet's statistics: ``(N, 3, image_size, image_size)`` floats and ``(N,)`` labels."""
     mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
-    size = {"size": (image_size, image_size), "mode": "bilinear", "antialias": True}
+    size = (image_size, image_size)
     for images, labels in loader(Images(data.items, data.labels), 256, workers=workers, seed=seed):
         x = torch.cat(
-            [nn.functional.interpolate(i[None].to(device).float(), **size) for i in images]
+            [
+                nn.functional.interpolate(
+                    i[None].to(device).float(), size=size, mode="bilinear", antialias=True
+                )
+                for i in images
+            ]
         )
         yield (x / 255 - mean) / std, labels.to(device)
 

@@ -5,7 +5,7 @@
   (``positive_int``, ``fraction``, ...), ``run_flags`` (the flags of a run that are not its
   method's: data, backbone, kNN monitor, output, resume, device), ``parse_flags``
   (``--print-config``) and ``check_flags`` (the flags that must fit together).
-* Processes: ``setup`` (torchrun's process group, the device, the seed).
+* Processes: ``setup`` (torchrun's process group, the device, the seed) and ``leave``.
 * Backbones: ``backbone``, ``checked_backbone`` (a bad ``--arch`` stops in one line) and
   ``attention_heads`` (a ViT's, which checkpoints record).
 * The loop's helpers: ``load_data`` and ``training_views`` (each step's two views, epoch
@@ -184,6 +184,14 @@ def setup(args: argparse.Namespace, *, alone: bool = False) -> Env:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     return device, rank, world
+
+
+def leave() -> None:
+    """Leave the process group at the end of a run: a process that exits with the group's
+    threads still running can abort ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()
 
 
 # ---- Backbones: --arch, built with random weights, its classifier taken off

@@ -41,6 +41,7 @@ from harness import (
     check_flags,
     check_steps,
     fail,
+    leave,
     load_data,
     milestones,
     non_negative_int,
@@ -204,9 +205,10 @@ def main() -> None:
     # Seeded after every model is built (a state dict builds a second one to find the classifier
     # it drops): the classifier and crops depend on --seed only; the same one on every rank
     torch.manual_seed(args.seed)
-    classifier = nn.Linear(dim, classes).to(device)
-    nn.init.normal_(classifier.weight, std=0.01)
-    nn.init.zeros_(classifier.bias)
+    linear = nn.Linear(dim, classes).to(device)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    classifier: nn.Module = linear
     if world > 1:
         classifier = nn.parallel.DistributedDataParallel(classifier)
     lr = args.lr * args.batch_size / 256 if v3 else args.lr
@@ -253,6 +255,7 @@ def main() -> None:
         f"linear evaluation of {path}: top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}% "
         f"on {total} held-out images (backbone unchanged)"
     )
+    leave()
 
 
 if __name__ == "__main__":

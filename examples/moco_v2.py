@@ -48,6 +48,7 @@ from harness import (
     check_flags,
     checked_backbone,
     fraction,
+    leave,
     load_data,
     milestones,
     non_negative_float,
@@ -138,7 +139,7 @@ def build(args: argparse.Namespace, version: str, env: Env) -> Any:
     device, _, world = env
     features, feature_dim = checked_backbone(args.arch, args.image_size)
     head = (moco_v2_head if version == "v2" else moco_v1_head)(feature_dim, out_dim=args.dim)
-    model = nn.Sequential(features, head).to(device)  # the query encoder
+    model: nn.Module = nn.Sequential(features, head).to(device)  # the query encoder
     if world > 1:  # the query encoder trains under DDP; the key encoder uses Shuffle-BN
         ids = [device] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -148,6 +149,7 @@ def build(args: argparse.Namespace, version: str, env: Env) -> Any:
     queue = KeyQueue(args.queue_size, args.dim).to(device)  # (K, dim) unit-norm keys
     sgd = {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}
     optimizer = torch.optim.SGD(model.parameters(), **sgd)
+    augment: nn.Module
     if version == "v2":  # v2: blur, cosine schedule, T 0.2; v1: step schedule, T 0.07
         augment = MoCoV2Augment(args.image_size, scale=(args.crop_min, 1), blur_p=args.blur_p)
     else:
@@ -158,7 +160,8 @@ def build(args: argparse.Namespace, version: str, env: Env) -> Any:
         key_encoder.to(memory_format=torch.channels_last)
     encode_q = torch.compile(model) if args.compile else model
     encode_k = torch.compile(key_encoder) if args.compile else key_encoder
-    ddp, n = isinstance(model, nn.parallel.DistributedDataParallel), args.accumulate
+    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    n = args.accumulate
     # Shuffle-BN's permutations: their own generator, seeded each step from Python's `random`
     # (no tensor read), so torch's stream (the augmentations) is the same for any --accumulate
     shuffle_rng = torch.Generator(device=device)
@@ -180,7 +183,7 @@ def build(args: argparse.Namespace, version: str, env: Env) -> Any:
         for i in range(n):  # micro-batches; DDP all-reduces the gradients after the last
             rows = slice(i * size, (i + 1) * size)
             with (
-                model.no_sync() if ddp and i < n - 1 else contextlib.nullcontext(),
+                ddp.no_sync() if ddp is not None and i < n - 1 else contextlib.nullcontext(),
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
             ):
                 q = encode_q(x_q[rows])  # (N / n, dim) queries
@@ -238,6 +241,7 @@ def main(version: str = "v2") -> None:
                 log.write({"step": step, "epoch": epoch, "knn_top1": round(value, 2)})
             save_checkpoint(out, state_of(pieces), meta, step, env, args.keep)
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
+    leave()
 
 
 if __name__ == "__main__":

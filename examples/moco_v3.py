@@ -56,6 +56,7 @@ from harness import (
     checked_backbone,
     fraction,
     is_vit,
+    leave,
     load_data,
     non_negative_float,
     non_negative_int,
@@ -162,9 +163,12 @@ def build(args: argparse.Namespace, env: Env) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torchvision.models.vision_transformer import EncoderBlock
 
-        bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+        bf16: dict[str, Any] = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
         policy = MixedPrecisionPolicy(**(bf16 if device.type == "cuda" else {}))
-        shard = {"mesh": init_device_mesh(device.type, (world,)), "mp_policy": policy}
+        shard: dict[str, Any] = {
+            "mesh": init_device_mesh(device.type, (world,)),
+            "mp_policy": policy,
+        }
         for root in (model, key_encoder.key_encoder):
             for block in [m for m in root.modules() if isinstance(m, EncoderBlock)]:
                 fully_shard(block, **shard)
@@ -310,6 +314,7 @@ def main() -> None:
                 log.write({"step": step, "epoch": epoch, "knn_top1": round(value, 2)})
             save_checkpoint(out, states(pieces), meta, step, env, args.keep)  # collectives: --fsdp
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
+    leave()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ def test_key_data_swapped_to_another_shape_raises() -> None:
         enc.update()
 
 
+@pytest.mark.filterwarnings(
+    "ignore:MomentumEncoder.update\\(\\) ran again"
+)  # updates stand in for steps
 def test_parameter_swapped_without_registration_hooks_is_followed() -> None:
     """FSDP2 and other wrappers swap ``module._parameters[name]`` directly."""
     online = SmallCNN()

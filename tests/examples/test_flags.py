@@ -128,8 +128,8 @@ def test_resume_checks_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit, match="is a moco_v2 checkpoint, not moco_v3"):
         load_resume(v3_args("--resume", str(path)), *V3_RESUME)
     path = fake_checkpoint(tmp_path / "b.pt", batch_size=32, epochs=5, seed=3)
-    _, ckpt = load_resume(v2_args("--resume", str(path)), *V2_RESUME) or (None, {})
-    assert ckpt["step"] == 1
+    resumed = load_resume(v2_args("--resume", str(path)), *V2_RESUME)
+    assert resumed is not None and resumed[1]["step"] == 1
     warning = capsys.readouterr().err
     assert "warning: resuming with changed --batch-size 16 (checkpoint: 32)" in warning
     assert "--epochs 2 (checkpoint: 5)" in warning and "--seed 0 (checkpoint: 3)" in warning

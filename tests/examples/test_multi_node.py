@@ -114,10 +114,14 @@ def test_the_guides_torchrun_line_gives_the_run_of_one_node(
     plain = tmp_path / "plain"
     run_2p(script, *flags, *LONGER, "--output-dir", str(plain))
     nodes = tmp_path / "nodes"
-    output = two_agents(script, [*flags, *LONGER], nodes, kill=kill)
+    # killed: after the first checkpoint, a --save-every one inside the first epoch (step 2 of 3)
+    every = ["--save-every", "2"] if kill else []
+    output = two_agents(script, [*flags, *LONGER, *every], nodes, kill=kill)
     assert "no checkpoint in" in output  # the guide's --resume auto, at the first start
     if kill:  # torchrun saw the process die, restarted both, and they resumed
         assert "exitcode: -9" in output and "resumed from" in output, output[-6000:]
+        resumed_at = int(re.findall(r"resumed from \S+ at step (\d+)", output)[0])
+        assert resumed_at >= 2 and resumed_at < 12
     assert losses(nodes) == losses(plain) and len(losses(plain)) == 12
     done, expected = checkpoint(nodes), checkpoint(plain)
     keys = [k for k in FINAL if k in expected]  # v3 has no queue

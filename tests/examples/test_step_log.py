@@ -9,6 +9,7 @@ import inspect
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -89,9 +90,14 @@ def test_step_log_reads_once_per_flush(monkeypatch: pytest.MonkeyPatch, tmp_path
         with open(tmp_path / "metrics.csv") as f:
             return [row for row in csv.DictReader(f) if row["loss"]]
 
-    reads = []
+    reads: list[int] = []
     original = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or original(t))
+
+    def counting_tolist(t: torch.Tensor) -> Any:
+        reads.append(1)
+        return original(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     losses = [torch.tensor(float(i)) / 3 for i in range(1, 8)]
     for step, loss in enumerate(losses[:4], start=1):
         assert not log.add(step, 0, loss, 0.1, 0.99)  # not yet due

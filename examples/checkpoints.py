@@ -11,13 +11,16 @@ docs/guides/multi-node.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import os
 import random
 import re
+import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
@@ -72,14 +75,44 @@ def load_states(pieces: dict[str, Any], ckpt: dict[str, Any]) -> None:
         obj.load_state_dict(state)
 
 
-CHECKPOINT = re.compile(r"checkpoint_(\d{7})\.pt")  # the scripts' own: checkpoint_<step>.pt
+CHECKPOINT = re.compile(r"checkpoint_([0-9]{7,})\.pt")  # the scripts' own: checkpoint_<step>.pt
+
+
+def step_of(path: Path) -> int:
+    match = CHECKPOINT.fullmatch(path.name)
+    return int(match[1]) if match else -1
 
 
 def checkpoints(out: Path) -> list[Path]:
     """The scripts' own checkpoints in ``out``, oldest first (a user's checkpoint_best.pt is
     none of them: never resumed from, never deleted)."""
-    found = [p for p in out.glob("checkpoint_*.pt") if CHECKPOINT.fullmatch(p.name)]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in out.glob("checkpoint_*.pt") if step_of(p) >= 0), key=step_of)
+
+
+def claim(output_dir: str) -> IO[str] | None:
+    """On rank 0: make --output-dir and hold an exclusive lock on its .lock file for as long as
+    the process lives (the kernel lets go when it ends, killed too), so that a second run
+    started into the same folder, before or after the first one's first checkpoint, stops
+    instead of writing between its files. Keep the returned file open."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")  # noqa: SIM115 (held open: the lock lives with it)
+    except OSError as e:
+        fail(f"--output-dir {output_dir}: cannot write there ({type(e).__name__}: {e})")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        fail(f"--output-dir {output_dir} is in use by another run ({lock.read().strip()}): wait "
+             "for it to end, or use another --output-dir")  # fmt: skip
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def saves_at(args: argparse.Namespace, step: int, steps_per_epoch: int, last: int) -> bool:
@@ -102,7 +135,7 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
         plot(out)
         torch.save({**state, **meta, "step": step, "rng": rng}, out / "checkpoint.tmp")
         os.replace(out / "checkpoint.tmp", out / f"checkpoint_{step:07d}.pt")
-        for old in checkpoints(out)[:-keep]:
+        for old in checkpoints(out)[:-keep]:  # none is newer than this one (load_resume)
             old.unlink()
 
 
@@ -113,20 +146,20 @@ def resume_states(
     """The step, kNN baseline and every rank's random states of ``resume`` (load_resume's),
     its states loaded into ``pieces`` (``load``; ``states`` reads them back for the tests'
     dump); a new run's: (0, None, [])."""
-    step, baseline, rng = 0, None, []
-    if resume is not None:
-        path, ckpt = resume
-        load(pieces, ckpt)
-        step, baseline, rng = ckpt["step"], ckpt["knn_baseline"], ckpt["rng"]
-        print(f"resumed from {path} at step {step}")
-        debug_dump(states(pieces), env[1], "loaded")
-    steps = [step] * env[2]
-    if env[2] > 1:  # every rank read the same checkpoint (a shared --output-dir)
-        dist.all_gather_object(steps, step)
-    if len(set(steps)) > 1:
-        fail(f"the processes resumed at different steps {steps}: every node must see the "
-             "same --output-dir (a shared file system)")  # fmt: skip
-    return step, baseline, rng
+    mine = (0, "") if resume is None else (resume[1]["step"], resume[0].name)
+    every = [mine] * env[2]
+    if env[2] > 1:  # every rank read the same checkpoint (a shared --output-dir), checked
+        dist.all_gather_object(every, mine)  # before any loading (a collective under --fsdp)
+    if len(set(every)) > 1:
+        fail(f"the processes would resume from different checkpoints {every}: every node "
+             "must see the same --output-dir (a shared file system)")  # fmt: skip
+    if resume is None:
+        return 0, None, []
+    path, ckpt = resume
+    load(pieces, ckpt)
+    print(f"resumed from {path} at step {ckpt['step']}")
+    debug_dump(states(pieces), env[1], "loaded")
+    return ckpt["step"], ckpt["knn_baseline"], ckpt["rng"]
 
 
 def debug_dump(state: dict[str, Any], rank: int, tag: str) -> None:
@@ -146,12 +179,14 @@ def load_resume(
     if not args.resume:
         if found:  # a new run here would overwrite that one's checkpoints and metrics
             fail(f"--output-dir {args.output_dir} holds a run ({found[-1].name}): continue "
-                 "it with --resume auto, or start a new one with another --output-dir")  # fmt: skip
+                 "it with --resume auto (the script and flags that wrote it), or start a new "
+                 "one with another --output-dir")  # fmt: skip
         return None
     candidates = [Path(args.resume)] if args.resume != "auto" else found[::-1]
     if not candidates:
         print(f"no checkpoint in {args.output_dir}: starting from scratch")
         return None
+    skipped = []
     for path in candidates:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -160,7 +195,19 @@ def load_resume(
             problem = f"{path} is not a checkpoint ({type(e).__name__}: {e})"
             if args.resume != "auto" or path == candidates[-1]:
                 fail(f"--resume {problem}")
-            print(f"warning: {problem}; taking the one before", file=sys.stderr)
+            print(f"warning: {problem}; taking the one before (it becomes "
+                  f"{path.name}.unreadable)", file=sys.stderr)  # fmt: skip
+            skipped.append(path)
+            if os.environ.get("RANK", "0") == "0":  # out of the way of resume and clean-up
+                with contextlib.suppress(OSError):  # another node's rank may be reading it
+                    path.rename(path.with_name(path.name + ".unreadable"))
+    step = ckpt.get("step") if isinstance(ckpt, dict) else None
+    newer = [p for p in found if p not in skipped and step_of(p) > (step or 0)]
+    if isinstance(step, int) and newer:
+        # a run resumed here would write between them, and --resume auto take them again
+        fail(f"--output-dir {args.output_dir} holds checkpoints newer than step {step} of "
+             f"{path.name} (up to {newer[-1].name}): resume the newest with --resume auto, "
+             "or resume this one into another --output-dir")  # fmt: skip
     keys = ("recipe", "step", "args", "model", "rng")
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in keys):
         fail(f"--resume {path} is not a checkpoint of these scripts (keys {', '.join(keys)})")

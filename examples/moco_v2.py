@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from checkpoints import (
+    claim,
     load_resume,
     restore_rng,
     resume_states,
@@ -216,6 +217,7 @@ def main(version: str = "v2") -> None:
     validate(args, blur=version == "v2" and args.blur_p > 0)
     recipe, out = f"moco_{version}", Path(args.output_dir)
     resume = load_resume(args, recipe, MUST_MATCH, WARN_IF_CHANGED)  # before anything is built
+    lock = claim(args.output_dir)  # held to the end: no second run writes there meanwhile
     _, rank, world = env = setup(args)
     pieces, train_step, augment, features = build(args, version, env)
     train, val, classes = load_data(args)
@@ -242,6 +244,8 @@ def main(version: str = "v2") -> None:
             save_checkpoint(out, state_of(pieces), meta, step, env, args.keep)
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
     leave()
+    if lock is not None:
+        lock.close()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from checkpoints import (
+    claim,
     load_resume,
     load_states,
     restore_rng,
@@ -276,6 +277,7 @@ def main() -> None:
     validate(args)
     recipe, out = "moco_v3", Path(args.output_dir)
     resume = load_resume(args, recipe, MUST_MATCH, WARN_IF_CHANGED)  # before anything is built
+    lock = claim(args.output_dir)  # held to the end: no second run writes there meanwhile
     _, rank, world = env = setup(args, alone=args.fsdp)  # --fsdp alone: a group of one
     pieces, train_step, augment, features = build(args, env)
     states, load = (fsdp_state_of, load_fsdp_states) if args.fsdp else (state_of, load_states)
@@ -315,6 +317,8 @@ def main() -> None:
             save_checkpoint(out, states(pieces), meta, step, env, args.keep)  # collectives: --fsdp
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
     leave()
+    if lock is not None:
+        lock.close()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,35 @@
 """No checkpoint is ever lost (examples/checkpoints.py): a new run never writes over a
-folder that holds one, --resume auto and the clean-up touch only the scripts' own numbered
-files, the newest --keep stay, a checkpoint cut short is skipped for the one before, and a
---save-every checkpoint in the middle of an epoch resumes exactly. One process, MoCo v2."""
+folder that holds one, nor into one that another run is using, nor resumes an older
+checkpoint among newer ones; --resume auto and the clean-up touch only the scripts' own
+numbered files (ordered by step, past 7 digits too); the newest --keep stay; a checkpoint
+cut short is skipped for the one before and moved aside; a --save-every checkpoint in the
+middle of an epoch resumes exactly; an --output-dir that cannot be written stops the run
+before anything is built. One process, MoCo v2."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from example_runner import V12, checkpoint, differences, losses, metrics, run
+from example_runner import (
+    EXAMPLES,
+    V12,
+    checkpoint,
+    differences,
+    import_examples,
+    losses,
+    metrics,
+    run,
+)
+
+import_examples()
+from checkpoints import checkpoints  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("checkpoints")
 
@@ -20,7 +38,8 @@ FINAL = ("model", "key_encoder", "queue", "optimizer", "rng", "step")
 
 
 def numbered(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if re.fullmatch(r"checkpoint_\d{7}\.pt", p.name))
+    """The scripts' checkpoints in ``out``, by name (7 digits here: names sort as steps)."""
+    return sorted(p.name for p in out.iterdir() if re.fullmatch(r"checkpoint_[0-9]{7}\.pt", p.name))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +69,7 @@ def test_a_new_run_into_a_folder_that_holds_a_run_is_refused(tmp_path: Path) -> 
     assert after == before  # the checkpoint and metrics.csv untouched
 
 
-def test_resume_auto_and_the_clean_up_touch_only_the_numbered_checkpoints(
+def test_resume_auto_and_the_clean_up_of_keep_touch_only_the_numbered_checkpoints(
     tmp_path: Path,
 ) -> None:
     run("moco_v2.py", *V12, "--max-steps", "1", "--output-dir", str(tmp_path))
@@ -58,18 +77,12 @@ def test_resume_auto_and_the_clean_up_touch_only_the_numbered_checkpoints(
     torch.save({"note": "the user's best model"}, best)
     content = best.read_bytes()
     result = run(
-        "moco_v2.py", *V12, "--max-steps", "3", "--save-every", "1", "--resume", "auto",
-        "--output-dir", str(tmp_path),
+        "moco_v2.py", *V12, "--max-steps", "5", "--save-every", "1", "--keep", "3",
+        "--resume", "auto", "--output-dir", str(tmp_path),
     )  # fmt: skip
     assert "resumed from" in result.stdout and "at step 1" in result.stdout
     assert best.read_bytes() == content  # neither resumed from nor deleted
-    assert numbered(tmp_path) == ["checkpoint_0000002.pt", "checkpoint_0000003.pt"]  # --keep 2
-
-
-def test_keep_sets_how_many_checkpoints_stay(tmp_path: Path) -> None:
-    flags = [*V12, "--max-steps", "5", "--save-every", "1", "--keep", "3"]
-    run("moco_v2.py", *flags, "--output-dir", str(tmp_path))
-    assert numbered(tmp_path) == [f"checkpoint_000000{s}.pt" for s in (3, 4, 5)]
+    assert numbered(tmp_path) == [f"checkpoint_000000{s}.pt" for s in (3, 4, 5)]  # --keep 3
 
 
 def test_a_save_every_checkpoint_inside_an_epoch_resumes_exactly(
@@ -102,3 +115,65 @@ def test_a_checkpoint_cut_short_is_skipped_for_the_one_before(
     assert "checkpoint_0000005.pt is not a checkpoint" in result.stderr
     assert "taking the one before" in result.stderr and "at step 4" in result.stdout
     assert_same_run(tmp_path, straight)
+    # the unreadable one was moved out of the way: neither resumed from again nor kept in
+    # place of the new ones by the clean-up
+    assert (tmp_path / "checkpoint_0000005.pt.unreadable").is_file()
+    assert numbered(tmp_path) == ["checkpoint_0000006.pt", "checkpoint_0000008.pt"]
+
+
+def test_an_older_checkpoint_is_not_resumed_into_a_folder_with_newer_ones(tmp_path: Path) -> None:
+    # the run would write between the newer checkpoints (and the clean-up keep those), and a
+    # later --resume auto would go back to them
+    run("moco_v2.py", *V12, "--save-every", "2", "--keep", "4", "--output-dir", str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    older = tmp_path / "checkpoint_0000004.pt"
+    result = run("moco_v2.py", *V12, "--resume", str(older), "--output-dir", str(tmp_path),
+                 check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "holds checkpoints newer than step 4" in result.stderr
+    assert "checkpoint_0000008.pt" in result.stderr
+    after = {
+        p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"
+    }
+    assert after == {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_a_second_run_into_a_folder_in_use_stops(tmp_path: Path) -> None:
+    longer = [*V12, "--epochs", "6", "--output-dir", str(tmp_path)]  # 24 steps
+    first = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "moco_v2.py"), *longer],
+        cwd=EXAMPLES, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / ".lock").is_file() or not (tmp_path / ".lock").read_text():
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = run("moco_v2.py", *longer, "--resume", "auto", check=False)
+        assert first.poll() is None, "the first run ended before the second one started"
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode != 0 and "is in use by another run" in second.stderr
+    assert f"process {first.pid}" in second.stderr
+    assert len(losses(tmp_path)) == 24  # the first run's log, whole
+
+
+def test_an_output_dir_that_cannot_be_written_stops_before_anything_is_built(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a_file").write_text("")
+    result = run("moco_v2.py", *V12, "--output-dir", str(tmp_path / "a_file" / "run"),
+                 check=False)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "cannot write there" in result.stderr.strip().splitlines()[-1]
+    assert "kNN" not in result.stdout  # stopped before the model, the data and the monitor
+
+
+def test_checkpoints_are_ordered_by_step_past_seven_digits(tmp_path: Path) -> None:
+    names = ["checkpoint_9999999.pt", "checkpoint_10000000.pt", "checkpoint_0000005.pt"]
+    names += ["checkpoint_best.pt", "checkpoint_\u0661\u0662\u0663\u0664\u0665\u0666\u0667.pt"]
+    for name in names:
+        (tmp_path / name).write_text("")
+    want = ["checkpoint_0000005.pt", "checkpoint_9999999.pt", "checkpoint_10000000.pt"]
+    assert [p.name for p in checkpoints(tmp_path)] == want  # neither the user's nor Arabic digits

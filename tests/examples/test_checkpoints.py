@@ -8,17 +8,15 @@ before anything is built. One process, MoCo v2."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from example_runner import (
-    EXAMPLES,
     V12,
     checkpoint,
     differences,
@@ -29,7 +27,8 @@ from example_runner import (
 )
 
 import_examples()
-from checkpoints import checkpoints  # noqa: E402
+import moco_v2  # noqa: E402
+from checkpoints import checkpoints, claim, load_resume  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("checkpoints")
 
@@ -59,6 +58,7 @@ def assert_same_run(out: Path, straight: Path) -> None:
 
 def test_a_new_run_into_a_folder_that_holds_a_run_is_refused(tmp_path: Path) -> None:
     run("moco_v2.py", *V12, "--max-steps", "2", "--output-dir", str(tmp_path))
+    (tmp_path / ".lock").unlink()  # the first run's; the refusal must come before the lock
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     result = run("moco_v2.py", *V12, "--output-dir", str(tmp_path), check=False)
     assert result.returncode != 0
@@ -121,42 +121,50 @@ def test_a_checkpoint_cut_short_is_skipped_for_the_one_before(
     assert numbered(tmp_path) == ["checkpoint_0000006.pt", "checkpoint_0000008.pt"]
 
 
+def fake(out: Path, step: int) -> Path:
+    """A checkpoint of moco_v2.py at ``step``, as load_resume reads it (no weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = vars(moco_v2.parse_args([*V12]))
+    path = out / f"checkpoint_{step:07d}.pt"
+    torch.save({"recipe": "moco_v2", "step": step, "args": args, "model": {}, "rng": []}, path)
+    return path
+
+
+def resume_args(out: Path, resume: str) -> argparse.Namespace:
+    return moco_v2.parse_args([*V12, "--output-dir", str(out), "--resume", resume])
+
+
 def test_an_older_checkpoint_is_not_resumed_into_a_folder_with_newer_ones(tmp_path: Path) -> None:
     # the run would write between the newer checkpoints (and the clean-up keep those), and a
     # later --resume auto would go back to them
-    run("moco_v2.py", *V12, "--save-every", "2", "--keep", "4", "--output-dir", str(tmp_path))
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    older = tmp_path / "checkpoint_0000004.pt"
-    result = run("moco_v2.py", *V12, "--resume", str(older), "--output-dir", str(tmp_path),
-                 check=False)  # fmt: skip
-    assert result.returncode != 0
-    assert "holds checkpoints newer than step 4" in result.stderr
-    assert "checkpoint_0000008.pt" in result.stderr
-    after = {
-        p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"
-    }
-    assert after == {k: v for k, v in before.items() if k != ".lock"}
+    older = fake(tmp_path, 4)
+    fake(tmp_path, 8)
+    checks = ("moco_v2", moco_v2.MUST_MATCH, moco_v2.WARN_IF_CHANGED)
+    with pytest.raises(SystemExit, match=r"holds checkpoints newer than step 4 of "
+                       r"checkpoint_0000004\.pt \(up to checkpoint_0000008\.pt\)"):  # fmt: skip
+        load_resume(resume_args(tmp_path, str(older)), *checks)
+    elsewhere = fake(tmp_path / "other_run", 2)  # another run's, into this folder: the same
+    with pytest.raises(SystemExit, match="holds checkpoints newer than step 2"):
+        load_resume(resume_args(tmp_path, str(elsewhere)), *checks)
+    resumed = load_resume(resume_args(tmp_path, "auto"), *checks)
+    assert resumed is not None and resumed[0] == tmp_path / "checkpoint_0000008.pt"
+    assert resumed[1]["step"] == 8
 
 
 def test_a_second_run_into_a_folder_in_use_stops(tmp_path: Path) -> None:
-    longer = [*V12, "--epochs", "6", "--output-dir", str(tmp_path)]  # 24 steps
-    first = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "moco_v2.py"), *longer],
-        cwd=EXAMPLES, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    held = claim(str(tmp_path))  # this process is the run using the folder
+    assert held is not None
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / ".lock").is_file() or not (tmp_path / ".lock").read_text():
-            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-            time.sleep(0.05)
-        second = run("moco_v2.py", *longer, "--resume", "auto", check=False)
-        assert first.poll() is None, "the first run ended before the second one started"
+        second = run("moco_v2.py", *V12, "--output-dir", str(tmp_path), "--resume", "auto",
+                     check=False)  # fmt: skip
     finally:
-        _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-3000:]
+        held.close()  # what the first run's exit does, even when it is killed
     assert second.returncode != 0 and "is in use by another run" in second.stderr
-    assert f"process {first.pid}" in second.stderr
-    assert len(losses(tmp_path)) == 24  # the first run's log, whole
+    assert f"process {os.getpid()} on" in second.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing else written
+    again = claim(str(tmp_path))  # let go: the folder is free again
+    assert again is not None
+    again.close()
 
 
 def test_an_output_dir_that_cannot_be_written_stops_before_anything_is_built(

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,22 @@ pytestmark = pytest.mark.xdist_group("multi_node")
 
 SBATCH = EXAMPLES / "multi_node.sbatch"
 GUIDE = EXAMPLES.parent / "docs" / "guides" / "multi-node.md"
-STEPS = ["--max-steps", "4"]
 LONGER = ["--epochs", "3"]  # 9 steps: time to kill a process after the first checkpoint
 FINAL = ("model", "key_encoder", "queue", "optimizer", "rng", "step")
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, list[str]], Path]:
+    """The run of 2 plain processes on one node, never interrupted, made once per script."""
+    made: dict[str, Path] = {}
+
+    def get(script: str, flags: list[str]) -> Path:
+        if script not in made:
+            made[script] = tmp_path_factory.mktemp("plain") / "run"
+            run_2p(script, *flags, *LONGER, "--output-dir", str(made[script]))
+        return made[script]
+
+    return get
 
 
 def guide_launch(script: str, flags: list[str], out: Path, port: int) -> tuple[dict, list]:
@@ -107,10 +121,9 @@ def two_agents(script: str, flags: list[str], out: Path, *, kill: bool) -> str:
     ("script", "flags"), [("moco_v2.py", V2), ("moco_v3.py", V3)], ids=["v2", "v3"]
 )
 def test_the_guides_torchrun_line_survives_a_killed_process(
-    script: str, flags: list[str], tmp_path: Path
+    script: str, flags: list[str], tmp_path: Path, plain: Callable[[str, list[str]], Path]
 ) -> None:
-    plain = tmp_path / "plain"  # one node, two processes, never interrupted
-    run_2p(script, *flags, *LONGER, "--output-dir", str(plain))
+    expected = plain(script, flags)
     nodes = tmp_path / "nodes"
     # killed after the first checkpoint: a --save-every one inside the first epoch (step 2 of 3)
     output = two_agents(script, [*flags, *LONGER, "--save-every", "2"], nodes, kill=True)
@@ -119,17 +132,18 @@ def test_the_guides_torchrun_line_survives_a_killed_process(
     assert "exitcode: -9" in output and "resumed from" in output, output[-6000:]
     resumed_at = int(re.findall(r"resumed from \S+ at step (\d+)", output)[0])
     assert 2 <= resumed_at < 9
-    assert losses(nodes) == losses(plain) and len(losses(plain)) == 9
-    done, expected = checkpoint(nodes), checkpoint(plain)
-    keys = [k for k in FINAL if k in expected]  # v3 has no queue
-    assert not differences({k: done[k] for k in keys}, {k: expected[k] for k in keys})
+    assert losses(nodes) == losses(expected) and len(losses(expected)) == 9
+    done, want = checkpoint(nodes), checkpoint(expected)
+    keys = [k for k in FINAL if k in want]  # v3 has no queue
+    assert not differences({k: done[k] for k in keys}, {k: want[k] for k in keys})
 
 
-def test_the_sbatch_script_gives_the_run_of_two_plain_processes(tmp_path: Path) -> None:
+def test_the_sbatch_script_gives_the_run_of_two_plain_processes(
+    tmp_path: Path, plain: Callable[[str, list[str]], Path]
+) -> None:
     if reason := slurm_cluster.available():
         pytest.skip(reason)
-    plain = tmp_path / "plain"
-    run_2p("moco_v2.py", *V2, *STEPS, "--output-dir", str(plain))
+    expected = plain("moco_v2.py", V2)
     slurm = tmp_path / "slurm"
     with slurm_cluster.cluster(tmp_path / "cluster") as env:
         env = {
@@ -142,13 +156,12 @@ def test_the_sbatch_script_gives_the_run_of_two_plain_processes(tmp_path: Path) 
         log = tmp_path / "job.log"
         job = subprocess.run(
             ["sbatch", "--wait", "--nodes", "1", "--output", str(log), str(SBATCH),
-             str(EXAMPLES / "moco_v2.py"), *V2, *STEPS, "--output-dir", str(slurm)],
+             str(EXAMPLES / "moco_v2.py"), *V2, *LONGER, "--output-dir", str(slurm)],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     output = log.read_text() if log.exists() else ""
     assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{output[-4000:]}"
     assert "starting from scratch" in output  # the script always passes --resume auto
-    assert losses(slurm) == losses(plain) and len(losses(plain)) == 4
-    done, expected = checkpoint(slurm), checkpoint(plain)
-    keys = ("model", "key_encoder", "queue", "optimizer", "rng", "step")
-    assert not differences({k: done[k] for k in keys}, {k: expected[k] for k in keys})
+    assert losses(slurm) == losses(expected) and len(losses(expected)) == 9
+    done, want = checkpoint(slurm), checkpoint(expected)
+    assert not differences({k: done[k] for k in FINAL}, {k: want[k] for k in FINAL})

@@ -268,7 +268,7 @@ def test_ties_reloaded_with_assign_stay_ties() -> None:
     buffer = io.BytesIO()
     torch.save(enc.state_dict(), buffer)  # one storage for both names
     buffer.seek(0)
-    enc.load_state_dict(torch.load(buffer), assign=True)  # two objects, one memory
+    enc.load_state_dict(torch.load(buffer, weights_only=True), assign=True)  # one memory, 2 objects
     key = cast(nn.Sequential, enc.key_encoder)
     key_first, key_second = cast(nn.Linear, key[0]), cast(nn.Linear, key[1])
     assert key_first.weight is not key_second.weight

@@ -18,7 +18,8 @@ MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 
 def available() -> str | None:
     """Why a cluster cannot be started here, or ``None`` if it can."""
-    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(c)]
+    commands = ("munge", "munged", "slurmctld", "slurmd", "sbatch")
+    missing = [c for c in commands if not shutil.which(c)]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing; .ci/run installs it)"
     if os.geteuid() != 0:
@@ -71,10 +72,12 @@ def cluster(folder: Path) -> Iterator[dict[str, str]]:
     conf = folder / "slurm.conf"
     conf.write_text(_config(folder, node, os.cpu_count() or 1))
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    if not MUNGE_SOCKET.exists():
+    # a socket left by a munged that is gone refuses every credential: ask munge itself
+    if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
         MUNGE_SOCKET.parent.mkdir(parents=True, exist_ok=True)
         shutil.chown(MUNGE_SOCKET.parent, "munge", "munge")
         subprocess.run(["munged", "--force"], check=True, capture_output=True)
+        subprocess.run(["munge", "-n"], check=True, capture_output=True)
     daemons = []
     try:
         for daemon in ("slurmctld", "slurmd"):

@@ -6,6 +6,7 @@ compared by the parent test against single-process references.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import traceback
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _torch_version import torch_at_least
 from torch import nn
 
 from momentum_contrast import KeyQueue, MomentumEncoder, info_nce, symmetric_contrastive_loss
@@ -29,6 +31,11 @@ from momentum_contrast.distributed import (
 )
 
 TIMEOUT_S = 120
+# Before torch 2.8 (pytorch PR 154976) the gloo process group's destructor held the GIL
+# while it waited for its worker threads, and a worker freeing the tensors of a finished
+# collective waits for the GIL: destroy_process_group hung at times (torch 2.5.1: 3 runs
+# in 8 of the 2-process accumulation tests). The ranks then leave without it.
+GIL_RELEASED_IN_DESTROY = torch_at_least("2.8")
 
 # Batch sizes per push, per rank, for the queue scenario (unequal on purpose).
 QUEUE_PUSHES = [[4, 4, 4], [3, 5, 1], [1, 7, 2], [6, 2, 6], [0, 3, 1]]
@@ -55,31 +62,36 @@ def local_rows(x: torch.Tensor, sizes: list[int], r: int) -> torch.Tensor:
     return x[start : start + sizes[r]]
 
 
-def _entry(fn: Callable[[], dict[str, Any]], r: int, world: int, init: str, out: str) -> None:
+def _entry(fn: Callable[[], dict[str, Any]], r: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
+    # a rank still running near the parent's deadline writes where each thread is
+    stacks = open(Path(out) / f"rank{r}.stacks", "w")  # noqa: SIM115 (open until exit)
+    faulthandler.dump_traceback_later(TIMEOUT_S - 10, file=stacks)
     os.environ["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init}",
-        rank=r,
-        world_size=world,
-        timeout=timedelta(seconds=TIMEOUT_S // 2),
-    )
+    timeout = timedelta(seconds=TIMEOUT_S // 2)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=r, world_size=world, timeout=timeout)
     try:
         torch.save(fn(), Path(out) / f"rank{r}.pt")
     except BaseException:
         (Path(out) / f"rank{r}.err").write_text(traceback.format_exc())
+        if not GIL_RELEASED_IN_DESTROY:
+            os._exit(1)
         raise
-    finally:
-        dist.destroy_process_group()
+    if not GIL_RELEASED_IN_DESTROY:
+        dist.barrier()  # no rank leaves while another still talks to it
+        os._exit(0)
+    dist.destroy_process_group()
 
 
 def launch(fn: Callable[[], dict[str, Any]], world: int, tmp: Path) -> list[dict[str, Any]]:
     """Run ``fn`` on ``world`` spawned gloo ranks; return each rank's result."""
     ctx = mp.get_context("spawn")
+    # the ranks meet in a store this process serves until they are gone (a file:// store
+    # hung torch 2.5's destroy_process_group at times: the first rank out removed the file)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world, str(tmp / "init"), str(tmp)))
-        for r in range(world)
+        ctx.Process(target=_entry, args=(fn, r, world, store.port, str(tmp))) for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -90,7 +102,8 @@ def launch(fn: Callable[[], dict[str, Any]], world: int, tmp: Path) -> list[dict
         if p.is_alive():
             p.kill()
     errors = [f.read_text() for f in sorted(tmp.glob("rank*.err"))]
-    assert not hung, f"ranks {hung} hung for {TIMEOUT_S} s; errors: {errors}"
+    stacks = [(tmp / f"rank{r}.stacks").read_text() for r in hung]
+    assert not hung, f"ranks {hung} hung for {TIMEOUT_S} s; errors: {errors}; stacks: {stacks}"
     assert all(p.exitcode == 0 for p in procs), "\n".join(errors)
     # the ranks' own results (any picklable value): torch older than 2.6 warns without the flag
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+# Under pytest-xdist every worker keeps its cores busy: torch's default (a thread per core
+# in each worker) makes the workers' threads wait on each other. A worker's share of the
+# cores, in the worker and in the processes it starts (the example scripts).
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 # Operators that copy a device value to the host: .item(), int(t), bool(t), torch.equal.
 _SYNC_OPS = {

@@ -14,10 +14,10 @@ predictor. For a ViT, the model to build (its number of attention heads, which t
 weights do not hold) is printed and stored in ``DST`` under ``"__model__"``.
 """
 
-from momentum_contrast.convert._api import backbone_spec, backbone_state_dict, checkpoint_kind
+from momentum_contrast.convert._backbone import backbone_spec, backbone_state_dict
 from momentum_contrast.convert._cli import main
-from momentum_contrast.convert._names import LayoutError
 from momentum_contrast.convert._official import load_official_checkpoint
+from momentum_contrast.convert._sources import LayoutError, checkpoint_kind
 from momentum_contrast.convert._spec import ModelSpec
 
 __all__ = [

@@ -1,69 +1,52 @@
 """Take the backbone out of a MoCo model or checkpoint, name it for torchvision, timm or
-detectron2, and state the call that builds the model it loads into (private)."""
+detectron2, and state the call that builds the model it loads into: ``backbone_state_dict``
+and ``backbone_spec`` (private module; used by ``momentum_contrast.convert``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
-from momentum_contrast.convert._heads import (
-    check_num_heads,
-    module_facts,
+from momentum_contrast.convert._layouts import is_key_path, rename, select_backbone
+from momentum_contrast.convert._sources import LayoutError, State, checkpoint_kind, read_checkpoint
+from momentum_contrast.convert._spec import (
+    ModelSpec,
+    count,
     module_heads,
     recorded_heads,
     resolve_heads,
-)
-from momentum_contrast.convert._names import RENAMES, LayoutError, State
-from momentum_contrast.convert._select import select_backbone
-from momentum_contrast.convert._sources import read_checkpoint, source_kind
-from momentum_contrast.convert._spec import (
-    ModelSpec,
-    VitFacts,
-    timm_pool,
-    timm_spec,
-    torchvision_spec,
     vit_shape,
+    vit_spec,
 )
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 
-__all__ = ["Converted", "Source", "Target", "convert_backbone"]
+__all__ = ["backbone_spec", "backbone_state_dict"]
 
 Target = Literal["torchvision", "timm", "detectron2"]
 Source = str | Path | Mapping[str, Any] | nn.Module
 
 
-@dataclass(frozen=True)
-class Converted:
-    """A converted backbone, the model it loads into (None for a ResNet: the weights tell
-    it all), and how to name it in messages."""
-
-    state: State
-    spec: ModelSpec | None
-    what: str
-
-
-def _tree(
+def _open(
     source: Source, encoder: str
-) -> tuple[Mapping[str, Any], nn.Module | None, str | None, str, tuple[int, str] | None]:
-    """``(state tree, module, encoder to select or None, what, recorded heads)``."""
+) -> tuple[Mapping[str, Any], nn.Module | None, str | None, str]:
+    """``(state tree, module or None, encoder to select or None, what)`` of ``source``."""
     if isinstance(source, nn.Module):
         source = unwrap_model(source)  # torch.compile, DataParallel, DDP: the inner module
         if isinstance(source, MomentumEncoder):
             model = unwrap_model(source.online if encoder == "query" else source.key_encoder)
-            return model.state_dict(), model, None, f"the MomentumEncoder's {encoder} encoder", None
-        return source.state_dict(), source, encoder, type(source).__name__, None
+            return model.state_dict(), model, None, f"the MomentumEncoder's {encoder} encoder"
+        return source.state_dict(), source, encoder, type(source).__name__
     if not isinstance(source, (str, Path, Mapping)):
         raise TypeError(
             f"source must be a path, a checkpoint dict or an nn.Module, got {type(source).__name__}"
         )
-    ckpt = read_checkpoint(source) if isinstance(source, (str, Path)) else source
-    source_kind(ckpt)  # a one-line error for a dict that is no checkpoint
-    what = str(source) if isinstance(source, (str, Path)) else "the checkpoint"
-    return ckpt, None, encoder, what, recorded_heads(ckpt)
+    ckpt = read_checkpoint(source)
+    checkpoint_kind(ckpt)  # a one-line error for a dict that is no checkpoint
+    return ckpt, None, encoder, "the checkpoint" if isinstance(source, Mapping) else str(source)
 
 
 def convert_backbone(
@@ -73,46 +56,153 @@ def convert_backbone(
     to: str = "torchvision",
     num_heads: int | None = None,
     prefix: str | None = None,
-) -> Converted:
-    """The backbone of ``source`` named as ``to`` names it, and its ``ModelSpec``
-    (see ``backbone_state_dict`` and ``backbone_spec``)."""
+) -> tuple[State, ModelSpec | None, str]:
+    """``(backbone, spec, what)``: the backbone of ``source`` named as ``to`` names it, the
+    model it loads into (None for a ResNet: the weights tell it all), and how messages name
+    it (see ``backbone_state_dict`` and ``backbone_spec``)."""
     if encoder not in ("query", "key"):
         raise ValueError(f"encoder must be 'query' or 'key', got {encoder!r}")
     if to not in ("torchvision", "timm", "detectron2"):
         raise ValueError(f"to must be 'torchvision', 'timm' or 'detectron2', got {to!r}")
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    check_num_heads(num_heads)
-    tree, module, side, what, record = _tree(source, encoder)
+    if num_heads is not None and count(num_heads) is None:
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads is not None and num_heads <= 0:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    tree, module, side, what = _open(source, encoder)
     found = select_backbone(tree, side, prefix, what)
-    label = "backbone" if side is None else f"{found.side} encoder"
+    side = side and ("key" if is_key_path(found.prefix) else "query")
+    label = f"{side} encoder" if side else "backbone"
     what = f"{what} ({label} at {found.prefix!r})" if found.prefix else what
-    facts, heads_record = VitFacts(), record
-    if module is not None:
-        try:  # the module that holds the backbone's tensors
-            backbone = module.get_submodule(found.prefix[:-1]) if found.prefix else module
-        except AttributeError:  # a state dict named otherwise than the modules
-            backbone = module
-        facts, heads_record = module_facts(backbone), module_heads(backbone, what)
-    rename = RENAMES.get((found.family, to))
-    if rename is None:
-        raise LayoutError(f"{what} is a {found.family} backbone: {to} takes ResNets only")
     if found.family == "resnet":
         if num_heads is not None:
             raise ValueError(f"num_heads applies to ViTs; {what} is a ResNet")
-        return Converted(rename(found.state), None, what)
-    shape = vit_shape(found.family, found.state, facts, what)
-    if found.family == "vit_timm" and to == "torchvision":
-        pool = timm_pool(shape, facts)
-        if pool != "token" or shape["fc_norm"] or facts.fc_norm:
-            norm = ", with fc_norm" if shape["fc_norm"] or facts.fc_norm else ""
-            raise LayoutError(
-                f"{what} is a timm ViT with global_pool={pool!r}{norm}: torchvision's "
-                "VisionTransformer takes the class token after its final norm, so its "
-                "features would differ (convert --to timm instead)"
-            )
-    state = rename(found.state)
-    heads = resolve_heads(num_heads, heads_record, shape["dim"], what)
-    if to == "torchvision":
-        return Converted(state, torchvision_spec(shape, heads, what), what)
-    return Converted(state, timm_spec(shape, heads, facts, state, what), what)
+        return rename(found.state, found.family, to, what), None, what
+    if to == "detectron2":
+        raise LayoutError(f"{what} is a {found.family} backbone: {to} takes ResNets only")
+    pool, record = None, recorded_heads(tree)  # a module's state dict records nothing
+    if module is not None:
+        try:  # the module that holds the backbone's tensors ("": the module itself)
+            backbone = module.get_submodule(found.prefix[:-1])
+        except AttributeError:  # a state dict named otherwise than the modules
+            backbone = module
+        pool, record = getattr(backbone, "global_pool", None), module_heads(backbone, what)
+    timm_names = rename(found.state, found.family, "timm", what)
+    shape = vit_shape(timm_names, pool if isinstance(pool, str) else None, what)
+    if to == "torchvision" and (shape["pool"] != "token" or shape["fc_norm"]):
+        raise LayoutError(
+            f"{what} is a timm ViT with global_pool={shape['pool']!r}"
+            f"{', with fc_norm' if shape['fc_norm'] else ''}: torchvision's VisionTransformer "
+            "takes the class token after its final norm, so its features would differ "
+            "(convert --to timm instead)"
+        )
+    if to == "torchvision" and shape["no_embed_class"]:
+        raise LayoutError(
+            f"{what}: pos_embed has no row for the class token (timm's no_embed_class=True): "
+            "torchvision's ViT cannot take it"
+        )
+    state = rename(found.state, found.family, to, what)
+    heads = resolve_heads(num_heads, record, shape["dim"], what)
+    return state, vit_spec(shape, heads, to, what), what
+
+
+def backbone_state_dict(
+    source: Source,
+    *,
+    encoder: Literal["query", "key"] = "query",
+    to: Target = "torchvision",
+    num_heads: int | None = None,
+    prefix: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The backbone of a MoCo model or checkpoint, named as ``to`` names it, without head.
+
+    ``to="torchvision"`` loads into ``torchvision.models.resnet50()`` (or a torchvision
+    ``VisionTransformer``) with only the classifier (``fc.*`` / ``heads.*``) missing;
+    ``to="timm"`` into ``timm.create_model(..., num_classes=0)``; ``to="detectron2"``
+    (ResNets) gives the names of the MoCo authors' detectron2 conversion. For a ViT,
+    [`backbone_spec`][momentum_contrast.convert.backbone_spec] gives the model to build
+    (its number of attention heads is not in the weights).
+
+    The encoder is found by content (see the checkpointing guide): every nested dict of a
+    checkpoint (or a module's ``state_dict()``) is searched for ResNet and ViT backbones;
+    one on a path with ``key_encoder``, ``encoder_k`` or ``momentum`` is a key encoder.
+
+    Args:
+        source: a checkpoint path or loaded dict (this project's, the MoCo authors',
+            a Lightning checkpoint, a state dict), a
+            [`MomentumEncoder`][momentum_contrast.MomentumEncoder] (query = its online
+            model, key = its key encoder), or a model such as
+            ``nn.Sequential(backbone, head)`` or one holding a ``MomentumEncoder``;
+            ``torch.compile``, ``DataParallel`` and DDP wrappers are looked through.
+        encoder: ``"query"`` (default, as the authors) or ``"key"`` (the momentum encoder).
+        to: the naming of the result.
+        num_heads: a ViT's attention heads, where ``source`` does not record them.
+        prefix: the sub-dict to search (a dotted path such as ``"state_dict.model"``),
+            where ``source`` holds several encoders on the same side.
+
+    Returns:
+        ``{name: tensor}``, the tensors shared with ``source`` (clone before editing).
+
+    Raises:
+        LayoutError: (a ``ValueError``) no backbone, an ambiguous or unknown layout, a ViT
+            whose head count is not recorded, or a target that cannot hold this backbone,
+            with a one-line message.
+        ValueError, TypeError: bad arguments, or ``num_heads`` against the record.
+
+    Examples:
+        >>> import torch, torchvision
+        >>> from momentum_contrast import MomentumEncoder, moco_v2_head, strip_classifier
+        >>> from momentum_contrast.convert import backbone_state_dict
+        >>> backbone, dim = strip_classifier(torchvision.models.resnet18())
+        >>> key_encoder = MomentumEncoder(torch.nn.Sequential(backbone, moco_v2_head(dim)))
+        >>> state = backbone_state_dict(key_encoder, encoder="key")
+        >>> torchvision.models.resnet18().load_state_dict(state, strict=False)
+        _IncompatibleKeys(missing_keys=['fc.weight', 'fc.bias'], unexpected_keys=[])
+    """
+    state, _, _ = convert_backbone(
+        source, encoder=encoder, to=to, num_heads=num_heads, prefix=prefix
+    )
+    return dict(state)
+
+
+def backbone_spec(
+    source: Source,
+    *,
+    encoder: Literal["query", "key"] = "query",
+    to: Target = "torchvision",
+    num_heads: int | None = None,
+    prefix: str | None = None,
+) -> ModelSpec | None:
+    """The model that ``backbone_state_dict(source, ...)`` (same arguments) loads into.
+
+    For a ViT: ``torchvision.models.VisionTransformer(...)`` with every size named, or
+    ``timm.create_model(name, num_classes=0, num_heads=..., ...)``, with the head count
+    recorded in ``source`` (a module's attention layers, a checkpoint's ``num_heads``, the
+    MoCo v3 authors' ``arch``: their ``vit_small`` has 12 heads where DeiT's has 6) or
+    given as ``num_heads``. None for a ResNet (its weights say everything).
+
+    Args:
+        source: as for ``backbone_state_dict``.
+        encoder: as for ``backbone_state_dict``.
+        to: as for ``backbone_state_dict``.
+        num_heads: as for ``backbone_state_dict``.
+        prefix: as for ``backbone_state_dict``.
+
+    Returns:
+        A [`ModelSpec`][momentum_contrast.convert.ModelSpec], or None.
+
+    Raises:
+        LayoutError, ValueError, TypeError: as ``backbone_state_dict``.
+
+    Examples:
+        >>> import torchvision
+        >>> from momentum_contrast.convert import backbone_spec
+        >>> vit = torchvision.models.VisionTransformer(32, 8, 2, 4, 64, 128)
+        >>> print(backbone_spec(vit, to="timm"))
+        timm.create_model('vit_base_patch16_224', num_classes=0, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+    """  # noqa: E501
+    _, spec, _ = convert_backbone(
+        source, encoder=encoder, to=to, num_heads=num_heads, prefix=prefix
+    )
+    return spec

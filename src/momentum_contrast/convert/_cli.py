@@ -1,16 +1,23 @@
-"""The command line ``python -m momentum_contrast.convert SRC DST --to ...``."""
+"""The command line ``python -m momentum_contrast.convert SRC DST --to ...``; it never
+destroys a file by accident: never writes onto its source, never over an existing file
+unless asked, and atomically (a temporary file in the destination's folder, then a
+rename)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
+import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import torch
 
 from momentum_contrast.convert._backbone import convert_backbone
-from momentum_contrast.convert._names import LayoutError
-from momentum_contrast.convert._spec import MODEL_KEY
-from momentum_contrast.convert._write import check_destination, payload, write_atomically
+from momentum_contrast.convert._sources import MODEL_KEY, LayoutError, State, first_line
+from momentum_contrast.convert._spec import ModelSpec
 
 __all__ = ["main"]
 
@@ -79,9 +86,39 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _reason(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _write(state: State, spec: ModelSpec | None, dst: Path, to: str) -> None:
+    """Write a state dict for torchvision and timm (with the ViT's ``ModelSpec`` record
+    under ``"__model__"``), detectron2's pickle layout otherwise, to a temporary file next
+    to ``dst``, then rename it to ``dst``."""
+    payload: dict[str, Any] = {k: v.detach().clone() for k, v in state.items()}
+    if to == "detectron2":  # the layout detectron2's checkpointer reads, as the authors'
+        try:  # float32 for every floating dtype (NumPy has no bfloat16), as the authors
+            arrays = {
+                k: (v.float() if v.is_floating_point() else v).numpy() for k, v in payload.items()
+            }
+        except RuntimeError as e:  # torch without NumPy
+            raise LayoutError(f"--to detectron2 writes NumPy arrays: install numpy ({e})") from None
+        payload = {"model": arrays, "__author__": "momentum_contrast", "matching_heuristics": True}
+    elif spec is not None:
+        payload[MODEL_KEY] = spec.as_record()
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (pickle.dump if to == "detectron2" else torch.save)(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if dst.exists():  # --overwrite: the replaced file's permissions (a private one stays so)
+            mode = dst.stat().st_mode & 0o7777
+        else:  # mkstemp's 0600 -> what open() would have made
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,20 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
-    if (refused := check_destination(src, dst, args.overwrite)) is not None:
-        return _fail(refused)
+    if dst.is_dir():
+        return _fail(f"cannot write {dst}: it is a directory")
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):  # also through links
+        return _fail(f"cannot write {dst}: it is the source checkpoint {src} (choose another DST)")
+    if os.path.lexists(dst) and not args.overwrite:
+        return _fail(f"cannot write {dst}: it exists (pass --overwrite to replace it)")
     try:
-        done = convert_backbone(
+        state, spec, what = convert_backbone(
             args.src, encoder=args.encoder, to=args.to, num_heads=args.num_heads, prefix=args.prefix
         )
     except (LayoutError, ValueError, TypeError, OSError) as e:
-        return _fail(_reason(e))
+        return _fail(first_line(e))
     try:
-        write_atomically(payload(done.state, done.spec, args.to), dst, args.to)
+        _write(state, spec, dst, args.to)
     except (LayoutError, OSError, RuntimeError) as e:  # a missing folder, no permission, ...
-        return _fail(f"cannot write {dst}: {_reason(e)}")
-    print(f"wrote {dst}: {len(done.state)} tensors of the backbone of {done.what}, for {args.to}")
-    if done.spec is not None:
-        print(f"build the model with {done.spec}")
+        return _fail(f"cannot write {dst}: {first_line(e)}")
+    print(f"wrote {dst}: {len(state)} tensors of the backbone of {what}, for {args.to}")
+    if spec is not None:
+        print(f"build the model with {spec}")
         print(f"(stored as {MODEL_KEY!r} in {dst}: pop it before load_state_dict)")
     return 0

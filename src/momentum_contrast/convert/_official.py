@@ -9,22 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from momentum_contrast.convert._heads import module_heads, recorded_heads
-from momentum_contrast.convert._names import (
-    FAMILIES,
-    RENAMES,
-    LayoutError,
-    find_backbones,
-    split_backbone,
-)
+from momentum_contrast.convert._layouts import rename, select_backbone
 from momentum_contrast.convert._sources import (
-    load_strict,
-    official_encoder,
+    OFFICIAL_PREFIXES,
+    LayoutError,
+    State,
+    checkpoint_kind,
+    flatten,
     official_root,
     read_checkpoint,
-    source_kind,
-    strip_prefix,
 )
+from momentum_contrast.convert._spec import module_heads, recorded_heads
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 from momentum_contrast.queue import KeyQueue
 
@@ -93,11 +88,15 @@ def load_official_checkpoint(
         >>> torch.equal(queue.keys, state["module.queue"].T)  # (dim, K) -> (K, dim)
         True
     """
-    ckpt = read_checkpoint(source) if isinstance(source, (str, Path)) else source
-    kind = source_kind(ckpt)
-    if kind not in ("official_v1v2", "official_v3"):
+    ckpt = read_checkpoint(source)
+    kind = checkpoint_kind(ckpt)
+    if kind not in OFFICIAL_PREFIXES:
         raise LayoutError(f"not a MoCo authors' checkpoint (this is a {kind} checkpoint)")
-    state, root = ckpt["state_dict"], (official_root(ckpt) or ("", ""))[1]
+    root = (official_root(ckpt) or ("", ""))[1]
+    state, others = flatten(ckpt["state_dict"])
+    if others:
+        name, value = next(iter(others.items()))
+        raise LayoutError(f"'state_dict'[{name!r}] is a {type(value).__name__}, not a tensor")
     has_queue = root + "queue" in state
     if kind == "official_v1v2" and has_queue and queue is None:
         raise ValueError("a MoCo v1/v2 checkpoint has a queue: pass queue=KeyQueue(K, dim)")
@@ -111,49 +110,64 @@ def load_official_checkpoint(
     if kind == "official_v3" and predictor is None:
         raise ValueError("a MoCo v3 checkpoint has a predictor: pass predictor=...")
     targets = (("query", unwrap_model(model)), ("key", key_encoder.key_encoder))
-    staged = {encoder: _staged(ckpt, encoder, target) for encoder, target in targets}
+    staged = {
+        encoder: _staged(ckpt, state, root + OFFICIAL_PREFIXES[kind][encoder], encoder, target)
+        for encoder, target in targets
+    }
     for encoder, target in targets:
-        what = f"the {ckpt.get('arch') or 'checkpoint'}'s {encoder} encoder"
-        load_strict(target, staged[encoder], what)
+        _load_strict(
+            target, staged[encoder], f"the {ckpt.get('arch') or 'checkpoint'}'s {encoder} encoder"
+        )
     if queue is not None:
         keys = state[root + "queue"].T  # (dim, K) -> (K, dim)
         ptr = state[root + "queue_ptr"].reshape(())
-        load_strict(
-            queue,
-            {"keys": keys, "ptr": ptr, "length": torch.tensor(keys.shape[0])},
-            "the checkpoint's queue",
-        )
+        length = torch.tensor(keys.shape[0])
+        _load_strict(queue, {"keys": keys, "ptr": ptr, "length": length}, "the checkpoint's queue")
     if predictor is not None and kind == "official_v3":
-        load_strict(
-            predictor, strip_prefix(state, root + "predictor."), "the checkpoint's predictor"
-        )
+        at = root + "predictor."
+        weights = {k[len(at) :]: v for k, v in state.items() if k.startswith(at)}
+        _load_strict(predictor, weights, "the checkpoint's predictor")
     return {"kind": kind, "epoch": ckpt.get("epoch"), "arch": ckpt.get("arch")}
 
 
-def _staged(ckpt: Mapping[str, Any], encoder: str, target: nn.Module) -> dict[str, torch.Tensor]:
-    """The ``encoder``'s tensors, named as ``target = Sequential(backbone, head)`` names them."""
+def _staged(
+    ckpt: Mapping[str, Any], state: State, at: str, encoder: str, target: nn.Module
+) -> State:
+    """The tensors of the encoder at ``at`` in ``state``, named as ``target =
+    Sequential(backbone, head)`` names them."""
     children = list(target.children())
     if len(children) != 2:
         raise LayoutError(f"the {encoder} model must be nn.Sequential(backbone, head)")
-    family, backbone, head = split_backbone(
-        official_encoder(ckpt, encoder), f"the {encoder} encoder"
-    )
-    if family != "resnet":
-        _check_heads(ckpt, children[0], f"the {encoder} model's backbone")
-    ours = find_backbones(children[0].state_dict())
-    naming = "timm" if ours and ours[0][1] == "vit_timm" else "torchvision"
-    rename = RENAMES.get((family, naming), dict)
-    head_prefix = FAMILIES[family][1]
-    staged = {f"0.{k}": v for k, v in rename(backbone).items()}
-    return staged | {f"1.{k[len(head_prefix) :]}": v for k, v in head.items()}
-
-
-def _check_heads(ckpt: Mapping[str, Any], backbone: nn.Module, what: str) -> None:
-    """Refuse a ViT whose attention heads differ from the checkpoint's record."""
-    record, ours = recorded_heads(ckpt), module_heads(backbone, what)
-    if record is not None and ours is not None and record[0] != ours[0]:
+    what = f"the checkpoint's {encoder} encoder"
+    found = select_backbone(state, None, at, what)
+    ours = f"the {encoder} model's backbone"
+    record, heads = recorded_heads(ckpt), module_heads(children[0], ours)
+    if found.family != "resnet" and record and heads and record[0] != heads[0]:
         raise LayoutError(
-            f"{what} has {ours[0]} attention heads, the checkpoint {record[0]} ({record[1]}): "
-            f"build it with num_heads={record[0]} (e.g. timm.create_model(..., "
-            f"num_heads={record[0]}))"
+            f"{ours} has {heads[0]} attention heads, the checkpoint "
+            f"{record[0]} ({record[1]}): build it with num_heads={record[0]} (e.g. "
+            f"timm.create_model(..., num_heads={record[0]}))"
         )
+    naming = "timm" if "patch_embed.proj.weight" in children[0].state_dict() else "torchvision"
+    backbone = rename(found.state, found.family, naming, what)
+    return {f"0.{k}": v for k, v in backbone.items()} | {f"1.{k}": v for k, v in found.head.items()}
+
+
+def _load_strict(module: nn.Module, state: State, what: str) -> None:
+    """``load_state_dict(strict=True)``, with a one-line error on any mismatch (and
+    nothing loaded)."""
+    own = module.state_dict()
+    problems = {
+        "missing": sorted(own.keys() - state.keys()),
+        "unexpected": sorted(state.keys() - own.keys()),
+        "other shapes": [
+            f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ],
+    }
+    if listed := [f"{k} {v[:3]}{' ...' * (len(v) > 3)}" for k, v in problems.items() if v]:
+        raise LayoutError(
+            f"{what} does not fit this model (another architecture?): {'; '.join(listed)}"
+        )
+    module.load_state_dict(state)

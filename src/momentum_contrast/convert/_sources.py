@@ -1,8 +1,7 @@
-"""Read a MoCo checkpoint, tell its kind, and pick out the MoCo authors' encoders (private;
-used by ``momentum_contrast.convert``).
+"""Read a MoCo checkpoint and tell its kind (private; used by ``momentum_contrast.convert``).
 
 Kinds, told apart by their keys (``backbone_state_dict`` does not depend on them: it
-finds encoders by content, see ``_select``):
+finds encoders by content, see ``_layouts``):
 
 - ``project``: a checkpoint of this project's example scripts, ``{"recipe", "model",
   "key_encoder", "num_heads", ...}``.
@@ -22,19 +21,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from momentum_contrast.convert._names import LayoutError, State
+State = dict[str, torch.Tensor]
 
+MODEL_KEY = "__model__"  # where a converted file keeps its ModelSpec's record
 OFFICIAL_PREFIXES = {  # after the "module." of DistributedDataParallel, if any
     "official_v1v2": {"query": "encoder_q.", "key": "encoder_k."},
     "official_v3": {"query": "base_encoder.", "key": "momentum_encoder."},
 }
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors."""
-    path = Path(path)
+class LayoutError(ValueError):
+    """A file or state dict that is not a checkpoint this module understands: no backbone,
+    several, an unknown layout, or one that does not fit the target. A ``ValueError``.
+
+    Examples:
+        >>> from momentum_contrast.convert import LayoutError, backbone_state_dict
+        >>> try:
+        ...     backbone_state_dict({"epoch": 3})
+        ... except LayoutError as e:
+        ...     print(str(e)[:26])
+        unknown checkpoint layout:
+    """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or the name of its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_checkpoint(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors; a dict
+    that is already loaded, as it is."""
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
@@ -42,31 +64,35 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LayoutError(
             f"{path} is not a PyTorch checkpoint that loads with weights_only=True "
-            f"({type(e).__name__}: {reason[:200]})"
+            f"({type(e).__name__}: {first_line(e)[:200]})"
         ) from None
     if not isinstance(loaded, dict):
         raise LayoutError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict")
     return loaded
 
 
-def _tensors(mapping: Mapping[str, Any], what: str) -> State:
-    """``mapping`` as a state dict: string keys and tensor values, else a ``LayoutError``."""
-    for k, v in mapping.items():
-        if not isinstance(k, str):
-            raise LayoutError(f"{what} has a key that is not a string: {k!r}")
-        if not isinstance(v, torch.Tensor):
-            raise LayoutError(f"{what}[{k!r}] is a {type(v).__name__}, not a tensor")
-    return dict(mapping)
+def flatten(tree: Mapping[str, Any]) -> tuple[State, dict[str, Any]]:
+    """``(tensors, other values)`` of every nested dict, keyed by dotted names (an
+    optimizer's per-parameter keys as text); a converted file's ``"__model__"`` record is
+    left out."""
+    tensors: State = {}
+    others: dict[str, Any] = {}
 
+    def walk(mapping: Mapping[Any, Any], prefix: str) -> None:
+        for key, value in mapping.items():
+            if key == MODEL_KEY:
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{key}"] = value
+            elif isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            else:
+                others[f"{prefix}{key}"] = value
 
-def _has_tensors(mapping: Mapping[Any, Any]) -> bool:
-    return any(
-        isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _has_tensors(v))
-        for v in mapping.values()
-    )
+    walk(tree, "")
+    return tensors, others
 
 
 def official_root(ckpt: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -81,17 +107,37 @@ def official_root(ckpt: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def source_kind(ckpt: Mapping[str, Any]) -> str:
-    """Which of the kinds above ``ckpt`` is (see the module docstring)."""
+def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
+    """Which kind of MoCo checkpoint this is.
+
+    Args:
+        checkpoint: a path, or the dict ``torch.load`` returned.
+
+    Returns:
+        ``"project"`` (this project's example scripts), ``"official_v1v2"`` or
+        ``"official_v3"`` (the MoCo authors' releases), or ``"state_dict"`` (any other
+        dict holding tensors: a plain or converted state dict, a Lightning checkpoint).
+
+    Raises:
+        LayoutError: anything else, naming what was expected and found.
+        FileNotFoundError: no such file (``IsADirectoryError``: a directory).
+
+    Examples:
+        >>> import torch
+        >>> from momentum_contrast.convert import checkpoint_kind
+        >>> checkpoint_kind({"epoch": 200, "arch": "resnet50",
+        ...                  "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}})
+        'official_v1v2'
+    """
+    ckpt = read_checkpoint(checkpoint)
     for mapping, what in ((ckpt, "the checkpoint"), (ckpt.get("state_dict"), "'state_dict'")):
-        if isinstance(mapping, Mapping) and not all(isinstance(k, str) for k in mapping):
-            bad = next(k for k in mapping if not isinstance(k, str))
-            raise LayoutError(f"{what} has a key that is not a string: {bad!r}")
+        if isinstance(mapping, Mapping) and (bad := [k for k in mapping if not isinstance(k, str)]):
+            raise LayoutError(f"{what} has a key that is not a string: {bad[0]!r}")
     if "recipe" in ckpt and isinstance(ckpt.get("model"), Mapping):
         return "project"
     if (official := official_root(ckpt)) is not None:
         return official[0]
-    if _has_tensors(ckpt):
+    if flatten(ckpt)[0]:
         return "state_dict"
     found = ", ".join(f"{k!r}" for k in list(ckpt)[:6]) or "an empty dict"
     raise LayoutError(
@@ -99,41 +145,3 @@ def source_kind(ckpt: Mapping[str, Any]) -> str:
         "project's 'model' and 'key_encoder', the MoCo authors' 'state_dict'), found no "
         f"tensors; keys {found}"
     )
-
-
-def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> State:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def official_encoder(ckpt: Mapping[str, Any], encoder: str) -> State:
-    """The whole query or key encoder (backbone and head) of a MoCo authors' checkpoint,
-    names unprefixed."""
-    kind, root = official_root(ckpt) or ("", "")
-    state = _tensors(ckpt["state_dict"], "'state_dict'")
-    return strip_prefix(state, root + OFFICIAL_PREFIXES[kind][encoder])
-
-
-def load_strict(module: nn.Module, state: State, what: str) -> None:
-    """``load_state_dict(strict=True)``, with a one-line error on any mismatch."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} here"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        problems = [
-            f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
-            for label, items in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("other shapes", shapes),
-            )
-            if items
-        ]
-        raise LayoutError(
-            f"{what} does not fit this model (another architecture?): " + "; ".join(problems)
-        )
-    module.load_state_dict(state)

@@ -1,9 +1,14 @@
 """The constructor call that rebuilds a converted ViT, for torchvision or timm (private;
 used by ``momentum_contrast.convert``).
 
-A ViT's weights give its width, depth, patch and image size, but not its number of
-attention heads (the MoCo v3 authors' ViT-S has 12, DeiT's and timm's 6), nor how a timm
-ViT pools its tokens: a conversion therefore says which model to build, as a `ModelSpec`.
+A ViT's weights give its width, depth, patch and image size, but not how a timm ViT
+pools its tokens, nor its number of attention heads (the MoCo v3 authors' ViT-S has 12,
+DeiT's and timm's 6): a conversion therefore says which model to build, as a `ModelSpec`.
+The head count is read, in order, from the ``num_heads`` argument; a live module's
+attention layers; a checkpoint's top-level ``num_heads`` (this project's example scripts
+write it), the ``"__model__"`` record of a converted file, or the architecture name of
+the MoCo v3 authors' checkpoints (``arch``: their ``vit_small`` and ``vit_base`` both
+have 12 heads). A record that contradicts the argument is refused.
 """
 
 from __future__ import annotations
@@ -17,16 +22,16 @@ from typing import Any
 
 from torch import nn
 
-from momentum_contrast.convert._names import LayoutError, State
+from momentum_contrast.convert._sources import MODEL_KEY, LayoutError, State
 
-MODEL_KEY = "__model__"  # where a converted file keeps the ModelSpec's record
-
-# timm names whose defaults a spec starts from: embedding width -> (name, depth, heads)
+# The MoCo v3 authors' ViTs (their vits.py): architecture name -> attention heads.
+AUTHORS_VIT_HEADS = {"vit_small": 12, "vit_base": 12, "vit_conv_small": 12, "vit_conv_base": 12}
+# timm names whose defaults a spec starts from: embedding width -> (name, depth)
 _TIMM_BASES = {
-    192: ("vit_tiny_patch16_224", 12, 3),
-    384: ("vit_small_patch16_224", 12, 6),
-    768: ("vit_base_patch16_224", 12, 12),
-    1024: ("vit_large_patch16_224", 24, 16),
+    192: ("vit_tiny_patch16_224", 12),
+    384: ("vit_small_patch16_224", 12),
+    768: ("vit_base_patch16_224", 12),
+    1024: ("vit_large_patch16_224", 24),
 }
 # the tensors of a timm ViT whose create_model arguments a spec can state
 _TIMM_KEYS = re.compile(
@@ -88,82 +93,107 @@ class ModelSpec:
         return cls(str(record["builder"]), tuple(record["args"]), dict(record["kwargs"]))
 
 
-@dataclass(frozen=True)
-class VitFacts:
-    """What only a live timm ViT module tells (None where unknown, e.g. a state dict)."""
-
-    global_pool: str | None = None
-    fc_norm: bool | None = None
-    no_embed_class: bool | None = None
+def count(value: Any) -> int | None:
+    """``value`` if it is an int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _square(n: int, what: str) -> int:
-    side = math.isqrt(n)
-    if side * side != n:
-        raise LayoutError(f"{what}: {n} patch positions are not a square grid")
-    return side
+def recorded_heads(ckpt: Mapping[str, Any]) -> tuple[int, str] | None:
+    """``(heads, where it was read)`` from a checkpoint's record, or None."""
+    if (n := count(ckpt.get("num_heads"))) is not None:
+        return n, f"its num_heads entry ({n})"
+    record = ckpt.get(MODEL_KEY)
+    kwargs = record.get("kwargs") if isinstance(record, Mapping) else None
+    if isinstance(kwargs, Mapping) and (n := count(kwargs.get("num_heads"))) is not None:
+        return n, f"its {MODEL_KEY!r} record ({n})"
+    arch = ckpt.get("arch")
+    if isinstance(arch, str) and arch in AUTHORS_VIT_HEADS:
+        n = AUTHORS_VIT_HEADS[arch]
+        return n, f"its arch {arch!r} (the MoCo v3 authors' {arch} has {n} heads)"
+    return None
 
 
-def vit_shape(family: str, state: State, facts: VitFacts, what: str) -> dict[str, Any]:
-    """Width, depth, patch, image size, channels and options of a ViT, from its tensors."""
-    tv = family == "vit_torchvision"
-    conv = state["conv_proj.weight" if tv else "patch_embed.proj.weight"]
-    if conv.shape[-1] != conv.shape[-2]:
-        raise LayoutError(f"{what}: the patches are not square ({tuple(conv.shape[-2:])})")
-    block = r"encoder\.layers\.encoder_layer_(\d+)\." if tv else r"blocks\.(\d+)\."
-    depth = len({m.group(1) for k in state if (m := re.match(block, k))})
-    fc1 = "encoder.layers.encoder_layer_0.mlp.0.weight" if tv else "blocks.0.mlp.fc1.weight"
-    pos = state.get("encoder.pos_embedding" if tv else "pos_embed")
-    if pos is None:
-        raise LayoutError(f"{what}: a ViT without a learned or fixed position embedding")
-    rows, class_token = pos.shape[-2], tv or "cls_token" in state
-    no_embed_class = facts.no_embed_class
-    if no_embed_class is None:  # a class row exists unless the rows alone form a square grid
-        no_embed_class = not tv and math.isqrt(rows) ** 2 == rows
-    grid = _square(rows - int(class_token and not no_embed_class), what)
-    return {
-        "dim": conv.shape[0], "in_chans": conv.shape[1], "patch": conv.shape[-1],
-        "image": grid * conv.shape[-1], "depth": depth, "mlp_dim": state[fc1].shape[0],
-        "class_token": class_token, "no_embed_class": class_token and no_embed_class,
-        "qkv_bias": tv or "blocks.0.attn.qkv.bias" in state,
-        "fc_norm": "fc_norm.weight" in state, "norm": tv or "norm.weight" in state,
-    }  # fmt: skip
+def module_heads(module: nn.Module, what: str) -> tuple[int, str] | None:
+    """``(heads, where)`` from the attention layers of a live module, or None."""
+    found = {n for m in module.modules() if (n := count(getattr(m, "num_heads", None))) is not None}
+    if len(found) > 1:
+        raise LayoutError(f"{what}: attention layers with different head counts {sorted(found)}")
+    return (found.pop(), "its attention layers") if found else None
 
 
-def timm_pool(shape: Mapping[str, Any], facts: VitFacts) -> str:
-    """The pooling of a timm ViT: the module's, else timm's default for its tensors."""
-    if facts.global_pool is not None:
-        return facts.global_pool
-    return "avg" if shape["fc_norm"] or not shape["class_token"] else "token"
+def resolve_heads(
+    num_heads: int | None, record: tuple[int, str] | None, dim: int, what: str
+) -> int:
+    """The head count of a ViT of width ``dim``: the argument, or else the record; a
+    ``LayoutError`` when neither exists, a ``ValueError`` when they disagree."""
+    if num_heads is None:
+        if record is None:
+            raise LayoutError(
+                f"{what} is a ViT whose number of attention heads is not recorded, and the "
+                "weights cannot tell it: give it (num_heads=, or --num-heads of python -m "
+                "momentum_contrast.convert); the MoCo v3 authors' ViT-S and ViT-B have 12, "
+                "DeiT's and timm's ViT-S 6 (as the example scripts' vit_small up to version "
+                "0.2.0)"
+            )
+        num_heads = record[0]
+    elif record is not None and record[0] != num_heads:
+        raise ValueError(f"num_heads={num_heads} contradicts {what}: {record[1]}")
+    if dim % num_heads:
+        raise ValueError(f"num_heads must divide the ViT's width {dim}, got {num_heads}")
+    return num_heads
 
 
-def torchvision_spec(shape: Mapping[str, Any], heads: int, what: str) -> ModelSpec:
-    """``torchvision.models.VisionTransformer(...)`` with every size given by name."""
-    if shape["in_chans"] != 3:
-        raise LayoutError(f"{what}: torchvision's VisionTransformer takes 3 input channels")
-    kwargs = {
-        "image_size": shape["image"], "patch_size": shape["patch"],
-        "num_layers": shape["depth"], "num_heads": heads,
-        "hidden_dim": shape["dim"], "mlp_dim": shape["mlp_dim"],
-    }  # fmt: skip
-    return ModelSpec("torchvision.models.VisionTransformer", (), kwargs)
+def vit_shape(state: State, pool: str | None, what: str) -> dict[str, Any]:
+    """Width, depth, patch, image size, channels and options of a ViT, from its tensors
+    named as timm names them; its pooling: ``pool`` (a timm module's ``global_pool``),
+    else timm's default for them.
 
-
-def timm_spec(
-    shape: Mapping[str, Any], heads: int, facts: VitFacts, state: State, what: str
-) -> ModelSpec:
-    """``timm.create_model(name, num_classes=0, num_heads=..., ...)``: the timm name of
-    this width and every argument that differs from its defaults (heads always)."""
+    A class token has its own position row unless the rows alone form a square grid
+    (timm's ``no_embed_class=True``): a grid of ``g * g`` patches and one more row never do.
+    """
     if unknown := [k for k in state if not _TIMM_KEYS.fullmatch(k)]:
         raise LayoutError(
             f"{what}: tensor {unknown[0]!r} belongs to a timm ViT option (layer scale, "
             "registers, ...) whose create_model arguments are not known here"
         )
+    conv = state["patch_embed.proj.weight"]
+    if conv.shape[-1] != conv.shape[-2]:
+        raise LayoutError(f"{what}: the patches are not square ({tuple(conv.shape[-2:])})")
+    if (pos := state.get("pos_embed")) is None:
+        raise LayoutError(f"{what}: a ViT without a learned or fixed position embedding")
+    rows, class_token, fc_norm = pos.shape[-2], "cls_token" in state, "fc_norm.weight" in state
+    no_embed_class = class_token and math.isqrt(rows) ** 2 == rows
+    grid = rows - int(class_token and not no_embed_class)
+    if math.isqrt(grid) ** 2 != grid:
+        raise LayoutError(f"{what}: {grid} patch positions are not a square grid")
+    return {
+        "dim": conv.shape[0], "in_chans": conv.shape[1], "patch": conv.shape[-1],
+        "image": math.isqrt(grid) * conv.shape[-1],
+        "depth": len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}),
+        "mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0],
+        "class_token": class_token, "no_embed_class": no_embed_class,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "fc_norm": fc_norm, "norm": "norm.weight" in state,
+        "pool": pool if pool is not None else "avg" if fc_norm or not class_token else "token",
+    }  # fmt: skip
+
+
+def vit_spec(shape: Mapping[str, Any], heads: int, to: str, what: str) -> ModelSpec:
+    """``torchvision.models.VisionTransformer(...)`` with every size given by name, or
+    ``timm.create_model(name, num_classes=0, num_heads=..., ...)``: the timm name of this
+    width and every argument that differs from its defaults (heads always)."""
+    if to == "torchvision":
+        if shape["in_chans"] != 3:
+            raise LayoutError(f"{what}: torchvision's VisionTransformer takes 3 input channels")
+        kwargs = {
+            "image_size": shape["image"], "patch_size": shape["patch"],
+            "num_layers": shape["depth"], "num_heads": heads,
+            "hidden_dim": shape["dim"], "mlp_dim": shape["mlp_dim"],
+        }  # fmt: skip
+        return ModelSpec("torchvision.models.VisionTransformer", (), kwargs)
     if not shape["norm"] and not shape["fc_norm"]:
         raise LayoutError(f"{what}: a ViT without a final norm (norm.* or fc_norm.*)")
-    name, depth, _ = _TIMM_BASES.get(shape["dim"], _TIMM_BASES[768])
-    pool = timm_pool(shape, facts)
-    fc_norm = facts.fc_norm if facts.fc_norm is not None else shape["fc_norm"]
+    name, depth = _TIMM_BASES.get(shape["dim"], _TIMM_BASES[768])
     wanted: list[tuple[str, Any, Any]] = [  # (argument, value, the timm name's default)
         ("img_size", shape["image"], 224),
         ("patch_size", shape["patch"], 16),
@@ -175,8 +205,8 @@ def timm_spec(
         ("qkv_bias", shape["qkv_bias"], True),
         ("class_token", shape["class_token"], True),
         ("no_embed_class", shape["no_embed_class"], False),
-        ("global_pool", pool, "token"),
-        ("fc_norm", fc_norm, pool in ("avg", "avgmax", "max")),
+        ("global_pool", shape["pool"], "token"),
+        ("fc_norm", shape["fc_norm"], shape["pool"] in ("avg", "avgmax", "max")),
     ]
     kwargs = {"num_classes": 0} | {k: v for k, v, default in wanted if v != default}
     return ModelSpec("timm.create_model", (name,), kwargs)

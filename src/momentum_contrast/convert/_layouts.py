@@ -1,0 +1,192 @@
+"""The backbone layouts that ``momentum_contrast.convert`` reads (private): where a
+ResNet or a ViT sits in a checkpoint, found by its content, and its tensors' names in
+torchvision, timm and detectron2.
+
+Every nested dict of the checkpoint is flattened into dotted names (``state_dict`` →
+``model`` → ``0.conv1.weight`` gives ``state_dict.model.0.conv1.weight``); a backbone
+is wherever the anchor keys of a ResNet or ViT sit (``FAMILIES``), at any prefix. A
+backbone whose path has a part named ``key_encoder`` (a ``MomentumEncoder``'s state),
+``encoder_k`` (MoCo v1/v2) or a ``_``-separated word ``momentum`` (``momentum_encoder``,
+``backbone_momentum``) is a key encoder; any other is a query encoder. The float32
+``ema_shadow`` copy in a 0.3.0 ``MomentumEncoder``'s state is not a separate encoder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from momentum_contrast.convert._sources import LayoutError, State, flatten
+
+# family: (anchor keys that must all exist, head prefix dropped from the backbone)
+FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
+    # torchvision's ResNet names, which timm's ResNets share
+    "resnet": (("conv1.weight", "bn1.weight", "layer1.0.conv1.weight"), "fc."),
+    # torchvision.models.VisionTransformer
+    "vit_torchvision": (("conv_proj.weight", "encoder.ln.weight"), "heads."),
+    # timm's VisionTransformer, and the MoCo v3 authors' vits.py
+    "vit_timm": (("patch_embed.proj.weight", "blocks.0.norm1.weight"), "head."),
+}
+KEY_NAMES = ("key_encoder", "encoder_k")
+SHADOW = "ema_shadow"  # 0.3.0's float32 copies of the key weights
+
+
+def find_backbones(state: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every ``(prefix, family)`` at which a whole backbone's anchor keys exist."""
+    found = []
+    for family, (anchors, _) in FAMILIES.items():
+        for key in state:
+            if key.endswith(anchors[0]):
+                prefix = key[: -len(anchors[0])]
+                if all(prefix + a in state for a in anchors):
+                    found.append((prefix, family))
+    return found
+
+
+def is_key_path(prefix: str) -> bool:
+    """Whether a backbone at ``prefix`` is named as a key (momentum) encoder."""
+    return any(part in KEY_NAMES or "momentum" in part.split("_") for part in prefix.split("."))
+
+
+@dataclass(frozen=True)
+class Found:
+    """A backbone: where it is, its family, and its tensors and its head's (both
+    unprefixed: ``conv1.weight``, and ``0.weight`` for ``fc.0.weight``)."""
+
+    prefix: str
+    family: str
+    state: State
+    head: State
+
+
+def _listed(found: list[tuple[str, str]]) -> str:
+    return ", ".join(repr(p) for p, _ in found)
+
+
+def _pick(
+    found: list[tuple[str, str]], encoder: str | None, prefix: str | None, what: str
+) -> tuple[str, str]:
+    """The ``(prefix, family)`` in ``found`` of the backbone asked for, or a one-line
+    ``LayoutError``."""
+    kind = "encoders"
+    if encoder is not None and not (prefix is not None and len(found) == 1 and encoder == "query"):
+        side = [(p, f) for p, f in found if is_key_path(p) == (encoder == "key")]
+        if not side and encoder == "query":
+            raise LayoutError(
+                f"{what} holds only a key encoder, at {_listed(found)}: pass --encoder key "
+                "(encoder='key')"
+            )
+        if not side:
+            its = (
+                f"its backbone at {_listed(found)} is not"
+                if len(found) == 1
+                else f"none of its backbones, at {_listed(found)}, is"
+            )
+            raise LayoutError(
+                f"{what} holds no key encoder: {its} named as one (a path with key_encoder, "
+                "encoder_k or momentum); to take one anyway, name it with --prefix (prefix=) "
+                "and leave out --encoder key"
+            )
+        found, kind = side, f"{encoder} encoders"
+    if len(found) > 1:
+        raise LayoutError(
+            f"{what} holds {len(found)} {kind}, at {_listed(found)}: choose one with --prefix "
+            "(prefix=), e.g. --prefix " + found[0][0].rstrip(".")
+        )
+    return found[0]
+
+
+def select_backbone(
+    tree: Mapping[str, Any], encoder: str | None, prefix: str | None, what: str
+) -> Found:
+    """The backbone of the ``encoder`` (``"query"``, ``"key"``, or None: the only one) in
+    ``tree``, restricted to the sub-dict ``prefix`` (a dotted path) when given."""
+    tensors, others = flatten(tree)
+    found = [(p, f) for p, f in find_backbones(tensors) if SHADOW not in p.split(".")]
+    if not found:
+        sample = ", ".join(list(tensors)[:4]) or "no tensors at all"
+        expected = "; ".join(f"{f}: {', '.join(a)}" for f, (a, _) in FAMILIES.items())
+        raise LayoutError(
+            f"{what} holds no backbone: expected the keys of a ResNet or ViT encoder "
+            f"({expected}), found {len(tensors)} tensors ({sample}, ...)"
+        )
+    if prefix is not None:
+        under = prefix.strip(".")
+        inside = [(p, f) for p, f in found if not under or p.startswith(under + ".")]
+        if not inside:
+            raise LayoutError(
+                f"{what} has no backbone under prefix {prefix!r}; backbones at {_listed(found)}"
+            )
+        found = inside
+    at, family = _pick(found, encoder, prefix, what)
+    head_prefix = FAMILIES[family][1]
+    for name, value in others.items():
+        if name.startswith(at) and not name[len(at) :].startswith(head_prefix):
+            raise LayoutError(f"{what}[{name!r}] is a {type(value).__name__}, not a tensor")
+    named = {k[len(at) :]: v for k, v in tensors.items() if k.startswith(at)}  # unprefixed
+    backbone = {k: v for k, v in named.items() if not k.startswith(head_prefix)}
+    head = {k[len(head_prefix) :]: v for k, v in named.items() if k.startswith(head_prefix)}
+    return Found(at, family, backbone, head)
+
+
+_VIT_NAMES = [  # (torchvision, timm), one per tensor family: {n} a block, {p} a parameter
+    ("class_token", "cls_token"),
+    ("conv_proj.{p}", "patch_embed.proj.{p}"),
+    ("encoder.pos_embedding", "pos_embed"),
+    ("encoder.layers.encoder_layer_{n}.ln_1.{p}", "blocks.{n}.norm1.{p}"),
+    ("encoder.layers.encoder_layer_{n}.ln_2.{p}", "blocks.{n}.norm2.{p}"),
+    ("encoder.layers.encoder_layer_{n}.self_attention.in_proj_{p}", "blocks.{n}.attn.qkv.{p}"),
+    ("encoder.layers.encoder_layer_{n}.self_attention.out_proj.{p}", "blocks.{n}.attn.proj.{p}"),
+    ("encoder.layers.encoder_layer_{n}.mlp.0.{p}", "blocks.{n}.mlp.fc1.{p}"),
+    ("encoder.layers.encoder_layer_{n}.mlp.3.{p}", "blocks.{n}.mlp.fc2.{p}"),
+    ("encoder.ln.{p}", "norm.{p}"),
+]
+
+
+def _pattern(name: str) -> str:
+    """A name of ``_VIT_NAMES`` as a regular expression, ``{n}`` and ``{p}`` as groups."""
+    escaped = re.escape(name)
+    return escaped.replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
+
+
+def resnet_to_detectron2(state: State) -> State:
+    """torchvision ResNet names to detectron2's, as the MoCo authors' conversion script:
+    non-``layer`` keys under ``stem.``, ``layerN`` → ``res{N+1}``, ``bnK`` → ``convK.norm``,
+    ``downsample.0`` → ``shortcut``, ``downsample.1`` → ``shortcut.norm``."""
+    out = {}
+    for key, value in state.items():
+        name = key if "layer" in key else "stem." + key
+        for n in (1, 2, 3, 4):
+            name = name.replace(f"layer{n}", f"res{n + 1}")
+        for k in (1, 2, 3):
+            name = name.replace(f"bn{k}", f"conv{k}.norm")
+        name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        out[name] = value
+    return out
+
+
+def rename(state: State, family: str, to: str, what: str) -> State:
+    """``state``, a backbone of ``family``, named as ``to`` names it (the same tensors):
+    a ResNet for torchvision, timm (torchvision's names) or detectron2, a ViT for
+    torchvision or timm. A timm ViT without biases in the attention's input projection
+    (``qkv_bias=False``) gets zero biases for torchvision's, which compute the same."""
+    if family == "resnet":
+        return resnet_to_detectron2(state) if to == "detectron2" else dict(state)
+    if family == f"vit_{to}":
+        return dict(state)
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".attn.qkv.weight")]:
+        if (bias := key.removesuffix("weight") + "bias") not in state:
+            state[bias] = state[key].new_zeros(state[key].shape[0])
+    out = {}
+    for key, value in state.items():
+        for row in _VIT_NAMES:
+            source, target = row if to == "timm" else row[::-1]
+            if (m := re.fullmatch(_pattern(source), key)) is not None:
+                out[target.format(**m.groupdict())] = value
+                break
+        else:
+            raise LayoutError(f"{what}: tensor {key!r} has no counterpart in a {to} ViT")
+    return out

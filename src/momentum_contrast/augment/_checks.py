@@ -9,10 +9,11 @@ the host wait for the device, which the library never does in a training step.
 from __future__ import annotations
 
 import numbers
+from typing import TypeGuard
 
 import torch
 
-from momentum_contrast.augment._resample import pad_to_batch
+from momentum_contrast.augment._random import to_device
 
 
 def _free_to_read(x: torch.Tensor) -> bool:
@@ -43,19 +44,15 @@ def check_range(name: str, x: torch.Tensor) -> None:
 
 
 def check_images(
-    name: str,
-    x: object,
-    *,
-    channels: tuple[int, ...] | None = (1, 3),
-    in_unit_range: bool = False,
+    name: str, x: object, *, any_channels: bool = False, in_unit_range: bool = False
 ) -> torch.Tensor:
-    """A float ``(B, C, H, W)`` batch, ``C`` in ``channels``, optionally in ``[0, 1]``."""
+    """A float ``(B, C, H, W)`` batch, ``C`` 1 or 3 unless ``any_channels``, optionally in
+    ``[0, 1]``."""
     x = check_image_dtype(name, x, uint8=False)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if channels is not None and x.shape[1] not in channels:
-        expected = " or ".join(str(c) for c in channels)
-        raise ValueError(f"{name} must have {expected} channels, got shape {tuple(x.shape)}")
+    if not any_channels and x.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must have 1 or 3 channels, got shape {tuple(x.shape)}")
     if in_unit_range:
         check_range(name, x)
     return x
@@ -72,7 +69,7 @@ def check_mask(name: str, mask: object, b: int) -> torch.Tensor:
 
 
 def as_batch(
-    images: torch.Tensor | list[torch.Tensor], name: str = "images"
+    images: torch.Tensor | list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Check uint8/float images; return a (B, C, H, W) batch and (B,) heights and widths.
 
@@ -80,44 +77,40 @@ def as_batch(
     to the images' device without waiting (pinned memory, non-blocking).
     """
     if isinstance(images, torch.Tensor):
-        check_image_dtype(name, images, uint8=True)
-        if images.dim() != 4:
-            shape = tuple(images.shape)
-            raise ValueError(f"{name} must be (B, C, H, W) or a list of (C, H, W), got {shape}")
-        b, c, h, w = images.shape
+        batch = check_image_dtype("images", images, uint8=True)
+        if batch.dim() != 4:
+            shape = tuple(batch.shape)
+            raise ValueError(f"images must be (B, C, H, W) or a list of (C, H, W), got {shape}")
+        b, c, h, w = batch.shape
         if b == 0:
-            raise ValueError(f"{name} must hold at least one image, got an empty batch")
+            raise ValueError("images must hold at least one image, got an empty batch")
         if c not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {(b, c, h, w)})")
+        heights = torch.full((b,), h, device=batch.device)
+        widths = torch.full((b,), w, device=batch.device)
+    else:
+        if not isinstance(images, (list, tuple)) or len(images) == 0:
             raise ValueError(
-                f"{name} must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})"
+                f"images must be a non-empty list of (C, H, W) tensors, got {images!r:.60}"
             )
-        check_range(name, images)
-        full = torch.full((b,), 1, device=images.device)
-        return images, full * h, full * w
-    if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise ValueError(
-            f"{name} must be a non-empty list of (C, H, W) tensors, got {images!r:.60}"
-        )
-    for i, im in enumerate(images):
-        if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] not in (1, 3):
-            shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
-            raise ValueError(
-                f"{name}[{i}] must be a (C, H, W) tensor with C in (1, 3), got {shape}"
-            )
-        check_image_dtype(f"{name}[{i}]", im, uint8=True)
-        if (
-            im.shape[0] != images[0].shape[0]
-            or im.dtype != images[0].dtype
-            or im.device != images[0].device
-        ):
-            raise ValueError(f"{name}[{i}] must match {name}[0] in channels, dtype and device")
-    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])
-    if images[0].device.type == "cuda":
-        sizes = sizes.pin_memory()
-    sizes = sizes.to(images[0].device, non_blocking=True)
-    batch = pad_to_batch(list(images))
-    check_range(name, batch)  # the zero padding is in range
-    return batch, sizes[:, 0], sizes[:, 1]
+        first = images[0]
+        for i, im in enumerate(images):
+            if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] not in (1, 3):
+                shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+                raise ValueError(
+                    f"images[{i}] must be a (C, H, W) tensor with C in (1, 3), got {shape}"
+                )
+            check_image_dtype(f"images[{i}]", im, uint8=True)
+            if (im.shape[0], im.dtype, im.device) != (first.shape[0], first.dtype, first.device):
+                raise ValueError(f"images[{i}] must match images[0] in channels, dtype and device")
+        sizes = [im.shape[1:] for im in images]
+        heights, widths = to_device(torch.tensor(sizes), first.device).unbind(dim=1)
+        b, c = len(images), first.shape[0]
+        batch = first.new_zeros((b, c, max(h for h, _ in sizes), max(w for _, w in sizes)))
+        for i, im in enumerate(images):  # one small copy per image: the sizes differ
+            batch[i, :, : im.shape[1], : im.shape[2]] = im
+    check_range("images", batch)  # the zero padding is in range
+    return batch, heights, widths
 
 
 def check_boxes(
@@ -155,47 +148,35 @@ def check_boxes(
     return inside
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> TypeGuard[float]:
+    """A real number: not a bool, not a tensor (``numbers.Real``, so NumPy scalars too)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_probability(name: str, value: object) -> float:
+def check_probability(name: str, value: object) -> None:
     """A real number (not a bool, not a tensor) in ``[0, 1]``; ``name`` names it."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(
             f"{name} must be a probability (a real number in [0, 1]), "
             f"got {type(value).__name__} {value!r:.60}"
         )
-    p = float(value)  # type: ignore[arg-type]
-    if not 0.0 <= p <= 1.0:  # also refuses NaN
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
         raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-    return p
 
 
 def check_per_view(name: str, value: object) -> tuple[float, float]:
     """A recipe's per-view probability: one number for both views, or a pair
     ``(view one, view two)``. Returns the pair; ranges are checked by ``ViewRecipe``."""
     expected = "a probability (both views) or a pair of them (view one, view two)"
-    if _is_real(value):
-        return float(value), float(value)  # type: ignore[arg-type]
+    if is_real(value):
+        return float(value), float(value)
     if not isinstance(value, (tuple, list)):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.60}")
     if len(value) != 2:
         raise ValueError(f"{name} must be {expected}, got length {len(value)}: {value!r:.60}")
     for item in value:
-        if not _is_real(item):
+        if not is_real(item):
             raise TypeError(
                 f"{name} must be {expected}, got {value!r:.60} (holding a {type(item).__name__})"
             )
-    return float(value[0]), float(value[1])
-
-
-def check_low_high(name: str, value: object) -> tuple[float, float]:
-    """A ``(low, high)`` pair of real numbers (the range checks are the caller's)."""
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(_is_real(v) for v in value)
-    ):
-        raise TypeError(f"{name} must be a pair (low, high) of real numbers, got {value!r:.60}")
     return float(value[0]), float(value[1])

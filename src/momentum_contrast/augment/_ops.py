@@ -1,9 +1,11 @@
-"""The batched image kernels, unchecked (private).
+"""The batched image kernels, unchecked, and a recipe view's work after its crop (private).
 
 [`momentum_contrast.augment.functional`][] checks its arguments and calls these; the
 recipes call them directly on tensors they made themselves, so a view pays for no check
 (and a compiled stage holds no branch on tensor values). Shapes and ranges are as in
 ``functional``: float ``(B, C, H, W)`` images in ``[0, 1]``, ``(B,)`` per-sample values.
+``after_crop_stage`` is one function so that ``torch.compile`` can fuse it when a recipe
+is built with ``compile=True``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+
+from momentum_contrast.augment._resample import apply_resample
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
 
@@ -89,6 +93,18 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
     return torch.where(mask, 1.0 - x, x)
 
 
+def gaussian_kernel(
+    sigma: torch.Tensor, x: torch.Tensor, kernel_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(B, k)`` normalised Gaussian taps at ``-(k-1)/2 ... (k-1)/2``, computed in ``dtype``
+    (after ``sigma`` is cast to ``x``'s dtype) and returned in ``x``'s dtype."""
+    half = kernel_size // 2
+    t = torch.arange(-half, half + 1, device=x.device, dtype=dtype)
+    sig = per_sample(sigma, x, "sigma").view(-1, 1).to(dtype).clamp(min=1e-3)
+    kernel = torch.exp(-0.5 * (t / sig) ** 2)
+    return (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -> torch.Tensor:
     """Separable Gaussian blur, per-sample ``sigma``, reflect padding (see ``functional``)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
@@ -99,10 +115,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
         raise ValueError(f"kernel_size {kernel_size} needs images larger than {half} px")
     if x.device.type == "cuda":
         return gaussian_blur_matmul(x, sigma, kernel_size)
-    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)  # (k,)
-    sig = per_sample(sigma, x, "sigma").view(b, 1).clamp(min=1e-3)
-    kernel = torch.exp(-0.5 * (t / sig) ** 2)  # (B, k)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = gaussian_kernel(sigma, x, kernel_size, x.dtype)
     kernel = repeat(kernel, "b k -> (b c) 1 k", c=c)  # one filter per channel of each image
     y = rearrange(x, "b c h w -> 1 (b c) h w")
     # torch < 2.6 has no float16 reflect padding on the CPU: padding copies, so pad in float32
@@ -130,18 +143,45 @@ def gaussian_blur_matmul(
     x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23
 ) -> torch.Tensor:
     """[`gaussian_blur`][] as two batched matrix products (same result)."""
-    b, c, h, w = x.shape
-    half = kernel_size // 2
-    t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
-    sig = per_sample(sigma, x, "sigma").view(b, 1).float().clamp(min=1e-3)
-    kernel = torch.exp(-0.5 * (t / sig) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)  # (B, k)
-    gy, gx = reflect_blur_matrix(kernel, h), reflect_blur_matrix(kernel, w)
-    y = rearrange(x, "b c h w -> b (c h) w") @ gx.transpose(1, 2)  # horizontal
-    return gy[:, None] @ rearrange(y, "b (c h) w -> b c h w", c=c)  # vertical
+    kernel = gaussian_kernel(sigma, x, kernel_size, torch.float32)  # (B, k)
+    return apply_resample(
+        x, reflect_blur_matrix(kernel, x.shape[2]), reflect_blur_matrix(kernel, x.shape[3])
+    )
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(x - mean) / std`` per channel, as one fused multiply-add."""
     scale = (1.0 / std).to(x.dtype).view(1, -1, 1, 1)
     return torch.addcmul((-mean * (1.0 / std)).to(x.dtype).view(1, -1, 1, 1), x, scale)
+
+
+JITTER = ("brightness", "contrast", "saturation", "hue", "order", "apply")
+
+
+def after_crop_stage(
+    x: torch.Tensor,
+    draws: dict[str, torch.Tensor],
+    scale: float,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    grayscale_first: bool,
+    kernel_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Everything after the crop: to [0, 1], grayscale and jitter in the recipe's order,
+    blur, solarize, normalise. ``draws`` holds the view's per-sample parameters: the
+    ``grayscale`` mask, the arguments of ``color_jitter`` named as there, and ``sigma``
+    and ``solarize`` only where the view blurs or solarizes at all."""
+    b, _, s, _ = x.shape
+    x = (x.to(dtype) * scale).clamp_(0.0, 1.0).expand(b, 3, s, s)  # gray input repeated
+    gray = draws["grayscale"].view(-1, 1, 1, 1)
+    if grayscale_first:
+        x = torch.where(gray, grayscale(x).expand_as(x), x)
+    x = color_jitter(x, **{name: draws[name] for name in JITTER})
+    if not grayscale_first:
+        x = torch.where(gray, grayscale(x).expand_as(x), x)
+    if "sigma" in draws:
+        x = gaussian_blur(x, draws["sigma"], kernel_size)
+    if "solarize" in draws:
+        x = solarize(x, draws["solarize"])
+    return normalize(x, mean, std)

@@ -12,6 +12,14 @@ import math
 import torch
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without the host waiting: from host memory to CUDA through
+    pinned memory, with a non-blocking copy (a tensor already there is returned as is)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class Sampler:
     """Draws batch-sized random tensors on ``device`` from ``generator`` (or the global RNG)."""
 
@@ -20,26 +28,19 @@ class Sampler:
         self.generator = generator
         self.draw_device = device if generator is None else generator.device
 
-    def _out(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device == self.device:
-            return t
-        if t.device.type == "cpu" and self.device.type == "cuda":
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+    def _rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=self.draw_device)
 
     def uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-        u = torch.rand(shape, generator=self.generator, device=self.draw_device)
-        return self._out(u * (high - low) + low)
+        return to_device(self._rand(*shape) * (high - low) + low, self.device)
 
     def bernoulli(self, n: int, p: float) -> torch.Tensor:
         """(n,) bool: True with probability ``p``."""
-        u = torch.rand(n, generator=self.generator, device=self.draw_device)
-        return self._out(u < p)
+        return to_device(self._rand(n) < p, self.device)
 
     def permutations(self, n: int, k: int) -> torch.Tensor:
         """(n, k) long: an independent uniform random permutation of ``range(k)`` per row."""
-        keys = torch.rand(n, k, generator=self.generator, device=self.draw_device)
-        return self._out(keys.argsort(dim=1))
+        return to_device(self._rand(n, k).argsort(dim=1), self.device)
 
 
 def crop_boxes(
@@ -65,36 +66,24 @@ def crop_boxes(
         ``(B, 4)`` long tensor of ``(top, left, height, width)``.
     """
     b = heights.shape[0]
-    h_img, w_img = heights.double()[:, None], widths.double()[:, None]  # (B, 1)
-    area = h_img * w_img
-    target = area * sampler.uniform((b, tries), scale[0], scale[1]).double()
+    h_img, w_img = heights.double(), widths.double()  # (B,)
+    target = (h_img * w_img)[:, None] * sampler.uniform((b, tries), *scale).double()
     log_r = sampler.uniform((b, tries), math.log(ratio[0]), math.log(ratio[1])).double()
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target * aspect))  # (B, tries)
     h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+    fits = (w > 0) & (w <= w_img[:, None]) & (h > 0) & (h <= h_img[:, None])
     first = fits.double().argmax(dim=1, keepdim=True)  # first fitting try (0 if none)
-    any_fit = fits.any(dim=1)
-    w_pick, h_pick = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    u_top, u_left = (
-        sampler.uniform((b,), 0.0, 1.0).double(),
-        sampler.uniform((b,), 0.0, 1.0).double(),
-    )
-    top = torch.floor(u_top * (h_img[:, 0] - h_pick + 1)).clamp(max=h_img[:, 0] - h_pick)
-    left = torch.floor(u_left * (w_img[:, 0] - w_pick + 1)).clamp(max=w_img[:, 0] - w_pick)
+    h_pick, w_pick = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    u_top = sampler.uniform((b,), 0.0, 1.0).double()
+    u_left = sampler.uniform((b,), 0.0, 1.0).double()
+    top = torch.floor(u_top * (h_img - h_pick + 1)).clamp(max=h_img - h_pick)
+    left = torch.floor(u_left * (w_img - w_pick + 1)).clamp(max=w_img - w_pick)
     # fallback: centre crop, clamped to the ratio range
-    in_ratio = w_img[:, 0] / h_img[:, 0]
-    fb_w = torch.where(in_ratio > ratio[1], torch.round(h_img[:, 0] * ratio[1]), w_img[:, 0])
-    fb_h = torch.where(in_ratio < ratio[0], torch.round(w_img[:, 0] / ratio[0]), h_img[:, 0])
-    fb_top = torch.div(h_img[:, 0] - fb_h, 2, rounding_mode="floor")
-    fb_left = torch.div(w_img[:, 0] - fb_w, 2, rounding_mode="floor")
-    box = torch.stack(
-        [
-            torch.where(any_fit, top, fb_top),
-            torch.where(any_fit, left, fb_left),
-            torch.where(any_fit, h_pick, fb_h),
-            torch.where(any_fit, w_pick, fb_w),
-        ],
-        dim=1,
-    )
-    return box.long()
+    fb_w = torch.where(w_img / h_img > ratio[1], torch.round(h_img * ratio[1]), w_img)
+    fb_h = torch.where(w_img / h_img < ratio[0], torch.round(w_img / ratio[0]), h_img)
+    fb_top = torch.div(h_img - fb_h, 2, rounding_mode="floor")
+    fb_left = torch.div(w_img - fb_w, 2, rounding_mode="floor")
+    picked = torch.stack([top, left, h_pick, w_pick], dim=1)
+    fallback = torch.stack([fb_top, fb_left, fb_h, fb_w], dim=1)
+    return torch.where(fits.any(dim=1, keepdim=True), picked, fallback).long()

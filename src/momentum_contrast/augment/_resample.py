@@ -20,9 +20,8 @@ def resample_weights(
     length: torch.Tensor,
     in_size: int,
     out_size: int,
-    *,
-    antialias: bool = True,
-    dtype: torch.dtype = torch.float32,
+    antialias: bool,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Interpolation matrices resizing ``[start, start + length)`` to ``out_size`` samples.
 
@@ -59,12 +58,8 @@ def resized_crop_weights(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Wy (B, S, H), Wx (B, S, W))`` for boxes ``(B, 4)`` = (top, left, height, width)."""
-    wy = resample_weights(
-        boxes[:, 0], boxes[:, 2], in_height, size, antialias=antialias, dtype=dtype
-    )
-    wx = resample_weights(
-        boxes[:, 1], boxes[:, 3], in_width, size, antialias=antialias, dtype=dtype
-    )
+    wy = resample_weights(boxes[:, 0], boxes[:, 2], in_height, size, antialias, dtype)
+    wx = resample_weights(boxes[:, 1], boxes[:, 3], in_width, size, antialias, dtype)
     if flip is not None:  # mirrored output columns = mirrored rows of Wx
         wx = torch.where(flip[:, None, None], wx.flip(1), wx)
     return wy, wx
@@ -74,13 +69,3 @@ def apply_resample(images: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> 
     """``(B, C, H, W)`` images -> ``(B, C, S, S)`` with ``Wy @ image @ Wx.T`` per sample."""
     x = rearrange(images.to(wx.dtype), "b c h w -> b (c h) w") @ wx.transpose(1, 2)
     return wy[:, None] @ rearrange(x, "b (c h) s -> b c h s", c=images.shape[1])  # (B, C, S, S)
-
-
-def pad_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
-    """Stack ``(C, H_i, W_i)`` images into a zero-padded ``(B, C, H_max, W_max)`` batch."""
-    h_max = max(int(im.shape[1]) for im in images)
-    w_max = max(int(im.shape[2]) for im in images)
-    batch = images[0].new_zeros((len(images), images[0].shape[0], h_max, w_max))
-    for i, im in enumerate(images):  # one small copy per image: the sizes differ
-        batch[i, :, : im.shape[1], : im.shape[2]] = im
-    return batch

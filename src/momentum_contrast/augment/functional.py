@@ -49,11 +49,6 @@ __all__ = [
 ]
 
 
-def _colour_input(x: torch.Tensor) -> torch.Tensor:
-    """A float (B, 1 or 3, H, W) batch in [0, 1] (the range read on the CPU only)."""
-    return check_images("x", x, in_unit_range=True)
-
-
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma ``0.2989 R + 0.587 G + 0.114 B``: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``.
 
@@ -75,7 +70,7 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> adjust_brightness(torch.full((2, 3, 4, 4), 0.5), torch.tensor([0.5, 3.0]))[:, 0, 0, 0]
         tensor([0.2500, 1.0000])
     """
-    x = _colour_input(x)
+    x = check_images("x", x, in_unit_range=True)
     return (x * _ops.per_sample(factor, x)).clamp_(0.0, 1.0)
 
 
@@ -90,7 +85,7 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> bool((flat == flat[:, :1, :1, :1]).all())
         True
     """
-    f = _ops.per_sample(factor, _colour_input(x))
+    f = _ops.per_sample(factor, check_images("x", x, in_unit_range=True))
     mean = _ops.grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
 
@@ -105,7 +100,7 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(gray[:, 0], gray[:, 1])
         True
     """
-    if _colour_input(x).shape[1] == 1:
+    if check_images("x", x, in_unit_range=True).shape[1] == 1:
         return x
     f = _ops.per_sample(factor, x)
     return (f * x + (1 - f) * _ops.grayscale(x)).clamp_(0.0, 1.0)
@@ -121,7 +116,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> adjust_hue(red, torch.tensor([1 / 3]))[0, :, 0, 0]  # a third of a turn: green
         tensor([0., 1., 0.])
     """
-    return _ops.adjust_hue(_colour_input(x), factor)
+    return _ops.adjust_hue(check_images("x", x, in_unit_range=True), factor)
 
 
 def color_jitter(
@@ -161,7 +156,7 @@ def color_jitter(
         >>> torch.allclose(y, (1.2 * x).clamp(0, 1), atol=1e-6)
         True
     """
-    b = _colour_input(x).shape[0]
+    b = check_images("x", x, in_unit_range=True).shape[0]
     factors = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
     for name, factor in {**factors, "hue": hue}.items():
         _ops.per_sample(factor, x, name)
@@ -183,7 +178,7 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
         >>> solarize(x, torch.tensor([True, True])).flatten()
         tensor([0.2000, 0.3000])
     """
-    x = _colour_input(x)
+    x = check_images("x", x, in_unit_range=True)
     return _ops.solarize(x, check_mask("apply", apply, x.shape[0]), threshold)
 
 
@@ -197,7 +192,7 @@ def hflip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
         >>> hflip(x, torch.tensor([True])).flatten()
         tensor([3., 2., 1., 0.])
     """
-    x = check_images("x", x, channels=None)
+    x = check_images("x", x, any_channels=True)
     return torch.where(check_mask("apply", apply, x.shape[0]).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
@@ -218,7 +213,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
         >>> torch.equal(gaussian_blur(x, torch.zeros(2)), x)  # sigma 0: unchanged
         True
     """
-    return _ops.gaussian_blur(check_images("x", x, channels=None), sigma, kernel_size)
+    return _ops.gaussian_blur(check_images("x", x, any_channels=True), sigma, kernel_size)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -231,7 +226,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
         >>> normalize(x, torch.full((3,), 0.5), torch.full((3,), 0.25)).flatten()
         tensor([0., 0., 0.])
     """
-    x = check_images("x", x, channels=None)
+    x = check_images("x", x, any_channels=True)
     for name, v in (("mean", mean), ("std", std)):
         if not isinstance(v, torch.Tensor) or v.shape != (x.shape[1],):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

@@ -26,18 +26,12 @@ def _views(
         raise ValueError(
             f"jitter must be 4 numbers (brightness, contrast, saturation, hue), got {jitter!r}"
         )
-    brightness, contrast, saturation, hue = jitter
+    colour: dict[str, Any] = dict(
+        zip(("brightness", "contrast", "saturation", "hue"), jitter, strict=True)
+    )
     pairs: dict[str, Any] = {name: check_per_view(name, value) for name, value in per_view.items()}
     one, two = (
-        ViewRecipe(
-            brightness=brightness,
-            contrast=contrast,
-            saturation=saturation,
-            hue=hue,
-            **shared,
-            **{name: pair[v] for name, pair in pairs.items()},
-        )
-        for v in (0, 1)
+        ViewRecipe(**colour, **shared, **{n: p[v] for n, p in pairs.items()}) for v in (0, 1)
     )
     return one, two
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict
 
-from momentum_contrast.augment._checks import as_batch, check_low_high, check_probability
+from momentum_contrast.augment._checks import as_batch, check_probability, is_real
+from momentum_contrast.augment._ops import after_crop_stage
 from momentum_contrast.augment._random import Sampler, crop_boxes
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
-from momentum_contrast.augment._stages import after_crop_stage
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentOptions", "TwoViewAugment", "ViewRecipe"]
 
@@ -80,23 +80,21 @@ class ViewRecipe:
             check_probability(f"{view} {name}", getattr(self, name))
         for name in ("brightness", "contrast", "saturation", "hue"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_real(value):
                 raise TypeError(f"{view} {name} must be a real number, got {value!r:.60}")
-            if name != "hue" and not float(value) >= 0:
+            if name != "hue" and not value >= 0:
                 raise ValueError(f"{view} {name} must be >= 0, got {value}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"{view} hue must be in [0, 0.5], got {self.hue}")
-        lo, hi = check_low_high(f"{view} scale", self.scale)
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"{view} scale must satisfy 0 < low <= high <= 1, got {self.scale}")
-        lo, hi = check_low_high(f"{view} ratio", self.ratio)
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"{view} ratio must satisfy 0 < low <= high, got {self.ratio}")
-        lo, hi = check_low_high(f"{view} blur_sigma", self.blur_sigma)
-        if not 0.0 < lo <= hi:
-            raise ValueError(
-                f"{view} blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}"
-            )
+        for name, high in (("scale", 1.0), ("ratio", math.inf), ("blur_sigma", math.inf)):
+            pair = getattr(self, name)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(is_real, pair))):
+                raise TypeError(
+                    f"{view} {name} must be a pair (low, high) of real numbers, got {pair!r:.60}"
+                )
+            if not 0.0 < pair[0] <= pair[1] <= high:
+                bound = " <= 1" if high == 1.0 else ""
+                raise ValueError(f"{view} {name} must satisfy 0 < low <= high{bound}, got {pair}")
 
 
 class AugmentOptions(TypedDict, total=False):
@@ -224,53 +222,26 @@ class TwoViewAugment(nn.Module):
         )
         scale = 1.0 if batch.is_floating_point() else 1.0 / 255.0
         pixels = batch.to(resample)  # converted once, for both views
-        return (
-            self._view(pixels, scale, heights, widths, self.view_one, sampler),
-            self._view(pixels, scale, heights, widths, self.view_two, sampler),
-        )
-
-    def _view(
-        self,
-        pixels: torch.Tensor,
-        scale: float,
-        heights: torch.Tensor,
-        widths: torch.Tensor,
-        r: ViewRecipe,
-        sampler: Sampler,
-    ) -> torch.Tensor:
-        b, _, h, w = pixels.shape
-        boxes = crop_boxes(sampler, heights, widths, r.scale, r.ratio)
-        flip = sampler.bernoulli(b, r.flip_p)  # folded into the resize weights
-        wy, wx = self._weights(boxes, h, w, self.size, flip, self.antialias, pixels.dtype)
-        x = apply_resample(pixels, wy, wx)  # (B, C, S, S)
-        gray_mask = sampler.bernoulli(b, r.grayscale_p)
-        jitter_mask = sampler.bernoulli(b, r.jitter_p)
-        bri, con, sat = (
-            sampler.uniform((b,), max(0.0, 1 - s), 1 + s)
-            for s in (r.brightness, r.contrast, r.saturation)
-        )
-        hue = sampler.uniform((b,), -r.hue, r.hue)
-        order = sampler.permutations(b, 4)
-        sigma = None
-        if r.blur_p > 0:
-            sigma = sampler.uniform((b,), *r.blur_sigma)
-            sigma = torch.where(sampler.bernoulli(b, r.blur_p), sigma, 0.0)  # 0: no blur
-        solarize = sampler.bernoulli(b, r.solarize_p) if r.solarize_p > 0 else None
-        return self._stage(
-            x,
-            scale,
-            gray_mask,
-            bri,
-            con,
-            sat,
-            hue,
-            order,
-            jitter_mask,
-            sigma,
-            solarize,
-            self.mean,
-            self.std,
-            r.grayscale_first,
-            self.blur_kernel_size,
-            self.dtype,
-        )
+        (b, _, h, w), views = pixels.shape, []
+        for r in (self.view_one, self.view_two):
+            boxes = crop_boxes(sampler, heights, widths, r.scale, r.ratio)
+            flip = sampler.bernoulli(b, r.flip_p)  # folded into the resize weights
+            wy, wx = self._weights(boxes, h, w, self.size, flip, self.antialias, pixels.dtype)
+            x = apply_resample(pixels, wy, wx)  # (B, C, S, S)
+            draws = {  # drawn in this order, which the seeds' results depend on
+                "grayscale": sampler.bernoulli(b, r.grayscale_p),
+                "apply": sampler.bernoulli(b, r.jitter_p),
+                "brightness": sampler.uniform((b,), max(0.0, 1 - r.brightness), 1 + r.brightness),
+                "contrast": sampler.uniform((b,), max(0.0, 1 - r.contrast), 1 + r.contrast),
+                "saturation": sampler.uniform((b,), max(0.0, 1 - r.saturation), 1 + r.saturation),
+                "hue": sampler.uniform((b,), -r.hue, r.hue),
+                "order": sampler.permutations(b, 4),
+            }
+            if r.blur_p > 0:  # sigma 0: no blur
+                sigma = sampler.uniform((b,), *r.blur_sigma)
+                draws["sigma"] = torch.where(sampler.bernoulli(b, r.blur_p), sigma, 0.0)
+            if r.solarize_p > 0:
+                draws["solarize"] = sampler.bernoulli(b, r.solarize_p)
+            statics = (self.mean, self.std, r.grayscale_first, self.blur_kernel_size, self.dtype)
+            views.append(self._stage(x, draws, scale, *statics))
+        return views[0], views[1]

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,25 @@ def import_examples() -> None:
 def run(
     script: str, *flags: str, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``examples/script`` in one process; fail the test on a non-zero exit if ``check``."""
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=EXAMPLES,
-        env={**os.environ, **(env or {})},
-    )
+    """Run ``examples/script`` in one process; fail the test on a non-zero exit if ``check``.
+    Without ``--output-dir`` among ``flags`` the run writes into a temporary folder (the
+    scripts' default, ``runs/example``, is one folder for every test: a run holds it)."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / script), *flags, *_own_output_dir(flags, folder)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=EXAMPLES,
+            env={**os.environ, **(env or {})},
+        )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def _own_output_dir(flags: tuple[str, ...], folder: str) -> list[str]:
+    return [] if "--output-dir" in flags else ["--output-dir", folder]
 
 
 def free_port() -> int:
@@ -73,6 +81,8 @@ def run_2p_ranks(
 ) -> list[tuple[str, str]]:
     """As [`run_2p`][], but returns ``(stdout, stderr)`` of each rank, in rank order."""
     port = str(free_port())
+    folder = tempfile.TemporaryDirectory()  # the ranks' --output-dir if flags have none
+    flags = (*flags, *_own_output_dir(flags, folder.name))
     procs = []
     for rank in range(2):
         rank_env = {
@@ -96,7 +106,8 @@ def run_2p_ranks(
                 env=rank_env,
             )
         )
-    outputs = [p.communicate(timeout=300) for p in procs]
+    with folder:
+        outputs = [p.communicate(timeout=300) for p in procs]
     if any(p.returncode for p in procs):
         text = outputs[0][0] + "".join(err for _, err in outputs)
         raise AssertionError(f"{script} failed in 2 processes:\n{text[-6000:]}")

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -191,6 +192,10 @@ def leave() -> None:
     threads still running can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it
+        if tuple(map(int, torch.__version__.split(".")[:2])) < (2, 8):
+            # gloo's destructor held the GIL that its threads, freeing the last collectives'
+            # tensors, may wait for: a hang (pytorch PR 154976). Let them finish first.
+            time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
-"""The gathers behind ``momentum_contrast.distributed`` (private): host exchanges of
-batch layouts, padded device all-gathers, and the checksum-tagged gather used when every
+"""The gathers behind ``momentum_contrast.distributed`` (private; it re-exports the
+``is_distributed``, ``rank`` and ``world_size`` defined here): host exchanges of batch
+layouts, padded device all-gathers, and the checksum-tagged gather used when every
 rank's row count is already known. Every function takes the process group (``None``: the
 whole world) and keeps no state: the one thing worth keeping, a gloo group for the host
 exchanges of an NCCL group, lives in torch's own registry of process groups."""
@@ -20,16 +21,37 @@ EQUAL_BATCHES = contextvars.ContextVar("momentum_contrast_equal_batches", defaul
 _HOST_GROUP = "momentum_contrast host exchanges"  # the group_desc of the gloo groups made here
 
 
-def initialized() -> bool:
+def is_distributed() -> bool:
+    """``True`` when ``torch.distributed`` is available and initialised.
+
+    Examples:
+        >>> from momentum_contrast.distributed import is_distributed
+        >>> is_distributed()
+        False
+    """
     return dist.is_available() and dist.is_initialized()
 
 
-def world(group: Group = None) -> int:
-    return dist.get_world_size(group) if initialized() else 1
-
-
 def rank(group: Group = None) -> int:
-    return dist.get_rank(group) if initialized() else 0
+    """This process's rank in ``group`` (the whole world by default), 0 without one.
+
+    Examples:
+        >>> from momentum_contrast.distributed import rank
+        >>> rank()
+        0
+    """
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def world_size(group: Group = None) -> int:
+    """Number of processes in ``group`` (the whole world by default), 1 without one.
+
+    Examples:
+        >>> from momentum_contrast.distributed import world_size
+        >>> world_size()
+        1
+    """
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
 def global_rank(group: Group, group_rank: int) -> int:
@@ -60,7 +82,7 @@ def host_group(group: Group) -> Group:
 def all_gather_host(values: list[int], group: Group = None) -> list[list[int]]:
     """Every rank's list of host integers (all of the same length), in rank order."""
     local = torch.tensor(values, dtype=torch.long)
-    parts = [torch.empty_like(local) for _ in range(world(group))]
+    parts = [torch.empty_like(local) for _ in range(world_size(group))]
     dist.all_gather(parts, local, group=host_group(group))
     return [p.tolist() for p in parts]  # CPU tensors: no device synchronisation
 
@@ -81,38 +103,23 @@ def gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     return gather_with_sizes(x, group)[0]
 
 
-_SHOWN_DIMS = 6  # trailing dimensions exchanged verbatim (the rest only through a checksum)
-_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
-
-
-def _layout(x: torch.Tensor) -> list[int]:
-    """Rows, a checksum of (dtype, trailing shape), then dtype and trailing dims for messages."""
-    tail = tuple(x.shape[1:])
-    checksum = zlib.crc32(f"{x.dtype}|{tail}".encode())
-    shown = list(tail[:_SHOWN_DIMS]) + [-1] * (_SHOWN_DIMS - min(len(tail), _SHOWN_DIMS))
-    return [x.shape[0], checksum, _DTYPES.index(x.dtype), len(tail), *shown]
-
-
-def _describe(row: list[int]) -> str:
-    ndim, dims = row[3], [d for d in row[4:] if d >= 0]
-    shape = "(N, " + ", ".join(map(str, dims)) + (", ...)" if ndim > _SHOWN_DIMS else ")")
-    return f"{shape} {_DTYPES[row[2]]}"
-
-
 @torch.no_grad()
 def gather_with_sizes(x: torch.Tensor, group: Group = None) -> tuple[torch.Tensor, list[int]]:
     """``concat_all_gather`` that also returns every rank's row count, so that callers
     needing both exchange the sizes once. Every rank checks that all ranks passed the
     same trailing shape and dtype, and raises the same ``ValueError`` if not."""
     x = x.detach()
-    if world(group) == 1:
+    if world_size(group) == 1:
         return x, [x.shape[0]]
     if EQUAL_BATCHES.get():
-        sizes = [x.shape[0]] * world(group)
-        return gather_checked(x, sizes, tag_rows=True, group=group), sizes
-    rows = all_gather_host(_layout(x), group)
-    if any(row[1:] != rows[0][1:] for row in rows):
-        described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
+        sizes = [x.shape[0]] * world_size(group)
+        return gather_checked(x, sizes, group), sizes
+    layout = f"(N, {', '.join(map(str, x.shape[1:]))}) {x.dtype}"
+    rows = all_gather_host([x.shape[0], zlib.crc32(layout.encode())], group)
+    if any(row[1] != rows[0][1] for row in rows):  # every rank sees it: all exchange layouts
+        layouts: list[object] = [None] * world_size(group)
+        dist.all_gather_object(layouts, layout, group=host_group(group))
+        described = "; ".join(f"rank {r}: {text}" for r, text in enumerate(layouts))
         raise ValueError(
             "concat_all_gather: every rank must pass the same trailing shape and dtype "
             f"(this is rank {rank(group)}, {tuple(x.shape)} {x.dtype}); got {described}"
@@ -121,19 +128,18 @@ def gather_with_sizes(x: torch.Tensor, group: Group = None) -> tuple[torch.Tenso
     return _all_gather(x.contiguous(), sizes, group), sizes
 
 
-def gather_checked(
-    x: torch.Tensor, sizes: list[int], tag_rows: bool, group: Group = None
-) -> torch.Tensor:
+def gather_checked(x: torch.Tensor, sizes: list[int], group: Group = None) -> torch.Tensor:
     """All ranks' rows when every rank's row count is already known (``sizes``), without
     a host exchange: each rank's data travels with a checksum of its trailing shape and
-    dtype (and row count when ``tag_rows``), compared on arrival. A mismatch raises
-    ``ValueError`` for CPU tensors, and fills a floating result with NaN on a GPU (no
-    device read); differing element counts make the collective itself fail."""
-    me, n_ranks = rank(group), world(group)
+    dtype (and row count under ``assume_equal_batches``), compared on arrival. A mismatch
+    raises ``ValueError`` for CPU tensors, and fills a floating result with NaN on a GPU
+    (no device read); differing element counts make the collective itself fail."""
+    me, n_ranks = rank(group), world_size(group)
     if x.shape[0] != sizes[me]:
         raise ValueError(
             f"x must have {sizes[me]} rows on rank {me} (as at batch_shuffle), got {tuple(x.shape)}"
         )
+    tag_rows = EQUAL_BATCHES.get()
     rows = x.shape[0] if tag_rows else 0
     tag = zlib.crc32(f"{rows}|{tuple(x.shape[1:])}|{x.dtype}".encode())
     longest, width = max(sizes), math.prod(x.shape[1:]) * x.element_size()  # bytes per row
@@ -159,7 +165,7 @@ def gather_checked(
 
 def _all_gather(x: torch.Tensor, sizes: list[int], group: Group) -> torch.Tensor:
     """Concatenate every rank's rows; ``sizes[r]`` rows come from rank ``r``."""
-    longest, n_ranks = max(sizes), world(group)
+    longest, n_ranks = max(sizes), world_size(group)
     if x.shape[0] < longest:  # pad to a common shape; trimmed below
         x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
     out = x.new_empty((n_ranks * longest, *x.shape[1:]))

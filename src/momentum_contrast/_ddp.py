@@ -68,16 +68,14 @@ def exclude_from_ddp(module: nn.Module) -> list[str]:
         )
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    names: list[str] = []
-    encoders = [m for m in module.modules() if isinstance(m, MomentumEncoder)]
-    for prefix, sub in module.named_modules():
-        if isinstance(sub, (KeyQueue, MomentumEncoder)):
-            names += [name for name, _ in sub.named_buffers(prefix=prefix)]
-    if not names and not encoders:
+    mine = (KeyQueue, MomentumEncoder)
+    held = [(prefix, sub) for prefix, sub in module.named_modules() if isinstance(sub, mine)]
+    if not held:
         raise ValueError(
             f"exclude_from_ddp: {type(module).__name__} holds no KeyQueue or MomentumEncoder "
             "(call it on the module DDP will wrap, which holds them)"
         )
+    names = [name for prefix, sub in held for name, _ in sub.named_buffers(prefix=prefix)]
     before = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
     # DDP of a torch.compile of ``module`` reads these names through ``_orig_mod.``
     ignored = before + [n for n in names + [f"_orig_mod.{n}" for n in names] if n not in before]

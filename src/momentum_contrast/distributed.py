@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 import momentum_contrast._collectives as c
 from momentum_contrast._checks import check_same_device
-from momentum_contrast._collectives import EQUAL_BATCHES, Group
+from momentum_contrast._collectives import EQUAL_BATCHES, Group, is_distributed, rank, world_size
 from momentum_contrast._ddp import exclude_from_ddp
 
 __all__ = [
@@ -77,39 +77,6 @@ def assume_equal_batches() -> Iterator[None]:
         EQUAL_BATCHES.reset(token)
 
 
-def is_distributed() -> bool:
-    """``True`` when ``torch.distributed`` is available and initialised.
-
-    Examples:
-        >>> from momentum_contrast.distributed import is_distributed
-        >>> is_distributed()
-        False
-    """
-    return c.initialized()
-
-
-def rank(group: Group = None) -> int:
-    """This process's rank in ``group`` (the whole world by default), 0 without one.
-
-    Examples:
-        >>> from momentum_contrast.distributed import rank
-        >>> rank()
-        0
-    """
-    return c.rank(group)
-
-
-def world_size(group: Group = None) -> int:
-    """Number of processes in ``group`` (the whole world by default), 1 without one.
-
-    Examples:
-        >>> from momentum_contrast.distributed import world_size
-        >>> world_size()
-        1
-    """
-    return c.world(group)
-
-
 def gather_sizes(n: int, *, group: Group = None) -> list[int]:
     """Every rank's ``n`` (a host integer, e.g. its batch size), in rank order.
 
@@ -120,7 +87,7 @@ def gather_sizes(n: int, *, group: Group = None) -> list[int]:
         >>> gather_sizes(32)
         [32]
     """
-    if c.world(group) == 1:
+    if world_size(group) == 1:
         return [int(n)]
     return [int(row[0]) for row in c.all_gather_host([int(n)], group)]
 
@@ -189,9 +156,9 @@ def batch_shuffle(
         raise TypeError(f"x must be a torch.Tensor with a batch dimension, got {x!r:.40}")
     gathered, sizes = c.gather_with_sizes(x, group)  # (sum N_r, ...)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)
-    if c.world(group) > 1:
+    if world_size(group) > 1:
         dist.broadcast(perm, src=c.global_rank(group, 0), group=group)
-    start = sum(sizes[: c.rank(group)])
+    start = sum(sizes[: rank(group)])
     idx_unshuffle = torch.argsort(perm)
     idx_unshuffle._moco_sizes = (sizes, c.members(group))  # type: ignore[attr-defined]
     return gathered[perm[start : start + x.shape[0]]], idx_unshuffle
@@ -235,9 +202,9 @@ def batch_unshuffle(
         raise TypeError("idx_unshuffle must be the long tensor returned by batch_shuffle")
     check_same_device("idx_unshuffle", idx_unshuffle, "x", x)
     known = getattr(idx_unshuffle, "_moco_sizes", None)
-    if known is not None and known[1] == c.members(group) and c.world(group) > 1:
+    if known is not None and known[1] == c.members(group) and world_size(group) > 1:
         sizes = known[0]  # from batch_shuffle: no host exchange
-        gathered = c.gather_checked(x.detach(), sizes, tag_rows=EQUAL_BATCHES.get(), group=group)
+        gathered = c.gather_checked(x.detach(), sizes, group)
     else:
         gathered, sizes = c.gather_with_sizes(x, group)  # rows in shuffled order
     if idx_unshuffle.shape != (sum(sizes),):
@@ -245,12 +212,12 @@ def batch_unshuffle(
             f"idx_unshuffle must have shape ({sum(sizes)},) (all ranks' rows), "
             f"got {tuple(idx_unshuffle.shape)}"
         )
-    start = sum(sizes[: c.rank(group)])
+    start = sum(sizes[: rank(group)])
     mine = gathered[idx_unshuffle[start : start + x.shape[0]]]
     # all ranks' rows in their original order: what concat_all_gather(mine) (a queue push
     # of these keys) would gather. Inference tensors have no version counter to tell an
     # in-place edit: nothing is kept for them.
-    if c.world(group) > 1 and not mine.is_inference():
+    if world_size(group) > 1 and not mine.is_inference():
         gathered_in_order = gathered[idx_unshuffle]
         mine._moco_gathered = (gathered_in_order, mine._version, mine.data_ptr(), c.members(group))  # type: ignore[attr-defined]
     return mine

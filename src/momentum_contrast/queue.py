@@ -16,7 +16,7 @@ from momentum_contrast._checks import (
     check_positive_int,
     check_same_device,
 )
-from momentum_contrast._collectives import Group, gather, global_rank, initialized
+from momentum_contrast._collectives import Group, gather, global_rank, is_distributed
 
 QueueInit = Literal["random", "empty"]
 
@@ -127,10 +127,7 @@ class KeyQueue(nn.Module):
         self._sync_initial_keys(group)
         if self.gather:  # (world * N, D); the very keys batch_unshuffle returned: no exchange
             keys = gather(keys, group)
-        keys = keys.detach()
         n = keys.shape[0]
-        if n == 0:
-            return
         offset = max(n - self.size, 0)  # rows that would be overwritten at once
         keys = keys[offset:]
         if self.normalize:
@@ -159,7 +156,7 @@ class KeyQueue(nn.Module):
 
     def _sync_initial_keys(self, group: Group) -> None:
         """Once, under a process group: every rank takes rank 0's random initial keys."""
-        if self._broadcast_pending and initialized():
+        if self._broadcast_pending and is_distributed():
             torch.distributed.broadcast(self.keys, src=global_rank(group, 0), group=group)
             self._broadcast_pending = False
 

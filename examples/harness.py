@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -188,8 +189,12 @@ def setup(args: argparse.Namespace, *, alone: bool = False) -> Env:
 
 
 def leave() -> None:
-    """Leave the process group at the end of a run: a process that exits with the group's
-    threads still running can abort ("terminate called without an active exception")."""
+    """Leave the process group after ``main`` has returned. The group must die here, not in
+    the interpreter's shutdown, where its threads freeing the last collectives' tensors can
+    no longer take the GIL and the process aborts ("terminate called without an active
+    exception"): the models that still hold it (DDP's reducer, in reference cycles) go
+    first, then the group."""
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it
         if tuple(map(int, torch.__version__.split(".")[:2])) < (2, 8):

@@ -255,8 +255,8 @@ def main() -> None:
         f"linear evaluation of {path}: top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}% "
         f"on {total} held-out images (backbone unchanged)"
     )
-    leave()
 
 
 if __name__ == "__main__":
     main()
+    leave()  # after main: its models let go of the process group

@@ -243,10 +243,10 @@ def main(version: str = "v2") -> None:
                 log.write({"step": step, "epoch": epoch, "knn_top1": round(value, 2)})
             save_checkpoint(out, state_of(pieces), meta, step, env, args.keep)
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
-    leave()
     if lock is not None:
         lock.close()
 
 
 if __name__ == "__main__":
     main("v2")
+    leave()  # after main: its models let go of the process group

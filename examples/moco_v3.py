@@ -316,10 +316,10 @@ def main() -> None:
                 log.write({"step": step, "epoch": epoch, "knn_top1": round(value, 2)})
             save_checkpoint(out, states(pieces), meta, step, env, args.keep)  # collectives: --fsdp
     report(step, knn.final(step), baseline, out, env)  # the kNN of the weights at the stop
-    leave()
     if lock is not None:
         lock.close()
 
 
 if __name__ == "__main__":
     main()
+    leave()  # after main: its models let go of the process group

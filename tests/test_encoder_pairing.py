@@ -141,6 +141,20 @@ def test_buffers_replaced_on_the_key_side_are_followed() -> None:
     assert torch.equal(cast(torch.Tensor, key.bn1.running_mean), torch.full((8,), 1.5))
 
 
+@pytest.mark.parametrize("buffers", ["copy", "ema"])
+def test_a_buffer_mismatch_raises_before_anything_is_written(buffers: str) -> None:
+    online = SmallCNN()
+    enc = MomentumEncoder(online, buffers=buffers)  # type: ignore[arg-type]
+    key = cast(SmallCNN, enc.key_encoder)
+    before = {k: v.clone() for k, v in key.state_dict().items()}
+    perturb_(online)
+    online.bn1.register_buffer("running_mean", torch.zeros(3))  # reshaped online only
+    with pytest.raises(ValueError, match=r"buffer 'bn1.running_mean' has shape \(3,\) online"):
+        enc.update()
+    for name, value in key.state_dict().items():  # the parameters were not averaged either
+        assert torch.equal(value, before[name]), name
+
+
 def test_online_setter_repairs_and_never_registers() -> None:
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     enc = MomentumEncoder(a)

@@ -28,31 +28,12 @@ def _loaded(modules: str | tuple[str, ...], name: str) -> Any:
     return None
 
 
-def reshard_fsdp(*models: torch.nn.Module) -> bool:
-    """Reshard every FSDP2 module of ``models``: the parameters are then the sharded
-    ``DTensor`` shards that the update writes, and the next forward gathers them anew.
-
-    A no-grad forward leaves a root module with ``reshard_after_forward=False`` (the
-    default for the root) unsharded; its next forward would reuse those gathered
-    weights, stale after an update. Resharding is local (no collective); it is a no-op
-    on a module already resharded, and is skipped under ``torch.compile``. Returns
-    whether there was any FSDP2 module."""
+def fsdp2_modules(*models: torch.nn.Module) -> list[Any]:
+    """The modules of ``models`` that FSDP2's ``fully_shard`` sharded."""
     fsdp_module = _loaded(_FSDP2, "FSDPModule")
-    if fsdp_module is None or torch.compiler.is_compiling():
-        return False
-    found = False
-    for model in models:
-        for module in model.modules():
-            if isinstance(module, fsdp_module):
-                module.reshard()
-                found = True
-    return found
-
-
-def is_fsdp2(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` was sharded by FSDP2's ``fully_shard``."""
-    fsdp_module = _loaded(_FSDP2, "FSDPModule")
-    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+    if fsdp_module is None:
+        return []
+    return [m for model in models for m in model.modules() if isinstance(m, fsdp_module)]
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

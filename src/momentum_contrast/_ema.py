@@ -46,11 +46,10 @@ def check_momentum(value: object, devices: set[torch.device]) -> float | torch.T
             f"momentum must be a float32 or float64 tensor, got {value.dtype}, which cannot "
             "hold 1 - m precisely"
         )
-    for device in devices:
-        if value.device != device:
-            raise ValueError(
-                f"momentum must be on the parameters' device {device}, got {value.device}"
-            )
+    if wrong := devices - {value.device}:
+        raise ValueError(
+            f"momentum must be on the parameters' device {next(iter(wrong))}, got {value.device}"
+        )
     return value
 
 

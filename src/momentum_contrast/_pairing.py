@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from momentum_contrast._dtensor import describe_layout, is_dtensor, layout, local, reshard_fsdp
+from momentum_contrast._dtensor import (
+    describe_layout,
+    fsdp2_modules,
+    is_dtensor,
+    layout,
+    local,
+    refuse_fsdp1,
+)
 
 Named = list[tuple[str, torch.Tensor]]
 Group = tuple[list[torch.Tensor], list[torch.Tensor]]  # (key tensors, online tensors)
@@ -36,20 +43,17 @@ class Pairs:
 def walk(model: nn.Module, kind: str) -> Named:
     """Every name of every tensor: a tied tensor once per name (no de-duplicating set of
     tensors, which costs a Python ``__hash__`` per tensor; the pairing drops repeats)."""
-    if kind == "parameter":
-        return list(model.named_parameters(remove_duplicate=False))
-    return list(model.named_buffers(remove_duplicate=False))
+    named = model.named_parameters if kind == "parameter" else model.named_buffers
+    return list(named(remove_duplicate=False))
 
 
 def memo_of(online: Named, key: Named, sharded: bool) -> tuple[object, ...]:
     """Names, tensor objects (by id: `Pairs.held` keeps them, so no id is reused), data
     addresses and sizes of both walks (local shards' for ``DTensor``s: FSDP2 may re-pad one)."""
-    online_names, online_tensors = zip(*online, strict=True) if online else ((), ())
-    key_names, key_tensors = zip(*key, strict=True) if key else ((), ())
-    tensors = online_tensors + key_tensors
+    names, tensors = zip(*online, *key, strict=True) if online or key else ((), ())
     data = tuple(map(local, tensors)) if sharded else tensors
     numels = tuple(map(_numel, data))  # a view swapped in at the same address: (16,) -> (1,)
-    return (online_names, key_names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)), numels)
+    return (len(online), names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)), numels)
 
 
 _data_ptr, _numel = torch.Tensor.data_ptr, torch.Tensor.numel
@@ -64,8 +68,10 @@ def current(
 ) -> Pairs:
     """``cached`` if both walks find what it was built from, else a new, checked pairing.
 
-    FSDP2 modules left unsharded (a root after a no-grad forward) show other tensors than
-    the sharded ones: they are resharded, and the models walked again."""
+    FSDP2 modules left unsharded (a root after a no-grad forward, whose next forward would
+    reuse the gathered weights, stale after an update) show other tensors than the sharded
+    shards that the update writes: they are resharded (locally, no collective) and the
+    models walked again. FSDP1 is refused whenever the pairing is rebuilt."""
     online_named, key_named = walk(online, kind), walk(key, kind)
     compiling = torch.compiler.is_compiling()  # traced once: Dynamo guards the structure
     if compiling:
@@ -73,9 +79,14 @@ def current(
     for attempt in range(2):
         if cached is not None and memo_of(online_named, key_named, cached.sharded) == cached.memo:
             return cached
-        if attempt or kind != "parameter" or not reshard_fsdp(online, key):
+        fsdp2 = fsdp2_modules(online, key) if kind == "parameter" and not attempt else []
+        if not fsdp2:
             break
+        for module in fsdp2:
+            module.reshard()
         online_named, key_named = walk(online, kind), walk(key, kind)
+    refuse_fsdp1(online)  # wrapped in FSDP1 after construction: say so
+    refuse_fsdp1(key)
     return pair_by_name(kind, online_named, key_named, ema_dtype, compiling)
 
 
@@ -84,10 +95,6 @@ def ema_follows(online: torch.dtype, ema_dtype: torch.dtype) -> bool:
     dtype, or bfloat16/float16 ones in float32 (its forward autocasts to them)."""
     low = (torch.bfloat16, torch.float16)
     return online == ema_dtype or (ema_dtype == torch.float32 and online in low)
-
-
-def _expected_dtype(online: torch.Tensor, ema_dtype: torch.dtype | None) -> torch.dtype:
-    return ema_dtype if ema_dtype is not None and online.is_floating_point() else online.dtype
 
 
 def _shared(online: Named, key: Named) -> list[str]:
@@ -118,16 +125,17 @@ def pair_by_name(
         problems.append(f"{kind}s the key encoder does not have: {added}")
     for name in sorted(key.keys() & online.keys()):
         k, o = key[name], online[name]
+        averaged = ema_dtype is not None and o.is_floating_point()
         for what, kv, ov in (
             ("shape", tuple(k.shape), tuple(o.shape)),
-            ("dtype", k.dtype, _expected_dtype(o, ema_dtype)),
+            ("dtype", k.dtype, ema_dtype if averaged else o.dtype),
             ("device", k.device, o.device),
             ("layout", describe_layout(layout(k)), describe_layout(layout(o))),
         ):
             if kv != ov:
                 want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} (ema_dtype)"
                 problems.append(f"{kind} {name!r} has {what} {want} but {kv} in the key encoder")
-        if ema_dtype is not None and o.is_floating_point() and not ema_follows(o.dtype, ema_dtype):
+        if averaged and not ema_follows(o.dtype, ema_dtype):  # type: ignore[arg-type]
             problems.append(f"{kind} {name!r} is {o.dtype} online, which ema_dtype cannot follow")
     if not compiling and (shared := _shared(online_named, key_named)):
         problems.append(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import operator
@@ -15,8 +14,8 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from momentum_contrast._casts import keeping_dtype
-from momentum_contrast._checks import check_choice, check_real, check_unit_interval
-from momentum_contrast._dtensor import is_fsdp2, refuse_fsdp1
+from momentum_contrast._checks import check_choice, check_positive, check_real, check_unit_interval
+from momentum_contrast._dtensor import fsdp2_modules, refuse_fsdp1
 from momentum_contrast._ema import check_momentum, lerp_
 from momentum_contrast._pairing import Pairs, current, ema_follows
 
@@ -160,15 +159,12 @@ class MomentumEncoder(nn.Module):
         self.ema_dtype = ema_dtype
         base = unwrap_model(online)
         self.__dict__["_online"] = base  # a reference, not a submodule
-        try:
-            key_encoder = copy.deepcopy(base)
-        except (AssertionError, RuntimeError) as e:  # FSDP2 refuses deepcopy of a sharded model
-            if not is_fsdp2(base):
-                raise
+        if fsdp2_modules(base):  # a sharded model cannot be copied
             raise TypeError(
                 "MomentumEncoder: cannot copy a model already sharded by fully_shard; build "
                 "the MomentumEncoder first, then fully_shard the online model and .key_encoder"
-            ) from e
+            )
+        key_encoder = copy.deepcopy(base)
         if ema_dtype is not None:
             for name, t in [*key_encoder.named_parameters(), *key_encoder.named_buffers()]:
                 _check_ema_dtype(ema_dtype, name, t.dtype)
@@ -198,13 +194,12 @@ class MomentumEncoder(nn.Module):
     def online(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(model).__name__}")
-        refuse_fsdp1(model)
         previous, self.__dict__["_online"] = self.online, unwrap_model(model)
         try:
             self._pairs = {}
             for kind in ("parameter",) if self.buffers_mode == "own" else ("parameter", "buffer"):
                 self._paired(kind)
-        except ValueError:
+        except (TypeError, ValueError):
             self.__dict__["_online"], self._pairs = previous, {}
             raise
 
@@ -222,23 +217,17 @@ class MomentumEncoder(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the key encoder under ``torch.no_grad()`` (same signature as ``online``)."""
-        with torch.no_grad(), self._autocast() as dtype:
+        # with ema_dtype: autocast to the online model's dtype where it is narrower
+        first = next((p for p in self.online.parameters() if p.is_floating_point()), None)
+        if self.ema_dtype is None or first is None or first.dtype == self.ema_dtype:
+            with torch.no_grad():
+                return self.key_encoder(*args, **kwargs)
+        with torch.no_grad(), torch.autocast(first.device.type, dtype=first.dtype):
             out = self.key_encoder(*args, **kwargs)
-        if dtype is None:
-            return out
+        dtype = first.dtype
         return tree_map_only(
             torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, out
         )
-
-    @contextlib.contextmanager
-    def _autocast(self) -> Any:
-        """With ``ema_dtype``: autocast to the online model's dtype where it is narrower."""
-        first = next((p for p in self.online.parameters() if p.is_floating_point()), None)
-        if self.ema_dtype is None or first is None or first.dtype == self.ema_dtype:
-            yield None
-            return
-        with torch.autocast(first.device.type, dtype=first.dtype):
-            yield first.dtype
 
     @torch.no_grad()
     def update(self, momentum: float | torch.Tensor | None = None) -> None:
@@ -265,41 +254,27 @@ class MomentumEncoder(nn.Module):
             ...     encoder.update(m)
         """
         pairs = self._paired("parameter")
+        # (average?, group): buffers are paired before anything is written
+        work = [(True, group) for group in pairs.groups]
+        if self.buffers_mode != "own":
+            average = self.buffers_mode == "ema"
+            work += [(average, group) for group in self._paired("buffer").groups]
         m: float | torch.Tensor = self.momentum
         if momentum is not None:
             m = check_momentum(momentum, {keys[0].device for keys, _ in pairs.groups})
         if not torch.compiler.is_compiling():
             self._warn_if_misused(pairs)
         weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
-        for keys, onlines in pairs.groups:
-            if keys[0].is_floating_point():
+        for average, (keys, onlines) in work:
+            if average and keys[0].is_floating_point():
                 lerp_(keys, onlines, weight)
-            else:
-                torch._foreach_copy_(keys, onlines)  # integer parameters: copied
-        if self.buffers_mode == "own":
-            return
-        for keys, onlines in self._paired("buffer").groups:
-            if self.buffers_mode == "ema" and keys[0].is_floating_point():
-                lerp_(keys, onlines, weight)
-            else:
+            else:  # integer tensors, and buffers="copy"
                 torch._foreach_copy_(keys, onlines)
 
     def _paired(self, kind: str) -> Pairs:
         """The pairing of ``kind`` tensors, checked against both models."""
-        try:
-            pairs = current(
-                kind,
-                self._pairs.get(kind),
-                self.online,
-                unwrap_model(self.key_encoder),
-                self.ema_dtype,
-            )
-        except ValueError:
-            refuse_fsdp1(self.online)  # wrapped in FSDP1 after construction: say so
-            refuse_fsdp1(self.key_encoder)
-            raise
-        if pairs is not self._pairs.get(kind) and not torch.compiler.is_compiling():
-            refuse_fsdp1(self.online)  # checked eagerly: torch 2.5's Dynamo cannot trace it
+        key_encoder = unwrap_model(self.key_encoder)
+        pairs = current(kind, self._pairs.get(kind), self.online, key_encoder, self.ema_dtype)
         self._pairs[kind] = pairs
         return pairs
 
@@ -309,37 +284,31 @@ class MomentumEncoder(nn.Module):
         version counters; once a step was seen to move them, an update that finds them
         where the previous one left them had no step before it. (A fused optimizer moves
         no counter: with one, nothing is learned and nothing is said.)"""
-        versions = tuple(map(_version, pairs.onlines))
-        misplaced = False
-        if self._last_versions is not None:
-            if versions != self._last_versions:
-                self._steps_move_versions = True
-            else:
-                misplaced = self._steps_move_versions
+        versions, last = tuple(map(_version, pairs.onlines)), self._last_versions
+        self._steps_move_versions |= last is not None and versions != last
         self._last_versions = versions
-        low = [k[0].dtype for k, _ in pairs.groups if k[0].dtype in (torch.bfloat16, torch.float16)]
-        if misplaced and not self._warned_misplaced:
+        if versions == last and self._steps_move_versions and not self._warned_misplaced:
             self._warned_misplaced = True
-        elif low and not self._warned_low:
-            self._warned_low, misplaced = True, False
-        else:
-            return
-        if misplaced:
-            message = (
+            warnings.warn(
                 "MomentumEncoder.update() ran again with the online model unchanged since the "
                 "previous update (no optimizer step in between): the momentum compounds to "
                 "m**2. Call it once per optimizer step: after optimizer.step(); in Lightning, "
                 "in an optimizer_step override, not on_train_batch_end; in Accelerate, under "
                 "`if accelerator.sync_gradients:`. (A step that a GradScaler skipped after an "
-                "fp16 overflow looks the same: then ignore this.)"
+                "fp16 overflow looks the same: then ignore this.)",
+                RuntimeWarning,
+                stacklevel=4,  # the caller of update()
             )
-        else:
-            message = (
+        low = [k[0].dtype for k, _ in pairs.groups if k[0].dtype in (torch.bfloat16, torch.float16)]
+        if low and not self._warned_low:
+            self._warned_low = True
+            warnings.warn(
                 f"MomentumEncoder: the key encoder is {low[0]}, too coarse for a moving average "
                 "(most steps (1 - m) * (online - key) round away and the key encoder stalls); "
-                "build it with ema_dtype=torch.float32"
+                "build it with ema_dtype=torch.float32",
+                RuntimeWarning,
+                stacklevel=4,
             )
-        warnings.warn(message, RuntimeWarning, stacklevel=4)  # the caller of update()
 
     def extra_repr(self) -> str:
         dtype = "" if self.ema_dtype is None else f", ema_dtype={self.ema_dtype}"
@@ -390,9 +359,7 @@ def cosine_momentum(
         >>> cosine_momentum(0, 100), cosine_momentum(50, 100), cosine_momentum(100, 100)
         (0.99, 0.995, 1.0)
     """
-    total = check_real("total_steps", total_steps)
-    if not total > 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    total = check_positive("total_steps", total_steps)
     s = check_real("step", step)
     if not 0 <= s <= total:
         raise ValueError(f"step must be in [0, total_steps={total_steps}], got {step}")

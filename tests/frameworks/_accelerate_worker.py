@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from _leave import leave_process_group
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
@@ -182,11 +183,10 @@ def main() -> None:
     ddp_leaves_the_queue_alone(res)
     resume_is_exact(res, str(out / "checkpoint"))
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(res))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # never at import (pytest's doctest collection imports it)
     torch.set_num_threads(1)
     faulthandler.dump_traceback_later(150, exit=True)  # a hang ends with every thread's stack
     main()
+    leave_process_group()

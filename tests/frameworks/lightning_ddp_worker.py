@@ -131,3 +131,6 @@ def main(out_dir: Path) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(Path(sys.argv[1]))
+    from _leave import leave_process_group
+
+    leave_process_group()

@@ -90,11 +90,27 @@ def current(
     return pair_by_name(kind, online_named, key_named, ema_dtype, compiling)
 
 
-def ema_follows(online: torch.dtype, ema_dtype: torch.dtype) -> bool:
-    """Whether a key encoder in ``ema_dtype`` can follow ``online`` weights: of its own
-    dtype, or bfloat16/float16 ones in float32 (its forward autocasts to them)."""
-    low = (torch.bfloat16, torch.float16)
-    return online == ema_dtype or (ema_dtype == torch.float32 and online in low)
+def ema_dtype_problem(name: str, online: torch.dtype, ema_dtype: torch.dtype) -> str | None:
+    """Why a key encoder in ``ema_dtype`` cannot follow the floating ``online`` weight
+    ``name``, or ``None``: it follows weights of its own dtype, and bfloat16/float16 ones in
+    float32 (its forward autocasts to them). Float16 for bfloat16 weights would turn 1e5
+    into inf, and float64 for float32 ones has no autocast to run them."""
+    if online == ema_dtype or (ema_dtype == torch.float32 and online in _LOW):
+        return None
+    wide, narrow = torch.finfo(ema_dtype), torch.finfo(online)
+    if wide.eps > narrow.eps or wide.max < narrow.max or wide.tiny > narrow.tiny:
+        return (
+            f"ema_dtype {ema_dtype} has less range or precision than {name!r} ({online}); "
+            "use torch.float32 (or torch.float64 for float64 parameters)"
+        )
+    return (
+        f"ema_dtype {ema_dtype} cannot follow {name!r} ({online}): the key encoder's forward "
+        "autocasts to the weights' dtype, which exists for bfloat16 and float16 only; use "
+        "torch.float32 for those, or the weights' own dtype"
+    )
+
+
+_LOW = (torch.bfloat16, torch.float16)
 
 
 def _shared(online: Named, key: Named) -> list[str]:
@@ -135,8 +151,8 @@ def pair_by_name(
             if kv != ov:
                 want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} (ema_dtype)"
                 problems.append(f"{kind} {name!r} has {what} {want} but {kv} in the key encoder")
-        if averaged and not ema_follows(o.dtype, ema_dtype):  # type: ignore[arg-type]
-            problems.append(f"{kind} {name!r} is {o.dtype} online, which ema_dtype cannot follow")
+        if averaged and (problem := ema_dtype_problem(name, o.dtype, ema_dtype)):  # type: ignore[arg-type]
+            problems.append(problem)
     if not compiling and (shared := _shared(online_named, key_named)):
         problems.append(
             f"the key encoder shares these {kind}s' memory with the online model (an update "

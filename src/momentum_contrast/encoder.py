@@ -17,7 +17,7 @@ from momentum_contrast._casts import keeping_dtype
 from momentum_contrast._checks import check_choice, check_positive, check_real, check_unit_interval
 from momentum_contrast._dtensor import fsdp2_modules, refuse_fsdp1
 from momentum_contrast._ema import check_momentum, lerp_
-from momentum_contrast._pairing import Pairs, current, ema_follows
+from momentum_contrast._pairing import Pairs, current, ema_dtype_problem
 
 __all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
 
@@ -167,7 +167,10 @@ class MomentumEncoder(nn.Module):
         key_encoder = copy.deepcopy(base)
         if ema_dtype is not None:
             for name, t in [*key_encoder.named_parameters(), *key_encoder.named_buffers()]:
-                _check_ema_dtype(ema_dtype, name, t.dtype)
+                if t.is_floating_point() and (
+                    problem := ema_dtype_problem(name, t.dtype, ema_dtype)
+                ):
+                    raise ValueError(problem)
             key_encoder.to(ema_dtype)
         self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
@@ -316,24 +319,6 @@ class MomentumEncoder(nn.Module):
 
 
 _version = operator.attrgetter("_version")
-
-
-def _check_ema_dtype(ema_dtype: torch.dtype, name: str, dtype: torch.dtype) -> None:
-    """``ema_dtype`` must follow ``dtype`` (see `ema_follows`): float16 for bfloat16 weights
-    would turn 1e5 into inf, and float64 for float32 ones has no autocast to run them."""
-    if not dtype.is_floating_point or ema_follows(dtype, ema_dtype):
-        return
-    wide, narrow = torch.finfo(ema_dtype), torch.finfo(dtype)
-    if wide.eps > narrow.eps or wide.max < narrow.max or wide.tiny > narrow.tiny:
-        raise ValueError(
-            f"ema_dtype {ema_dtype} has less range or precision than {name!r} ({dtype}); use "
-            "torch.float32 (or torch.float64 for float64 parameters)"
-        )
-    raise ValueError(
-        f"ema_dtype {ema_dtype} cannot follow {name!r} ({dtype}): the key encoder's forward "
-        "autocasts to the weights' dtype, which exists for bfloat16 and float16 only; use "
-        "torch.float32 for those, or the weights' own dtype"
-    )
 
 
 def cosine_momentum(

@@ -12,16 +12,8 @@ import torch
 from torch import nn
 
 from momentum_contrast.convert._layouts import is_key_path, rename, select_backbone
-from momentum_contrast.convert._sources import LayoutError, State, checkpoint_kind, read_checkpoint
-from momentum_contrast.convert._spec import (
-    ModelSpec,
-    count,
-    module_heads,
-    recorded_heads,
-    resolve_heads,
-    vit_shape,
-    vit_spec,
-)
+from momentum_contrast.convert._sources import LayoutError, State, read_checkpoint
+from momentum_contrast.convert._spec import ModelSpec, count, module_heads, recorded_heads, vit_spec
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 
 __all__ = ["backbone_spec", "backbone_state_dict"]
@@ -44,8 +36,7 @@ def _open(
         raise TypeError(
             f"source must be a path, a checkpoint dict or an nn.Module, got {type(source).__name__}"
         )
-    ckpt = read_checkpoint(source)
-    checkpoint_kind(ckpt)  # a one-line error for a dict that is no checkpoint
+    ckpt = read_checkpoint(source)[0]  # its kind: a one-line error for a dict that is no checkpoint
     return ckpt, None, encoder, "the checkpoint" if isinstance(source, Mapping) else str(source)
 
 
@@ -89,22 +80,8 @@ def convert_backbone(
             backbone = module
         pool, record = getattr(backbone, "global_pool", None), module_heads(backbone, what)
     timm_names = rename(found.state, found.family, "timm", what)
-    shape = vit_shape(timm_names, pool if isinstance(pool, str) else None, what)
-    if to == "torchvision" and (shape["pool"] != "token" or shape["fc_norm"]):
-        raise LayoutError(
-            f"{what} is a timm ViT with global_pool={shape['pool']!r}"
-            f"{', with fc_norm' if shape['fc_norm'] else ''}: torchvision's VisionTransformer "
-            "takes the class token after its final norm, so its features would differ "
-            "(convert --to timm instead)"
-        )
-    if to == "torchvision" and shape["no_embed_class"]:
-        raise LayoutError(
-            f"{what}: pos_embed has no row for the class token (timm's no_embed_class=True): "
-            "torchvision's ViT cannot take it"
-        )
-    state = rename(found.state, found.family, to, what)
-    heads = resolve_heads(num_heads, record, shape["dim"], what)
-    return state, vit_spec(shape, heads, to, what), what
+    spec = vit_spec(timm_names, pool, num_heads, record, to, what)
+    return rename(found.state, found.family, to, what), spec, what
 
 
 def backbone_state_dict(

@@ -14,9 +14,7 @@ from momentum_contrast.convert._sources import (
     OFFICIAL_PREFIXES,
     LayoutError,
     State,
-    checkpoint_kind,
     flatten,
-    official_root,
     read_checkpoint,
 )
 from momentum_contrast.convert._spec import module_heads, recorded_heads
@@ -88,11 +86,9 @@ def load_official_checkpoint(
         >>> torch.equal(queue.keys, state["module.queue"].T)  # (dim, K) -> (K, dim)
         True
     """
-    ckpt = read_checkpoint(source)
-    kind = checkpoint_kind(ckpt)
+    ckpt, kind, root = read_checkpoint(source)
     if kind not in OFFICIAL_PREFIXES:
         raise LayoutError(f"not a MoCo authors' checkpoint (this is a {kind} checkpoint)")
-    root = (official_root(ckpt) or ("", ""))[1]
     state, others = flatten(ckpt["state_dict"])
     if others:
         name, value = next(iter(others.items()))

@@ -51,12 +51,8 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def read_checkpoint(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
-    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors; a dict
-    that is already loaded, as it is."""
-    if isinstance(source, Mapping):
-        return source
-    path = Path(source)
+def _load(path: Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
@@ -95,18 +91,6 @@ def flatten(tree: Mapping[str, Any]) -> tuple[State, dict[str, Any]]:
     return tensors, others
 
 
-def official_root(ckpt: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(kind, root)`` of a MoCo authors' checkpoint (root ``"module."`` or ``""``)."""
-    state = ckpt.get("state_dict")
-    if not isinstance(state, Mapping):
-        return None
-    for kind, prefixes in OFFICIAL_PREFIXES.items():
-        for root in ("module.", ""):
-            if any(k.startswith(root + prefixes["query"]) for k in state):
-                return kind, root
-    return None
-
-
 def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
     """Which kind of MoCo checkpoint this is.
 
@@ -129,16 +113,28 @@ def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
         ...                  "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}})
         'official_v1v2'
     """
-    ckpt = read_checkpoint(checkpoint)
-    for mapping, what in ((ckpt, "the checkpoint"), (ckpt.get("state_dict"), "'state_dict'")):
+    return read_checkpoint(checkpoint)[1]
+
+
+def read_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str, str]:
+    """``(checkpoint, kind, root)`` of a path (loaded with ``torch.load(path,
+    weights_only=True)`` on the CPU) or of a dict already loaded, with one-line errors: its
+    kind, as ``checkpoint_kind`` tells it, and the root of a MoCo authors' ``state_dict``
+    keys (``"module."`` or ``""``; ``""`` for the other kinds)."""
+    ckpt = source if isinstance(source, Mapping) else _load(Path(source))
+    state = ckpt.get("state_dict")
+    for mapping, what in ((ckpt, "the checkpoint"), (state, "'state_dict'")):
         if isinstance(mapping, Mapping) and (bad := [k for k in mapping if not isinstance(k, str)]):
             raise LayoutError(f"{what} has a key that is not a string: {bad[0]!r}")
     if "recipe" in ckpt and isinstance(ckpt.get("model"), Mapping):
-        return "project"
-    if (official := official_root(ckpt)) is not None:
-        return official[0]
+        return ckpt, "project", ""
+    keys = list(state) if isinstance(state, Mapping) else []
+    for kind, prefixes in OFFICIAL_PREFIXES.items():
+        for root in ("module.", ""):
+            if any(k.startswith(root + prefixes["query"]) for k in keys):
+                return ckpt, kind, root
     if flatten(ckpt)[0]:
-        return "state_dict"
+        return ckpt, "state_dict", ""
     found = ", ".join(f"{k!r}" for k in list(ckpt)[:6]) or "an empty dict"
     raise LayoutError(
         "unknown checkpoint layout: expected a state dict (possibly nested, e.g. this "

@@ -143,10 +143,20 @@ def resolve_heads(
     return num_heads
 
 
-def vit_shape(state: State, pool: str | None, what: str) -> dict[str, Any]:
-    """Width, depth, patch, image size, channels and options of a ViT, from its tensors
-    named as timm names them; its pooling: ``pool`` (a timm module's ``global_pool``),
-    else timm's default for them.
+def vit_spec(
+    state: State,
+    pool: object,
+    num_heads: int | None,
+    record: tuple[int, str] | None,
+    to: str,
+    what: str,
+) -> ModelSpec:
+    """``torchvision.models.VisionTransformer(...)`` with every size given by name, or
+    ``timm.create_model(name, num_classes=0, num_heads=..., ...)``: the timm name of this
+    width and every argument that differs from its defaults (heads always), for the ViT of
+    ``state`` (named as timm names it). Width, depth, patch, image size, channels and
+    options come from its tensors; its pooling is ``pool`` (a timm module's
+    ``global_pool``) if a str, else timm's default for them; its heads, see ``resolve_heads``.
 
     A class token has its own position row unless the rows alone form a square grid
     (timm's ``no_embed_class=True``): a grid of ``g * g`` patches and one more row never do.
@@ -157,7 +167,8 @@ def vit_shape(state: State, pool: str | None, what: str) -> dict[str, Any]:
             "registers, ...) whose create_model arguments are not known here"
         )
     conv = state["patch_embed.proj.weight"]
-    if conv.shape[-1] != conv.shape[-2]:
+    dim, in_chans, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
+    if patch != conv.shape[-2]:
         raise LayoutError(f"{what}: the patches are not square ({tuple(conv.shape[-2:])})")
     if (pos := state.get("pos_embed")) is None:
         raise LayoutError(f"{what}: a ViT without a learned or fixed position embedding")
@@ -166,47 +177,48 @@ def vit_shape(state: State, pool: str | None, what: str) -> dict[str, Any]:
     grid = rows - int(class_token and not no_embed_class)
     if math.isqrt(grid) ** 2 != grid:
         raise LayoutError(f"{what}: {grid} patch positions are not a square grid")
-    return {
-        "dim": conv.shape[0], "in_chans": conv.shape[1], "patch": conv.shape[-1],
-        "image": math.isqrt(grid) * conv.shape[-1],
-        "depth": len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}),
-        "mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0],
-        "class_token": class_token, "no_embed_class": no_embed_class,
-        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-        "fc_norm": fc_norm, "norm": "norm.weight" in state,
-        "pool": pool if pool is not None else "avg" if fc_norm or not class_token else "token",
-    }  # fmt: skip
-
-
-def vit_spec(shape: Mapping[str, Any], heads: int, to: str, what: str) -> ModelSpec:
-    """``torchvision.models.VisionTransformer(...)`` with every size given by name, or
-    ``timm.create_model(name, num_classes=0, num_heads=..., ...)``: the timm name of this
-    width and every argument that differs from its defaults (heads always)."""
+    depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+    if not isinstance(pool, str):
+        pool = "avg" if fc_norm or not class_token else "token"
+    if to == "torchvision" and (pool != "token" or fc_norm):
+        raise LayoutError(
+            f"{what} is a timm ViT with global_pool={pool!r}"
+            f"{', with fc_norm' if fc_norm else ''}: torchvision's VisionTransformer "
+            "takes the class token after its final norm, so its features would differ "
+            "(convert --to timm instead)"
+        )
+    if to == "torchvision" and no_embed_class:
+        raise LayoutError(
+            f"{what}: pos_embed has no row for the class token (timm's no_embed_class=True): "
+            "torchvision's ViT cannot take it"
+        )
+    heads = resolve_heads(num_heads, record, dim, what)
+    image = math.isqrt(grid) * patch
     if to == "torchvision":
-        if shape["in_chans"] != 3:
+        if in_chans != 3:
             raise LayoutError(f"{what}: torchvision's VisionTransformer takes 3 input channels")
         kwargs = {
-            "image_size": shape["image"], "patch_size": shape["patch"],
-            "num_layers": shape["depth"], "num_heads": heads,
-            "hidden_dim": shape["dim"], "mlp_dim": shape["mlp_dim"],
+            "image_size": image, "patch_size": patch, "num_layers": depth, "num_heads": heads,
+            "hidden_dim": dim, "mlp_dim": mlp_dim,
         }  # fmt: skip
         return ModelSpec("torchvision.models.VisionTransformer", (), kwargs)
-    if not shape["norm"] and not shape["fc_norm"]:
+    if "norm.weight" not in state and not fc_norm:
         raise LayoutError(f"{what}: a ViT without a final norm (norm.* or fc_norm.*)")
-    name, depth = _TIMM_BASES.get(shape["dim"], _TIMM_BASES[768])
+    name, base_depth = _TIMM_BASES.get(dim, _TIMM_BASES[768])
     wanted: list[tuple[str, Any, Any]] = [  # (argument, value, the timm name's default)
-        ("img_size", shape["image"], 224),
-        ("patch_size", shape["patch"], 16),
-        ("in_chans", shape["in_chans"], 3),
-        ("embed_dim", shape["dim"], shape["dim"] if shape["dim"] in _TIMM_BASES else 768),
-        ("depth", shape["depth"], depth),
+        ("img_size", image, 224),
+        ("patch_size", patch, 16),
+        ("in_chans", in_chans, 3),
+        ("embed_dim", dim, dim if dim in _TIMM_BASES else 768),
+        ("depth", depth, base_depth),
         ("num_heads", heads, None),  # always stated: the weights cannot tell it
-        ("mlp_ratio", shape["mlp_dim"] / shape["dim"], 4.0),
-        ("qkv_bias", shape["qkv_bias"], True),
-        ("class_token", shape["class_token"], True),
-        ("no_embed_class", shape["no_embed_class"], False),
-        ("global_pool", shape["pool"], "token"),
-        ("fc_norm", shape["fc_norm"], shape["pool"] in ("avg", "avgmax", "max")),
+        ("mlp_ratio", mlp_dim / dim, 4.0),
+        ("qkv_bias", "blocks.0.attn.qkv.bias" in state, True),
+        ("class_token", class_token, True),
+        ("no_embed_class", no_embed_class, False),
+        ("global_pool", pool, "token"),
+        ("fc_norm", fc_norm, pool in ("avg", "avgmax", "max")),
     ]
     kwargs = {"num_classes": 0} | {k: v for k, v, default in wanted if v != default}
     return ModelSpec("timm.create_model", (name,), kwargs)

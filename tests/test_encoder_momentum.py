@@ -109,3 +109,27 @@ def test_bad_momentum_is_rejected_and_nothing_changes(
     with pytest.raises(error, match=message):
         enc.update(momentum)  # type: ignore[arg-type]
     assert all(torch.equal(p, before[n]) for n, p in enc.key_encoder.named_parameters())
+
+
+def test_a_momentum_is_checked_against_the_buffers_devices_and_when_set_as_the_default() -> None:
+    class OnlyBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("x", torch.ones(3))
+
+    enc = MomentumEncoder(OnlyBuffer(), buffers="ema")  # no parameter: only buffer groups
+    with pytest.raises(ValueError, match=r"momentum must be on the parameters' device cpu"):
+        enc.update(torch.tensor(0.5, device="meta"))  # a meta multiply writes nothing
+    online = nn.Linear(2, 2)
+    enc = MomentumEncoder(online, 0.5)
+    enc.momentum = 1.5  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 1.5"):
+        enc.update()
+    enc.momentum = torch.tensor(0.5, device="meta")  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"momentum must be on the parameters' device cpu"):
+        enc.update()
+
+
+def test_cosine_momentum_at_extreme_step_counts() -> None:
+    assert cosine_momentum(1e308, 1e308) == 1.0  # pi * step alone would overflow
+    assert cosine_momentum(1e-320, 1e-320) == 1.0

@@ -262,9 +262,9 @@ class MomentumEncoder(nn.Module):
         if self.buffers_mode != "own":
             average = self.buffers_mode == "ema"
             work += [(average, group) for group in self._paired("buffer").groups]
-        m: float | torch.Tensor = self.momentum
-        if momentum is not None:
-            m = check_momentum(momentum, {keys[0].device for keys, _ in pairs.groups})
+        # the default too (an attribute anyone may set), against every group written
+        devices = {keys[0].device for _, (keys, _) in work}
+        m = check_momentum(self.momentum if momentum is None else momentum, devices)
         if not torch.compiler.is_compiling():
             self._warn_if_misused(pairs)
         weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
@@ -350,4 +350,6 @@ def cosine_momentum(
         raise ValueError(f"step must be in [0, total_steps={total_steps}], got {step}")
     b = check_unit_interval("base", base)
     f = check_unit_interval("final", final)
-    return f - (f - b) * (math.cos(math.pi * s / total) + 1.0) / 2.0
+    return (
+        f - (f - b) * (math.cos(math.pi * (s / total)) + 1.0) / 2.0
+    )  # s / total first: no overflow

@@ -58,3 +58,52 @@ def test_symmetric_loss_offsets_and_temperatures() -> None:
         symmetric_contrastive_loss(k, k, q, q, positive_offset=0)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0, got inf"):
         symmetric_contrastive_loss(q, q, q, q, temperature=float("inf"))
+
+
+class ComplexScale(nn.Module):
+    """A complex parameter and a complex buffer beside a real one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        self.real = nn.Parameter(torch.zeros(3))
+        self.register_buffer("phase", torch.zeros(3, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.abs() + self.real
+
+
+@pytest.mark.parametrize("ema_dtype", [None, torch.float32])
+def test_complex_weights_are_averaged_not_copied(ema_dtype: torch.dtype | None) -> None:
+    """They were copied (averaged only if floating); ema_dtype dropped their imaginary part."""
+    online = ComplexScale()
+    if ema_dtype is not None:
+        online.real.data = online.real.data.bfloat16()
+    enc = MomentumEncoder(online, buffers="ema", ema_dtype=ema_dtype)
+    key = enc.key_encoder
+    assert key.scale.dtype == key.get_buffer("phase").dtype == torch.complex64
+    with torch.no_grad():
+        online.scale.fill_(4 + 8j)
+        online.get_buffer("phase").fill_(2j)
+    enc.update(0.75)
+    assert torch.equal(key.scale, torch.full((3,), 1 + 2j, dtype=torch.complex64))
+    assert torch.equal(key.get_buffer("phase"), torch.full((3,), 0.5j, dtype=torch.complex64))
+
+
+def test_a_model_on_the_meta_device_is_not_said_to_share_memory() -> None:
+    with torch.device("meta"):
+        online = nn.Linear(3, 3)
+    enc = MomentumEncoder(online)
+    enc.update()  # raised "shares these parameters' memory": every meta address is 0
+    assert enc.key_encoder.weight.device.type == "meta"
+    enc.key_encoder = online  # a real sharing is still refused, by object
+    with pytest.raises(ValueError, match="shares these parameters' memory"):
+        enc.update()
+
+
+def test_a_forward_after_the_online_model_was_cast_wider_names_the_problem() -> None:
+    online = nn.Linear(4, 2).bfloat16()
+    enc = MomentumEncoder(online, ema_dtype=torch.float32)
+    online.double()  # wider than ema_dtype: autocast to float64 does not exist
+    with pytest.raises(ValueError, match=r"ema_dtype torch.float32 has less range.*'weight'"):
+        enc(torch.randn(2, 4, dtype=torch.float64))

@@ -8,7 +8,7 @@ import torch
 from conftest import SmallCNN, no_host_sync, perturb_
 from torch import nn
 
-from momentum_contrast import MomentumEncoder, _ema, cosine_momentum
+from momentum_contrast import MomentumEncoder, _pairing, cosine_momentum
 
 
 def key_params(enc: MomentumEncoder) -> dict[str, torch.Tensor]:
@@ -68,10 +68,10 @@ def test_tensor_momentum_never_synchronises_and_stays_fused(
 
 def test_temporaries_are_made_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     online = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)).double()  # 64, 8, 24, 3
+    monkeypatch.setattr(_pairing, "_CHUNK_NUMEL", 30)  # the pairing cuts the groups
     enc = MomentumEncoder(online)
     perturb_(online)
     before = key_params(enc)
-    monkeypatch.setattr(_ema, "_CHUNK_NUMEL", 30)
     seen: list[int] = []
     real_sub = torch._foreach_sub
 
@@ -133,3 +133,35 @@ def test_a_momentum_is_checked_against_the_buffers_devices_and_when_set_as_the_d
 def test_cosine_momentum_at_extreme_step_counts() -> None:
     assert cosine_momentum(1e308, 1e308) == 1.0  # pi * step alone would overflow
     assert cosine_momentum(1e-320, 1e-320) == 1.0
+
+
+@pytest.mark.parametrize("momentum", [0.9, "tensor"])
+def test_ema_dtype_widens_in_fused_ops_into_one_bounded_scratch(
+    monkeypatch: pytest.MonkeyPatch, momentum: object
+) -> None:
+    """A float32 key encoder following bfloat16 weights: the onlines are widened by one fused
+    copy per chunk into views of one scratch buffer no larger than a chunk, and the result is
+    the formula in float32 (the bfloat16 onlines are exact in float32)."""
+    online = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)).bfloat16()  # 64, 8, 24, 3
+    monkeypatch.setattr(_pairing, "_CHUNK_NUMEL", 30)
+    enc = MomentumEncoder(online, ema_dtype=torch.float32)
+    enc.update(1.0)  # pairs (and makes the scratch): a key kept as it is
+    perturb_(online)
+    before = key_params(enc)
+    m = torch.tensor(0.9) if momentum == "tensor" else 0.9
+    with no_host_sync(monkeypatch) as rec:
+        enc.update(m)  # type: ignore[arg-type]
+    per_chunk = (
+        ["_foreach_copy_", "_foreach_lerp_"]
+        if momentum != "tensor"
+        else ["_foreach_copy_", "_foreach_sub", "_foreach_mul_", "_foreach_add_"]
+    )
+    assert [op for op in rec.ops if op != "rsub"] == per_chunk * 3  # 64 | 8 | 24 + 3
+    scratch = [s for _, _, group in enc._pairs["parameter"].groups for s in group or []]
+    assert len(scratch) == 4 and len({s.untyped_storage().data_ptr() for s in scratch}) == 1
+    assert scratch[0].untyped_storage().nbytes() == 64 * 4  # the largest chunk, float32
+    for name, p in online.named_parameters():
+        key = dict(enc.key_encoder.named_parameters())[name]
+        assert key.dtype == torch.float32
+        expected = before[name] + 0.1 * (p.detach().float() - before[name])
+        torch.testing.assert_close(key, expected, rtol=0, atol=1e-7)

@@ -1,16 +1,18 @@
-"""The moving-average kernels of `MomentumEncoder.update` (private).
+"""The moving-average kernel of `MomentumEncoder.update` (private).
 
-``lerp_`` does ``key += w * (online - key)`` for lists of tensors, ``w = 1 - m``:
+``lerp_`` does ``key += w * (online - key)`` for lists of tensors, ``w = 1 - m``, in the
+keys' dtype (the increment alone is rounded, as in a lerp: ``m * key + w * online`` would
+round the whole key twice a step):
 
-* a Python float ``w`` and one dtype: one fused ``torch._foreach_lerp_``;
+* onlines narrower than the keys (a float32 key encoder following a bfloat16 model) are
+  first widened into a scratch of the keys' dtype: one fused copy, where arithmetic across
+  dtypes would run tensor by tensor;
+* a Python float ``w``: one fused ``torch._foreach_lerp_``;
 * a 0-d tensor ``w`` on the parameters' device (a momentum schedule replayed in a CUDA
-  graph; ``_foreach_lerp_`` would read a tensor weight back to the host), or onlines of a
-  narrower dtype than the keys (a float32 key encoder following a bfloat16 model):
-  ``d = online - key; d *= w; key += d`` with fused multi-tensor ops, in the keys' dtype
-  (the increment alone is rounded, as in a lerp: ``m * key + w * online`` would round the
-  whole key twice a step), the scalar staying on the device. ``d`` is a temporary made
-  chunk by chunk (at most ``_CHUNK_NUMEL`` elements at a time), so a large model never
-  needs a second full copy;
+  graph; ``_foreach_lerp_`` would read a tensor weight back to the host):
+  ``d = online - key; d *= w; key += d`` with fused multi-tensor ops, the scalar staying
+  on the device. ``d`` is a temporary of one group, and the pairing cuts groups into
+  chunks of bounded size, so a large model never needs a second full copy;
 * under ``torch.compile``: one plain expression per tensor, which the compiler fuses and
   which keeps a momentum that changes every step a graph input (a foreach scalar would
   be specialised, recompiling at every new value).
@@ -18,14 +20,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from momentum_contrast._checks import check_unit_interval
 
 Weight = float | torch.Tensor
-_CHUNK_NUMEL = 1 << 25  # elements of temporary per chunk (128 MB in float32)
 
 
 def check_momentum(value: object, devices: set[torch.device]) -> float | torch.Tensor:
@@ -53,35 +52,25 @@ def check_momentum(value: object, devices: set[torch.device]) -> float | torch.T
     return value
 
 
-def _chunks(
-    keys: list[torch.Tensor], onlines: list[torch.Tensor]
-) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    start, size = 0, 0
-    for i, key in enumerate(keys):
-        if size and size + key.numel() > _CHUNK_NUMEL:
-            yield keys[start:i], onlines[start:i]
-            start, size = i, 0
-        size += key.numel()
-    if start < len(keys):
-        yield keys[start:], onlines[start:]
-
-
-def lerp_(keys: list[torch.Tensor], onlines: list[torch.Tensor], weight: Weight) -> None:
+def lerp_(
+    keys: list[torch.Tensor],
+    onlines: list[torch.Tensor],
+    weight: Weight,
+    scratch: list[torch.Tensor] | None = None,
+) -> None:
     """``key += weight * (online - key)`` for every pair, in the keys' dtype (the onlines
-    of one call share a dtype, the keys' or a narrower one, as the pairing groups them)."""
-    if not keys:
-        return
+    of one call share a dtype, the keys' or a narrower one with a ``scratch`` shaped as the
+    keys in their dtype, as the pairing groups them)."""
     if torch.compiler.is_compiling():
         for key, online in zip(keys, onlines, strict=True):
             key.add_((online.to(key.dtype) - key) * weight)
         return
-    if isinstance(weight, float) and keys[0].dtype == onlines[0].dtype:
+    if scratch is not None:  # widened: one dtype from here on
+        torch._foreach_copy_(scratch, onlines)
+        onlines = scratch
+    if isinstance(weight, float):
         torch._foreach_lerp_(keys, onlines, weight)
-        return
-    for ks, os_ in _chunks(keys, onlines):
-        diff = torch._foreach_sub(os_, ks)  # (online - key) in the keys' dtype
-        if isinstance(weight, float):
-            torch._foreach_add_(ks, diff, alpha=weight)
-        else:
-            torch._foreach_mul_(diff, weight)  # a 0-d device tensor: stays on the device
-            torch._foreach_add_(ks, diff)
+    else:
+        diff = torch._foreach_sub(onlines, keys)  # (online - key)
+        torch._foreach_mul_(diff, weight)  # a 0-d device tensor: stays on the device
+        torch._foreach_add_(keys, diff)

@@ -25,13 +25,17 @@ from momentum_contrast._dtensor import (
 )
 
 Named = list[tuple[str, torch.Tensor]]
-Group = tuple[list[torch.Tensor], list[torch.Tensor]]  # (key tensors, online tensors)
+# (key tensors, online tensors, scratch: tensors shaped as the keys, in their dtype, where
+# the onlines are narrower; None where they are not)
+Group = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]
+_CHUNK_NUMEL = 1 << 25  # elements of a group, so of its temporaries (128 MB in float32)
 
 
 @dataclass
 class Pairs:
-    """One walk's tensors grouped by (device, key dtype, online dtype), local shards of
-    ``DTensor``s; ``memo`` tells whether a later walk found the same."""
+    """One walk's tensors grouped by (device, key dtype, online dtype) in chunks of at most
+    ``_CHUNK_NUMEL`` elements, local shards of ``DTensor``s; ``memo`` tells whether a later
+    walk found the same."""
 
     memo: tuple[object, ...]
     groups: list[Group]
@@ -120,9 +124,10 @@ def _shared(online: Named, key: Named) -> list[str]:
     def storage(t: torch.Tensor) -> object:
         t = local(t)
         try:
-            return (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+            address = t.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):  # a subclass without storage
             return None
+        return (t.device, address) if address else None  # 0: no memory (meta, empty)
 
     places = {storage(t) for _, t in online} - {None}
     ids = {id(t) for _, t in online}
@@ -175,7 +180,7 @@ def pair_by_name(
             return (side, id(t))
         return (side, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
-    groups: dict[tuple[object, ...], Group] = {}
+    groups: dict[tuple[object, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     partner: dict[object, object] = {}  # a tensor of either side -> its pair
     for name, o in online_named:
         k = key[name]
@@ -196,4 +201,37 @@ def pair_by_name(
     held = tuple(t for _, t in online_named + key_named)
     sharded = any(map(is_dtensor, held))
     memo = () if compiling else memo_of(online_named, key_named, sharded)
-    return Pairs(memo, list(groups.values()), sharded, held, held[: len(online_named)])
+    chunks = [c for keys, onlines in groups.values() for c in chunked(keys, onlines, compiling)]
+    return Pairs(memo, chunks, sharded, held, held[: len(online_named)])
+
+
+def chunked(keys: list[torch.Tensor], onlines: list[torch.Tensor], compiling: bool) -> list[Group]:
+    """One group in chunks of at most ``_CHUNK_NUMEL`` elements (a larger tensor alone), so
+    that an update's temporaries stay bounded. Onlines narrower than the keys (a float32 key
+    encoder following bfloat16 weights) get a scratch: views of one buffer, shared by the
+    group's chunks, that an update widens them into (arithmetic across dtypes runs tensor by
+    tensor; a copy across dtypes and a lerp within one are fused)."""
+    numels = [k.numel() for k in keys]
+    bounds, size = [0], 0
+    for i, numel in enumerate(numels):
+        if size and size + numel > _CHUNK_NUMEL:
+            bounds.append(i)
+            size = 0
+        size += numel
+    spans = list(zip(bounds, [*bounds[1:], len(keys)], strict=True))
+    if compiling or keys[0].dtype == onlines[0].dtype:  # compiled: no scratch, fused anyway
+        return [(keys[a:b], onlines[a:b], None) for a, b in spans]
+    buffer = torch.empty(
+        max(sum(numels[a:b]) for a, b in spans), dtype=keys[0].dtype, device=keys[0].device
+    )
+    groups: list[Group] = []
+    for a, b in spans:
+        views = torch.split(buffer[: sum(numels[a:b])], numels[a:b])
+        groups.append(
+            (
+                keys[a:b],
+                onlines[a:b],
+                [v.view(k.shape) for v, k in zip(views, keys[a:b], strict=True)],
+            )
+        )
+    return groups

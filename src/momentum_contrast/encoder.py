@@ -27,7 +27,7 @@ BufferMode = Literal["own", "copy", "ema"]
 ``"own"``: the key encoder keeps and updates its own buffers in its forward (the
 papers' reference: BatchNorm statistics of the key encoder are its own); ``"copy"``:
 buffers are copied from the online model at every update; ``"ema"``: floating-point
-buffers are averaged like parameters (integer buffers, such as BatchNorm's
+(and complex) buffers are averaged like parameters (integer buffers, such as BatchNorm's
 ``num_batches_tracked``, are always copied, never averaged).
 
 Examples:
@@ -100,23 +100,30 @@ class MomentumEncoder(nn.Module):
         buffers: what happens to buffers (BatchNorm running statistics) on update.
             ``"own"`` (default, as the papers): the key encoder keeps its own,
             updated by its own forward passes. ``"copy"``: copied from the online
-            model. ``"ema"``: floating-point buffers averaged like parameters.
+            model. ``"ema"``: floating-point (and complex) buffers averaged like parameters.
             Integer buffers (``num_batches_tracked``) are copied, never averaged.
         ema_dtype: ``None`` (default): the key encoder has the online model's dtypes
             and is averaged in them. A bfloat16 or float16 key encoder stalls: most
             steps ``(1 - m) * (online - key)`` are below half its resolution and round
             away, so the first update of one warns. ``torch.float32``: the key encoder's
-            floating parameters and buffers are float32 from construction on, and stay
+            floating parameters and buffers (not complex ones, which keep their dtype and
+            are averaged in it) are float32 from construction on, and stay
             float32 through any cast of a parent module (``.to(torch.bfloat16)``,
             Lightning's ``bf16-true``), which still moves them between devices. They are
             the only state: the average runs on them, ``state_dict()`` saves them and
             any write to them (``load_state_dict``, ``copy_``) is simply the new state.
             The forward runs under ``torch.autocast`` to the online model's dtype (that
             of its first floating parameter) when that is narrower, and floating outputs
-            come out in that dtype; code that mixes dtypes by hand (``out[idx] = y`` into
+            come out in that dtype (tensors and those in tuples, lists, dicts and the other
+            containers known to ``torch.utils._pytree``, such as Hugging Face's
+            ``ModelOutput``; other objects, such as plain dataclasses, are returned as the
+            forward made them); code that mixes dtypes by hand (``out[idx] = y`` into
             a ``zeros_like(x)``) may need the same care as under any autocast. It
             follows bfloat16/float16 weights in float32, or weights of its own dtype;
-            any other pair raises ``ValueError``.
+            any other pair raises ``ValueError`` (at construction, and at the next
+            ``forward`` or ``update`` after a cast of the online model). An update keeps
+            a scratch of at most 2^25 elements in float32 (128 MB), into which it
+            widens the online weights.
 
     Examples:
         >>> import torch
@@ -171,7 +178,9 @@ class MomentumEncoder(nn.Module):
                     problem := ema_dtype_problem(name, t.dtype, ema_dtype)
                 ):
                     raise ValueError(problem)
-            key_encoder.to(ema_dtype)
+            key_encoder._apply(  # type: ignore[no-untyped-call]
+                lambda t: t.to(ema_dtype) if t.is_floating_point() else t  # complex kept
+            )
         self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
@@ -221,13 +230,15 @@ class MomentumEncoder(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the key encoder under ``torch.no_grad()`` (same signature as ``online``)."""
         # with ema_dtype: autocast to the online model's dtype where it is narrower
-        first = next((p for p in self.online.parameters() if p.is_floating_point()), None)
-        if self.ema_dtype is None or first is None or first.dtype == self.ema_dtype:
+        first = next((p for p in self.online.named_parameters() if p[1].is_floating_point()), None)
+        if self.ema_dtype is None or first is None or first[1].dtype == self.ema_dtype:
             with torch.no_grad():
                 return self.key_encoder(*args, **kwargs)
-        with torch.no_grad(), torch.autocast(first.device.type, dtype=first.dtype):
+        name, dtype = first[0], first[1].dtype
+        if problem := ema_dtype_problem(name, dtype, self.ema_dtype):  # cast wider since
+            raise ValueError(f"MomentumEncoder: {problem}")
+        with torch.no_grad(), torch.autocast(first[1].device.type, dtype=dtype):
             out = self.key_encoder(*args, **kwargs)
-        dtype = first.dtype
         return tree_map_only(
             torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, out
         )
@@ -263,14 +274,14 @@ class MomentumEncoder(nn.Module):
             average = self.buffers_mode == "ema"
             work += [(average, group) for group in self._paired("buffer").groups]
         # the default too (an attribute anyone may set), against every group written
-        devices = {keys[0].device for _, (keys, _) in work}
+        devices = {keys[0].device for _, (keys, *_) in work}
         m = check_momentum(self.momentum if momentum is None else momentum, devices)
         if not torch.compiler.is_compiling():
             self._warn_if_misused(pairs)
         weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
-        for average, (keys, onlines) in work:
-            if average and keys[0].is_floating_point():
-                lerp_(keys, onlines, weight)
+        for average, (keys, onlines, scratch) in work:
+            if average and (keys[0].is_floating_point() or keys[0].is_complex()):
+                lerp_(keys, onlines, weight, scratch)
             else:  # integer tensors, and buffers="copy"
                 torch._foreach_copy_(keys, onlines)
 
@@ -302,7 +313,9 @@ class MomentumEncoder(nn.Module):
                 RuntimeWarning,
                 stacklevel=4,  # the caller of update()
             )
-        low = [k[0].dtype for k, _ in pairs.groups if k[0].dtype in (torch.bfloat16, torch.float16)]
+        low = [
+            k[0].dtype for k, *_ in pairs.groups if k[0].dtype in (torch.bfloat16, torch.float16)
+        ]
         if low and not self._warned_low:
             self._warned_low = True
             warnings.warn(

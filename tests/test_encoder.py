@@ -113,7 +113,7 @@ def test_structural_mismatch_raises(change: str) -> None:
     else:
         online.bn2 = nn.Identity()  # type: ignore[assignment]
         expected = "bn2.weight"
-    with pytest.raises(ValueError, match="no longer matches") as err:
+    with pytest.raises(ValueError, match="does not match the key encoder") as err:
         enc.update()
     assert expected in str(err.value)
 

@@ -166,7 +166,7 @@ def test_casts_of_a_parent_keep_the_key_encoder_float32_and_move_it(cast: torch.
 def test_an_ema_dtype_narrower_than_the_parameters_is_refused(
     params: torch.dtype, ema_dtype: torch.dtype
 ) -> None:
-    with pytest.raises(ValueError, match=rf"ema_dtype {ema_dtype} has less range or precision"):
+    with pytest.raises(ValueError, match=rf"ema_dtype {ema_dtype} cannot follow"):
         MomentumEncoder(nn.Linear(4, 4).to(params), ema_dtype=ema_dtype)
 
 
@@ -174,7 +174,7 @@ def test_an_online_model_cast_wider_than_ema_dtype_is_refused_at_update() -> Non
     online = nn.Linear(4, 4)
     enc = MomentumEncoder(online, ema_dtype=torch.float32)
     online.double()
-    match = r"ema_dtype torch.float32 has less range or precision than 'weight' \(torch.float64\)"
+    match = r"ema_dtype torch.float32 cannot follow 'weight' \(torch.float64\)"
     with pytest.raises(ValueError, match=match):
         enc.update()
 
@@ -261,3 +261,12 @@ def test_a_parameter_removed_from_both_models_after_construction_is_followed() -
     state = {k: v for k, v in enc.state_dict().items() if k != "key_encoder.0.bias"}
     result = enc.load_state_dict(state, strict=False)
     assert result.missing_keys == ["key_encoder.0.bias"] and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("buffers", ["own", "ema"])
+def test_a_buffer_ema_dtype_cannot_follow_is_refused_at_construction(buffers: str) -> None:
+    norm = nn.BatchNorm1d(4).bfloat16()
+    norm.running_var = norm.running_var.double()  # an own buffer is cast too: refused alike
+    match = r"ema_dtype torch.float32 cannot follow 'running_var' \(torch.float64\)"
+    with pytest.raises(ValueError, match=match):
+        MomentumEncoder(norm, buffers=buffers, ema_dtype=torch.float32)  # type: ignore[arg-type]

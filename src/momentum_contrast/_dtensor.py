@@ -46,21 +46,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-Layout = tuple[Any, tuple[Any, ...]] | None
-
-
-def layout(t: torch.Tensor) -> Layout:
-    """``None`` for a plain tensor; ``(mesh, placements)`` for a DTensor."""
-    if is_dtensor(t):
-        return (t.device_mesh, tuple(t.placements))  # type: ignore[attr-defined]
-    return None
-
-
-def describe_layout(value: Layout) -> str:
-    if value is None:
+def describe_layout(t: torch.Tensor) -> str:
+    """How ``t`` lies across ranks, as the pairing compares it: a plain tensor, or a
+    DTensor's placements and mesh."""
+    if not is_dtensor(t):
         return "a plain (unsharded) tensor"
-    mesh, placements = value
-    return f"a DTensor {list(placements)} on {mesh}"
+    return f"a DTensor {list(t.placements)} on {t.device_mesh}"  # type: ignore[attr-defined]
 
 
 def refuse_fsdp1(model: torch.nn.Module) -> None:

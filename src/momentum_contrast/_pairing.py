@@ -19,7 +19,6 @@ from momentum_contrast._dtensor import (
     describe_layout,
     fsdp2_modules,
     is_dtensor,
-    layout,
     local,
     refuse_fsdp1,
 )
@@ -101,16 +100,11 @@ def ema_dtype_problem(name: str, online: torch.dtype, ema_dtype: torch.dtype) ->
     into inf, and float64 for float32 ones has no autocast to run them."""
     if online == ema_dtype or (ema_dtype == torch.float32 and online in _LOW):
         return None
-    wide, narrow = torch.finfo(ema_dtype), torch.finfo(online)
-    if wide.eps > narrow.eps or wide.max < narrow.max or wide.tiny > narrow.tiny:
-        return (
-            f"ema_dtype {ema_dtype} has less range or precision than {name!r} ({online}); "
-            "use torch.float32 (or torch.float64 for float64 parameters)"
-        )
     return (
-        f"ema_dtype {ema_dtype} cannot follow {name!r} ({online}): the key encoder's forward "
-        "autocasts to the weights' dtype, which exists for bfloat16 and float16 only; use "
-        "torch.float32 for those, or the weights' own dtype"
+        f"ema_dtype {ema_dtype} cannot follow {name!r} ({online}): a key encoder in ema_dtype "
+        "follows weights of its own dtype, and bfloat16 or float16 weights in torch.float32 "
+        "(its forward autocasts to them); use torch.float32 for bfloat16/float16 weights, "
+        "else the weights' own dtype"
     )
 
 
@@ -151,7 +145,7 @@ def pair_by_name(
             ("shape", tuple(k.shape), tuple(o.shape)),
             ("dtype", k.dtype, ema_dtype if averaged else o.dtype),
             ("device", k.device, o.device),
-            ("layout", describe_layout(layout(k)), describe_layout(layout(o))),
+            ("layout", describe_layout(k), describe_layout(o)),
         ):
             if kv != ov:
                 want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} (ema_dtype)"
@@ -165,7 +159,7 @@ def pair_by_name(
         )
     if problems:
         raise ValueError(
-            "MomentumEncoder: the online model no longer matches the key encoder; "
+            "MomentumEncoder: the online model does not match the key encoder; "
             + "; ".join(problems)
             + ". Move the MomentumEncoder with the model (.to(...)), shard both models "
             "alike (fully_shard with the same mesh), or build a new MomentumEncoder after "

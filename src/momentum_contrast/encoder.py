@@ -173,14 +173,11 @@ class MomentumEncoder(nn.Module):
             )
         key_encoder = copy.deepcopy(base)
         if ema_dtype is not None:
-            for name, t in [*key_encoder.named_parameters(), *key_encoder.named_buffers()]:
-                if t.is_floating_point() and (
-                    problem := ema_dtype_problem(name, t.dtype, ema_dtype)
-                ):
-                    raise ValueError(problem)
             key_encoder._apply(  # type: ignore[no-untyped-call]
                 lambda t: t.to(ema_dtype) if t.is_floating_point() else t  # complex kept
             )
+            for kind in ("parameter", "buffer"):  # a weight ema_dtype cannot follow raises
+                current(kind, None, base, key_encoder, ema_dtype)
         self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)

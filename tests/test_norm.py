@@ -76,6 +76,23 @@ def test_convert_keeps_state_dict_mode_and_grad_flags() -> None:
     assert not model.training and not model.get_parameter("layer1.0.bn1.weight").requires_grad
 
 
+def test_convert_keeps_the_objects_an_optimizer_and_a_sharing_hold() -> None:
+    shared = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), shared, shared)  # one BatchNorm, twice
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    assert convert_split_batchnorm(model, 2) is model
+    assert model[1] is model[2] is shared and isinstance(shared, SplitBatchNorm)
+    assert shared.num_splits == 2
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    model(torch.randn(4, 3, 2, 2)).pow(3).sum().backward()
+    before = shared.weight.detach().clone()
+    optimizer.step()  # the optimizer built before the conversion trains the converted model
+    assert not torch.equal(shared.weight, before)
+    alone = nn.BatchNorm1d(3)
+    assert convert_split_batchnorm(alone, 3) is alone and isinstance(alone, SplitBatchNorm)
+
+
 def test_single_device_shuffle_bn() -> None:
     """batch_shuffle + SplitBatchNorm: per-sample outputs depend on who shares the split."""
     torch.manual_seed(0)

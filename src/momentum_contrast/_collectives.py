@@ -103,7 +103,6 @@ def gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     return gather_with_sizes(x, group)[0]
 
 
-@torch.no_grad()
 def gather_with_sizes(x: torch.Tensor, group: Group = None) -> tuple[torch.Tensor, list[int]]:
     """``concat_all_gather`` that also returns every rank's row count, so that callers
     needing both exchange the sizes once. Every rank checks that all ranks passed the

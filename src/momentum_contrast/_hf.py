@@ -17,13 +17,6 @@ from torch import nn
 __all__ = ["HFFeatures", "hf_features"]
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    classes = type(model).__mro__  # a user's subclass of a transformers model counts
-    return hasattr(model, "config") and any(
-        c.__module__.startswith("transformers.") for c in classes
-    )
-
-
 # Asked of the base model at every forward, whatever its config says (return_dict=False,
 # output_hidden_states=True, ...): a ModelOutput, read by name, without the hidden states
 # and attention maps of every layer (never used here, and kept in memory until the end).
@@ -39,22 +32,6 @@ def _call_flags(model: nn.Module) -> dict[str, bool]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return dict(_CALL_FLAGS)
     return {k: v for k, v in _CALL_FLAGS.items() if k in params}
-
-
-def _masks_patches(model: nn.Module) -> bool:
-    """Whether ``model`` drops a random ``config.mask_ratio`` of its patches at every forward:
-    ViTMAE always does; Hiera's config holds a ``mask_ratio`` too, but only its MAE
-    pre-training model (``is_mae=True`` in its embeddings) masks, never the classifier."""
-    if not (getattr(model.config, "mask_ratio", 0) or 0) > 0:
-        return False
-    modes = [m.is_mae for m in model.modules() if isinstance(getattr(m, "is_mae", None), bool)]
-    return not modes or any(modes)
-
-
-def _learned_pooler(base: nn.Module) -> bool:
-    """A pooler that is a trained projection of the class token (``dense`` + tanh: ViT,
-    DeiT), which classification checkpoints leave untrained: not used."""
-    return isinstance(getattr(getattr(base, "pooler", None), "dense", None), nn.Linear)
 
 
 class HFFeatures(nn.Module):
@@ -74,7 +51,11 @@ class HFFeatures(nn.Module):
 
     def __init__(self, model: nn.Module, dim: int) -> None:
         super().__init__()
-        self.use_pooler = not _learned_pooler(model)
+        # a pooler that is a trained projection of the class token (dense + tanh: ViT, DeiT),
+        # which classification checkpoints leave untrained: not used
+        self.use_pooler = not isinstance(
+            getattr(getattr(model, "pooler", None), "dense", None), nn.Linear
+        )
         if not self.use_pooler:  # a view of the model without it: its parameters would get
             # no gradient, which DistributedDataParallel refuses at the second step
             model = copy.copy(model)
@@ -117,11 +98,16 @@ class HFFeatures(nn.Module):
 
 def hf_features(model: nn.Module) -> tuple[nn.Module, int] | None:
     """``(HFFeatures(base model), C)`` for a ``transformers`` model, else ``None``."""
-    if not _is_transformers_model(model):
+    if not hasattr(model, "config") or not any(  # a user's subclass counts too
+        c.__module__.startswith("transformers.") for c in type(model).__mro__
+    ):
         return None
     config: Any = model.config
     name = type(model).__name__
-    if _masks_patches(model):
+    # ViTMAE drops a random mask_ratio of its patches at every forward; Hiera's config holds a
+    # mask_ratio too, but only its MAE pre-training model (is_mae=True in its embeddings) masks
+    modes = [m.is_mae for m in model.modules() if isinstance(getattr(m, "is_mae", None), bool)]
+    if (getattr(config, "mask_ratio", 0) or 0) > 0 and (not modes or any(modes)):
         raise TypeError(
             f"strip_classifier: {name} masks a random {config.mask_ratio:.0%} of the patches "
             "at every forward (mask_ratio), in eval() too; load it with mask_ratio=0.0"

@@ -10,6 +10,8 @@ samples share a sub-batch; together they are Shuffle-BN for single-GPU training.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -110,11 +112,13 @@ class SplitBatchNorm(_BatchNorm):
 
 
 def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every ``BatchNorm1d/2d/3d`` in ``model`` by a [`SplitBatchNorm`][].
+    """Turn every ``BatchNorm1d/2d/3d`` in ``model`` (``model`` itself too) into a
+    [`SplitBatchNorm`][], in place.
 
-    Weights, running statistics, ``requires_grad`` flags, device, dtype and the
-    train/eval mode are kept, so ``state_dict()`` is unchanged. Modifies ``model``
-    in place and returns it (or the replacement, if ``model`` is itself a BatchNorm).
+    The modules stay the same objects with the same parameters and buffers, so
+    ``state_dict()``, ``requires_grad`` flags, device, dtype and the train/eval mode
+    are unchanged, an optimizer built before stays valid, and a BatchNorm shared by two
+    parents stays shared. Returns ``model``.
 
     Args:
         model: any module.
@@ -130,28 +134,8 @@ def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
     splits = check_positive_int("num_splits", num_splits)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    if isinstance(model, plain) and not isinstance(model, SplitBatchNorm):
-        ref = model.running_mean if model.weight is None else model.weight
-        new = SplitBatchNorm(
-            model.num_features,
-            splits,
-            model.eps,
-            model.momentum,
-            model.affine,
-            model.track_running_stats,
-            device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype,
-        )
-        with torch.no_grad():
-            new.load_state_dict(model.state_dict())
-        if model.affine:
-            new.weight.requires_grad_(model.weight.requires_grad)
-            new.bias.requires_grad_(model.bias.requires_grad)
-        new.train(model.training)
-        return new
-    for name, child in model.named_children():
-        converted = convert_split_batchnorm(child, splits)
-        if converted is not child:
-            setattr(model, name, converted)
+    for module in model.modules():  # each BatchNorm becomes a SplitBatchNorm, tensors and all
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            module.__class__ = SplitBatchNorm  # type: ignore[assignment]  # a subclass of _BatchNorm
+            cast(SplitBatchNorm, module).num_splits = splits
     return model

@@ -15,18 +15,6 @@ from momentum_contrast._checks import check_positive, check_positive_int
 __all__ = ["freeze_patch_embedding", "sincos_position_embedding", "use_sincos_position_embedding"]
 
 
-def _patch_projection(vit: nn.Module) -> nn.Conv2d:
-    proj = getattr(vit, "conv_proj", None)  # torchvision
-    if proj is None:
-        proj = getattr(getattr(vit, "patch_embed", None), "proj", None)  # timm
-    if not isinstance(proj, nn.Conv2d):
-        raise TypeError(
-            f"vit must be a torchvision VisionTransformer (conv_proj) or a timm ViT "
-            f"(patch_embed.proj), got {type(vit).__name__}"
-        )
-    return proj
-
-
 def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
     """Keep the patch projection a fixed random projection (MoCo v3's stability trick).
 
@@ -41,7 +29,14 @@ def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
         >>> vit.conv_proj.weight.requires_grad
         False
     """
-    proj = _patch_projection(vit)
+    proj = getattr(vit, "conv_proj", None)  # torchvision
+    if proj is None:
+        proj = getattr(getattr(vit, "patch_embed", None), "proj", None)  # timm
+    if not isinstance(proj, nn.Conv2d):
+        raise TypeError(
+            f"vit must be a torchvision VisionTransformer (conv_proj) or a timm ViT "
+            f"(patch_embed.proj), got {type(vit).__name__}"
+        )
     if reinit:
         fan = proj.in_channels * math.prod(proj.kernel_size) + proj.out_channels
         bound = math.sqrt(6.0 / fan)
@@ -119,14 +114,12 @@ def use_sincos_position_embedding(vit: nn.Module) -> nn.Module:
         grid = (side, side)
     else:
         pos = getattr(vit, "pos_embed", None)  # timm
-        if not isinstance(pos, torch.Tensor):
+        size = getattr(getattr(vit, "patch_embed", None), "grid_size", None)
+        if not isinstance(pos, torch.Tensor) or size is None:
             raise TypeError(
                 "vit must be a torchvision VisionTransformer (encoder.pos_embedding) or a "
-                f"timm ViT (pos_embed), got {type(vit).__name__}"
+                f"timm ViT (pos_embed, patch_embed.grid_size), got {type(vit).__name__}"
             )
-        size = getattr(getattr(vit, "patch_embed", None), "grid_size", None)
-        if size is None:
-            raise TypeError(f"{type(vit).__name__}.patch_embed has no grid_size")
         grid = (int(size[0]), int(size[1]))
     n_patches = grid[0] * grid[1]
     prefix = pos.shape[1] - n_patches

@@ -184,7 +184,7 @@ except ImportError:
     print("kornia not installed: skipped")
 
 # (c) this library
-variants = [  # the default blur is the matrix-product one on CUDA, the convolution elsewhere
+variants = [  # the blur is two batched matrix products on every device
     ("v2 (defaults: float32 colour ops)", lambda: MoCoV2Augment()),
     ("v2, float16 colour ops", lambda: MoCoV2Augment(dtype=torch.float16)),
     ("v2, float16, compiled colour ops", lambda: MoCoV2Augment(dtype=torch.float16, compile=True)),

@@ -67,13 +67,13 @@ def test_anything_else_is_refused_naming_the_argument(
 def test_out_of_range_values_name_the_view(recipe: type, name: str) -> None:
     with pytest.raises(ValueError) as info:
         recipe(size=8, **{name: (0.5, 1.5)})
-    assert str(info.value) == f"view_two {name} must be a probability in [0, 1], got 1.5"
+    assert str(info.value) == f"view_two {name} must be in [0, 1], got 1.5"
     with pytest.raises(ValueError) as info:
         recipe(size=8, **{name: -0.5})
-    assert str(info.value) == f"view_one {name} must be a probability in [0, 1], got -0.5"
+    assert str(info.value) == f"view_one {name} must be in [0, 1], got -0.5"
     with pytest.raises(ValueError) as info:
         recipe(size=8, **{name: float("nan")})
-    assert str(info.value) == f"view_one {name} must be a probability in [0, 1], got nan"
+    assert str(info.value) == f"view_one {name} must be in [0, 1], got nan"
 
 
 def test_the_reported_calls() -> None:
@@ -112,13 +112,13 @@ def test_a_pair_reaches_the_sampling_of_each_view() -> None:
             "blur_p",
             (1, 0.1),
             TypeError,
-            "view_one blur_p must be a probability (a real number in [0, 1]), got tuple (1, 0.1)",
+            "view_one blur_p must be a real number, got tuple",
         ),
         (
             "flip_p",
             "0.5",
             TypeError,
-            "view_one flip_p must be a probability (a real number in [0, 1]), got str '0.5'",
+            "view_one flip_p must be a real number, got str",
         ),
         ("hue", None, TypeError, "view_one hue must be a real number, got None"),
         (

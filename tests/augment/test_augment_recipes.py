@@ -134,9 +134,9 @@ def test_constructor_arguments_reach_the_views() -> None:
         (
             lambda: MoCoV2Augment(blur_p=-0.1),
             None,
-            "blur_p must be a probability in [0, 1], got -0.1",
+            "blur_p must be in [0, 1], got -0.1",
         ),
-        (lambda: MoCoV1Augment(grayscale_p=1.5), None, "grayscale_p must be a probability"),
+        (lambda: MoCoV1Augment(grayscale_p=1.5), None, "grayscale_p must be in [0, 1]"),
         (lambda: MoCoV3Augment(solarize_p=(0.0, -1.0)), None, "view_two solarize_p"),
         (lambda: MoCoV2Augment(scale=(0.0, 1.0)), None, "scale must satisfy 0 < low <= high <= 1"),
         (

@@ -153,17 +153,6 @@ def is_real(value: object) -> TypeGuard[float]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_probability(name: str, value: object) -> None:
-    """A real number (not a bool, not a tensor) in ``[0, 1]``; ``name`` names it."""
-    if not is_real(value):
-        raise TypeError(
-            f"{name} must be a probability (a real number in [0, 1]), "
-            f"got {type(value).__name__} {value!r:.60}"
-        )
-    if not 0.0 <= value <= 1.0:  # also refuses NaN
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-
-
 def check_per_view(name: str, value: object) -> tuple[float, float]:
     """A recipe's per-view probability: one number for both views, or a pair
     ``(view one, view two)``. Returns the pair; ranges are checked by ``ViewRecipe``."""

@@ -11,8 +11,6 @@ is built with ``compile=True``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
 
 from momentum_contrast.augment._resample import apply_resample
 
@@ -93,37 +91,21 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
     return torch.where(mask, 1.0 - x, x)
 
 
-def gaussian_kernel(
-    sigma: torch.Tensor, x: torch.Tensor, kernel_size: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """``(B, k)`` normalised Gaussian taps at ``-(k-1)/2 ... (k-1)/2``, computed in ``dtype``
-    (after ``sigma`` is cast to ``x``'s dtype) and returned in ``x``'s dtype."""
-    half = kernel_size // 2
-    t = torch.arange(-half, half + 1, device=x.device, dtype=dtype)
-    sig = per_sample(sigma, x, "sigma").view(-1, 1).to(dtype).clamp(min=1e-3)
-    kernel = torch.exp(-0.5 * (t / sig) ** 2)
-    return (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)
-
-
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -> torch.Tensor:
-    """Separable Gaussian blur, per-sample ``sigma``, reflect padding (see ``functional``)."""
+    """Separable Gaussian blur, per-sample ``sigma``, reflect padding (see ``functional``):
+    ``(B, k)`` normalised taps at ``-(k-1)/2 ... (k-1)/2``, computed in float32 (after
+    ``sigma`` is cast to ``x``'s dtype), applied as two batched matrix products."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
-    b, c, h, w = x.shape
     half = kernel_size // 2
-    if half >= min(h, w):
+    if half >= min(x.shape[2], x.shape[3]):
         raise ValueError(f"kernel_size {kernel_size} needs images larger than {half} px")
-    if x.device.type == "cuda":
-        return gaussian_blur_matmul(x, sigma, kernel_size)
-    kernel = gaussian_kernel(sigma, x, kernel_size, x.dtype)
-    kernel = repeat(kernel, "b k -> (b c) 1 k", c=c)  # one filter per channel of each image
-    y = rearrange(x, "b c h w -> 1 (b c) h w")
-    # torch < 2.6 has no float16 reflect padding on the CPU: padding copies, so pad in float32
-    wide = y.float() if y.dtype == torch.float16 else y
-    y = F.pad(wide, (half, half, half, half), mode="reflect").to(y.dtype)
-    y = F.conv2d(y, kernel[..., None], groups=b * c)  # vertical: (B*C, 1, k, 1)
-    y = F.conv2d(y, kernel[:, :, None], groups=b * c)  # horizontal: (B*C, 1, 1, k)
-    return rearrange(y, "1 (b c) h w -> b c h w", b=b)
+    t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
+    sig = per_sample(sigma, x, "sigma").view(-1, 1).float().clamp(min=1e-3)
+    kernel = torch.exp(-0.5 * (t / sig) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)  # (B, k)
+    wy, wx = reflect_blur_matrix(kernel, x.shape[2]), reflect_blur_matrix(kernel, x.shape[3])
+    return apply_resample(x, wy, wx)
 
 
 def reflect_blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:
@@ -137,16 +119,6 @@ def reflect_blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:
     idx = torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)  # reflect at n - 1
     m = kernel.new_zeros((b, n, n))
     return m.scatter_add_(2, idx.expand(b, n, k), kernel[:, None, :].expand(b, n, k))
-
-
-def gaussian_blur_matmul(
-    x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23
-) -> torch.Tensor:
-    """[`gaussian_blur`][] as two batched matrix products (same result)."""
-    kernel = gaussian_kernel(sigma, x, kernel_size, torch.float32)  # (B, k)
-    return apply_resample(
-        x, reflect_blur_matrix(kernel, x.shape[2]), reflect_blur_matrix(kernel, x.shape[3])
-    )
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -202,9 +202,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
     The kernel is ``exp(-t^2 / (2 sigma^2))`` at the integer offsets
     ``t = -(k-1)/2 ... (k-1)/2``, normalised, as torchvision. A sample with a tiny
     sigma (``< 1e-3``) gets the identity kernel, so "no blur" costs the same and
-    changes nothing. On CUDA the two 1-D passes run as batched matrix products with
-    per-sample reflect-padded Toeplitz matrices (measured faster there than a grouped
-    convolution); elsewhere as a grouped convolution. Both give the same result.
+    changes nothing. The two 1-D passes run as batched matrix products with per-sample
+    reflect-padded Toeplitz matrices (on a GPU measured faster than a grouped convolution).
 
     Examples:
         >>> import torch

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict
 
-from momentum_contrast.augment._checks import as_batch, check_probability, is_real
+from momentum_contrast._checks import check_unit_interval
+from momentum_contrast.augment._checks import as_batch, is_real
 from momentum_contrast.augment._ops import after_crop_stage
 from momentum_contrast.augment._random import Sampler, crop_boxes
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
@@ -74,10 +75,10 @@ class ViewRecipe:
             >>> ViewRecipe(flip_p=1.5).check("view_one")
             Traceback (most recent call last):
             ...
-            ValueError: view_one flip_p must be a probability in [0, 1], got 1.5
+            ValueError: view_one flip_p must be in [0, 1], got 1.5
         """
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p", "flip_p"):
-            check_probability(f"{view} {name}", getattr(self, name))
+            check_unit_interval(f"{view} {name}", getattr(self, name))
         for name in ("brightness", "contrast", "saturation", "hue"):
             value = getattr(self, name)
             if not is_real(value):

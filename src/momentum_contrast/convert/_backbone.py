@@ -22,24 +22,6 @@ Target = Literal["torchvision", "timm", "detectron2"]
 Source = str | Path | Mapping[str, Any] | nn.Module
 
 
-def _open(
-    source: Source, encoder: str
-) -> tuple[Mapping[str, Any], nn.Module | None, str | None, str]:
-    """``(state tree, module or None, encoder to select or None, what)`` of ``source``."""
-    if isinstance(source, nn.Module):
-        source = unwrap_model(source)  # torch.compile, DataParallel, DDP: the inner module
-        if isinstance(source, MomentumEncoder):
-            model = unwrap_model(source.online if encoder == "query" else source.key_encoder)
-            return model.state_dict(), model, None, f"the MomentumEncoder's {encoder} encoder"
-        return source.state_dict(), source, encoder, type(source).__name__
-    if not isinstance(source, (str, Path, Mapping)):
-        raise TypeError(
-            f"source must be a path, a checkpoint dict or an nn.Module, got {type(source).__name__}"
-        )
-    ckpt = read_checkpoint(source)[0]  # its kind: a one-line error for a dict that is no checkpoint
-    return ckpt, None, encoder, "the checkpoint" if isinstance(source, Mapping) else str(source)
-
-
 def convert_backbone(
     source: Source,
     *,
@@ -61,7 +43,22 @@ def convert_backbone(
         raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
     if num_heads is not None and num_heads <= 0:
         raise ValueError(f"num_heads must be positive, got {num_heads}")
-    tree, module, side, what = _open(source, encoder)
+    module: nn.Module | None = None
+    side: str | None = encoder
+    if isinstance(source, nn.Module):
+        module = unwrap_model(source)  # torch.compile, DataParallel, DDP: the inner module
+        what = type(module).__name__
+        if isinstance(module, MomentumEncoder):
+            what, side = f"the MomentumEncoder's {encoder} encoder", None
+            module = unwrap_model(module.online if encoder == "query" else module.key_encoder)
+        tree: Mapping[str, Any] = module.state_dict()
+    elif isinstance(source, (str, Path, Mapping)):
+        tree = read_checkpoint(source)[0]  # a one-line error for a dict that is no checkpoint
+        what = "the checkpoint" if isinstance(source, Mapping) else str(source)
+    else:
+        raise TypeError(
+            f"source must be a path, a checkpoint dict or an nn.Module, got {type(source).__name__}"
+        )
     found = select_backbone(tree, side, prefix, what)
     side = side and ("key" if is_key_path(found.prefix) else "query")
     label = f"{side} encoder" if side else "backbone"
@@ -137,10 +134,7 @@ def backbone_state_dict(
         >>> torchvision.models.resnet18().load_state_dict(state, strict=False)
         _IncompatibleKeys(missing_keys=['fc.weight', 'fc.bias'], unexpected_keys=[])
     """
-    state, _, _ = convert_backbone(
-        source, encoder=encoder, to=to, num_heads=num_heads, prefix=prefix
-    )
-    return dict(state)
+    return convert_backbone(source, encoder=encoder, to=to, num_heads=num_heads, prefix=prefix)[0]
 
 
 def backbone_spec(
@@ -179,7 +173,4 @@ def backbone_spec(
         >>> print(backbone_spec(vit, to="timm"))
         timm.create_model('vit_base_patch16_224', num_classes=0, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
     """  # noqa: E501
-    _, spec, _ = convert_backbone(
-        source, encoder=encoder, to=to, num_heads=num_heads, prefix=prefix
-    )
-    return spec
+    return convert_backbone(source, encoder=encoder, to=to, num_heads=num_heads, prefix=prefix)[1]

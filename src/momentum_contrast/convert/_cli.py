@@ -22,16 +22,6 @@ from momentum_contrast.convert._spec import ModelSpec
 __all__ = ["main"]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``error: ...``, exit status 2), as the rest."""
 
@@ -73,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--num-heads",
-        type=_positive,
+        type=int,
         help="a ViT's number of attention heads, when SRC does not record it (the MoCo v3 "
         "authors' ViT-S: 12; DeiT's and timm's: 6)",
     )

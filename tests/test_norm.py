@@ -93,6 +93,29 @@ def test_convert_keeps_the_objects_an_optimizer_and_a_sharing_hold() -> None:
     assert convert_split_batchnorm(alone, 3) is alone and isinstance(alone, SplitBatchNorm)
 
 
+class BatchNormPlusOne(nn.BatchNorm2d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) + 1  # behaviour a conversion would silently drop
+
+
+def test_subclasses_with_their_own_behaviour_are_refused_by_name() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), BatchNormPlusOne(4))
+    with pytest.raises(TypeError, match=r"not subclasses.*\['2 \(BatchNormPlusOne\)'\]"):
+        convert_split_batchnorm(model, 2)
+    assert type(model[1]) is nn.BatchNorm2d  # nothing was converted
+    norm = nn.BatchNorm2d(4)
+    torch.nn.utils.parametrize.register_parametrization(norm, "weight", nn.Identity())
+    with pytest.raises(TypeError, match=r"model \(ParametrizedBatchNorm2d\)"):
+        convert_split_batchnorm(norm, 2)
+
+
+def test_a_second_conversion_sets_the_new_number_of_splits() -> None:
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    assert convert_split_batchnorm(model, 2) is model
+    assert convert_split_batchnorm(model, 4) is model
+    assert cast(SplitBatchNorm, model[0]).num_splits == 4
+
+
 def test_single_device_shuffle_bn() -> None:
     """batch_shuffle + SplitBatchNorm: per-sample outputs depend on who shares the split."""
     torch.manual_seed(0)

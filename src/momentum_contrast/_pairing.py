@@ -55,7 +55,10 @@ def memo_of(online: Named, key: Named, sharded: bool) -> tuple[object, ...]:
     addresses and sizes of both walks (local shards' for ``DTensor``s: FSDP2 may re-pad one)."""
     names, tensors = zip(*online, *key, strict=True) if online or key else ((), ())
     data = tuple(map(local, tensors)) if sharded else tensors
-    numels = tuple(map(_numel, data))  # a view swapped in at the same address: (16,) -> (1,)
+    # a view swapped in at the same address: (16,) -> (1,). Shapes would cost twice as much
+    # on the host; a view of the same size, (16,) -> (4, 4), on both sides is averaged as
+    # before, except where a scratch has the old shape: torch's shape error (see update())
+    numels = tuple(map(_numel, data))
     return (len(online), names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)), numels)
 
 
@@ -93,15 +96,16 @@ def current(
     return pair_by_name(kind, online_named, key_named, ema_dtype, compiling)
 
 
-def ema_dtype_problem(name: str, online: torch.dtype, ema_dtype: torch.dtype) -> str | None:
-    """Why a key encoder in ``ema_dtype`` cannot follow the floating ``online`` weight
-    ``name``, or ``None``: it follows weights of its own dtype, and bfloat16/float16 ones in
-    float32 (its forward autocasts to them). Float16 for bfloat16 weights would turn 1e5
-    into inf, and float64 for float32 ones has no autocast to run them."""
+def ema_dtype_problem(names: str, online: torch.dtype, ema_dtype: torch.dtype) -> str | None:
+    """Why a key encoder in ``ema_dtype`` cannot follow the floating ``online`` weights
+    ``names`` (quoted, comma-separated), or ``None``: it follows weights of its own dtype,
+    and bfloat16/float16 ones in float32 (its forward autocasts to them). Float16 for
+    bfloat16 weights would turn 1e5 into inf, and float64 for float32 ones has no autocast
+    to run them."""
     if online == ema_dtype or (ema_dtype == torch.float32 and online in _LOW):
         return None
     return (
-        f"ema_dtype {ema_dtype} cannot follow {name!r} ({online}): a key encoder in ema_dtype "
+        f"ema_dtype {ema_dtype} cannot follow {names} ({online}): a key encoder in ema_dtype "
         "follows weights of its own dtype, and bfloat16 or float16 weights in torch.float32 "
         "(its forward autocasts to them); use torch.float32 for bfloat16/float16 weights, "
         "else the weights' own dtype"
@@ -133,7 +137,8 @@ def pair_by_name(
 ) -> Pairs:
     """Match tensors by name; raise ``ValueError`` describing every mismatch."""
     online, key = dict(online_named), dict(key_named)
-    problems = []
+    problems: list[str] = []
+    unfollowable: dict[torch.dtype, list[str]] = {}  # names ema_dtype cannot follow, by dtype
     if missing := [n for n in key if n not in online]:
         problems.append(f"{kind}s missing from the online model: {missing}")
     if added := [n for n in online if n not in key]:
@@ -150,8 +155,10 @@ def pair_by_name(
             if kv != ov:
                 want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} (ema_dtype)"
                 problems.append(f"{kind} {name!r} has {what} {want} but {kv} in the key encoder")
-        if averaged and (problem := ema_dtype_problem(name, o.dtype, ema_dtype)):  # type: ignore[arg-type]
-            problems.append(problem)
+        if averaged and ema_dtype_problem(name, o.dtype, ema_dtype):  # type: ignore[arg-type]
+            unfollowable.setdefault(o.dtype, []).append(repr(name))
+    for dtype, names in unfollowable.items():  # one explanation for all
+        problems.append(ema_dtype_problem(", ".join(names), dtype, ema_dtype))  # type: ignore[arg-type]
     if not compiling and (shared := _shared(online_named, key_named)):
         problems.append(
             f"the key encoder shares these {kind}s' memory with the online model (an update "
@@ -184,9 +191,12 @@ def pair_by_name(
                 problems.append(f"{kind} {name!r} is tied to another {kind} on one side only")
             continue
         partner[tk], partner[to] = to, tk
+        k, o = local(k), local(o)
+        if k.is_complex():  # averaged as (real, imaginary) pairs: no complex32 lerp exists
+            k, o = torch.view_as_real(k), torch.view_as_real(o)
         keys, onlines = groups.setdefault((k.device, k.dtype, o.dtype), ([], []))
-        keys.append(local(k))
-        onlines.append(local(o))
+        keys.append(k)
+        onlines.append(o)
     if problems:
         raise ValueError(f"MomentumEncoder: {'; '.join(problems)}")
     if kind == "parameter":
@@ -215,17 +225,13 @@ def chunked(keys: list[torch.Tensor], onlines: list[torch.Tensor], compiling: bo
     spans = list(zip(bounds, [*bounds[1:], len(keys)], strict=True))
     if compiling or keys[0].dtype == onlines[0].dtype:  # compiled: no scratch, fused anyway
         return [(keys[a:b], onlines[a:b], None) for a, b in spans]
-    buffer = torch.empty(
-        max(sum(numels[a:b]) for a, b in spans), dtype=keys[0].dtype, device=keys[0].device
-    )
     groups: list[Group] = []
-    for a, b in spans:
-        views = torch.split(buffer[: sum(numels[a:b])], numels[a:b])
-        groups.append(
-            (
-                keys[a:b],
-                onlines[a:b],
-                [v.view(k.shape) for v, k in zip(views, keys[a:b], strict=True)],
-            )
+    with torch.inference_mode(False):  # paired in inference mode, updated outside it
+        buffer = torch.empty(
+            max(sum(numels[a:b]) for a, b in spans), dtype=keys[0].dtype, device=keys[0].device
         )
+        for a, b in spans:
+            views = torch.split(buffer[: sum(numels[a:b])], numels[a:b])
+            scratch = [v.view(k.shape) for v, k in zip(views, keys[a:b], strict=True)]
+            groups.append((keys[a:b], onlines[a:b], scratch))
     return groups

@@ -121,9 +121,13 @@ class MomentumEncoder(nn.Module):
             a ``zeros_like(x)``) may need the same care as under any autocast. It
             follows bfloat16/float16 weights in float32, or weights of its own dtype;
             any other pair raises ``ValueError`` (at construction, and at the next
-            ``forward`` or ``update`` after a cast of the online model). An update keeps
-            a scratch of at most 2^25 elements in float32 (128 MB), into which it
-            widens the online weights.
+            ``forward`` or ``update`` after a cast of the online model). The update
+            widens the online weights into a float32 scratch that it keeps (not saved,
+            not copied): per device, as large as the largest group of weights it
+            averages at once, 2^25 elements (128 MB), or the largest single weight.
+            A weight given another shape of the same size in place on both sides
+            (``p.data = p.data.view(...)``) then raises torch's shape error at the next
+            update; ``encoder.online = model`` pairs anew.
 
     Examples:
         >>> import torch
@@ -173,11 +177,21 @@ class MomentumEncoder(nn.Module):
             )
         key_encoder = copy.deepcopy(base)
         if ema_dtype is not None:
-            key_encoder._apply(  # type: ignore[no-untyped-call]
-                lambda t: t.to(ema_dtype) if t.is_floating_point() else t  # complex kept
-            )
-            for kind in ("parameter", "buffer"):  # a weight ema_dtype cannot follow raises
-                current(kind, None, base, key_encoder, ema_dtype)
+            for name, t in [*base.named_parameters(), *base.named_buffers()]:
+                if t.is_floating_point() and (
+                    problem := ema_dtype_problem(repr(name), t.dtype, ema_dtype)
+                ):
+                    raise ValueError(f"MomentumEncoder: {problem}")
+            cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its cast)
+
+            def to_ema_dtype(t: torch.Tensor) -> torch.Tensor:
+                if not t.is_floating_point():  # integer and complex tensors keep their dtype
+                    return t
+                if id(t) not in cast:  # a tensor two modules share gets one cast, still shared
+                    cast[id(t)] = (t, t.to(ema_dtype))
+                return cast[id(t)][1]
+
+            key_encoder._apply(to_ema_dtype)  # type: ignore[no-untyped-call]
         self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
@@ -212,6 +226,11 @@ class MomentumEncoder(nn.Module):
             self.__dict__["_online"], self._pairs = previous, {}
             raise
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` leave the pairing (and its scratch) behind: the copy
+        pairs its own tensors at its first update."""
+        return {**super().__getstate__(), "_pairs": {}}  # type: ignore[no-untyped-call]
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "online":  # nn.Module.__setattr__ would register it as a submodule
             object.__setattr__(self, name, value)
@@ -232,7 +251,7 @@ class MomentumEncoder(nn.Module):
             with torch.no_grad():
                 return self.key_encoder(*args, **kwargs)
         name, dtype = first[0], first[1].dtype
-        if problem := ema_dtype_problem(name, dtype, self.ema_dtype):  # cast wider since
+        if problem := ema_dtype_problem(repr(name), dtype, self.ema_dtype):  # cast wider since
             raise ValueError(f"MomentumEncoder: {problem}")
         with torch.no_grad(), torch.autocast(first[1].device.type, dtype=dtype):
             out = self.key_encoder(*args, **kwargs)
@@ -251,7 +270,8 @@ class MomentumEncoder(nn.Module):
                 ``[0, 1]`` or a 0-d floating tensor on the parameters' device, never
                 read on the host (the caller keeps it in ``[0, 1]``): fill it before
                 each replay of a CUDA graph holding the update; under ``torch.compile``
-                a new value does not recompile. ``1`` keeps the key, ``0`` copies.
+                a new value does not recompile. ``1`` keeps the key, ``0`` copies (a
+                0-d tensor ``0`` up to the rounding of ``key + (online - key)``).
 
         Examples:
             >>> import torch
@@ -277,7 +297,7 @@ class MomentumEncoder(nn.Module):
             self._warn_if_misused(pairs)
         weight = 1.0 - m  # key += (1 - m) * (online - key); a 0-d tensor stays on the device
         for average, (keys, onlines, scratch) in work:
-            if average and (keys[0].is_floating_point() or keys[0].is_complex()):
+            if average and keys[0].is_floating_point():  # complex: as (real, imaginary)
                 lerp_(keys, onlines, weight, scratch)
             else:  # integer tensors, and buffers="copy"
                 torch._foreach_copy_(keys, onlines)

@@ -10,8 +10,6 @@ samples share a sub-batch; together they are Shuffle-BN for single-GPU training.
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -118,7 +116,10 @@ def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
     The modules stay the same objects with the same parameters and buffers, so
     ``state_dict()``, ``requires_grad`` flags, device, dtype and the train/eval mode
     are unchanged, an optimizer built before stays valid, and a BatchNorm shared by two
-    parents stays shared. Returns ``model``.
+    parents stays shared. A ``SplitBatchNorm`` already there takes the new
+    ``num_splits``. A subclass of a BatchNorm with behaviour of its own (timm's
+    ``BatchNormAct2d``, one sharded by ``fully_shard`` or parametrized) raises
+    ``TypeError`` naming it: converting it would drop that behaviour. Returns ``model``.
 
     Args:
         model: any module.
@@ -134,8 +135,19 @@ def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
     splits = check_positive_int("num_splits", num_splits)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for module in model.modules():  # each BatchNorm becomes a SplitBatchNorm, tensors and all
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            module.__class__ = SplitBatchNorm  # type: ignore[assignment]  # a subclass of _BatchNorm
-            cast(SplitBatchNorm, module).num_splits = splits
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    if subclassed := [
+        f"{name or 'model'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, plain) and type(m) not in plain
+    ]:  # its own forward (an activation, a sharding, a parametrization) would be lost
+        raise TypeError(
+            "convert_split_batchnorm converts BatchNorm1d/2d/3d themselves, not subclasses "
+            f"with their own behaviour: {subclassed}"
+        )
+    for module in model.modules():
+        if type(module) in plain:  # the same module, parameters and buffers
+            module.__class__ = SplitBatchNorm
+        if isinstance(module, SplitBatchNorm):  # a second call sets the new count
+            module.num_splits = splits
     return model

@@ -147,3 +147,22 @@ def test_update_with_a_changing_tensor_momentum_compiles_once(backend: str) -> N
 
 def test_losses_compile_fullgraph_and_match_eager() -> None:
     check_losses_compile(torch.device("cpu"), "aot_eager")
+
+
+def test_update_compiles_fullgraph_with_inductor_after_a_key_submodule_is_swapped() -> None:
+    """The re-pairing after a swap froze the new key parameters with ``requires_grad_``,
+    which Dynamo cannot trace under ``fullgraph=True``; compiled, the swap is followed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    enc = MomentumEncoder(model)
+    update = torch.compile(enc.update, fullgraph=True, backend="inductor")
+    update(0.5)
+    enc.key_encoder.add_module("1", nn.Linear(4, 2))  # a new submodule: trainable parameters
+    before = [p.detach().clone() for p in enc.key_encoder.parameters()]
+    update(0.5)
+    for key, old, online in zip(
+        enc.key_encoder.parameters(), before, model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(key, 0.5 * old + 0.5 * online.detach(), rtol=0, atol=1e-6)
+    enc.update(1.0)  # an eager update freezes what the compiled one could not
+    assert not any(p.requires_grad for p in enc.key_encoder.parameters())

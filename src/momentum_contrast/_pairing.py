@@ -199,7 +199,7 @@ def pair_by_name(
         onlines.append(o)
     if problems:
         raise ValueError(f"MomentumEncoder: {'; '.join(problems)}")
-    if kind == "parameter":
+    if kind == "parameter" and not compiling:  # Dynamo cannot trace it; eager updates do it
         for _, p in key_named:  # a reloaded or replaced key encoder stays frozen
             p.requires_grad_(False)
     held = tuple(t for _, t in online_named + key_named)

@@ -182,14 +182,17 @@ class MomentumEncoder(nn.Module):
                     problem := ema_dtype_problem(repr(name), t.dtype, ema_dtype)
                 ):
                     raise ValueError(f"MomentumEncoder: {problem}")
-            cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its cast)
+            # id -> cast, the originals not held (a buffer is freed once replaced): one _apply
+            # visits every module once, so an id looked up is that of a tensor a module
+            # still holds, never a reused one
+            cast: dict[int, torch.Tensor] = {}
 
             def to_ema_dtype(t: torch.Tensor) -> torch.Tensor:
                 if not t.is_floating_point():  # integer and complex tensors keep their dtype
                     return t
                 if id(t) not in cast:  # a tensor two modules share gets one cast, still shared
-                    cast[id(t)] = (t, t.to(ema_dtype))
-                return cast[id(t)][1]
+                    cast[id(t)] = t.to(ema_dtype)
+                return cast[id(t)]
 
             key_encoder._apply(to_ema_dtype)  # type: ignore[no-untyped-call]
         self.key_encoder = key_encoder

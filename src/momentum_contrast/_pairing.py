@@ -57,7 +57,7 @@ def memo_of(online: Named, key: Named, sharded: bool) -> tuple[object, ...]:
     data = tuple(map(local, tensors)) if sharded else tensors
     # a view swapped in at the same address: (16,) -> (1,). Shapes would cost twice as much
     # on the host; a view of the same size, (16,) -> (4, 4), on both sides is averaged as
-    # before, except where a scratch has the old shape: torch's shape error (see update())
+    # before, except where a scratch has the old shape: torch's shape error (see ema_dtype)
     numels = tuple(map(_numel, data))
     return (len(online), names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)), numels)
 

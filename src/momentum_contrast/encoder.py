@@ -249,14 +249,17 @@ class MomentumEncoder(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the key encoder under ``torch.no_grad()`` (same signature as ``online``)."""
         # with ema_dtype: autocast to the online model's dtype where it is narrower
-        first = next((p for p in self.online.named_parameters() if p[1].is_floating_point()), None)
-        if self.ema_dtype is None or first is None or first[1].dtype == self.ema_dtype:
+        name, first = next(
+            ((n, p) for n, p in self.online.named_parameters() if p.is_floating_point()),
+            ("", None),
+        )
+        if self.ema_dtype is None or first is None or first.dtype == self.ema_dtype:
             with torch.no_grad():
                 return self.key_encoder(*args, **kwargs)
-        name, dtype = first[0], first[1].dtype
+        dtype = first.dtype
         if problem := ema_dtype_problem(repr(name), dtype, self.ema_dtype):  # cast wider since
             raise ValueError(f"MomentumEncoder: {problem}")
-        with torch.no_grad(), torch.autocast(first[1].device.type, dtype=dtype):
+        with torch.no_grad(), torch.autocast(first.device.type, dtype=dtype):
             out = self.key_encoder(*args, **kwargs)
         return tree_map_only(
             torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, out

@@ -100,13 +100,27 @@ class BatchNormPlusOne(nn.BatchNorm2d):
 
 def test_subclasses_with_their_own_behaviour_are_refused_by_name() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), BatchNormPlusOne(4))
-    with pytest.raises(TypeError, match=r"not subclasses.*\['2 \(BatchNormPlusOne\)'\]"):
+    with pytest.raises(
+        TypeError, match=r"not other BatchNorms or subclasses.*\['2 \(BatchNormPlusOne\)'\]"
+    ):
         convert_split_batchnorm(model, 2)
     assert type(model[1]) is nn.BatchNorm2d  # nothing was converted
     norm = nn.BatchNorm2d(4)
     torch.nn.utils.parametrize.register_parametrization(norm, "weight", nn.Identity())
     with pytest.raises(TypeError, match=r"model \(ParametrizedBatchNorm2d\)"):
         convert_split_batchnorm(norm, 2)
+
+
+def test_other_batchnorms_are_refused_not_left_unsplit() -> None:
+    """SyncBatchNorm (one process: plain batch statistics) and a lazy BatchNorm were left
+    as they were: the model trained with whole-batch statistics, no split, no error."""
+    for other in (nn.SyncBatchNorm(4), nn.LazyBatchNorm2d()):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), other, nn.BatchNorm2d(4))
+        with pytest.raises(TypeError, match=rf"\['1 \({type(other).__name__}\)'\]"):
+            convert_split_batchnorm(model, 2)
+        assert type(model[2]) is nn.BatchNorm2d  # nothing was converted
+    split = convert_split_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), 2)
+    assert convert_split_batchnorm(split, 4) is split  # SplitBatchNorm itself is fine
 
 
 def test_a_second_conversion_sets_the_new_number_of_splits() -> None:

@@ -117,9 +117,10 @@ def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
     ``state_dict()``, ``requires_grad`` flags, device, dtype and the train/eval mode
     are unchanged, an optimizer built before stays valid, and a BatchNorm shared by two
     parents stays shared. A ``SplitBatchNorm`` already there takes the new
-    ``num_splits``. A subclass of a BatchNorm with behaviour of its own (timm's
-    ``BatchNormAct2d``, one sharded by ``fully_shard`` or parametrized) raises
-    ``TypeError`` naming it: converting it would drop that behaviour. Returns ``model``.
+    ``num_splits``. Any other BatchNorm (``SyncBatchNorm``, a lazy one, a subclass with
+    behaviour of its own: timm's ``BatchNormAct2d``, one sharded by ``fully_shard`` or
+    parametrized) raises ``TypeError`` naming it: converting it would drop that behaviour,
+    and leaving it would silently keep the batch statistics unsplit. Returns ``model``.
 
     Args:
         model: any module.
@@ -136,14 +137,14 @@ def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    if subclassed := [
+    if others := [
         f"{name or 'model'} ({type(m).__name__})"
         for name, m in model.named_modules()
-        if isinstance(m, plain) and type(m) not in plain
+        if isinstance(m, _BatchNorm) and type(m) not in (*plain, SplitBatchNorm)
     ]:  # its own forward (an activation, a sharding, a parametrization) would be lost
         raise TypeError(
-            "convert_split_batchnorm converts BatchNorm1d/2d/3d themselves, not subclasses "
-            f"with their own behaviour: {subclassed}"
+            "convert_split_batchnorm converts BatchNorm1d/2d/3d themselves, not other "
+            f"BatchNorms or subclasses with their own behaviour: {others}"
         )
     for module in model.modules():
         if type(module) in plain:  # the same module, parameters and buffers

@@ -5,6 +5,7 @@ work is nothing and the host work (walks, pairing checks, warnings) is all there
 
     python benchmarks/update_host.py              # ResNet-50 and ViT-B/16, float32 and ema_dtype
     python benchmarks/update_host.py --iters 20   # a quick run (the test's)
+    python benchmarks/update_host.py --breakdown  # where the ResNet-50 ema_dtype update's time goes
 
 Rows: the model, the precision (``float32``: float32 models; ``ema_dtype``: bfloat16 online
 model, float32 key encoder, against a plain walk and lerp of two bfloat16 models), the
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save
 
 from momentum_contrast import MomentumEncoder
+from momentum_contrast._pairing import memo_of, walk
 
 
 def tiny(model: nn.Module) -> nn.Module:
@@ -78,11 +80,49 @@ def measure(arch: str, precision: str, iters: int) -> dict[str, object]:
     }
 
 
+@torch.no_grad()
+def breakdown(iters: int) -> list[dict[str, object]]:
+    """The parts of the ResNet-50 ``ema_dtype`` update, each timed alone (private internals:
+    the pairing's walk and comparison, the warning's version counters, the fused ops), and
+    what one lerp over a flat buffer of the same elements would take instead of the lerp."""
+    torch.manual_seed(0)
+    online = tiny(torchvision.models.resnet50()).bfloat16()
+    encoder = MomentumEncoder(online, ema_dtype=torch.float32)
+    encoder.update()
+    pairs = encoder._pairs["parameter"]
+    ((keys, onlines, scratch),) = pairs.groups
+    assert scratch is not None
+    key = encoder.key_encoder
+    walked = walk(online, "parameter"), walk(key, "parameter")
+    flat_keys, flat_scratch = torch.zeros(len(keys)), torch.zeros(len(keys))
+    parts: dict[str, Callable[[], object]] = {
+        "update()": encoder.update,
+        "both walks": lambda: (walk(online, "parameter"), walk(key, "parameter")),
+        "the baseline's two walks": lambda: (
+            [p for _, p in online.named_parameters()],
+            [p for _, p in key.named_parameters()],
+        ),
+        "comparison with the previous walk": lambda: memo_of(*walked, sharded=False),
+        "version counters (double-update warning)": lambda: encoder._warn_if_misused(pairs),
+        "widening copy (_foreach_copy_)": lambda: torch._foreach_copy_(scratch, onlines),
+        "lerp (_foreach_lerp_)": lambda: torch._foreach_lerp_(keys, scratch, 0.001),
+        "one lerp_ over a flat buffer of as many elements": lambda: flat_keys.lerp_(
+            flat_scratch, 0.001
+        ),
+    }
+    return [{"part": name, "us": round(host_us(fn, iters), 1)} for name, fn in parts.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=2000, help="updates per timed batch")
-    iters = parser.parse_args().iters
+    parser.add_argument("--breakdown", action="store_true", help="time the update's parts")
+    args = parser.parse_args()
+    iters = args.iters
     torch.set_num_threads(1)
+    if args.breakdown:
+        save("update_host_breakdown", breakdown(iters), {"model": "resnet50, ema_dtype"})
+        return
     rows = [
         measure(arch, p, iters)
         for arch in ("resnet50", "vit_b_16")

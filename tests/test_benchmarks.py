@@ -171,3 +171,15 @@ def test_update_host_time_rows_compare_the_update_with_a_plain_walk(tmp_path: Pa
         assert r["update_us"] > 0 and r["plain_walk_lerp_us"] > 0
         # (the times are rounded to 0.1 us in the table, the ratio is not)
         assert abs(r["ratio"] - r["update_us"] / r["plain_walk_lerp_us"]) < 0.01
+
+
+def test_update_host_breakdown_times_each_part(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "update_host.py"), "--iters", "5", "--breakdown"],
+        capture_output=True, text=True, timeout=300, cwd=BENCH,
+        env={**os.environ, "BENCH_OUT": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "update_host_breakdown.json").read_text())["rows"]
+    assert rows[0]["part"] == "update()" and len(rows) == 8
+    assert all(r["us"] > 0 for r in rows)

@@ -212,6 +212,10 @@ def scenario_queue_random_init() -> dict[str, Any]:
     out: dict[str, Any] = {"drawn": drawn, "negatives": first.negatives()}
     second.push(torch.randn(2, 8, generator=torch.Generator().manual_seed(r)))
     out["after_push"] = second.keys.clone()
+    container = nn.Module()  # a load without the queue's keys (pre-trained weights) ...
+    container.encoder, container.queue = nn.Linear(2, 2), KeyQueue(32, 8)
+    container.load_state_dict({"encoder.weight": torch.eye(2)}, strict=False)
+    out["after_partial_load"] = container.queue.negatives()  # ... still broadcasts
     return out
 
 

@@ -149,8 +149,12 @@ def test_single_process_helpers_are_correct_no_ops() -> None:
     assert not torch.equal(shuffled, data)  # a real permutation, not a no-op
     assert sorted(shuffled[:, 0].tolist()) == data[:, 0].tolist()
     assert torch.equal(batch_unshuffle(shuffled**2, idx), data**2)
-    with pytest.raises(ValueError, match=r"must have shape \(10,\).*got \(64,\)"):
+    with pytest.raises(ValueError, match=r"must have shape \(10,\).*x holding 10\), got \(64,\)"):
         batch_unshuffle(shuffled[:10], idx)
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor with a batch dimension"):
+        batch_unshuffle(shuffled.tolist(), idx)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        gather_sizes(3.7)  # type: ignore[arg-type]
 
 
 def test_random_queue_is_rank_zeros_on_every_rank_from_the_first_use(tmp_path: Path) -> None:
@@ -159,6 +163,7 @@ def test_random_queue_is_rank_zeros_on_every_rank_from_the_first_use(tmp_path: P
     assert torch.equal(a["negatives"], a["drawn"])  # rank 0's keys ...
     assert torch.equal(b["negatives"], a["drawn"])  # ... on rank 1 too, before any push
     assert torch.equal(a["after_push"], b["after_push"])  # and when a push comes first
+    assert torch.equal(a["after_partial_load"], b["after_partial_load"])  # strict=False
 
 
 def test_concat_all_gather_mismatch_raises_on_every_rank(tmp_path: Path) -> None:

@@ -21,7 +21,18 @@ def test_matches_a_brute_force_vote() -> None:
         expected = [0.0] * 4
         for j in top:
             expected[int(labels[j])] += math.exp(sims[j] / 0.2)
-        torch.testing.assert_close(scores[i], torch.tensor(expected), rtol=1e-5, atol=0)
+        largest = math.exp(sims[top[0]] / 0.2)  # each row's weights divided by its largest
+        torch.testing.assert_close(scores[i] * largest, torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_a_small_temperature_does_not_overflow() -> None:
+    """exp(1 / 0.01) is inf in float32: every class scored inf and argmax said class 0."""
+    bank, labels = torch.tensor([[1.0, 0.0], [0.95, 0.31]]), torch.tensor([1, 0])
+    for t in (0.1, 0.01, 1e-4):
+        scores = knn_predict(torch.tensor([[1.0, 0.0]]), bank, labels, 2, k=2, temperature=t)
+        assert torch.isfinite(scores).all() and scores.argmax(1).tolist() == [1], (t, scores)
+    with pytest.raises(ValueError, match="bank must hold at least one row"):
+        knn_predict(torch.randn(3, 2), torch.randn(0, 2), torch.zeros(0, dtype=torch.long), 2)
 
 
 def test_k_larger_than_bank_and_separable_clusters() -> None:

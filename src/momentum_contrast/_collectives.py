@@ -33,7 +33,8 @@ def is_distributed() -> bool:
 
 
 def rank(group: Group = None) -> int:
-    """This process's rank in ``group`` (the whole world by default), 0 without one.
+    """This process's rank in ``group`` (the whole world by default), 0 without one;
+    -1 (as ``torch.distributed``) in a group it is not a member of.
 
     Examples:
         >>> from momentum_contrast.distributed import rank
@@ -44,7 +45,8 @@ def rank(group: Group = None) -> int:
 
 
 def world_size(group: Group = None) -> int:
-    """Number of processes in ``group`` (the whole world by default), 1 without one.
+    """Number of processes in ``group`` (the whole world by default), 1 without one;
+    -1 (as ``torch.distributed``) on a process that is not a member of ``group``.
 
     Examples:
         >>> from momentum_contrast.distributed import world_size

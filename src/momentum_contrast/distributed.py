@@ -19,7 +19,9 @@ Host collectives: one per MoCo v2 step, one per v3 step (from three and two). A
 gather exchanges (rows, trailing shape, dtype) over gloo first; [`batch_unshuffle`][]
 reuses the row counts of its [`batch_shuffle`][] and checks the trailing shape and
 dtype through a checksum sent with the data (a mismatch raises on CPU tensors and gives
-NaN on a GPU); a ``KeyQueue.push`` of the keys it returned reuses its gather; the MoCo
+NaN on a GPU; rows of another size in bytes, a wider dtype or trailing shape on one rank,
+make the collective itself fail: gloo aborts the process, NCCL errors or times out); a
+``KeyQueue.push`` of the keys it returned reuses its gather; the MoCo
 v3 loss gathers both views' keys at once. Under [`assume_equal_batches`][] there is no
 host exchange at all.
 """
@@ -27,6 +29,7 @@ host exchange at all.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -87,6 +90,8 @@ def gather_sizes(n: int, *, group: Group = None) -> list[int]:
         >>> gather_sizes(32)
         [32]
     """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
     if world_size(group) == 1:
         return [int(n)]
     return [int(row[0]) for row in c.all_gather_host([int(n)], group)]
@@ -198,6 +203,8 @@ def batch_unshuffle(
         >>> torch.allclose(keys, key_encoder(x))
         True
     """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise TypeError(f"x must be a torch.Tensor with a batch dimension, got {x!r:.40}")
     if not isinstance(idx_unshuffle, torch.Tensor) or idx_unshuffle.dtype != torch.long:
         raise TypeError("idx_unshuffle must be the long tensor returned by batch_shuffle")
     check_same_device("idx_unshuffle", idx_unshuffle, "x", x)
@@ -209,8 +216,9 @@ def batch_unshuffle(
         gathered, sizes = c.gather_with_sizes(x, group)  # rows in shuffled order
     if idx_unshuffle.shape != (sum(sizes),):
         raise ValueError(
-            f"idx_unshuffle must have shape ({sum(sizes)},) (all ranks' rows), "
-            f"got {tuple(idx_unshuffle.shape)}"
+            f"idx_unshuffle must have shape ({sum(sizes)},) (all ranks' rows, this rank's x "
+            f"holding {x.shape[0]}), got {tuple(idx_unshuffle.shape)}: pass the output of the "
+            "batch_shuffle that returned it, with as many rows as its input"
         )
     start = sum(sizes[: rank(group)])
     mine = gathered[idx_unshuffle[start : start + x.shape[0]]]

@@ -27,10 +27,14 @@ def knn_predict(
 ) -> torch.Tensor:
     """Class scores from the ``k`` most similar bank entries, weighted ``exp(sim / T)``.
 
+    Each row's weights are divided by its largest one, ``exp(max sim / T)``: the same
+    prediction as the reference's, without overflow (``exp(1 / 0.01)`` is ``inf`` in float32,
+    which made every class tie).
+
     Args:
         features: ``(N, D)`` float query features (L2-normalised inside).
         bank: ``(M, D)`` float features of the labelled reference set (normalised inside),
-            on the device of ``features``.
+            on the device of ``features``, ``M >= 1``.
         bank_labels: ``(M,)`` integer labels (any integer dtype but bool) in
             ``[0, num_classes)``, on the device of ``features``.
         num_classes: number of classes ``C``.
@@ -38,7 +42,7 @@ def knn_predict(
         temperature: ``T`` of the weights (0.1 as the reference).
 
     Returns:
-        ``(N, C)`` float32 scores; ``scores.argmax(1)`` is the prediction.
+        ``(N, C)`` float32 scores in ``(0, k]``; ``scores.argmax(1)`` is the prediction.
 
     Raises:
         TypeError: a tensor of the wrong kind (``bank_labels`` float, bool or complex).
@@ -60,6 +64,8 @@ def knn_predict(
     check_float_matrix("features", features)
     check_float_matrix("bank", bank, features.shape[1])
     check_same_device("bank", bank, "features", features)
+    if bank.shape[0] == 0:  # every score 0: every prediction class 0
+        raise ValueError("bank must hold at least one row, got shape (0, D)")
     classes = check_positive_int("num_classes", num_classes)
     _check_labels(bank_labels, bank.shape[0], classes)
     check_same_device("bank_labels", bank_labels, "features", features)
@@ -67,7 +73,7 @@ def knn_predict(
     t = check_positive("temperature", temperature)
     sim = F.normalize(features.float(), dim=1) @ F.normalize(bank.float(), dim=1).T  # (N, M)
     top_sim, top_idx = sim.topk(k, dim=1)  # (N, k)
-    weights = (top_sim / t).exp()
+    weights = ((top_sim - top_sim[:, :1]) / t).exp()  # (N, k), divided by the row's largest
     scores = torch.zeros(features.shape[0], classes, device=features.device)
     return scores.scatter_add_(1, bank_labels[top_idx].long(), weights)
 
@@ -100,6 +106,9 @@ def embed_dataset(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` over ``(images, labels)`` batches; return the features and labels.
+
+    ``model`` runs as given: for frozen features call ``model.eval()`` first (in training
+    mode a BatchNorm normalises each batch by itself and updates its running statistics).
 
     Returns:
         ``(features (M, D), labels (M,))``, on ``device``.

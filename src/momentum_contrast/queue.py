@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -100,11 +100,17 @@ class KeyQueue(nn.Module):
         self.register_buffer("length", torch.tensor(self._length, dtype=torch.long))
         # Each rank drew its own random keys: make them rank 0's on first use.
         self._broadcast_pending = init == "random" and self.gather
-        self.register_load_state_dict_post_hook(_sync_length)  # type: ignore[no-untyped-call]
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # a cast moves the keys, keeps their dtype
         return super()._apply(keeping_dtype(fn), recurse)  # type: ignore[no-any-return,no-untyped-call]
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # Loading is not a steady-state step: one read of the loaded length is fine.
+        self._length = int(self.length)
+        if prefix + "keys" in state_dict:  # loaded keys are what the caller wants (a load
+            self._broadcast_pending = False  # without them, strict=False, still broadcasts)
 
     def __len__(self) -> int:
         """Number of valid keys: ``size`` once full (from the start with ``init="random"``)."""
@@ -165,10 +171,3 @@ class KeyQueue(nn.Module):
             f"size={self.size}, dim={self.dim}, dtype={self.keys.dtype}, "
             f"normalize={self.normalize}, gather={self.gather}"
         )
-
-
-def _sync_length(module: nn.Module, incompatible_keys: Any) -> None:
-    # Loading is not a steady-state step: one read of the loaded length is fine.
-    if isinstance(module, KeyQueue):
-        module._length = int(module.length)
-        module._broadcast_pending = False  # loaded keys are what the caller wants

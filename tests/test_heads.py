@@ -245,3 +245,15 @@ def test_strip_unknown_model_says_what_to_do() -> None:
     mid.after = nn.ReLU()  # fc is not the last layer
     with pytest.raises(TypeError, match="last children: fc: Linear, after: ReLU"):
         strip_classifier(mid)
+
+
+@pytest.mark.parametrize(
+    ("build", "side", "dim"), [("googlenet", 64, 1024), ("inception_v3", 80, 2048)]
+)
+def test_strip_torchvision_auxiliary_classifiers(build: str, side: int, dim: int) -> None:
+    """In training mode these returned (logits, aux logits) named tuples: a head on top failed,
+    and the auxiliary classifiers' parameters stayed trainable."""
+    model, width = strip_classifier(getattr(torchvision.models, build)(init_weights=True))
+    assert width == dim and not any("aux" in n.lower() for n, _ in model.named_parameters())
+    out = nn.Sequential(model, moco_v2_head(width)).train()(torch.randn(2, 3, side, side))
+    assert out.shape == (2, 128) and torch.isfinite(out).all()

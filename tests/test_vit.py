@@ -86,6 +86,10 @@ def test_timm_vit_helpers() -> None:
 def test_unknown_models_are_refused() -> None:
     with pytest.raises(TypeError, match="torchvision VisionTransformer"):
         freeze_patch_embedding(torchvision.models.resnet18())
+    stem = [torchvision.models.vision_transformer.ConvStemConfig(4, 3, 2)]
+    conv_stem = torchvision.models.VisionTransformer(32, 16, 1, 2, 8, 8, conv_stem_configs=stem)
+    with pytest.raises(TypeError, match=r"one nn\.Conv2d, got VisionTransformer with Sequential"):
+        freeze_patch_embedding(conv_stem)
     with pytest.raises(TypeError, match="pos_embed"):
         use_sincos_position_embedding(torchvision.models.resnet18())
 

@@ -188,6 +188,8 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
       ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
       ``nn.Sequential`` under such a name ending in one (torchvision ViT's
       ``heads``, EfficientNet's ``classifier``): that ``Linear`` becomes ``nn.Identity``.
+      Auxiliary classifiers (torchvision GoogLeNet's and Inception v3's ``aux_logits``,
+      whose outputs a training-mode forward returns with the features) are removed.
 
     Args:
         model: a classification network.
@@ -221,6 +223,11 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
         reset(0)  # keeps a pre-logits layer (MobileNetV3's conv_head): head_hidden_size wide
         width = getattr(model, "head_hidden_size", None)
         return model, width if isinstance(width, int) and width > 0 else num_features
+    if getattr(model, "aux_logits", None) is True:  # training-mode outputs: a named tuple
+        model.aux_logits = False  # type: ignore[assignment]
+        for name in ("aux1", "aux2", "AuxLogits"):  # GoogLeNet's, Inception v3's
+            if isinstance(getattr(model, name, None), nn.Module):
+                setattr(model, name, None)  # their forwards skip a missing one
     children = list(model.named_children())
     if children and children[-1][0] in _CLASSIFIER_NAMES:
         name, last = children[-1]

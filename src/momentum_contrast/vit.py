@@ -35,7 +35,8 @@ def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
     if not isinstance(proj, nn.Conv2d):
         raise TypeError(
             f"vit must be a torchvision VisionTransformer (conv_proj) or a timm ViT "
-            f"(patch_embed.proj), got {type(vit).__name__}"
+            f"(patch_embed.proj) whose patch projection is one nn.Conv2d, got "
+            f"{type(vit).__name__} with {type(proj).__name__ if proj is not None else 'none'}"
         )
     if reinit:
         fan = proj.in_channels * math.prod(proj.kernel_size) + proj.out_channels

@@ -188,3 +188,26 @@ def test_checks_compile_into_one_graph_and_skip_the_value_read() -> None:
     x = full(0.5)
     assert torch.equal(compiled(x, 0.5 * ONES), AF.adjust_brightness(x, 0.5 * ONES))
     assert compiled(full(2.0), ONES).max() == 1.0  # not read: clamped, as on a GPU
+
+
+def test_integer_resample_dtypes_and_empty_images_are_refused() -> None:
+    """An integer resample dtype cut the fractional resize weights to 0 (a wrong image, no
+    error); a 0-pixel image gave a constant image or NaN."""
+    u8 = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"resample_dtype must be a floating-point torch\.dtype"):
+        MoCoV2Augment(size=4, resample_dtype=torch.int32)
+    with pytest.raises(
+        TypeError, match=r"dtype must be a floating-point torch\.dtype, got torch\.uint8"
+    ):
+        AF.resized_crop(u8, torch.tensor([[0, 0, 8, 8]] * B), 4, dtype=torch.uint8)
+    with pytest.raises(
+        ValueError, match=r"images must be at least 1 x 1 pixels, got shape \(2, 3, 0, 12\)"
+    ):
+        MoCoV2Augment(size=4)(u8[:, :, :0])
+    with pytest.raises(ValueError, match=r"images\[1\] must be at least 1 x 1 pixels"):
+        MoCoV2Augment(size=4)([u8[0], u8[1, :, :, :0]])
+    with pytest.raises(ValueError, match=r"std finite > 0; got .*nan"):
+        MoCoV2Augment(size=4, std=(0.2, float("nan"), 0.2))
+    for kernel in ("23", True):
+        with pytest.raises(TypeError, match="blur_kernel_size must be an int"):
+            MoCoV2Augment(size=4, blur_kernel_size=kernel)  # type: ignore[arg-type]

@@ -21,6 +21,13 @@ def _free_to_read(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 0
 
 
+def check_float_dtype(name: str, dtype: object) -> torch.dtype:
+    """A floating-point ``torch.dtype`` (an integer one would cut fractional weights to 0)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
 def check_image_dtype(name: str, x: object, *, uint8: bool) -> torch.Tensor:
     """A tensor of a floating dtype (or ``uint8`` where allowed): no other integer,
     bool or complex dtype."""
@@ -86,6 +93,8 @@ def as_batch(
             raise ValueError("images must hold at least one image, got an empty batch")
         if c not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {(b, c, h, w)})")
+        if h == 0 or w == 0:
+            raise ValueError(f"images must be at least 1 x 1 pixels, got shape {(b, c, h, w)}")
         heights = torch.full((b,), h, device=batch.device)
         widths = torch.full((b,), w, device=batch.device)
     else:
@@ -99,6 +108,10 @@ def as_batch(
                 shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
                 raise ValueError(
                     f"images[{i}] must be a (C, H, W) tensor with C in (1, 3), got {shape}"
+                )
+            if im.shape[1] == 0 or im.shape[2] == 0:
+                raise ValueError(
+                    f"images[{i}] must be at least 1 x 1 pixels, got {tuple(im.shape)}"
                 )
             check_image_dtype(f"images[{i}]", im, uint8=True)
             if (im.shape[0], im.dtype, im.device) != (first.shape[0], first.dtype, first.device):

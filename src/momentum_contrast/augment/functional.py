@@ -31,7 +31,13 @@ import torch
 
 import momentum_contrast.augment._ops as _ops
 from momentum_contrast._checks import check_positive_int
-from momentum_contrast.augment._checks import as_batch, check_boxes, check_images, check_mask
+from momentum_contrast.augment._checks import (
+    as_batch,
+    check_boxes,
+    check_float_dtype,
+    check_images,
+    check_mask,
+)
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 
 __all__ = [
@@ -275,6 +281,7 @@ def resized_crop(
     batch, heights, widths = as_batch(images)
     inside = check_boxes(boxes, batch, heights, widths)  # raises here for CPU boxes
     size = check_positive_int("size", size)
+    check_float_dtype("dtype", dtype)
     if flip is not None:
         check_mask("flip", flip, batch.shape[0])
     wy, wx = resized_crop_weights(

@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import TypedDict
 
 from momentum_contrast._checks import check_unit_interval
-from momentum_contrast.augment._checks import as_batch, is_real
+from momentum_contrast.augment._checks import as_batch, check_float_dtype, is_real
 from momentum_contrast.augment._ops import after_crop_stage
 from momentum_contrast.augment._random import Sampler, crop_boxes
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
@@ -135,8 +135,10 @@ class TwoViewAugment(nn.Module):
         resample_dtype: dtype of the crop-and-resize matrix products; ``None`` picks
             ``torch.float16`` (tensor cores) for CUDA input and ``torch.float32`` otherwise.
         compile: fuse the elementwise colour operations with ``torch.compile`` (on a GPU
-            several times fewer passes over the images; the first call compiles, and a
-            new batch size compiles again).
+            several times fewer passes over the images; the first call compiles, and a new
+            batch size or input height or width compiles again: a list of images of
+            different sizes is padded to its largest, so give batches of one size, or leave
+            this off; after 8 recompilations ``torch.compile`` runs the rest eagerly).
 
     Call with a ``(B, C, H, W)`` uint8 (0 to 255) or float (0 to 1) batch, or a list of
     ``(C, H_i, W_i)`` images of different sizes, ``C`` in {1, 3} (one channel is
@@ -172,15 +174,18 @@ class TwoViewAugment(nn.Module):
         self.std: torch.Tensor
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
             raise ValueError(f"size must be an int in [1, {MAX_SIZE}], got {size!r}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std must have 3 values, std > 0; got {mean}, {std}")
+        if len(mean) != 3 or len(std) != 3 or not all(0 < s < math.inf for s in std):
+            raise ValueError(f"mean and std must have 3 values, std finite > 0; got {mean}, {std}")
+        if isinstance(blur_kernel_size, bool) or not isinstance(blur_kernel_size, int):
+            raise TypeError(f"blur_kernel_size must be an int, got {blur_kernel_size!r}")
         if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
             raise ValueError(f"blur_kernel_size must be a positive odd int, got {blur_kernel_size}")
         view_one.check("view_one")
         view_two.check("view_two")
         self.view_one, self.view_two = view_one, view_two
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype("dtype", dtype)
+        if resample_dtype is not None:
+            check_float_dtype("resample_dtype", resample_dtype)
         self.size, self.blur_kernel_size, self.antialias = size, blur_kernel_size, antialias
         self.dtype, self.resample_dtype = dtype, resample_dtype
         self._weights: Callable[..., tuple[torch.Tensor, torch.Tensor]] = resized_crop_weights
@@ -201,7 +206,9 @@ class TwoViewAugment(nn.Module):
                 of ``B`` ``(C, H_i, W_i)`` images; ``C`` is 1 or 3. Other dtypes (integer,
                 bool, complex) raise ``TypeError``. Float values outside ``[0, 1]`` raise
                 ``ValueError`` for images on the CPU; on a GPU they are not read (that
-                would make the host wait for the device) and are clamped to ``[0, 1]``.
+                would make the host wait for the device): they enter the resize as they
+                are, its output is clamped to ``[0, 1]``, and an ``inf`` or NaN pixel
+                anywhere in an image makes that channel NaN.
             generator: random generator on the images' device; the global one if None.
 
         Returns:

@@ -211,3 +211,17 @@ def test_integer_resample_dtypes_and_empty_images_are_refused() -> None:
     for kernel in ("23", True):
         with pytest.raises(TypeError, match="blur_kernel_size must be an int"):
             MoCoV2Augment(size=4, blur_kernel_size=kernel)  # type: ignore[arg-type]
+
+
+def test_color_jitter_orders_must_be_permutations_and_factors_real() -> None:
+    """A row with a repeated op (and so a missing one) gave another jitter, with no error."""
+    x = full(0.5)
+    with pytest.raises(
+        ValueError, match=r"permutation of 0, 1, 2, 3 in every row, got \[\[0, 0, 0, 0\]"
+    ):
+        AF.color_jitter(x, ONES, ONES, ONES, 0 * ONES, torch.zeros(B, 4, dtype=torch.long))
+    factors = (1.3 * ONES, 0.7 * ONES, 1.1 * ONES, 0.1 * ONES)
+    narrow = AF.color_jitter(x, *factors, ORDER.flip(1).to(torch.uint8))  # any integer dtype
+    assert torch.equal(narrow, AF.color_jitter(x, *factors, ORDER.flip(1)))
+    with pytest.raises(TypeError, match=r"brightness must be a real tensor, got dtype torch\.bool"):
+        AF.color_jitter(x, ONES.bool(), ONES, ONES, 0 * ONES, ORDER)

@@ -65,6 +65,25 @@ def check_images(
     return x
 
 
+def check_order(order: object, b: int) -> torch.Tensor:
+    """``(B, 4)`` integer rows, each a permutation of ``0..3`` where reading is free; as int64."""
+    if not isinstance(order, torch.Tensor) or order.shape != (b, 4) or not _is_integer(order):
+        got = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else order
+        raise ValueError(f"order must be an integer tensor of shape ({b}, 4), got {got!s:.60}")
+    order = order.long()
+    if _free_to_read(order) and not torch.equal(
+        order.sort(dim=1).values, torch.arange(4).expand(b, 4)
+    ):
+        raise ValueError(  # a repeated op and a missing one: another jitter, no error
+            f"order must hold a permutation of 0, 1, 2, 3 in every row, got {order.tolist()!s:.80}"
+        )
+    return order
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def check_mask(name: str, mask: object, b: int) -> torch.Tensor:
     """A ``(B,)`` bool tensor."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -138,7 +157,7 @@ def check_boxes(
     n = batch.shape[0]
     if not isinstance(boxes, torch.Tensor):
         raise TypeError(f"boxes must be an integer tensor of shape ({n}, 4), got {type(boxes)}")
-    if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
+    if not _is_integer(boxes):
         raise TypeError(f"boxes must have an integer dtype (e.g. torch.int64), got {boxes.dtype}")
     if boxes.shape != (n, 4):
         raise ValueError(

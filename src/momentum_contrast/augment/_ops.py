@@ -22,6 +22,8 @@ def per_sample(factor: torch.Tensor, x: torch.Tensor, name: str = "factor") -> t
     if not isinstance(factor, torch.Tensor) or factor.shape != (x.shape[0],):
         got = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
         raise ValueError(f"{name} must be a tensor of shape ({x.shape[0]},), got {got}")
+    if factor.is_complex() or factor.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real tensor, got dtype {factor.dtype}")
     return factor.to(x.dtype).view(-1, 1, 1, 1)
 
 

@@ -37,6 +37,7 @@ from momentum_contrast.augment._checks import (
     check_float_dtype,
     check_images,
     check_mask,
+    check_order,
 )
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 
@@ -166,9 +167,7 @@ def color_jitter(
     factors = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
     for name, factor in {**factors, "hue": hue}.items():
         _ops.per_sample(factor, x, name)
-    if not isinstance(order, torch.Tensor) or order.shape != (b, 4) or order.is_floating_point():
-        got = tuple(order.shape) if isinstance(order, torch.Tensor) else type(order).__name__
-        raise ValueError(f"order must be an integer tensor of shape ({b}, 4), got {got}")
+    order = check_order(order, b)
     if apply is not None:
         check_mask("apply", apply, b)
     return _ops.color_jitter(x, brightness, contrast, saturation, hue, order, apply)

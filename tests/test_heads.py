@@ -257,3 +257,11 @@ def test_strip_torchvision_auxiliary_classifiers(build: str, side: int, dim: int
     assert width == dim and not any("aux" in n.lower() for n, _ in model.named_parameters())
     out = nn.Sequential(model, moco_v2_head(width)).train()(torch.randn(2, 3, side, side))
     assert out.shape == (2, 128) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
+def test_strip_timm_models_without_pooling_are_refused(name: str) -> None:
+    """global_pool="": (N, C, H, W) or (N, T, C) features under a promised (N, C)."""
+    with pytest.raises(TypeError, match=r'built with global_pool="": it gives a feature map'):
+        strip_classifier(timm.create_model(name, global_pool=""))
+    assert strip_classifier(timm.create_model(name))[1] > 0  # pooled by default

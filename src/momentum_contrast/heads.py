@@ -174,7 +174,8 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     - timm models (anything with ``reset_classifier`` and ``num_features``):
       ``reset_classifier(0)``; the feature size is ``head_hidden_size`` where the model has
       it (the width after a pre-logits layer: 1024 for ``mobilenetv3_small_050``, whose
-      ``num_features`` is 288), else ``num_features``.
+      ``num_features`` is 288), else ``num_features``. One built without pooling
+      (``global_pool=""``: a feature map or all tokens, not ``(N, C)``) raises ``TypeError``.
     - Hugging Face ``transformers`` vision models (``ResNetForImageClassification``,
       ``ViTModel``, ...), which return a ``ModelOutput``: *not* modified; returned is a
       new module around their base model giving ``(N, C)``: its pooled output (average
@@ -220,6 +221,14 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     reset = getattr(model, "reset_classifier", None)
     num_features = getattr(model, "num_features", None)
     if callable(reset) and isinstance(num_features, int):
+        head = getattr(model, "head", None)  # ConvNeXt's pooling is the head's
+        pools = (getattr(model, "global_pool", None), getattr(head, "global_pool", None))
+        if any(p == "" or getattr(p, "pool_type", None) == "" for p in pools):
+            raise TypeError(
+                f"strip_classifier: this timm {type(model).__name__} was built with "
+                'global_pool="": it gives a feature map or all tokens, not (N, C) features; '
+                'build it with global_pool="avg" (or "token" for a ViT)'
+            )
         reset(0)  # keeps a pre-logits layer (MobileNetV3's conv_head): head_hidden_size wide
         width = getattr(model, "head_hidden_size", None)
         return model, width if isinstance(width, int) and width > 0 else num_features

@@ -151,8 +151,11 @@ def test_single_process_helpers_are_correct_no_ops() -> None:
     assert torch.equal(batch_unshuffle(shuffled**2, idx), data**2)
     with pytest.raises(ValueError, match=r"must have shape \(10,\).*x holding 10\), got \(64,\)"):
         batch_unshuffle(shuffled[:10], idx)
-    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor with a batch dimension"):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
         batch_unshuffle(shuffled.tolist(), idx)  # type: ignore[arg-type]
+    for op in (concat_all_gather, batch_shuffle):  # the same errors in every collective
+        with pytest.raises(ValueError, match="x must have at least one dimension"):
+            op(torch.tensor(1.0))
     with pytest.raises(TypeError, match="n must be an int, got float"):
         gather_sizes(3.7)  # type: ignore[arg-type]
 

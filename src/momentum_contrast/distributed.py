@@ -120,11 +120,7 @@ def concat_all_gather(x: torch.Tensor, *, group: Group = None) -> torch.Tensor:
         >>> concat_all_gather(torch.ones(4, 2)).shape
         torch.Size([4, 2])
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (N, ...), got a 0-d tensor")
-    return c.gather(x, group)
+    return c.gather(_check_batch(x), group)
 
 
 @torch.no_grad()
@@ -157,8 +153,7 @@ def batch_shuffle(
         >>> torch.equal(batch_unshuffle(shuffled * 10, idx), x * 10)
         True
     """
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise TypeError(f"x must be a torch.Tensor with a batch dimension, got {x!r:.40}")
+    _check_batch(x)
     gathered, sizes = c.gather_with_sizes(x, group)  # (sum N_r, ...)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)
     if world_size(group) > 1:
@@ -203,8 +198,7 @@ def batch_unshuffle(
         >>> torch.allclose(keys, key_encoder(x))
         True
     """
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise TypeError(f"x must be a torch.Tensor with a batch dimension, got {x!r:.40}")
+    _check_batch(x)
     if not isinstance(idx_unshuffle, torch.Tensor) or idx_unshuffle.dtype != torch.long:
         raise TypeError("idx_unshuffle must be the long tensor returned by batch_shuffle")
     check_same_device("idx_unshuffle", idx_unshuffle, "x", x)
@@ -229,3 +223,12 @@ def batch_unshuffle(
         gathered_in_order = gathered[idx_unshuffle]
         mine._moco_gathered = (gathered_in_order, mine._version, mine.data_ptr(), c.members(group))  # type: ignore[attr-defined]
     return mine
+
+
+def _check_batch(x: object) -> torch.Tensor:
+    """A tensor with a batch dimension (rows to gather or shuffle)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (N, ...), got a 0-d tensor")
+    return x

@@ -13,7 +13,14 @@ from torch import nn
 
 from momentum_contrast.convert._layouts import is_key_path, rename, select_backbone
 from momentum_contrast.convert._sources import LayoutError, State, read_checkpoint
-from momentum_contrast.convert._spec import ModelSpec, count, module_heads, recorded_heads, vit_spec
+from momentum_contrast.convert._spec import (
+    ModelSpec,
+    count,
+    module_heads,
+    recorded_heads,
+    recorded_pool,
+    vit_spec,
+)
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 
 __all__ = ["backbone_spec", "backbone_state_dict"]
@@ -69,7 +76,7 @@ def convert_backbone(
         return rename(found.state, found.family, to, what), None, what
     if to == "detectron2":
         raise LayoutError(f"{what} is a {found.family} backbone: {to} takes ResNets only")
-    pool, record = None, recorded_heads(tree)  # a module's state dict records nothing
+    pool, record = recorded_pool(tree), recorded_heads(tree)  # a module's records nothing
     if module is not None:
         try:  # the module that holds the backbone's tensors ("": the module itself)
             backbone = module.get_submodule(found.prefix[:-1])

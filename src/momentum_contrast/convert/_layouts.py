@@ -105,6 +105,7 @@ def select_backbone(
     ``tree``, restricted to the sub-dict ``prefix`` (a dotted path) when given."""
     tensors, others = flatten(tree)
     found = [(p, f) for p, f in find_backbones(tensors) if SHADOW not in p.split(".")]
+    every = [p for p, _ in found]
     if not found:
         sample = ", ".join(list(tensors)[:4]) or "no tensors at all"
         expected = "; ".join(f"{f}: {', '.join(a)}" for f, (a, _) in FAMILIES.items())
@@ -122,10 +123,19 @@ def select_backbone(
         found = inside
     at, family = _pick(found, encoder, prefix, what)
     head_prefix = FAMILIES[family][1]
-    for name, value in others.items():
-        if name.startswith(at) and not name[len(at) :].startswith(head_prefix):
+    nested = [p for p in every if p != at and p.startswith(at)]  # another backbone inside
+    for name, value in others.items():  # a bare state dict's top-level values: metadata
+        if (
+            name.startswith(at)
+            and (at or "." in name)
+            and not name[len(at) :].startswith(head_prefix)
+        ):
             raise LayoutError(f"{what}[{name!r}] is a {type(value).__name__}, not a tensor")
-    named = {k[len(at) :]: v for k, v in tensors.items() if k.startswith(at)}  # unprefixed
+    named = {  # unprefixed
+        k[len(at) :]: v
+        for k, v in tensors.items()
+        if k.startswith(at) and not any(k.startswith(p) for p in nested)
+    }
     backbone = {k: v for k, v in named.items() if not k.startswith(head_prefix)}
     head = {k[len(head_prefix) :]: v for k, v in named.items() if k.startswith(head_prefix)}
     return Found(at, family, backbone, head)
@@ -151,12 +161,22 @@ def _pattern(name: str) -> str:
     return escaped.replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
 
 
+_RESNET = re.compile(
+    r"(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]))"
+    r"\.(weight|bias|running_mean|running_var|num_batches_tracked)"
+)
+
+
 def resnet_to_detectron2(state: State) -> State:
     """torchvision ResNet names to detectron2's, as the MoCo authors' conversion script:
     non-``layer`` keys under ``stem.``, ``layerN`` → ``res{N+1}``, ``bnK`` → ``convK.norm``,
     ``downsample.0`` → ``shortcut``, ``downsample.1`` → ``shortcut.norm``."""
     out = {}
     for key, value in state.items():
+        if not _RESNET.fullmatch(key):  # a queue or a predictor beside the backbone
+            raise LayoutError(
+                f"tensor {key!r} is not part of a ResNet: detectron2 has no place for it"
+            )
         name = key if "layer" in key else "stem." + key
         for n in (1, 2, 3, 4):
             name = name.replace(f"layer{n}", f"res{n + 1}")
@@ -177,9 +197,14 @@ def rename(state: State, family: str, to: str, what: str) -> State:
     if family == f"vit_{to}":
         return dict(state)
     state = dict(state)
-    for key in [k for k in state if k.endswith(".attn.qkv.weight")]:
-        if (bias := key.removesuffix("weight") + "bias") not in state:
-            state[bias] = state[key].new_zeros(state[key].shape[0])
+    weights = [k for k in state if k.endswith(".attn.qkv.weight")]
+    biases = [k.removesuffix("weight") + "bias" for k in weights]
+    if all(b not in state for b in biases):  # qkv_bias=False
+        state |= {
+            b: state[w].new_zeros(state[w].shape[0]) for w, b in zip(weights, biases, strict=True)
+        }
+    elif missing := [b for b in biases if b not in state]:  # not a zero: a lost tensor
+        raise LayoutError(f"{what}: tensor {missing[0]!r} is missing (other blocks have theirs)")
     out = {}
     for key, value in state.items():
         for row in _VIT_NAMES:

@@ -39,6 +39,16 @@ _TIMM_KEYS = re.compile(
     r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 )
 
+# the tensors of each block of a timm ViT (and the biases of attn.qkv, unless qkv_bias=False)
+_BLOCK = [
+    *(
+        f"{layer}.{p}"
+        for layer in ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2")
+        for p in ("weight", "bias")
+    ),
+    "attn.qkv.weight",
+]
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -113,6 +123,15 @@ def recorded_heads(ckpt: Mapping[str, Any]) -> tuple[int, str] | None:
     return None
 
 
+def recorded_pool(ckpt: Mapping[str, Any]) -> str | None:
+    """The pooling a converted file's ``"__model__"`` record builds (timm's default, the
+    class token, where it states none; torchvision's ViT always takes it), or None."""
+    record = ckpt.get(MODEL_KEY)
+    kwargs = record.get("kwargs") if isinstance(record, Mapping) else None
+    pool = kwargs.get("global_pool", "token") if isinstance(kwargs, Mapping) else None
+    return pool if isinstance(pool, str) else None
+
+
 def module_heads(module: nn.Module, what: str) -> tuple[int, str] | None:
     """``(heads, where)`` from the attention layers of a live module, or None."""
     found = {n for m in module.modules() if (n := count(getattr(m, "num_heads", None))) is not None}
@@ -163,9 +182,16 @@ def vit_spec(
     """
     if unknown := [k for k in state if not _TIMM_KEYS.fullmatch(k)]:
         raise LayoutError(
-            f"{what}: tensor {unknown[0]!r} belongs to a timm ViT option (layer scale, "
-            "registers, ...) whose create_model arguments are not known here"
+            f"{what}: tensor {unknown[0]!r} is not part of a plain timm ViT (an option such "
+            "as layer scale or registers, whose create_model arguments are not known here, "
+            "or a tensor beside the backbone)"
         )
+    indices = (int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depth = 1 + max(indices, default=-1)
+    per_block = [*_BLOCK, *["attn.qkv.bias"] * ("blocks.0.attn.qkv.bias" in state)]
+    needed = {f"blocks.{b}.{name}" for b in range(max(depth, 1)) for name in per_block}
+    if lost := sorted({"patch_embed.proj.weight", *needed} - state.keys()):
+        raise LayoutError(f"{what}: tensor {lost[0]!r} is missing (a ViT has it)")
     conv = state["patch_embed.proj.weight"]
     dim, in_chans, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
     if patch != conv.shape[-2]:
@@ -177,7 +203,6 @@ def vit_spec(
     grid = rows - int(class_token and not no_embed_class)
     if math.isqrt(grid) ** 2 != grid:
         raise LayoutError(f"{what}: {grid} patch positions are not a square grid")
-    depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
     mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
     if not isinstance(pool, str):
         pool = "avg" if fc_norm or not class_token else "token"

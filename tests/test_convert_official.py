@@ -243,12 +243,42 @@ def test_bad_inputs_get_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_an_official_checkpoint_of_another_architecture_is_refused() -> None:
     model = nn.Sequential(strip_classifier(torchvision.models.resnet18())[0], moco_v2_head(512))
-    with pytest.raises(LayoutError, match=r"does not fit this model \(another architecture\?\)"):
+    with pytest.raises(
+        LayoutError, match=r"resnet50's query encoder does not fit this model: unexpected"
+    ):
         load_official_checkpoint(
             official("moco_v2_resnet50"), model, MomentumEncoder(model), queue=KeyQueue(65536, 128)
         )
     with pytest.raises(LayoutError, match="not a MoCo authors' checkpoint"):
         load_official_checkpoint({"recipe": "moco_v2", "model": {}}, model, MomentumEncoder(model))
+
+
+def test_a_piece_that_does_not_fit_leaves_every_piece_as_it_was() -> None:
+    """A queue of another size was refused after both encoders had been overwritten."""
+    model = nn.Sequential(resnet50_backbone(), moco_v2_head(2048))
+    key_encoder, queue = MomentumEncoder(model), KeyQueue(4096, 128)  # the checkpoint's K: 65,536
+    before = [t.clone() for t in (*model.state_dict().values(), queue.keys)]
+    with pytest.raises(
+        LayoutError,
+        match=r"checkpoint's queue does not fit this model: other shapes \['keys: \(65536, 128\)",
+    ):
+        load_official_checkpoint(official("moco_v2_resnet50"), model, key_encoder, queue=queue)
+    after = [*model.state_dict().values(), queue.keys]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    with pytest.raises(ValueError, match="a MoCo v1/v2 checkpoint has no predictor"):
+        load_official_checkpoint(
+            official("moco_v2_resnet50"), model, key_encoder, queue=queue, predictor=nn.Linear(2, 2)
+        )
+    base = nn.Sequential(resnet50_backbone(), moco_v3_projector(2048))
+    with pytest.raises(ValueError, match="a MoCo v3 checkpoint has no queue"):
+        load_official_checkpoint(
+            official("moco_v3_resnet50"), base, MomentumEncoder(base), queue=queue,
+            predictor=moco_v3_predictor(),
+        )  # fmt: skip
+
+
+def test_a_bad_flag_returns_the_usage_status() -> None:
+    assert main(["a.pt", "b.pth", "--to", "onnx"]) == 2  # argparse's error, no SystemExit
 
 
 def test_unwritable_outputs_and_odd_dicts_get_one_line_errors(

@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["no_such_checkpoint.pt", "backbone.pth", "--to", "torchvision"])
         2
     """
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed its usage and error (or the help: 0)
+        return e.code if isinstance(e.code, int) else 2
     src, dst = Path(args.src), Path(args.dst)
     if dst.is_dir():
         return _fail(f"cannot write {dst}: it is a directory")

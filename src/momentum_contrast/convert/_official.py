@@ -41,7 +41,9 @@ def load_official_checkpoint(
     ResNet (``strip_classifier(resnet50())``) or a timm ViT, with the checkpoint's number
     of attention heads: the authors' ``vit_small`` and ``vit_base`` have 12
     (``timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)``; timm's
-    own ViT-S has 6). The ``module.`` prefix may be stripped.
+    own ViT-S has 6), checked against the checkpoint's ``arch`` (without one it cannot be).
+    The ``module.`` prefix may be stripped. Every piece is checked before any is loaded:
+    on an error, none has changed.
 
     Args:
         source: path or loaded dict of the authors' checkpoint.
@@ -105,24 +107,32 @@ def load_official_checkpoint(
         raise LayoutError(f"the checkpoint has {root}queue but no {root}queue_ptr")
     if kind == "official_v3" and predictor is None:
         raise ValueError("a MoCo v3 checkpoint has a predictor: pass predictor=...")
+    if kind == "official_v3" and queue is not None:
+        raise ValueError("a MoCo v3 checkpoint has no queue: pass queue=None")
+    if kind == "official_v1v2" and predictor is not None:
+        raise ValueError("a MoCo v1/v2 checkpoint has no predictor: pass predictor=None")
     targets = (("query", unwrap_model(model)), ("key", key_encoder.key_encoder))
     staged = {
         encoder: _staged(ckpt, state, root + OFFICIAL_PREFIXES[kind][encoder], encoder, target)
         for encoder, target in targets
     }
-    for encoder, target in targets:
-        _load_strict(
-            target, staged[encoder], f"the {ckpt.get('arch') or 'checkpoint'}'s {encoder} encoder"
-        )
+    name = ckpt.get("arch") or "checkpoint"
+    loads = [(t, staged[e], f"the {name}'s {e} encoder") for e, t in targets]
     if queue is not None:
         keys = state[root + "queue"].T  # (dim, K) -> (K, dim)
         ptr = state[root + "queue_ptr"].reshape(())
         length = torch.tensor(keys.shape[0])
-        _load_strict(queue, {"keys": keys, "ptr": ptr, "length": length}, "the checkpoint's queue")
-    if predictor is not None and kind == "official_v3":
+        loads.append(
+            (queue, {"keys": keys, "ptr": ptr, "length": length}, "the checkpoint's queue")
+        )
+    if predictor is not None:
         at = root + "predictor."
         weights = {k[len(at) :]: v for k, v in state.items() if k.startswith(at)}
-        _load_strict(predictor, weights, "the checkpoint's predictor")
+        loads.append((predictor, weights, "the checkpoint's predictor"))
+    for module, tensors, what in loads:  # every piece checked before any is written
+        _check_fits(module, tensors, what)
+    for module, tensors, _ in loads:
+        module.load_state_dict(tensors)
     return {"kind": kind, "epoch": ckpt.get("epoch"), "arch": ckpt.get("arch")}
 
 
@@ -149,9 +159,8 @@ def _staged(
     return {f"0.{k}": v for k, v in backbone.items()} | {f"1.{k}": v for k, v in found.head.items()}
 
 
-def _load_strict(module: nn.Module, state: State, what: str) -> None:
-    """``load_state_dict(strict=True)``, with a one-line error on any mismatch (and
-    nothing loaded)."""
+def _check_fits(module: nn.Module, state: State, what: str) -> None:
+    """A one-line error where ``module.load_state_dict(state)`` (strict) would fail."""
     own = module.state_dict()
     problems = {
         "missing": sorted(own.keys() - state.keys()),
@@ -163,7 +172,4 @@ def _load_strict(module: nn.Module, state: State, what: str) -> None:
         ],
     }
     if listed := [f"{k} {v[:3]}{' ...' * (len(v) > 3)}" for k, v in problems.items() if v]:
-        raise LayoutError(
-            f"{what} does not fit this model (another architecture?): {'; '.join(listed)}"
-        )
-    module.load_state_dict(state)
+        raise LayoutError(f"{what} does not fit this model: {'; '.join(listed)}")

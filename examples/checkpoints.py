@@ -183,6 +183,12 @@ def load_resume(
                  "one with another --output-dir")  # fmt: skip
         return None
     candidates = [Path(args.resume)] if args.resume != "auto" else found[::-1]
+    here = [p.resolve() for p in found]
+    if args.resume != "auto" and found and Path(args.resume).resolve() not in here:
+        # another run's: its checkpoints and metrics would mix with this one's
+        fail(f"--output-dir {args.output_dir} holds another run ({found[-1].name}): resume "
+             f"{args.resume} into another --output-dir, or continue that run with "
+             "--resume auto")  # fmt: skip
     if not candidates:
         print(f"no checkpoint in {args.output_dir}: starting from scratch")
         return None

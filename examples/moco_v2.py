@@ -17,8 +17,9 @@ settings, the built-in `shapes` data settings that finish on a CPU in minutes. R
 bottom: flags, the MoCo pieces and their step (``build``), the loop (``main``). What a run
 needs besides MoCo (set-up, random states, backbones, step log, kNN monitor, checkpoints)
 is in harness.py, monitoring.py and checkpoints.py, the data in data.py. A checkpoint
-resumes exactly, in any number of processes. Several nodes, restarts after a lost process,
-Slurm (multi_node.sbatch): docs/guides/multi-node.md. Tested on the CPU with gloo (torch
+resumes exactly in as many processes, and continues in any other number (with other
+per-process batches). Several nodes, restarts after a lost process, Slurm
+(multi_node.sbatch): docs/guides/multi-node.md. Tested on the CPU with gloo (torch
 2.14.1): 1 and 2 processes, 2 torchrun agents on one machine, a process killed and
 restarted by torchrun, a one-machine Slurm cluster; not tested here: NCCL, real nodes.
 """
@@ -208,7 +209,8 @@ def build(args: argparse.Namespace, version: str, env: Env) -> Any:
 MUST_MATCH = ("arch", "dim", "queue_size")  # the tensors' shapes
 WARN_IF_CHANGED = ("batch_size", "epochs", "seed", "lr", "image_size", "data", "augment_on",
                    "moco_momentum", "temperature", "weight_decay", "schedule_milestones",
-                   "crop_min", "blur_p", "shapes_train", "accumulate")  # fmt: skip
+                   "crop_min", "blur_p", "shapes_train", "shapes_val", "knn_bank", "knn_queries",
+                   "accumulate", "shuffle_splits")  # fmt: skip
 
 
 # ---- The loop: epochs of steps; at each epoch's end the kNN monitor and a checkpoint

@@ -21,9 +21,10 @@ block; checkpoints in the replicated run's form (they move between ``--fsdp`` an
 Read top to bottom, as moco_v2.py: flags, the MoCo v3 pieces and their step (``build``),
 the checkpoints of ``--fsdp``, the loop (``main``). What a run needs besides MoCo (set-up,
 random states, backbones, step log, kNN monitor, checkpoints) is in harness.py,
-monitoring.py and checkpoints.py, the data in data.py. A checkpoint resumes exactly, in any
-number of processes. Several nodes, restarts after a lost process, Slurm
-(multi_node.sbatch): docs/guides/multi-node.md. Tested on the CPU with gloo (torch 2.14.1):
+monitoring.py and checkpoints.py, the data in data.py. A checkpoint resumes exactly in as
+many processes, and continues in any other number (with other per-process batches).
+Several nodes, restarts after a lost process, Slurm (multi_node.sbatch):
+docs/guides/multi-node.md. Tested on the CPU with gloo (torch 2.14.1):
 1 and 2 processes, 2 torchrun agents on one machine, a process killed and restarted by
 torchrun; not tested here: NCCL, real nodes.
 """
@@ -268,7 +269,8 @@ def rekey(optimizer_state: dict[str, Any], key: dict[Any, Any]) -> dict[str, Any
 MUST_MATCH = ("arch", "dim", "mlp_dim", "optimizer")  # the tensors' shapes
 WARN_IF_CHANGED = ("batch_size", "epochs", "seed", "lr", "image_size", "data", "augment_on",
                    "moco_momentum", "temperature", "weight_decay", "warmup_epochs",
-                   "shapes_train", "accumulate")  # fmt: skip
+                   "shapes_train", "shapes_val", "knn_bank", "knn_queries",
+                   "accumulate")  # fmt: skip
 
 
 # ---- The loop: epochs of steps; at each epoch's end the kNN monitor and a checkpoint

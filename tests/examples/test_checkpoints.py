@@ -143,9 +143,12 @@ def test_an_older_checkpoint_is_not_resumed_into_a_folder_with_newer_ones(tmp_pa
     with pytest.raises(SystemExit, match=r"holds checkpoints newer than step 4 of "
                        r"checkpoint_0000004\.pt \(up to checkpoint_0000008\.pt\)"):  # fmt: skip
         load_resume(resume_args(tmp_path, str(older)), *checks)
-    elsewhere = fake(tmp_path / "other_run", 2)  # another run's, into this folder: the same
-    with pytest.raises(SystemExit, match="holds checkpoints newer than step 2"):
-        load_resume(resume_args(tmp_path, str(elsewhere)), *checks)
+    # another run's checkpoint, older or newer, into this folder: the runs' checkpoints and
+    # metrics would mix (a newer one was resumed there, beside this run's)
+    for step in (2, 10):
+        elsewhere = fake(tmp_path / "other_run", step)
+        with pytest.raises(SystemExit, match=r"holds another run \(checkpoint_0000008\.pt\)"):
+            load_resume(resume_args(tmp_path, str(elsewhere)), *checks)
     resumed = load_resume(resume_args(tmp_path, "auto"), *checks)
     assert resumed is not None and resumed[0] == tmp_path / "checkpoint_0000008.pt"
     assert resumed[1]["step"] == 8

@@ -136,6 +136,10 @@ def test_resume_checks_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
     load_resume(v2_args("--resume", str(path), "--batch-size", "32", "--epochs", "5",
                         "--seed", "3"), *V2_RESUME)  # fmt: skip
     assert "warning" not in capsys.readouterr().err
+    path = fake_checkpoint(tmp_path / "c.pt", shapes_val=7, knn_bank=5)  # other images
+    load_resume(v2_args("--resume", str(path)), *V2_RESUME)
+    warning = capsys.readouterr().err
+    assert "(checkpoint: 7)" in warning and "--knn-bank" in warning, warning
 
 
 def test_batch_larger_than_the_training_set(tmp_path: Path) -> None:

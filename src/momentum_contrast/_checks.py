@@ -74,6 +74,18 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def check_float_dtype(name: str, dtype: object) -> torch.dtype:
+    """Require a floating-point ``torch.dtype``."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def is_integer(t: torch.Tensor) -> bool:
+    """An integer tensor: not floating, complex or bool."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:
     """Require one of a fixed set of strings."""
     if not isinstance(value, str) or value not in choices:

@@ -12,6 +12,7 @@ from momentum_contrast._checks import (
     check_positive,
     check_positive_int,
     check_same_device,
+    is_integer,
 )
 
 __all__ = ["embed_dataset", "knn_predict"]
@@ -42,7 +43,8 @@ def knn_predict(
         temperature: ``T`` of the weights (0.1 as the reference).
 
     Returns:
-        ``(N, C)`` float32 scores in ``(0, k]``; ``scores.argmax(1)`` is the prediction.
+        ``(N, C)`` float32 scores in ``[0, k]`` (the nearest neighbour weighs 1);
+        ``scores.argmax(1)`` is the prediction.
 
     Raises:
         TypeError: a tensor of the wrong kind (``bank_labels`` float, bool or complex).
@@ -82,7 +84,7 @@ def _check_labels(labels: object, rows: int, classes: int) -> None:
     """``(rows,)`` integer labels; their values in ``[0, classes)`` where reading is free."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"bank_labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if not is_integer(labels):
         raise TypeError(
             f"bank_labels must have an integer dtype (e.g. torch.int64), got {labels.dtype}"
         )

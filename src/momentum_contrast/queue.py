@@ -12,6 +12,7 @@ from torch import nn
 from momentum_contrast._casts import keeping_dtype
 from momentum_contrast._checks import (
     check_choice,
+    check_float_dtype,
     check_float_matrix,
     check_positive_int,
     check_same_device,
@@ -84,8 +85,7 @@ class KeyQueue(nn.Module):
         super().__init__()
         self.size = check_positive_int("size", size)
         self.dim = check_positive_int("dim", dim)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype("dtype", dtype)
         check_choice("init", init, ("random", "empty"))
         self.normalize = bool(normalize)
         self.gather = bool(gather)

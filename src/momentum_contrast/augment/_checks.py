@@ -13,19 +13,13 @@ from typing import TypeGuard
 
 import torch
 
+from momentum_contrast._checks import is_integer
 from momentum_contrast.augment._random import to_device
 
 
 def _free_to_read(x: torch.Tensor) -> bool:
     """True where reading values costs no host-device synchronisation and no graph break."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 0
-
-
-def check_float_dtype(name: str, dtype: object) -> torch.dtype:
-    """A floating-point ``torch.dtype`` (an integer one would cut fractional weights to 0)."""
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
-    return dtype
 
 
 def check_image_dtype(name: str, x: object, *, uint8: bool) -> torch.Tensor:
@@ -67,7 +61,7 @@ def check_images(
 
 def check_order(order: object, b: int) -> torch.Tensor:
     """``(B, 4)`` integer rows, each a permutation of ``0..3`` where reading is free; as int64."""
-    if not isinstance(order, torch.Tensor) or order.shape != (b, 4) or not _is_integer(order):
+    if not isinstance(order, torch.Tensor) or order.shape != (b, 4) or not is_integer(order):
         got = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else order
         raise ValueError(f"order must be an integer tensor of shape ({b}, 4), got {got!s:.60}")
     order = order.long()
@@ -78,10 +72,6 @@ def check_order(order: object, b: int) -> torch.Tensor:
             f"order must hold a permutation of 0, 1, 2, 3 in every row, got {order.tolist()!s:.80}"
         )
     return order
-
-
-def _is_integer(t: torch.Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def check_mask(name: str, mask: object, b: int) -> torch.Tensor:
@@ -157,7 +147,7 @@ def check_boxes(
     n = batch.shape[0]
     if not isinstance(boxes, torch.Tensor):
         raise TypeError(f"boxes must be an integer tensor of shape ({n}, 4), got {type(boxes)}")
-    if not _is_integer(boxes):
+    if not is_integer(boxes):
         raise TypeError(f"boxes must have an integer dtype (e.g. torch.int64), got {boxes.dtype}")
     if boxes.shape != (n, 4):
         raise ValueError(

@@ -4,6 +4,7 @@ dict is metadata; a converted file's own record decides how its ViT pools."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,34 @@ def test_a_lost_vit_tensor_is_named_not_filled_in(to: str, tmp_path: Path) -> No
     without = small_vit(qkv_bias=False)  # no qkv bias anywhere: zeros compute the same
     converted = backbone_state_dict({"model": without.state_dict(), "num_heads": 3})
     assert not converted["encoder.layers.encoder_layer_0.self_attention.in_proj_bias"].any()
+
+
+@pytest.mark.parametrize(
+    "arch", ["resnet18", "resnet50", "resnet18_groupnorm", "timm_resnet50_avg_down"]
+)
+def test_a_lost_resnet_tensor_is_named_for_every_target(arch: str, tmp_path: Path) -> None:
+    """A ResNet missing a tensor converted with exit status 0: detectron2 and a non-strict
+    load then started that tensor from random weights."""
+    if arch == "resnet18_groupnorm":
+        model = torchvision.models.resnet18(norm_layer=lambda c: nn.GroupNorm(1, c))
+    elif arch == "timm_resnet50_avg_down":
+        model = timm.create_model("resnet50", avg_down=True)
+    else:
+        model = getattr(torchvision.models, arch)()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    assert backbone_state_dict(state).keys() == state.keys()  # whole: converts
+    anchors = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight")  # else: no ResNet found
+    lost_ones = [k for k in list(state)[::7] if k not in anchors]
+    for lost in [*lost_ones, next(k for k in state if "layer2.0.downsample" in k)]:
+        cut = {k: v for k, v in state.items() if k != lost}
+        for to in ("torchvision", "timm", "detectron2"):
+            if to == "detectron2" and arch == "timm_resnet50_avg_down":
+                continue  # refused anyway: detectron2 has no average-pool shortcut
+            with pytest.raises(LayoutError, match=rf"tensor '{re.escape(lost)}' is missing"):
+                backbone_state_dict({"state_dict": cut}, to=to)  # type: ignore[arg-type]
+    torch.save({"state_dict": cut}, src := tmp_path / "cut.pth")
+    assert main([str(src), str(tmp_path / "out.pkl"), "--to", "detectron2"]) == 2
+    assert not (tmp_path / "out.pkl").exists()
 
 
 @pytest.mark.parametrize(("pool", "fc_norm"), [("avg", False), ("token", True)])

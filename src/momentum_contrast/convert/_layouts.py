@@ -167,6 +167,40 @@ _RESNET = re.compile(
 )
 
 
+def missing_resnet_tensor(state: State) -> str | None:
+    """The first tensor that a ResNet with ``state``'s blocks has and ``state`` lacks, or
+    None. Every layer from ``layer1`` to the last one present counts its blocks from 0;
+    every block has ``conv1`` to ``conv2`` (basic) or ``conv3`` (bottleneck), each with its
+    norm ``bn1``...; block 0 of ``layer2`` on, and of ``layer1`` where its widths differ,
+    has a ``downsample``. What one conv, norm or downsample holds (a bias; running
+    statistics, which a GroupNorm has not), every one holds."""
+    blocks: dict[int, int] = {}  # layer -> blocks
+    held: dict[str, set[str]] = {"conv": set(), "bn": set(), "downsample": set()}
+    for key in state:
+        if m := re.match(r"layer(\d+)\.(\d+)\.", key):
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+        if m := re.fullmatch(r"(?:layer\d+\.\d+\.)?(conv|bn)\d\.(\w+)", key):
+            held[m[1]].add(m[2])
+        elif m := re.fullmatch(r"layer\d+\.\d+\.downsample\.(.+)", key):
+            held["downsample"].add(m[1])
+    convs = 3 if any(re.match(r"layer\d+\.\d+\.conv3\.", k) for k in state) else 2
+    parts = [(part, i) for i in range(1, convs + 1) for part in ("conv", "bn")]
+    needed = [f"{part}1.{t}" for part in ("conv", "bn") for t in held[part]]  # the stem
+    for layer in range(1, max(blocks, default=0) + 1):
+        for block in range(blocks.get(layer, 1)):
+            at = f"layer{layer}.{block}."
+            needed += [f"{at}{part}{i}.{t}" for part, i in parts for t in held[part]]
+            first, last = state.get(at + "conv1.weight"), state.get(f"{at}conv{convs}.weight")
+            widths_differ = (
+                first is not None and last is not None and first.shape[1] != last.shape[0]
+            )
+            if (block == 0 and (layer > 1 or widths_differ)) or any(
+                k.startswith(at + "downsample.") for k in state
+            ):
+                needed += [f"{at}downsample.{t}" for t in held["downsample"] or ["0.weight"]]
+    return next((k for k in needed if k not in state), None)
+
+
 def resnet_to_detectron2(state: State) -> State:
     """torchvision ResNet names to detectron2's, as the MoCo authors' conversion script:
     non-``layer`` keys under ``stem.``, ``layerN`` → ``res{N+1}``, ``bnK`` → ``convK.norm``,
@@ -193,6 +227,10 @@ def rename(state: State, family: str, to: str, what: str) -> State:
     torchvision or timm. A timm ViT without biases in the attention's input projection
     (``qkv_bias=False``) gets zero biases for torchvision's, which compute the same."""
     if family == "resnet":
+        if lost := missing_resnet_tensor(state):
+            raise LayoutError(
+                f"{what}: tensor {lost!r} is missing (a ResNet of these blocks has it)"
+            )
         return resnet_to_detectron2(state) if to == "detectron2" else dict(state)
     if family == f"vit_{to}":
         return dict(state)

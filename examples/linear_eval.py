@@ -14,7 +14,8 @@ reads each by its content. A ViT gets the number of attention heads its checkpoi
 The protocol follows the reference code: the backbone is frozen with its BatchNorm in eval
 mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9, no
 weight decay, on random-resized crops and flips: MoCo v1/v2 lr 30 for 100 epochs, divided by
-10 at 60 and 80; MoCo v3 lr 0.1 x batch/256 for 90 epochs, cosine. Reports top-1 and top-5 on
+10 at 60 and 80; MoCo v3 lr 0.1 x batch/256 for 90 epochs, cosine. ``--protocol`` picks one
+(default: the checkpoint's recipe; v1/v2 for a plain state dict). Reports top-1 and top-5 on
 the held-out split (also in --output-dir/linear_eval.json) and checks the backbone is unchanged.
 The flag helpers, the set-up and the backbones are the pre-training scripts' (harness.py); the
 data comes from data.py.
@@ -80,6 +81,9 @@ def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
         "cifar100, stl10 or a folder (default: the checkpoint's pre-training data)")  # fmt: skip
     arg("--data-root", default=trained.get("data_root", "data"), help="where cifar10, cifar100 "
         "and stl10 are (or go); default: the checkpoint's")  # fmt: skip
+    arg("--protocol", choices=("v1v2", "v3"), default="v3" if v3 else "v1v2", help="the linear "
+        "protocol and its defaults (default: the recipe of the checkpoint, v1v2 for a state "
+        "dict)")  # fmt: skip
     arg("--epochs", type=positive_int, default=100, help="epochs (v1/v2 100, v3 90)")
     arg("--batch-size", type=positive_int, default=256, help="total over all processes")
     arg("--lr", type=positive_float, default=30.0, help="learning rate (v3: times batch/256)")
@@ -98,6 +102,8 @@ def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str], v3: bool, trained: dict[str, Any]) -> argparse.Namespace:
     parser = build_parser(v3, trained)
+    if (parser.parse_known_args(argv)[0].protocol == "v3") != v3:  # the other protocol's defaults
+        parser = build_parser(not v3, trained)
     if parser.parse_known_args(argv)[0].data == "shapes":
         parser.set_defaults(**SHAPES)
     return parse_flags(parser, argv)
@@ -191,6 +197,7 @@ def main() -> None:
         trained = {"arch": ckpt.get("arch") if ckpt.get("arch") in ARCHS else None}
         trained["image_size"] = 224
     args = parse_args(sys.argv[1:], v3, trained)
+    v3_protocol = args.protocol == "v3"  # v3: the checkpoint's layout (its query encoder's prefix)
     if args.arch is None:
         fail(f"--pretrained {path} does not name its architecture: pass --arch")
     validate(args)
@@ -211,7 +218,7 @@ def main() -> None:
     classifier: nn.Module = linear
     if world > 1:
         classifier = nn.parallel.DistributedDataParallel(classifier)
-    lr = args.lr * args.batch_size / 256 if v3 else args.lr
+    lr = args.lr * args.batch_size / 256 if v3_protocol else args.lr
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     crop_flip = ViewRecipe(scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0)
     augment = TwoViewAugment(crop_flip, crop_flip, size=args.image_size).to(device)
@@ -224,7 +231,7 @@ def main() -> None:
                    file=sys.stdout)  # fmt: skip
         for i, (images, labels) in enumerate(bar):
             at = epoch + i / steps  # the epoch, a float
-            if v3:
+            if v3_protocol:
                 step_lr = lr * 0.5 * (1 + math.cos(math.pi * at / args.epochs))
             else:
                 step_lr = lr * 0.1 ** sum(at >= int(m) for m in args.schedule_milestones.split(","))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from momentum_contrast.augment import functional as AF
 from momentum_contrast.knn import knn_predict
 from momentum_contrast.norm import SplitBatchNorm
 from momentum_contrast.optim import LARS
-from momentum_contrast.vit import sincos_position_embedding
+from momentum_contrast.vit import freeze_patch_embedding, sincos_position_embedding
 
 q8, k8 = torch.randn(4, 8), torch.randn(4, 8)
 neg8 = torch.randn(16, 8)
@@ -328,3 +329,45 @@ def test_bad_input_is_reported_clearly(
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def _vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(32, 8, 1, 2, 16, 16)
+
+
+# (flag, a call taking its value): Any, since wrong types are passed on purpose
+FLAGS: list[tuple[str, Callable[[Any], object]]] = [
+    ("normalize", lambda v: mc.KeyQueue(8, 4, normalize=v)),
+    ("gather", lambda v: mc.KeyQueue(8, 4, gather=v)),
+    ("normalize", lambda v: mc.info_nce(q8, k8, normalize=v)),
+    ("normalize", lambda v: mc.InfoNCE(normalize=v)),
+    ("gather", lambda v: mc.symmetric_contrastive_loss(q8, q8, k8, k8, gather=v)),
+    ("gather", lambda v: mc.SymmetricContrastiveLoss(gather=v)),
+    ("last_bn", lambda v: mc.moco_v3_predictor(8, hidden_dim=8, last_bn=v)),
+    ("cls_token", lambda v: sincos_position_embedding(2, 2, 8, cls_token=v)),
+    ("reinit", lambda v: freeze_patch_embedding(_vit(), reinit=v)),
+    ("antialias", lambda v: MoCoV2Augment(32, antialias=v)),
+    ("compile", lambda v: MoCoV2Augment(32, compile=v)),
+    (
+        "grayscale_first",
+        lambda v: mc.augment.TwoViewAugment(ViewRecipe(grayscale_first=v), ViewRecipe()),
+    ),
+    (
+        "antialias",
+        lambda v: AF.resized_crop(
+            torch.zeros(1, 3, 8, 8), torch.tensor([[0, 0, 4, 4]]), 4, antialias=v
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "build"), FLAGS, ids=[f"{i}-{f[0]}" for i, f in enumerate(FLAGS)])
+def test_a_flag_is_a_bool_not_anything_truthy(name: str, build: Callable[[Any], object]) -> None:
+    """normalize="no" used to mean True: every flag was passed through bool()."""
+    build(True)
+    build(False)
+    for wrong in ("no", 0, None):
+        with pytest.raises(TypeError, match=rf"{name} must be True or False, got"):
+            build(wrong)

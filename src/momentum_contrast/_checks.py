@@ -65,6 +65,13 @@ def check_unit_interval(name: str, value: object) -> float:
     return v
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Require a bool: a string such as ``"no"`` or a number is not taken as one."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
 def check_positive_int(name: str, value: object) -> int:
     """Require a Python int >= 1 (bools rejected)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -6,7 +6,7 @@ import itertools
 
 from torch import nn
 
-from momentum_contrast._checks import check_positive_int
+from momentum_contrast._checks import check_bool, check_positive_int
 from momentum_contrast._hf import hf_features
 
 __all__ = [
@@ -56,6 +56,7 @@ def build_mlp(
     layers = check_positive_int("num_layers", num_layers)
     dims += [check_positive_int("hidden_dim", hidden_dim)] * (layers - 1)
     dims += [check_positive_int("out_dim", out_dim)]
+    check_bool("last_bn", last_bn)
     modules: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
         modules.append(nn.Linear(d_in, d_out, bias=False))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from momentum_contrast._checks import (
+    check_bool,
     check_choice,
     check_float_matrix,
     check_positive,
@@ -105,6 +106,7 @@ def info_nce(
         check_same_device("negative_keys", negative_keys, "query", query)
     t = check_positive("temperature", temperature)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    check_bool("normalize", normalize)
     dtype = torch.promote_types(query.dtype, torch.float32)
     n = query.shape[0]
     with _float32_context(query.device):
@@ -223,6 +225,7 @@ def symmetric_contrastive_loss(
             )
         first = int(positive_offset)
     t = check_positive("temperature", temperature)
+    check_bool("gather", gather)
     dtype = functools.reduce(torch.promote_types, (q1.dtype, q2.dtype, k1.dtype, k2.dtype))
     dtype = torch.promote_types(dtype, torch.float32)  # float64 if any input is
     with _float32_context(q1.device):
@@ -262,7 +265,7 @@ class InfoNCE(nn.Module):
         self.reduction: Reduction = check_choice(  # type: ignore[assignment]
             "reduction", reduction, ("mean", "sum", "none")
         )
-        self.normalize = bool(normalize)
+        self.normalize = check_bool("normalize", normalize)
 
     def forward(
         self,
@@ -305,7 +308,7 @@ class SymmetricContrastiveLoss(nn.Module):
     def __init__(self, *, temperature: float = 1.0, gather: bool = True) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
-        self.gather = bool(gather)
+        self.gather = check_bool("gather", gather)
 
     def forward(
         self,

@@ -11,6 +11,7 @@ from torch import nn
 
 from momentum_contrast._casts import keeping_dtype
 from momentum_contrast._checks import (
+    check_bool,
     check_choice,
     check_float_dtype,
     check_float_matrix,
@@ -87,8 +88,8 @@ class KeyQueue(nn.Module):
         self.dim = check_positive_int("dim", dim)
         check_float_dtype("dtype", dtype)
         check_choice("init", init, ("random", "empty"))
-        self.normalize = bool(normalize)
-        self.gather = bool(gather)
+        self.normalize = check_bool("normalize", normalize)
+        self.gather = check_bool("gather", gather)
         if init == "random":
             keys = F.normalize(torch.randn(self.size, self.dim), dim=1).to(dtype)
             self._length = self.size

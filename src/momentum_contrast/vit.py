@@ -10,7 +10,7 @@ import torch
 from einops import repeat
 from torch import nn
 
-from momentum_contrast._checks import check_positive, check_positive_int
+from momentum_contrast._checks import check_bool, check_positive, check_positive_int
 
 __all__ = ["freeze_patch_embedding", "sincos_position_embedding", "use_sincos_position_embedding"]
 
@@ -38,7 +38,7 @@ def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
             f"(patch_embed.proj) whose patch projection is one nn.Conv2d, got "
             f"{type(vit).__name__} with {type(proj).__name__ if proj is not None else 'none'}"
         )
-    if reinit:
+    if check_bool("reinit", reinit):
         fan = proj.in_channels * math.prod(proj.kernel_size) + proj.out_channels
         bound = math.sqrt(6.0 / fan)
         with torch.no_grad():
@@ -93,7 +93,7 @@ def sincos_position_embedding(
     cols = repeat(torch.arange(w, dtype=torch.float64), "w -> (h w)", h=h)
     r, c = rows[:, None] * omega, cols[:, None] * omega  # (h*w, D/4)
     emb = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1).float()  # (h*w, D)
-    if cls_token:
+    if check_bool("cls_token", cls_token):
         emb = torch.cat([emb.new_zeros(1, dim), emb])  # float32, not the default dtype
     return emb[None]
 

@@ -190,3 +190,22 @@ def test_the_classifier_starts_alike_from_a_checkpoint_or_a_state_dict(tmp_path:
         result = json.loads((out / "linear_eval.json").read_text())
         results.append({k: result[k] for k in ("top1", "top5", "images")})
     assert results[0] == results[1] and results[0]["images"] == 200, results
+
+
+def test_the_protocol_is_the_checkpoints_unless_asked(tmp_path: Path) -> None:
+    """A state dict always got the v1/v2 protocol (lr 30, steps), a v3 backbone's too: the
+    protocol is now a flag whose default is the checkpoint's recipe."""
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if "fc." not in k}
+    torch.save(state, src := tmp_path / "resnet18.pth")
+    torch.save(official("moco_v2_resnet50"), v2 := tmp_path / "moco_v2.pth.tar")
+    flags = [f for f in FLAGS if f not in ("--epochs", "1")]  # the protocol's own epochs
+    for extra, protocol, lr in (
+        (["--arch", "resnet18", "--pretrained", str(src)], "v1v2", 30.0),
+        (["--arch", "resnet18", "--pretrained", str(src), "--protocol", "v3"], "v3", 0.1),
+        (["--pretrained", str(v2), "--protocol", "v3", "--lr", "0.2"], "v3", 0.2),
+        (["--pretrained", str(v2)], "v1v2", 30.0),
+    ):
+        shown = json.loads(run("linear_eval.py", *flags, *extra, "--print-config").stdout)
+        assert (shown["protocol"], shown["lr"]) == (protocol, lr), extra
+    wrong = run("linear_eval.py", *FLAGS, "--pretrained", str(src), "--protocol", "v2", check=False)
+    assert wrong.returncode != 0 and "argument --protocol: invalid choice: 'v2'" in wrong.stderr

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 import momentum_contrast.augment._ops as _ops
-from momentum_contrast._checks import check_float_dtype, check_positive_int
+from momentum_contrast._checks import check_bool, check_float_dtype, check_positive_int
 from momentum_contrast.augment._checks import (
     as_batch,
     check_boxes,
@@ -280,6 +280,7 @@ def resized_crop(
     inside = check_boxes(boxes, batch, heights, widths)  # raises here for CPU boxes
     size = check_positive_int("size", size)
     check_float_dtype("dtype", dtype)  # an integer one would cut the weights to 0
+    check_bool("antialias", antialias)
     if flip is not None:
         check_mask("flip", flip, batch.shape[0])
     wy, wx = resized_crop_weights(

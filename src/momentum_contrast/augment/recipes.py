@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict
 
-from momentum_contrast._checks import check_float_dtype, check_unit_interval
+from momentum_contrast._checks import check_bool, check_float_dtype, check_unit_interval
 from momentum_contrast.augment._checks import as_batch, is_real
 from momentum_contrast.augment._ops import after_crop_stage
 from momentum_contrast.augment._random import Sampler, crop_boxes
@@ -79,6 +79,7 @@ class ViewRecipe:
         """
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p", "flip_p"):
             check_unit_interval(f"{view} {name}", getattr(self, name))
+        check_bool(f"{view} grayscale_first", self.grayscale_first)
         for name in ("brightness", "contrast", "saturation", "hue"):
             value = getattr(self, name)
             if not is_real(value):
@@ -186,11 +187,14 @@ class TwoViewAugment(nn.Module):
         check_float_dtype("dtype", dtype)
         if resample_dtype is not None:
             check_float_dtype("resample_dtype", resample_dtype)
-        self.size, self.blur_kernel_size, self.antialias = size, blur_kernel_size, antialias
+        self.size, self.blur_kernel_size = size, blur_kernel_size
+        self.antialias = check_bool("antialias", antialias)
         self.dtype, self.resample_dtype = dtype, resample_dtype
         self._weights: Callable[..., tuple[torch.Tensor, torch.Tensor]] = resized_crop_weights
         self._stage: Callable[..., torch.Tensor] = after_crop_stage
-        if compile:  # fuse the elementwise work between (and around) the matrix products
+        if check_bool(
+            "compile", compile
+        ):  # fuse the elementwise work between (and around) the matrix products
             self._weights = torch.compile(resized_crop_weights, dynamic=False)
             self._stage = torch.compile(after_crop_stage, dynamic=False)
         self.register_buffer("mean", torch.tensor(mean), persistent=False)

@@ -9,7 +9,8 @@
 ``--pretrained`` takes a checkpoint of the example scripts, a MoCo v1/v2/v3 checkpoint
 released by the authors (ResNet, or ViT with ``--arch vit_small``/``vit_base`` at 224 px), or
 a plain state dict of a backbone (then ``--arch`` is required); ``momentum_contrast.convert``
-reads each by its content. A ViT gets the number of attention heads its checkpoint records.
+reads each by its content. A ViT gets the number of attention heads its checkpoint records
+(a plain state dict records none: give ``--num-heads``).
 
 The protocol follows the reference code: the backbone is frozen with its BatchNorm in eval
 mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9, no
@@ -76,6 +77,8 @@ def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
         "MoCo authors' v1/v2/v3, or a backbone's state dict (then give --arch)")  # fmt: skip
     arg("--arch", default=trained["arch"], help=f"{', '.join(ARCHS)}, torchvision's or timm:NAME"
         " (default: the checkpoint's)")  # fmt: skip
+    arg("--num-heads", type=positive_int, help=f"{', '.join(VITS)}: the attention heads, where "
+        "the checkpoint does not record them (a plain state dict)")  # fmt: skip
     arg("--image-size", type=pixels, default=trained["image_size"], help="side of the crops (px)")
     arg("--data", default=trained.get("data", "shapes"), help="shapes (built in), cifar10, "
         "cifar100, stl10 or a folder (default: the checkpoint's pre-training data)")  # fmt: skip
@@ -130,7 +133,8 @@ def read_pretrained(argv: list[str]) -> tuple[str, str, dict[str, Any]]:
 
 def validate(args: argparse.Namespace) -> None:
     """The flags that must fit together (argparse checked each alone), and the processes."""
-    check_flags(args)
+    heads_fixed = args.num_heads is not None and args.arch not in VITS
+    check_flags(args, (heads_fixed, f"--num-heads applies to {', '.join(VITS)}"))
 
 
 # ---- The backbone: built as the pre-training scripts build it, then the checkpoint's weights
@@ -168,10 +172,11 @@ def mismatches(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) ->
 def load_backbone(args: argparse.Namespace, path: str, kind: str, ckpt: Any, v3: bool) -> Any:
     """The frozen backbone (BatchNorm in eval mode) with the checkpoint's weights, its size."""
     features, dim = backbone(args.arch, args.image_size)  # a torchvision vit_* fixes its heads
-    known = None if args.arch in VITS else attention_heads(args.arch, features)  # ours: recorded
+    # ours: recorded in the checkpoint, else --num-heads; torchvision's vit_b_16: its name's
+    known = args.num_heads if args.arch in VITS else attention_heads(args.arch, features)
     try:
         state, heads = pretrained_backbone(ckpt, kind, v3, args.arch, known)
-    except LayoutError as e:
+    except ValueError as e:  # a LayoutError, or --num-heads against the record or the width
         fail(f"--pretrained {path}: {e}")
     if args.arch in VITS:  # this project's ViTs: the heads the checkpoint records
         features, dim = backbone(args.arch, args.image_size, num_heads=heads)

@@ -209,3 +209,25 @@ def test_the_protocol_is_the_checkpoints_unless_asked(tmp_path: Path) -> None:
         assert (shown["protocol"], shown["lr"]) == (protocol, lr), extra
     wrong = run("linear_eval.py", *FLAGS, "--pretrained", str(src), "--protocol", "v2", check=False)
     assert wrong.returncode != 0 and "argument --protocol: invalid choice: 'v2'" in wrong.stderr
+
+
+def test_a_plain_vit_state_dict_is_evaluated_with_num_heads(tmp_path: Path) -> None:
+    """A ViT's state dict records no head count, and linear_eval had no way to give one."""
+    import timm
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", depth=4, num_heads=3, img_size=64, patch_size=8, num_classes=0
+    )
+    torch.save(vit.state_dict(), src := tmp_path / "vit_tiny.pth")
+    flags = [*FLAGS, "--arch", "vit_tiny", "--pretrained", str(src)]
+    for extra, expected in (
+        ([], "number of attention heads is not recorded"),
+        (["--num-heads", "5"], "num_heads must divide the ViT's width 192, got 5"),
+        (["--num-heads", "3", "--arch", "resnet18"], "--num-heads applies to vit_tiny"),
+    ):
+        refused = run("linear_eval.py", *flags, *extra, check=False)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode != 0 and len(lines) == 1 and expected in lines[0], lines
+    result = run("linear_eval.py", *flags, "--num-heads", "3", "--output-dir", str(tmp_path))
+    assert "backbone unchanged" in result.stdout
+    assert json.loads((tmp_path / "linear_eval.json").read_text())["images"] == 32  # all held out

@@ -222,6 +222,10 @@ def test_bad_inputs_get_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     assert "is not a PyTorch checkpoint" in run_main([str(text), out, "--to", "timm"], capsys)
+    torch.save(moco_v2_head(8), whole := tmp_path / "whole.pt")  # torch.save(model): a pickle
+    pickled = run_main([str(whole), out, "--to", "timm"], capsys)  # was torch's cut-off advice
+    assert "it pickles a torch.nn.modules.container.Sequential object" in pickled
+    assert "pass its state_dict()" in pickled and "\x1b" not in pickled
     missing = str(tmp_path / "missing.pt")
     assert "no such checkpoint file" in run_main([missing, out, "--to", "timm"], capsys)
     torch.save(moco_v2_head(512).state_dict(), head := tmp_path / "head.pt")

@@ -16,6 +16,7 @@ finds encoders by content, see ``_layouts``):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,14 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        why = f"{type(e).__name__}: {first_line(e)[:200]}"
+        if pickled := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)):
+            why = (  # torch.save(model): the whole module, its class by reference
+                f"it pickles a {pickled[1]} object, as torch.save(model) does: if you trust "
+                "the file, torch.load it with weights_only=False and pass its state_dict()"
+            )
         raise LayoutError(
-            f"{path} is not a PyTorch checkpoint that loads with weights_only=True "
-            f"({type(e).__name__}: {first_line(e)[:200]})"
+            f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({why})"
         ) from None
     if not isinstance(loaded, dict):
         raise LayoutError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict")

@@ -89,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "out.pt")
         mp.spawn(_worker, args=(2, str(Path(tmp) / "init"), args.queue, args.steps, out), nprocs=2)
-        results = torch.load(out)
+        results = torch.load(out, weights_only=True)
     rows = [{"layout": k, "queue": f"{args.queue} x 128", "step ms": v} for k, v in results.items()]
     save("ddp_queue", rows, {"processes": "2 (gloo, CPU)"})
 

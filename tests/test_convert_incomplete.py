@@ -93,7 +93,7 @@ def test_a_converted_file_keeps_its_pooling_when_converted_again(
     assert spec == vit_spec(vit)
     model = spec.build().double().eval()
     model.load_state_dict(
-        {k: v for k, v in torch.load(again).items() if k != "__model__"}
+        {k: v for k, v in torch.load(again, weights_only=True).items() if k != "__model__"}
     )  # strict
     with torch.no_grad():
         torch.testing.assert_close(model(x), vit(x), rtol=0, atol=1e-12)

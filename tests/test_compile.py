@@ -9,6 +9,7 @@ repeats them with inductor on CUDA. ``tests/test_shadow.py`` compiles the update
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -166,3 +167,36 @@ def test_update_compiles_fullgraph_with_inductor_after_a_key_submodule_is_swappe
         torch.testing.assert_close(key, 0.5 * old + 0.5 * online.detach(), rtol=0, atol=1e-6)
     enc.update(1.0)  # an eager update freezes what the compiled one could not
     assert not any(p.requires_grad for p in enc.key_encoder.parameters())
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+
+
+@pytest.mark.parametrize("ema_dtype", [None, torch.float32])
+def test_compiled_update_steps_weights_tied_by_memory_once(ema_dtype: torch.dtype | None) -> None:
+    """After load_state_dict(assign=True) tied weights are two objects sharing one memory; the
+    compiled pairing tells ties by object only, and the update stepped that memory twice (m**2,
+    no error), where eager steps it once."""
+    torch.manual_seed(0)
+    online = _Tied() if ema_dtype is None else _Tied().bfloat16()
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=ema_dtype)
+    if ema_dtype is None:  # a resume of both models
+        online.load_state_dict(copy.deepcopy(online.state_dict()), assign=True)
+    state = enc.state_dict()  # the key encoder's two names: two objects, one memory
+    assert state["key_encoder.a.weight"] is not state["key_encoder.b.weight"]
+    enc.load_state_dict(copy.deepcopy(state), assign=True)  # deepcopy keeps the one memory
+    key = enc.key_encoder
+    assert key.a.weight is not key.b.weight and key.a.weight.data_ptr() == key.b.weight.data_ptr()
+    update = torch.compile(enc.update, fullgraph=True, backend="inductor")
+    for step in range(3):
+        with torch.no_grad():
+            online.a.weight.add_(1.0 + step)
+        old = key.a.weight.detach().clone()
+        update(0.5)
+        once = old + 0.5 * (online.a.weight.detach().to(old.dtype) - old)  # twice: 0.75 of it
+        torch.testing.assert_close(key.a.weight.detach(), once, rtol=0, atol=1e-5)
+        assert key.a.weight.data_ptr() == key.b.weight.data_ptr()  # still one memory

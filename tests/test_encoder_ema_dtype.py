@@ -270,3 +270,16 @@ def test_a_buffer_ema_dtype_cannot_follow_is_refused_at_construction(buffers: st
     match = r"ema_dtype torch.float32 cannot follow 'running_var' \(torch.float64\)"
     with pytest.raises(ValueError, match=match):
         MomentumEncoder(norm, buffers=buffers, ema_dtype=torch.float32)  # type: ignore[arg-type]
+
+
+def test_an_assign_load_of_another_dtype_is_explained() -> None:
+    """load_state_dict(assign=True) of a bfloat16 file puts bfloat16 key weights in place;
+    the error at the next update advised moving or rebuilding the encoder."""
+    online = nn.Linear(4, 4).bfloat16()
+    enc = MomentumEncoder(online, ema_dtype=torch.float32)
+    enc.load_state_dict({k: v.bfloat16() for k, v in enc.state_dict().items()}, assign=True)
+    with pytest.raises(ValueError, match=r"assign=True, which keeps the file's dtype \(load"):
+        enc.update()
+    enc.load_state_dict({k: v.float() for k, v in enc.state_dict().items()}, assign=True)
+    enc.update()  # float32 again: followed
+    assert enc.key_encoder.weight.dtype == torch.float32

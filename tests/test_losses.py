@@ -201,3 +201,19 @@ def test_losses_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
     k, neg = torch.randn(8, 16), unit(torch.randn(64, 16))
     with no_host_sync(monkeypatch):
         (info_nce(q, k, neg) + info_nce(q, k) + sym_loss(q, q, k, k)).backward()
+
+
+def test_info_nce_computes_in_float64_if_any_input_is() -> None:
+    """The docs said float64 for float64 inputs, but only the query's dtype counted: float64
+    keys and queue with a float32 query were computed in float32."""
+    torch.manual_seed(0)
+    q = torch.randn(6, 16, dtype=f64)
+    k, queue = torch.randn(6, 16, dtype=f64), unit(torch.randn(50, 16, dtype=f64))
+    want = reference_moco_loss(q.float().double(), k, queue, 0.07)  # the float32 query, exactly
+    for negatives in (queue, None):
+        got = info_nce(q.float(), k, negatives, reduction="none")
+        assert got.dtype == f64
+        if negatives is not None:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = info_nce(q, k.float(), queue.float())  # the query float64: as before
+    assert got.dtype == f64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import no_host_sync
@@ -191,3 +193,28 @@ def test_a_bfloat16_queue_stays_bfloat16_through_a_float_cast() -> None:
     queue = KeyQueue(size=8, dim=4, dtype=torch.bfloat16)
     queue.float()
     assert queue.keys.dtype == torch.bfloat16
+
+
+def test_a_load_that_does_not_fit_loads_nothing() -> None:
+    """torch copied ptr and length, then refused the keys: a 5-row queue then said it held 8
+    keys; a strict=False load could set a length above the size."""
+    queue = KeyQueue(5, 3, init="empty")
+    queue.push(torch.randn(2, 3))
+    keys, ptr = queue.keys.clone(), int(queue.ptr)
+    ok = {"keys": torch.zeros(5, 3), "ptr": torch.tensor(0), "length": torch.tensor(5)}
+    for bad, said in (
+        (KeyQueue(8, 3).state_dict(), "keys of shape (8, 3), not (5, 3), length 8, not an int"),
+        ({**ok, "ptr": torch.tensor(5)}, "ptr 5, not an int in [0, 4]"),
+        ({"length": torch.tensor(9)}, "length 9, not an int in [0, 5]"),
+        ({**ok, "length": torch.tensor([5, 5])}, "length [5, 5], not an int in [0, 5]"),
+    ):
+        with pytest.raises(RuntimeError, match=re.escape(said)):
+            queue.load_state_dict(bad, strict=False)
+        assert (len(queue), int(queue.length), int(queue.ptr)) == (2, 2, ptr)
+        assert torch.equal(queue.keys, keys)
+    parent = nn.Module()
+    parent.queue = queue
+    with pytest.raises(RuntimeError, match=r"KeyQueue 'queue\.': keys of shape \(4, 3\)"):
+        parent.load_state_dict({"queue." + k: v[:4] if k == "keys" else v for k, v in ok.items()})
+    queue.load_state_dict(ok)  # one that fits
+    assert (len(queue), int(queue.ptr)) == (5, 0) and not queue.keys.any()

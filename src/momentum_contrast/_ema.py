@@ -15,7 +15,10 @@ round the whole key twice a step):
   chunks of bounded size, so a large model never needs a second full copy;
 * under ``torch.compile``: one plain expression per tensor, which the compiler fuses and
   which keeps a momentum that changes every step a graph input (a foreach scalar would
-  be specialised, recompiling at every new value).
+  be specialised, recompiling at every new value). Every new value is computed before any
+  is written: the compiled pairing tells ties by object only, and tied weights that are
+  separate objects sharing one memory (after ``load_state_dict(assign=True)``) then get
+  the same new value twice instead of two steps.
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ def lerp_(
     of one call share a dtype, the keys' or a narrower one with a ``scratch`` shaped as the
     keys in their dtype, as the pairing groups them)."""
     if torch.compiler.is_compiling():
-        for key, online in zip(keys, onlines, strict=True):
-            key.add_((online.to(key.dtype) - key) * weight)
+        pairs = list(zip(keys, onlines, strict=True))
+        new = [key + (online.to(key.dtype) - key) * weight for key, online in pairs]
+        for key, value in zip(keys, new, strict=True):  # no write before the last read
+            key.copy_(value)
         return
     if scratch is not None:  # widened: one dtype from here on
         torch._foreach_copy_(scratch, onlines)

@@ -113,6 +113,10 @@ def ema_dtype_problem(names: str, online: torch.dtype, ema_dtype: torch.dtype) -
 
 
 _LOW = (torch.bfloat16, torch.float16)
+_KEPT = (
+    "ema_dtype; a key weight of another dtype came from outside: a load_state_dict with "
+    "assign=True, which keeps the file's dtype (load without it), or a cast of .key_encoder"
+)
 
 
 def _shared(online: Named, key: Named) -> list[str]:
@@ -153,7 +157,7 @@ def pair_by_name(
             ("layout", describe_layout(k), describe_layout(o)),
         ):
             if kv != ov:
-                want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} (ema_dtype)"
+                want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} ({_KEPT})"
                 problems.append(f"{kind} {name!r} has {what} {want} but {kv} in the key encoder")
         if averaged and ema_dtype_problem(name, o.dtype, ema_dtype):  # type: ignore[arg-type]
             unfollowable.setdefault(o.dtype, []).append(repr(name))
@@ -174,10 +178,10 @@ def pair_by_name(
         )
 
     def tie(t: torch.Tensor, side: str) -> object:
-        """What tied tensors share: the object, or (eagerly) the memory and its layout, so
-        that ties reloaded with ``assign=True`` (other objects, one memory) stay ties."""
+        """What tied tensors share: the memory and its layout (ties reloaded with
+        ``assign=True`` are other objects, one memory), or the object where there is none."""
         t = local(t)
-        if compiling or not t.data_ptr():
+        if not t.data_ptr():
             return (side, id(t))
         return (side, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
@@ -185,12 +189,15 @@ def pair_by_name(
     partner: dict[object, object] = {}  # a tensor of either side -> its pair
     for name, o in online_named:
         k = key[name]
-        tk, to = tie(k, "key"), tie(o, "online")
-        if tk in partner or to in partner:  # a tied tensor, seen under another name
-            if partner.get(tk) != to or partner.get(to) != tk:
-                problems.append(f"{kind} {name!r} is tied to another {kind} on one side only")
-            continue
-        partner[tk], partner[to] = to, tk
+        # compiled, memory cannot be read: every name is its own pair, and a tie (by object or
+        # memory, on both sides) gets the same new value twice (lerp_ reads before it writes)
+        if not compiling:
+            tk, to = tie(k, "key"), tie(o, "online")
+            if tk in partner or to in partner:  # a tied tensor, seen under another name
+                if partner.get(tk) != to or partner.get(to) != tk:
+                    problems.append(f"{kind} {name!r} is tied to another {kind} on one side only")
+                continue
+            partner[tk], partner[to] = to, tk
         k, o = local(k), local(o)
         if k.is_complex():  # averaged as (real, imaginary) pairs: no complex32 lerp exists
             k, o = torch.view_as_real(k), torch.view_as_real(o)

@@ -78,7 +78,9 @@ class MomentumEncoder(nn.Module):
     objects and data addresses with the previous update's. A replaced, reloaded or moved
     tensor on either side (``load_state_dict(assign=True)``, a swapped submodule, a new
     ``.key_encoder`` or ``.online``) is re-paired by name; a real mismatch (a parameter
-    added, renamed or reshaped, one side moved alone) raises a ``ValueError`` naming it.
+    added, renamed or reshaped, one side moved alone) raises a ``ValueError`` naming it. (A
+    shape given in place over the same memory, ``p.data = p.data.view(...)``, is seen by its
+    element count only: on one side, torch's shape error at the next update.)
 
     FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings):
     an update reshards the modules left unsharded (a root after a no-grad forward), so
@@ -111,7 +113,8 @@ class MomentumEncoder(nn.Module):
             float32 through any cast of a parent module (``.to(torch.bfloat16)``,
             Lightning's ``bf16-true``), which still moves them between devices. They are
             the only state: the average runs on them, ``state_dict()`` saves them and
-            any write to them (``load_state_dict``, ``copy_``) is simply the new state.
+            any write to them (``load_state_dict`` without ``assign=True``, which would put
+            the file's dtype in their place, ``copy_``) is simply the new state.
             The forward runs under ``torch.autocast`` to the online model's dtype (that
             of its first floating parameter) when that is narrower, and floating outputs
             come out in that dtype (tensors and those in tuples, lists, dicts and the other
@@ -277,7 +280,8 @@ class MomentumEncoder(nn.Module):
                 read on the host (the caller keeps it in ``[0, 1]``): fill it before
                 each replay of a CUDA graph holding the update; under ``torch.compile``
                 a new value does not recompile. ``1`` keeps the key, ``0`` copies (a
-                0-d tensor ``0`` up to the rounding of ``key + (online - key)``).
+                0-d tensor ``0``, or any ``0`` under ``torch.compile``, up to the rounding
+                of ``key + (online - key)``).
 
         Examples:
             >>> import torch

@@ -68,7 +68,7 @@ def info_nce(
     cross-entropy. Without them, the other rows of ``positive_key`` are the
     negatives: logits ``q @ k.T / T``, targets ``arange(N)``.
 
-    Logits and loss are computed in float32 (float64 for float64 inputs), also
+    Logits and loss are computed in float32 (float64 if any input is float64), also
     under ``torch.autocast``. Keys and negatives are detached: no gradient
     flows into them.
 
@@ -107,7 +107,8 @@ def info_nce(
     t = check_positive("temperature", temperature)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     check_bool("normalize", normalize)
-    dtype = torch.promote_types(query.dtype, torch.float32)
+    given = [t.dtype for t in (query, positive_key, negative_keys) if t is not None]
+    dtype = functools.reduce(torch.promote_types, given, torch.float32)  # float64 if any is
     n = query.shape[0]
     with _float32_context(query.device):
         q = query.to(dtype)  # (N, D)

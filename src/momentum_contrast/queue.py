@@ -107,6 +107,18 @@ class KeyQueue(nn.Module):
         return super()._apply(keeping_dtype(fn), recurse)  # type: ignore[no-any-return,no-untyped-call]
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        # all of the queue's tensors or none: torch would copy ptr and length, then refuse keys
+        keys, ptr, length = (state_dict.get(prefix + n) for n in ("keys", "ptr", "length"))
+        problems = []
+        if keys is not None and tuple(keys.shape) != (self.size, self.dim):
+            problems.append(f"keys of shape {tuple(keys.shape)}, not ({self.size}, {self.dim})")
+        for name, value, high in (("ptr", ptr, self.size - 1), ("length", length, self.size)):
+            if value is not None and not (value.shape == () and 0 <= int(value) <= high):
+                problems.append(f"{name} {value.tolist()!s:.40}, not an int in [0, {high}]")
+        if problems:  # args[-1]: error_msgs, raised by load_state_dict (strict or not)
+            where = f"KeyQueue {prefix!r}" if prefix else "KeyQueue"
+            args[-1].append(f"{where}: {', '.join(problems)}; nothing of it was loaded")
+            return
         super()._load_from_state_dict(state_dict, prefix, *args)
         # Loading is not a steady-state step: one read of the loaded length is fine.
         self._length = int(self.length)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save
 
 from momentum_contrast import MomentumEncoder
-from momentum_contrast._pairing import memo_of, walk
+from momentum_contrast._pairing import layout, memo_of
 
 
 def tiny(model: nn.Module) -> nn.Module:
@@ -83,7 +83,7 @@ def measure(arch: str, precision: str, iters: int) -> dict[str, object]:
 @torch.no_grad()
 def breakdown(iters: int) -> list[dict[str, object]]:
     """The parts of the ResNet-50 ``ema_dtype`` update, each timed alone (private internals:
-    the pairing's walk and comparison, the warning's version counters, the fused ops), and
+    the pairing's walks and comparison, the warning's version counters, the fused ops), and
     what one lerp over a flat buffer of the same elements would take instead of the lerp."""
     torch.manual_seed(0)
     online = tiny(torchvision.models.resnet50()).bfloat16()
@@ -93,16 +93,20 @@ def breakdown(iters: int) -> list[dict[str, object]]:
     ((keys, onlines, scratch),) = pairs.groups
     assert scratch is not None
     key = encoder.key_encoder
-    walked = walk(online, "parameter"), walk(key, "parameter")
     flat_keys, flat_scratch = torch.zeros(len(keys)), torch.zeros(len(keys))
     parts: dict[str, Callable[[], object]] = {
         "update()": encoder.update,
-        "both walks": lambda: (walk(online, "parameter"), walk(key, "parameter")),
+        "both walks (names of children and tensors, no string built)": lambda: (
+            layout(online, "parameter"),
+            layout(key, "parameter"),
+        ),
         "the baseline's two walks": lambda: (
             [p for _, p in online.named_parameters()],
             [p for _, p in key.named_parameters()],
         ),
-        "comparison with the previous walk": lambda: memo_of(*walked, sharded=False),
+        "both walks and the comparison with the previous one": lambda: (
+            memo_of(online, key, "parameter", False)[0] == pairs.memo
+        ),
         "version counters (double-update warning)": lambda: encoder._warn_if_misused(pairs),
         "widening copy (_foreach_copy_)": lambda: torch._foreach_copy_(scratch, onlines),
         "lerp (_foreach_lerp_)": lambda: torch._foreach_lerp_(keys, scratch, 0.001),

@@ -303,3 +303,37 @@ def test_an_encoder_pickles_after_updates_with_gradients() -> None:
     clone = pickle.loads(pickle.dumps(enc))
     assert torch.equal(clone.key_encoder.weight, cast(nn.Linear, enc.key_encoder).weight)
     clone.update()  # it follows its own copy of the online model
+
+
+def _renamed(names: dict[str, object], old: str, new: str) -> dict[str, object]:
+    """The same dict, in the same order, with one key renamed."""
+    return {new if k == old else k: v for k, v in names.items()}
+
+
+@pytest.mark.parametrize("change", ["parameter", "last child", "child set to None", "pool"])
+def test_a_rename_keeping_every_tensor_and_its_order_is_seen(change: str) -> None:
+    """The walk of every update builds no names; what names the tensors (each module's names
+    of its children and of its tensors) is compared instead, so a rename that keeps every
+    tensor where it was is still a mismatch, and a child set to None is no module."""
+    online = SmallCNN()
+    enc = MomentumEncoder(online)
+    enc.update()
+    if change == "parameter":  # fc.weight -> fc.kernel, still first in fc
+        online.fc._parameters = _renamed(online.fc._parameters, "weight", "kernel")  # type: ignore[assignment]
+        expected = "'fc.kernel'"
+    elif change == "last child":  # fc -> head, still the last child
+        online._modules = _renamed(online._modules, "fc", "head")  # type: ignore[assignment]
+        expected = "'head.weight'"
+    elif change == "child set to None":  # no tensors there: bn2's are missing
+        online._modules["bn2"] = None
+        expected = "'bn2.weight'"
+    else:  # a child without tensors, renamed: no tensor's name changes, nothing to say
+        online._modules = _renamed(online._modules, "pool", "avgpool")  # type: ignore[assignment]
+        perturb_(online)
+        enc.update(0.0)
+        for k, o in zip(enc.key_encoder.parameters(), online.parameters(), strict=True):
+            assert torch.equal(k, o)
+        return
+    with pytest.raises(ValueError, match="does not match the key encoder") as err:
+        enc.update()
+    assert expected in str(err.value)

@@ -1,11 +1,13 @@
 """Pair the online model's tensors with the key encoder's by name (private).
 
-Every update walks both models (``named_parameters()``, as timm's and ``AveragedModel``'s
-updates do). What the walk found is compared, in one tuple comparison, with what the
-previous update found: the names, the tensor objects and where their data lives (a
-``.data = ...`` swap, a move or a cast keeps the object but not its memory). When
-anything differs, both models are checked pair by pair and regrouped, and a real
-mismatch raises a ``ValueError`` naming it. No tensor value is read.
+Every update walks both models, as timm's and ``AveragedModel``'s updates do, without
+building a name: each module's names of its children and of its tensors, and the tensors
+(all that ``named_parameters()`` is made of). What the walk found is compared, in one
+tuple comparison, with what the previous update found: those names, the tensor objects and
+where their data lives (a ``.data = ...`` swap, a move or a cast keeps the object but not
+its memory). When anything differs, both models are walked by name, checked pair by pair
+and regrouped, and a real mismatch raises a ``ValueError`` naming it. No tensor value is
+read.
 """
 
 from __future__ import annotations
@@ -36,30 +38,54 @@ class Pairs:
     ``_CHUNK_NUMEL`` elements, local shards of ``DTensor``s; ``memo`` tells whether a later
     walk found the same."""
 
-    memo: tuple[object, ...]
     groups: list[Group]
     sharded: bool
-    held: tuple[torch.Tensor, ...]  # the walked tensors: while held, no id is reused
-    onlines: tuple[torch.Tensor, ...]  # the online model's, as walked (DTensors, not shards)
+    memo: tuple[object, ...] = ()
+    held: tuple[torch.Tensor, ...] = ()  # the walked tensors: while held, no id is reused
+    onlines: tuple[torch.Tensor, ...] = ()  # the online model's, as walked (not shards)
 
 
 def walk(model: nn.Module, kind: str) -> Named:
-    """Every name of every tensor: a tied tensor once per name (no de-duplicating set of
-    tensors, which costs a Python ``__hash__`` per tensor; the pairing drops repeats)."""
+    """Every name of every tensor: a tied tensor once per name (the pairing drops repeats)."""
     named = model.named_parameters if kind == "parameter" else model.named_buffers
     return list(named(remove_duplicate=False))
 
 
-def memo_of(online: Named, key: Named, sharded: bool) -> tuple[object, ...]:
-    """Names, tensor objects (by id: `Pairs.held` keeps them, so no id is reused), data
-    addresses and sizes of both walks (local shards' for ``DTensor``s: FSDP2 may re-pad one)."""
-    names, tensors = zip(*online, *key, strict=True) if online or key else ((), ())
+def layout(model: nn.Module, kind: str) -> tuple[list[tuple[str, ...]], list[torch.Tensor]]:
+    """What ``walk`` is made of, at a third of its host time: every module's names of its
+    children and of its ``kind`` tensors, and the tensors, visited as ``named_modules()``
+    visits them (no string is built, no tensor hashed)."""
+    attr = "_parameters" if kind == "parameter" else "_buffers"
+    names: list[tuple[str, ...]] = []
+    found: list[torch.Tensor | None] = []
+    stack: list[nn.Module | None] = [model]
+    while stack:
+        module = stack.pop()
+        if module is None:  # a child set to None: no module, as for named_modules()
+            continue
+        own: dict[str, torch.Tensor | None] = getattr(module, attr)
+        names += (tuple(module._modules), tuple(own))
+        found += own.values()
+        stack += reversed(module._modules.values())
+    return names, [t for t in found if t is not None]
+
+
+def memo_of(
+    online: nn.Module, key: nn.Module, kind: str, sharded: bool
+) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...], int]:
+    """``(memo, tensors, online_count)``: what names the tensors of both models, the tensor
+    objects (by id: `Pairs.held` keeps them, so no id is reused), their data addresses and
+    sizes (local shards' for ``DTensor``s: FSDP2 may re-pad one); the tensors, the online
+    model's first, and how many are the online model's."""
+    (online_names, onlines), (key_names, keys) = layout(online, kind), layout(key, kind)
+    tensors = (*onlines, *keys)
     data = tuple(map(local, tensors)) if sharded else tensors
     # a view swapped in at the same address: (16,) -> (1,). Shapes would cost twice as much
     # on the host; a view of the same size, (16,) -> (4, 4), on both sides is averaged as
     # before, except where a scratch has the old shape: torch's shape error (see ema_dtype)
     numels = tuple(map(_numel, data))
-    return (len(online), names, tuple(map(id, tensors)), tuple(map(_data_ptr, data)), numels)
+    ids, addresses = tuple(map(id, tensors)), tuple(map(_data_ptr, data))
+    return (online_names, key_names, ids, addresses, numels), tensors, len(onlines)
 
 
 _data_ptr, _numel = torch.Tensor.data_ptr, torch.Tensor.numel
@@ -78,22 +104,22 @@ def current(
     reuse the gathered weights, stale after an update) show other tensors than the sharded
     shards that the update writes: they are resharded (locally, no collective) and the
     models walked again. FSDP1 is refused whenever the pairing is rebuilt."""
-    online_named, key_named = walk(online, kind), walk(key, kind)
-    compiling = torch.compiler.is_compiling()  # traced once: Dynamo guards the structure
-    if compiling:
-        return pair_by_name(kind, online_named, key_named, ema_dtype, compiling)
+    if torch.compiler.is_compiling():  # traced once: Dynamo guards the structure
+        return pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, True)
     for attempt in range(2):
-        if cached is not None and memo_of(online_named, key_named, cached.sharded) == cached.memo:
+        if cached is not None and memo_of(online, key, kind, cached.sharded)[0] == cached.memo:
             return cached
         fsdp2 = fsdp2_modules(online, key) if kind == "parameter" and not attempt else []
         if not fsdp2:
             break
         for module in fsdp2:
             module.reshard()
-        online_named, key_named = walk(online, kind), walk(key, kind)
     refuse_fsdp1(online)  # wrapped in FSDP1 after construction: say so
     refuse_fsdp1(key)
-    return pair_by_name(kind, online_named, key_named, ema_dtype, compiling)
+    pairs = pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, False)
+    pairs.memo, pairs.held, online_count = memo_of(online, key, kind, pairs.sharded)
+    pairs.onlines = pairs.held[:online_count]
+    return pairs
 
 
 def ema_dtype_problem(names: str, online: torch.dtype, ema_dtype: torch.dtype) -> str | None:
@@ -209,11 +235,9 @@ def pair_by_name(
     if kind == "parameter" and not compiling:  # Dynamo cannot trace it; eager updates do it
         for _, p in key_named:  # a reloaded or replaced key encoder stays frozen
             p.requires_grad_(False)
-    held = tuple(t for _, t in online_named + key_named)
-    sharded = any(map(is_dtensor, held))
-    memo = () if compiling else memo_of(online_named, key_named, sharded)
+    sharded = any(is_dtensor(t) for _, t in online_named + key_named)
     chunks = [c for keys, onlines in groups.values() for c in chunked(keys, onlines, compiling)]
-    return Pairs(memo, chunks, sharded, held, held[: len(online_named)])
+    return Pairs(chunks, sharded)
 
 
 def chunked(keys: list[torch.Tensor], onlines: list[torch.Tensor], compiling: bool) -> list[Group]:

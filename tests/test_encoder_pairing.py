@@ -310,15 +310,27 @@ def _renamed(names: dict[str, object], old: str, new: str) -> dict[str, object]:
     return {new if k == old else k: v for k, v in names.items()}
 
 
-@pytest.mark.parametrize("change", ["parameter", "last child", "child set to None", "pool"])
+@pytest.mark.parametrize(
+    "change",
+    ["parameter", "last child", "child set to None", "pool", "which is None", "which child"],
+)
 def test_a_rename_keeping_every_tensor_and_its_order_is_seen(change: str) -> None:
     """The walk of every update builds no names; what names the tensors (each module's names
     of its children and of its tensors) is compared instead, so a rename that keeps every
     tensor where it was is still a mismatch, and a child set to None is no module."""
     online = SmallCNN()
     enc = MomentumEncoder(online)
+    if change == "which child":  # pool set to None on both sides: a None child to move
+        online._modules["pool"] = enc.key_encoder._modules["pool"] = None
     enc.update()
-    if change == "parameter":  # fc.weight -> fc.kernel, still first in fc
+    if change == "which is None":  # conv1: {weight: W, bias: None} -> {weight: None, bias: W}
+        weight = online.conv1.weight
+        online.conv1._parameters = {"weight": None, "bias": weight}  # type: ignore[assignment]
+        expected = "'conv1.bias'"
+    elif change == "which child":  # {pool: None, fc: FC} -> {pool: FC, fc: None}
+        online._modules.update(pool=online._modules["fc"], fc=None)
+        expected = "'pool.weight'"
+    elif change == "parameter":  # fc.weight -> fc.kernel, still first in fc
         online.fc._parameters = _renamed(online.fc._parameters, "weight", "kernel")  # type: ignore[assignment]
         expected = "'fc.kernel'"
     elif change == "last child":  # fc -> head, still the last child

@@ -51,23 +51,27 @@ def walk(model: nn.Module, kind: str) -> Named:
     return list(named(remove_duplicate=False))
 
 
-def layout(model: nn.Module, kind: str) -> tuple[list[tuple[str, ...]], list[torch.Tensor]]:
-    """What ``walk`` is made of, at a third of its host time: every module's names of its
-    children and of its ``kind`` tensors, and the tensors, visited as ``named_modules()``
-    visits them (no string is built, no tensor hashed)."""
+def layout(
+    model: nn.Module, kind: str
+) -> tuple[list[tuple[str, ...] | None], list[torch.Tensor | None]]:
+    """What ``walk`` is made of, at half its host time: every module's names of its children
+    and of its ``kind`` tensors, and the tensors, visited as ``named_modules()`` visits them
+    (no string is built, no tensor hashed); ``None`` where a child or a tensor is ``None``
+    (which ``walk`` skips: where it stands tells which name is missing)."""
     attr = "_parameters" if kind == "parameter" else "_buffers"
-    names: list[tuple[str, ...]] = []
+    names: list[tuple[str, ...] | None] = []
     found: list[torch.Tensor | None] = []
     stack: list[nn.Module | None] = [model]
     while stack:
         module = stack.pop()
         if module is None:  # a child set to None: no module, as for named_modules()
+            names.append(None)
             continue
         own: dict[str, torch.Tensor | None] = getattr(module, attr)
         names += (tuple(module._modules), tuple(own))
         found += own.values()
         stack += reversed(module._modules.values())
-    return names, [t for t in found if t is not None]
+    return names, found
 
 
 def memo_of(
@@ -77,14 +81,16 @@ def memo_of(
     objects (by id: `Pairs.held` keeps them, so no id is reused), their data addresses and
     sizes (local shards' for ``DTensor``s: FSDP2 may re-pad one); the tensors, the online
     model's first, and how many are the online model's."""
-    (online_names, onlines), (key_names, keys) = layout(online, kind), layout(key, kind)
-    tensors = (*onlines, *keys)
+    (online_names, online_found), (key_names, key_found) = layout(online, kind), layout(key, kind)
+    onlines = [t for t in online_found if t is not None]
+    tensors = (*onlines, *(t for t in key_found if t is not None))
     data = tuple(map(local, tensors)) if sharded else tensors
     # a view swapped in at the same address: (16,) -> (1,). Shapes would cost twice as much
     # on the host; a view of the same size, (16,) -> (4, 4), on both sides is averaged as
     # before, except where a scratch has the old shape: torch's shape error (see ema_dtype)
     numels = tuple(map(_numel, data))
-    ids, addresses = tuple(map(id, tensors)), tuple(map(_data_ptr, data))
+    ids = tuple(map(id, (*online_found, *key_found)))  # id(None) where a tensor is None
+    addresses = tuple(map(_data_ptr, data))
     return (online_names, key_names, ids, addresses, numels), tensors, len(onlines)
 
 

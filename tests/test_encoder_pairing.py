@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
+from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -349,3 +351,51 @@ def test_a_rename_keeping_every_tensor_and_its_order_is_seen(change: str) -> Non
     with pytest.raises(ValueError, match="does not match the key encoder") as err:
         enc.update()
     assert expected in str(err.value)
+
+
+class _ShowsMore(nn.Module):
+    """A module whose named_parameters() shows a tensor it does not register."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.__dict__["extra"] = [nn.Parameter(torch.zeros(3))]
+
+    def named_parameters(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
+        for i, p in enumerate(self.__dict__["extra"]):
+            yield f"{prefix}extra{i}", p
+
+
+def test_a_model_with_its_own_named_walk_is_walked_by_name() -> None:
+    """The walk without names reads _modules and _parameters; a module that overrides its
+    named walk was then not followed (a replaced tensor kept its old pair, an added one was
+    not refused)."""
+    online = _ShowsMore()
+    enc = MomentumEncoder(online, momentum=0.5)
+    enc.update()
+    online.__dict__["extra"][0] = nn.Parameter(torch.full((3,), 10.0))
+    enc.update()
+    assert torch.equal(enc.key_encoder.__dict__["extra"][0], torch.full((3,), 5.0))
+    online.__dict__["extra"].append(nn.Parameter(torch.ones(1)))
+    with pytest.raises(ValueError, match=r"does not have: \['extra1'\]"):
+        enc.update()
+
+
+def test_a_torchscript_submodule_is_followed() -> None:
+    """TorchScript keeps its names in wrappers, not dicts: the walk without names raised
+    KeyError."""
+    online = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    enc = MomentumEncoder(online, momentum=0.5)
+    enc.update()
+    key = cast(nn.Sequential, enc.key_encoder)
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        online[1], key[1] = torch.jit.script(online[1]), torch.jit.script(key[1])
+    before = [p.detach().clone() for p in enc.key_encoder.parameters()]
+    perturb_(online)
+    enc.update()
+    for now, old, new in zip(key.parameters(), before, online.parameters(), strict=True):
+        torch.testing.assert_close(now, 0.5 * old + 0.5 * new.detach(), rtol=0, atol=1e-7)

@@ -17,8 +17,8 @@ round the whole key twice a step):
   which keeps a momentum that changes every step a graph input (a foreach scalar would
   be specialised, recompiling at every new value). Every new value is computed before any
   is written: the compiled pairing tells ties by object only, and tied weights that are
-  separate objects sharing one memory (after ``load_state_dict(assign=True)``) then get
-  the same new value twice instead of two steps.
+  separate objects sharing one memory on both sides (after ``load_state_dict(assign=True)``
+  of both models) then get the same new value twice instead of two steps.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class Pairs:
 
     groups: list[Group]
     sharded: bool
+    plain: bool = True  # both walks are torch's own (see ``plain``)
     memo: tuple[object, ...] = ()
     held: tuple[torch.Tensor, ...] = ()  # the walked tensors: while held, no id is reused
     onlines: tuple[torch.Tensor, ...] = ()  # the online model's, as walked (not shards)
@@ -51,15 +52,29 @@ def walk(model: nn.Module, kind: str) -> Named:
     return list(named(remove_duplicate=False))
 
 
-def layout(
-    model: nn.Module, kind: str
-) -> tuple[list[tuple[str, ...] | None], list[torch.Tensor | None]]:
+def plain(model: nn.Module, kind: str) -> bool:
+    """Whether ``walk`` is made of what ``layout`` reads: no module overrides a named walk
+    (as torch's activation-checkpoint wrapper does, or one showing unregistered tensors)
+    or holds its names elsewhere than in dicts (TorchScript)."""
+    attr = "_parameters" if kind == "parameter" else "_buffers"
+    return all(
+        isinstance(m._modules, dict)
+        and isinstance(getattr(m, attr), dict)
+        and all(getattr(type(m), f) is getattr(nn.Module, f) for f in _NAMED_WALKS)
+        for m in model.modules()
+    )
+
+
+_NAMED_WALKS = ("named_parameters", "named_buffers", "named_modules", "_named_members")
+
+
+def layout(model: nn.Module, kind: str) -> tuple[list[object], list[torch.Tensor | None]]:
     """What ``walk`` is made of, at half its host time: every module's names of its children
     and of its ``kind`` tensors, and the tensors, visited as ``named_modules()`` visits them
     (no string is built, no tensor hashed); ``None`` where a child or a tensor is ``None``
     (which ``walk`` skips: where it stands tells which name is missing)."""
     attr = "_parameters" if kind == "parameter" else "_buffers"
-    names: list[tuple[str, ...] | None] = []
+    names: list[object] = []  # tuples of names, None for a child that is None
     found: list[torch.Tensor | None] = []
     stack: list[nn.Module | None] = [model]
     while stack:
@@ -68,20 +83,31 @@ def layout(
             names.append(None)
             continue
         own: dict[str, torch.Tensor | None] = getattr(module, attr)
-        names += (tuple(module._modules), tuple(own))
+        try:
+            names += (tuple(module._modules), tuple(own))
+        except (KeyError, TypeError):  # not dicts (TorchScript): matches no walk, ``plain`` tells
+            return [object()], []
         found += own.values()
         stack += reversed(module._modules.values())
     return names, found
 
 
+def named_layout(model: nn.Module, kind: str) -> tuple[list[object], list[torch.Tensor | None]]:
+    """What ``layout`` gives, from the model's own named walk (names built)."""
+    named = walk(model, kind)
+    return [name for name, _ in named], [t for _, t in named]
+
+
 def memo_of(
-    online: nn.Module, key: nn.Module, kind: str, sharded: bool
+    online: nn.Module, key: nn.Module, kind: str, sharded: bool, plain: bool
 ) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...], int]:
-    """``(memo, tensors, online_count)``: what names the tensors of both models, the tensor
-    objects (by id: `Pairs.held` keeps them, so no id is reused), their data addresses and
-    sizes (local shards' for ``DTensor``s: FSDP2 may re-pad one); the tensors, the online
-    model's first, and how many are the online model's."""
-    (online_names, online_found), (key_names, key_found) = layout(online, kind), layout(key, kind)
+    """``(memo, tensors, online_count)``: what names the tensors of both models (``layout``'s,
+    or the named walks' where they are not ``plain``), the tensor objects (by id:
+    `Pairs.held` keeps them, so no id is reused), their data addresses and sizes (local
+    shards' for ``DTensor``s: FSDP2 may re-pad one); the tensors, the online model's first,
+    and how many are the online model's."""
+    walked = layout if plain else named_layout
+    (online_names, online_found), (key_names, key_found) = walked(online, kind), walked(key, kind)
     onlines = [t for t in online_found if t is not None]
     tensors = (*onlines, *(t for t in key_found if t is not None))
     data = tuple(map(local, tensors)) if sharded else tensors
@@ -113,7 +139,8 @@ def current(
     if torch.compiler.is_compiling():  # traced once: Dynamo guards the structure
         return pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, True)
     for attempt in range(2):
-        if cached is not None and memo_of(online, key, kind, cached.sharded)[0] == cached.memo:
+        memo = cached and memo_of(online, key, kind, cached.sharded, cached.plain)[0]
+        if cached is not None and memo == cached.memo:
             return cached
         fsdp2 = fsdp2_modules(online, key) if kind == "parameter" and not attempt else []
         if not fsdp2:
@@ -123,7 +150,8 @@ def current(
     refuse_fsdp1(online)  # wrapped in FSDP1 after construction: say so
     refuse_fsdp1(key)
     pairs = pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, False)
-    pairs.memo, pairs.held, online_count = memo_of(online, key, kind, pairs.sharded)
+    pairs.plain = plain(online, kind) and plain(key, kind)
+    pairs.memo, pairs.held, online_count = memo_of(online, key, kind, pairs.sharded, pairs.plain)
     pairs.onlines = pairs.held[:online_count]
     return pairs
 
@@ -145,6 +173,11 @@ def ema_dtype_problem(names: str, online: torch.dtype, ema_dtype: torch.dtype) -
 
 
 _LOW = (torch.bfloat16, torch.float16)
+_BY_OBJECT = (
+    "(under torch.compile ties are told by object: weights sharing memory after a "
+    "load_state_dict(assign=True) count as untied; tie them again as objects on both "
+    "models, model.b.weight = model.a.weight, or update eagerly)"
+)
 _KEPT = (
     "ema_dtype; a key weight of another dtype came from outside: a load_state_dict with "
     "assign=True, which keeps the file's dtype (load without it), or a cast of .key_encoder"
@@ -211,9 +244,10 @@ def pair_by_name(
 
     def tie(t: torch.Tensor, side: str) -> object:
         """What tied tensors share: the memory and its layout (ties reloaded with
-        ``assign=True`` are other objects, one memory), or the object where there is none."""
+        ``assign=True`` are other objects, one memory), or the object where there is none
+        or where it cannot be read (compiled)."""
         t = local(t)
-        if not t.data_ptr():
+        if compiling or not t.data_ptr():
             return (side, id(t))
         return (side, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
@@ -221,15 +255,15 @@ def pair_by_name(
     partner: dict[object, object] = {}  # a tensor of either side -> its pair
     for name, o in online_named:
         k = key[name]
-        # compiled, memory cannot be read: every name is its own pair, and a tie (by object or
-        # memory, on both sides) gets the same new value twice (lerp_ reads before it writes)
-        if not compiling:
-            tk, to = tie(k, "key"), tie(o, "online")
-            if tk in partner or to in partner:  # a tied tensor, seen under another name
-                if partner.get(tk) != to or partner.get(to) != tk:
-                    problems.append(f"{kind} {name!r} is tied to another {kind} on one side only")
-                continue
-            partner[tk], partner[to] = to, tk
+        # compiled, ties are told by object: a tie by memory on both sides (assign=True) is
+        # two pairs that get the same new value (lerp_ reads before it writes)
+        tk, to = tie(k, "key"), tie(o, "online")
+        if tk in partner or to in partner:  # a tied tensor, seen under another name
+            if partner.get(tk) != to or partner.get(to) != tk:
+                problems.append(f"{kind} {name!r} is tied to another {kind} on one side only")
+                problems += [_BY_OBJECT] * (compiling and _BY_OBJECT not in problems)
+            continue
+        partner[tk], partner[to] = to, tk
         k, o = local(k), local(o)
         if k.is_complex():  # averaged as (real, imaginary) pairs: no complex32 lerp exists
             k, o = torch.view_as_real(k), torch.view_as_real(o)

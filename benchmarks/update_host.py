@@ -105,7 +105,7 @@ def breakdown(iters: int) -> list[dict[str, object]]:
             [p for _, p in key.named_parameters()],
         ),
         "both walks and the comparison with the previous one": lambda: (
-            memo_of(online, key, "parameter", False)[0] == pairs.memo
+            memo_of(online, key, "parameter", False, True, pairs.memo)[0] == pairs.memo
         ),
         "version counters (double-update warning)": lambda: encoder._warn_if_misused(pairs),
         "widening copy (_foreach_copy_)": lambda: torch._foreach_copy_(scratch, onlines),

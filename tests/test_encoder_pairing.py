@@ -399,3 +399,16 @@ def test_a_torchscript_submodule_is_followed() -> None:
     enc.update()
     for now, old, new in zip(key.parameters(), before, online.parameters(), strict=True):
         torch.testing.assert_close(now, 0.5 * old + 0.5 * new.detach(), rtol=0, atol=1e-7)
+
+
+def test_a_module_made_its_own_descendant_fails_at_once() -> None:
+    """The walk without names kept walking the cycle, its lists growing until memory ran out;
+    torch's own walks raise RecursionError, as the update does now."""
+    online = nn.Sequential(nn.Linear(2, 2))
+    enc = MomentumEncoder(online)
+    enc.update()
+    online[0].back = online  # a back reference registered as a child
+    key = cast(nn.Sequential, enc.key_encoder)
+    key[0].back = key
+    with pytest.raises(RecursionError):
+        enc.update()

@@ -12,7 +12,9 @@ read.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,16 +70,22 @@ def plain(model: nn.Module, kind: str) -> bool:
 _NAMED_WALKS = ("named_parameters", "named_buffers", "named_modules", "_named_members")
 
 
-def layout(model: nn.Module, kind: str) -> tuple[list[object], list[torch.Tensor | None]]:
+def layout(
+    model: nn.Module, kind: str, most: int = sys.maxsize
+) -> tuple[list[object], list[torch.Tensor | None]]:
     """What ``walk`` is made of, at half its host time: every module's names of its children
     and of its ``kind`` tensors, and the tensors, visited as ``named_modules()`` visits them
     (no string is built, no tensor hashed); ``None`` where a child or a tensor is ``None``
-    (which ``walk`` skips: where it stands tells which name is missing)."""
+    (which ``walk`` skips: where it stands tells which name is missing). A walk of more than
+    ``most`` modules matches no earlier one and stops (a module made its own descendant
+    would never end)."""
     attr = "_parameters" if kind == "parameter" else "_buffers"
     names: list[object] = []  # tuples of names, None for a child that is None
     found: list[torch.Tensor | None] = []
     stack: list[nn.Module | None] = [model]
     while stack:
+        if len(names) > most:
+            return [object()], []
         module = stack.pop()
         if module is None:  # a child set to None: no module, as for named_modules()
             names.append(None)
@@ -99,15 +107,29 @@ def named_layout(model: nn.Module, kind: str) -> tuple[list[object], list[torch.
 
 
 def memo_of(
-    online: nn.Module, key: nn.Module, kind: str, sharded: bool, plain: bool
+    online: nn.Module,
+    key: nn.Module,
+    kind: str,
+    sharded: bool,
+    plain: bool,
+    previous: tuple[Any, ...] = (),
 ) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...], int]:
     """``(memo, tensors, online_count)``: what names the tensors of both models (``layout``'s,
     or the named walks' where they are not ``plain``), the tensor objects (by id:
     `Pairs.held` keeps them, so no id is reused), their data addresses and sizes (local
     shards' for ``DTensor``s: FSDP2 may re-pad one); the tensors, the online model's first,
-    and how many are the online model's."""
-    walked = layout if plain else named_layout
-    (online_names, online_found), (key_names, key_found) = walked(online, kind), walked(key, kind)
+    and how many are the online model's. ``previous``: the memo this one is compared with."""
+    if not plain:
+        (online_names, online_found), (key_names, key_found) = (
+            named_layout(online, kind),
+            named_layout(key, kind),
+        )
+    else:  # no walk longer than the last one (whose name lists ``previous`` holds) matches
+        most = [len(names) for names in previous[:2]] if previous else [sys.maxsize] * 2
+        (online_names, online_found), (key_names, key_found) = (
+            layout(online, kind, most[0]),
+            layout(key, kind, most[1]),
+        )
     onlines = [t for t in online_found if t is not None]
     tensors = (*onlines, *(t for t in key_found if t is not None))
     data = tuple(map(local, tensors)) if sharded else tensors
@@ -139,7 +161,7 @@ def current(
     if torch.compiler.is_compiling():  # traced once: Dynamo guards the structure
         return pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, True)
     for attempt in range(2):
-        memo = cached and memo_of(online, key, kind, cached.sharded, cached.plain)[0]
+        memo = cached and memo_of(online, key, kind, cached.sharded, cached.plain, cached.memo)[0]
         if cached is not None and memo == cached.memo:
             return cached
         fsdp2 = fsdp2_modules(online, key) if kind == "parameter" and not attempt else []

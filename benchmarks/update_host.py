@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save
 
 from momentum_contrast import MomentumEncoder
-from momentum_contrast._pairing import layout, memo_of
+from momentum_contrast._walk import layout, memo_of
 
 
 def tiny(model: nn.Module) -> nn.Module:
@@ -105,7 +105,7 @@ def breakdown(iters: int) -> list[dict[str, object]]:
             [p for _, p in key.named_parameters()],
         ),
         "both walks and the comparison with the previous one": lambda: (
-            memo_of(online, key, "parameter", False, True, pairs.memo)[0] == pairs.memo
+            memo_of(online, key, "parameter", None, True, pairs.memo)[0] == pairs.memo
         ),
         "version counters (double-update warning)": lambda: encoder._warn_if_misused(pairs),
         "widening copy (_foreach_copy_)": lambda: torch._foreach_copy_(scratch, onlines),

@@ -9,7 +9,8 @@
 * ``knn_split``, ``evaluation_batches``: the kNN monitor's fixed random images, and every
   image resized and normalised, for the kNN monitor and the linear evaluation.
 
-The scripts and harness.py import it (``from data import ...``); it imports neither.
+The scripts, harness.py and monitoring.py import it (``from data import ...``); it imports none
+of them.
 """
 
 from __future__ import annotations

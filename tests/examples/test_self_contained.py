@@ -12,6 +12,7 @@ then checkpoints."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -102,3 +103,33 @@ def test_helpers_import_no_script_and_parse_no_flags_of_their_own(
     assert "main" not in names and defines <= names
     assert "__main__" not in source.read_text()
     assert not imported(EXAMPLES / "data.py") & (SCRIPTS | {"harness", "monitoring", "checkpoints"})
+
+
+def test_readme_names_every_helper_a_script_needs_and_their_length() -> None:
+    """examples/README.md says which files a copied script needs (the helpers it imports,
+    and theirs) and how many lines a reader of a script and its helpers reads."""
+    text = " ".join((EXAMPLES / "README.md").read_text().split())
+    helpers = {"data", "harness", "monitoring", "checkpoints"}
+
+    def needed(script: str) -> set[str]:
+        todo, seen = [script], set()
+        while todo:
+            found = imported(EXAMPLES / f"{todo.pop()}.py") & helpers
+            todo += found - seen
+            seen |= found
+        return seen
+
+    assert needed("moco_v2") == needed("moco_v3") == helpers
+    assert "copy it with these four" in text
+    others = sorted(needed("linear_eval") - {"data"})
+    listed = ", ".join(f"`{h}.py`" for h in others)
+    assert f"(`linear_eval.py` needs {listed} and `data.py`)" in text
+    lines = {name: len((EXAMPLES / f"{name}.py").read_text().splitlines()) for name in helpers}
+    shared = lines["harness"] + lines["monitoring"] + lines["checkpoints"]
+    assert f"The helpers are {shared} lines" in text
+    for script in ("moco_v2", "moco_v3"):
+        own = len((EXAMPLES / f"{script}.py").read_text().splitlines())
+        said = re.search(rf"`{script}\.py` \({own}\)[^0-9]* about ([0-9,]+)", text)
+        assert said, f"{script}.py: its length ({own}) is not in examples/README.md"
+        total = int(said.group(1).replace(",", ""))
+        assert abs(total - (own + shared)) <= 10, (script, total, own + shared)

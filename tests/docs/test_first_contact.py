@@ -324,3 +324,28 @@ def test_readme_lists_only_pre_training_scripts_as_pre_training_loops() -> None:
     sentence = readme[readme.index("Training scripts:") : readme.index("pre-training loops")]
     scripts = re.findall(r"(\w+)\.py", sentence)
     assert scripts and "linear_eval" not in scripts, sentence
+
+
+def test_checkpoints_the_docs_name_are_ones_a_default_run_keeps() -> None:
+    """Every ``runs/example/checkpoint_<step>.pt`` a page names is one that the default
+    ``python examples/moco_v2.py`` leaves: its last epoch's, or one of the ``--keep`` before
+    (the older ones are deleted), read from the script's own ``--print-config``."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "moco_v2.py"), "--print-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT / "examples",
+    ).stdout
+    config = json.loads(out[out.index("{") :])
+    per_epoch = config["shapes_train"] // config["batch_size"]
+    last = config["epochs"] * per_epoch
+    kept = {last - i * per_epoch for i in range(config["keep"])}
+    pages = [ROOT / "README.md", *DOCS.rglob("*.md"), *(ROOT / "examples").glob("*.[mp][dy]")]
+    named = {
+        (page.name, int(step))
+        for page in pages
+        for step in re.findall(r"runs/example/checkpoint_([0-9]+)\.pt", page.read_text())
+    }
+    assert named, "no page names a checkpoint of the default run"
+    assert all(step in kept for _, step in named), (sorted(named), sorted(kept))

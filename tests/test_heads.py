@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import cast
 
 import pytest
 import timm
@@ -234,6 +235,19 @@ def test_strip_timm_models_with_a_pre_logits_head_gives_its_width(name: str, dim
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))
     assert got == out.shape[1] == dim and out.shape == (2, dim)
+
+
+def test_strip_a_compiled_model_strips_the_model_it_compiles() -> None:
+    """``torch.compile`` of a torchvision model is stripped as the model (it was refused,
+    while a compiled timm model was stripped): the compiled wrapper is returned."""
+    inner = torchvision.models.resnet18(num_classes=10)
+    compiled = cast(nn.Module, torch.compile(inner, backend="eager"))
+    stripped, dim = strip_classifier(compiled)
+    assert stripped is compiled and dim == 512 and isinstance(inner.fc, nn.Identity)
+    assert stripped(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    timm_inner = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    timm_compiled = cast(nn.Module, torch.compile(timm_inner, backend="eager"))
+    assert strip_classifier(timm_compiled) == (timm_compiled, 1024)  # head_hidden_size
 
 
 def test_strip_unknown_model_says_what_to_do() -> None:

@@ -102,3 +102,22 @@ def test_settings_must_be_real_numbers() -> None:
         LARS([torch.zeros(2, requires_grad=True)], momentum="0.9")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"param_groups\[0\] lr must be a real number, got bool"):
         LARS([{"params": [torch.zeros(2, requires_grad=True)], "lr": True}])
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_loaded_settings_are_checked_before_anything_is_loaded(name: str) -> None:
+    """A state dict's groups meet the constructor's rules: a NaN setting is refused, and so
+    is an SGD state dict (no ``trust_coefficient``), before the optimizer changes."""
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    saved = LARS([p], lr=0.1).state_dict()
+    saved["param_groups"][0][name] = float("nan")
+    opt = LARS([p], lr=0.2)
+    with pytest.raises(ValueError, match=rf"state_dict param_groups\[0\] {name} must be a finite"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.2 and all(math.isfinite(v) for v in opt.defaults.values())
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9).state_dict()
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has no trust_coefficient: not a LARS"):
+        opt.load_state_dict(sgd)
+    good = LARS([p], lr=0.3, weight_decay=1e-6).state_dict()
+    opt.load_state_dict(good)
+    assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["weight_decay"] == 1e-6

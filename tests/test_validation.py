@@ -188,6 +188,18 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         ["dtype", "floating-point", "torch.int64"],
     ),
     (
+        "queue float8 dtype (no index_copy_, no arithmetic)",
+        lambda: mc.KeyQueue(8, 3, dtype=torch.float8_e4m3fn),
+        TypeError,
+        ["dtype", "float16, bfloat16, float32 or float64", "torch.float8_e4m3fn"],
+    ),
+    (
+        "augment float8 dtype",
+        lambda: MoCoV2Augment(size=8, dtype=torch.float8_e5m2),
+        TypeError,
+        ["dtype", "float16, bfloat16, float32 or float64", "torch.float8_e5m2"],
+    ),
+    (
         "queue unknown init",
         lambda: mc.KeyQueue(8, 3, init="zeros"),  # type: ignore[arg-type]
         ValueError,
@@ -233,6 +245,14 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         ["model", "nn.Module", "Tensor"],
     ),
     # knn
+    (
+        "knn features without a column (every score 0)",
+        lambda: knn_predict(
+            torch.randn(3, 0), torch.randn(4, 0), torch.zeros(4, dtype=torch.long), 2
+        ),
+        ValueError,
+        ["features at least one column", "(4, 0)", "(3, 0)"],
+    ),
     (
         "knn float labels",
         lambda: knn_predict(q8, neg8, torch.zeros(16), 3),

@@ -94,6 +94,30 @@ def test_unknown_models_are_refused() -> None:
         use_sincos_position_embedding(torchvision.models.resnet18())
 
 
+def test_a_position_embedding_of_another_layout_is_refused_untouched() -> None:
+    """timm's SAM ViT keeps its embedding as (1, h, w, dim): it is refused with its shape,
+    not read as (1, tokens, dim) (which raised a size error or named a ``dim`` never given)."""
+    sam = timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, depth=1)
+    before = sam.pos_embed.detach().clone()
+    with pytest.raises(TypeError, match=r"for its 4 x 4 patch grid, got shape \(1, 4, 4, 768\)"):
+        use_sincos_position_embedding(sam)
+    assert torch.equal(sam.pos_embed, before) and sam.pos_embed.requires_grad
+    short = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+    short.pos_embed = torch.nn.Parameter(torch.zeros(1, 10, 192))  # fewer than 1 + 16 tokens
+    with pytest.raises(TypeError, match=r"got shape \(1, 10, 192\)"):
+        use_sincos_position_embedding(short)
+
+
+def test_freeze_draws_from_the_xavier_bound_of_the_input_channels() -> None:
+    """A one-channel ViT's projection is drawn in ±sqrt(6 / (1 * 16 * 16 + dim))."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, in_chans=1)
+    freeze_patch_embedding(vit)
+    weight = vit.get_parameter("patch_embed.proj.weight")
+    bound = math.sqrt(6 / (16 * 16 + 192))
+    assert bound * 0.99 < weight.abs().max() <= bound  # 49,152 draws reach the bound
+
+
 def test_sincos_is_float32_under_a_float64_default_dtype() -> None:
     expected = sincos_position_embedding(3, 4, 16)
     previous = torch.get_default_dtype()

@@ -82,9 +82,13 @@ def check_positive_int(name: str, value: object) -> int:
 
 
 def check_float_dtype(name: str, dtype: object) -> torch.dtype:
-    """Require a floating-point ``torch.dtype``."""
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
+    """Require a floating-point ``torch.dtype`` that arithmetic and indexing support: 16 bits
+    or more (float8 types are storage formats: most ops refuse them)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
+        raise TypeError(
+            f"{name} must be a floating-point torch.dtype (float16, bfloat16, float32 or "
+            f"float64), got {dtype!r}"
+        )
     return dtype
 
 

@@ -170,7 +170,8 @@ def moco_v3_predictor(
 def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     """Remove a model's classifier so it outputs features; return them and their size.
 
-    Modifies ``model`` in place and returns it. Understood:
+    Modifies ``model`` in place and returns it (a ``torch.compile``'d model: the model it
+    compiles, the compiled one returned). Understood:
 
     - timm models (anything with ``reset_classifier`` and ``num_features``):
       ``reset_classifier(0)``; the feature size is ``head_hidden_size`` where the model has
@@ -216,6 +217,9 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(compiled := getattr(model, "_orig_mod", None), nn.Module):
+        stripped, dim = strip_classifier(compiled)  # a Hugging Face model's is a new module
+        return (model if stripped is compiled else stripped), dim
     from_hf = hf_features(model)
     if from_hf is not None:
         return from_hf

@@ -66,8 +66,11 @@ def knn_predict(
     check_float_matrix("features", features)
     check_float_matrix("bank", bank, features.shape[1])
     check_same_device("bank", bank, "features", features)
-    if bank.shape[0] == 0:  # every score 0: every prediction class 0
-        raise ValueError("bank must hold at least one row, got shape (0, D)")
+    if bank.shape[0] == 0 or features.shape[1] == 0:  # every score 0: every prediction class 0
+        raise ValueError(
+            "bank must hold at least one row and features at least one column, got shapes "
+            f"{tuple(bank.shape)} and {tuple(features.shape)}"
+        )
     classes = check_positive_int("num_classes", num_classes)
     _check_labels(bank_labels, bank.shape[0], classes)
     check_same_device("bank_labels", bank_labels, "features", features)

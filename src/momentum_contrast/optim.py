@@ -81,6 +81,17 @@ class LARS(Optimizer):
                     _check_setting(name, param_group[name], f"param_groups[{index}] ")
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load after checking every group's settings: each present (an SGD state dict has
+        no ``trust_coefficient``) and as the constructor requires."""
+        for index, group in enumerate(state_dict.get("param_groups", [])):
+            where = f"state_dict param_groups[{index}] "
+            if missing := [name for name in _SETTINGS if name not in group]:
+                raise ValueError(f"{where}has no {', '.join(missing)}: not a LARS state dict")
+            for name in _SETTINGS:
+                _check_setting(name, group[name], where)
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One update of every parameter that has a gradient."""

@@ -19,7 +19,8 @@ def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
     """Keep the patch projection a fixed random projection (MoCo v3's stability trick).
 
     With ``reinit`` (as the reference) the projection is first re-drawn uniformly in
-    ``±sqrt(6 / (3 * patch_area + dim))`` (Xavier-uniform over the flattened patch) with
+    ``±sqrt(6 / (in_channels * patch_area + dim))`` (Xavier-uniform over the flattened patch:
+    ``3 * patch_area`` for RGB, as the reference) with
     a zero bias. Its parameters then get ``requires_grad=False``. Modifies ``vit`` in place.
 
     Examples:
@@ -122,8 +123,12 @@ def use_sincos_position_embedding(vit: nn.Module) -> nn.Module:
                 f"timm ViT (pos_embed, patch_embed.grid_size), got {type(vit).__name__}"
             )
         grid = (int(size[0]), int(size[1]))
-    n_patches = grid[0] * grid[1]
-    prefix = pos.shape[1] - n_patches
+    prefix = pos.shape[1] - grid[0] * grid[1] if pos.dim() == 3 else -1
+    if prefix < 0 or pos.shape[0] != 1:  # e.g. timm's SAM ViT: (1, h, w, dim)
+        raise TypeError(
+            f"vit's position embedding must be (1, [tokens +] h * w, dim) for its {grid[0]} x "
+            f"{grid[1]} patch grid, got shape {tuple(pos.shape)} ({type(vit).__name__})"
+        )
     emb = sincos_position_embedding(grid[0], grid[1], pos.shape[2], cls_token=False)
     with torch.no_grad():
         pos[:, :prefix].zero_()

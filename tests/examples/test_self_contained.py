@@ -112,7 +112,7 @@ def test_readme_names_every_helper_a_script_needs_and_their_length() -> None:
     helpers = {"data", "harness", "monitoring", "checkpoints"}
 
     def needed(script: str) -> set[str]:
-        todo, seen = [script], set()
+        todo, seen = [script], set[str]()
         while todo:
             found = imported(EXAMPLES / f"{todo.pop()}.py") & helpers
             todo += found - seen

@@ -56,6 +56,44 @@ def scenario_groups() -> dict[str, Any]:
         out["equal"] = mcd.concat_all_gather(rank_rows(3, me)[:1], group=group)
     q1, q2, k1, k2 = (rank_rows(10 + i, me)[:2] for i in range(4))
     out["loss"] = symmetric_contrastive_loss(q1, q2, k1, k2, temperature=0.5, group=group)
+    # another group's object (this rank is not in it): refused before any collective, where
+    # the loss was the local one and the queue skipped rank 0's keys with torch's warning
+    other = cast(dist.ProcessGroup, subgroups[1 - groups_of(world).index(mine)])  # -100 here
+    fresh = KeyQueue(QUEUE, DIM, dtype=torch.float64)
+    calls = {
+        "loss": lambda: symmetric_contrastive_loss(q1, q2, k1, k2, group=other),
+        "negatives": lambda: fresh.negatives(group=other),
+        "push": lambda: fresh.push(keys, group=other),
+        "gather": lambda: mcd.concat_all_gather(keys, group=other),
+        "sizes": lambda: mcd.gather_sizes(1, group=other),
+        "shuffle": lambda: mcd.batch_shuffle(x, group=other),
+    }
+    out["refused"] = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out["refused"][name] = "no error"
+        except ValueError as e:
+            out["refused"][name] = str(e)
+    with mcd.assume_equal_batches():
+        try:
+            mcd.concat_all_gather(keys, group=other)
+            out["refused"]["equal gather"] = "no error"
+        except ValueError as e:
+            out["refused"]["equal gather"] = str(e)
+    out["fresh"] = fresh.negatives(group=group)  # still takes its group's rank 0's keys
+    # a sub-group with NCCL only: a gloo twin made by its members alone would put torch's
+    # count of groups out of step across ranks (later groups hang), so it is refused; one
+    # with a gloo backend beside NCCL carries the host exchange itself
+    real = dist.get_backend
+    for backend in ("nccl", "cpu:gloo,cuda:nccl", "undefined"):
+        dist.get_backend = lambda g=None, b=backend: b if g is group else real(g)  # type: ignore[misc]
+        try:
+            out[backend] = mcd.gather_sizes(20 + me, group=group)
+        except ValueError as e:
+            out[backend] = str(e)
+        finally:
+            dist.get_backend = real  # type: ignore[assignment]
     return out
 
 
@@ -97,6 +135,16 @@ def test_every_collective_stays_inside_its_group(ranks: list[Any]) -> None:
         offset = 2 * members.index(me)
         want_loss = ctr(q1, all2, offset, 0.5) + ctr(q2, all1, offset, 0.5)
         torch.testing.assert_close(got["loss"], want_loss, rtol=0, atol=1e-12)
+        for name, message in got["refused"].items():
+            assert f"(global rank {me}) is not a member of the group given" in message, name
+        assert torch.equal(got["fresh"], ranks[members[0]]["fresh"])
+        assert got["cpu:gloo,cuda:nccl"] == got["undefined"] == [20 + r for r in members]
+        if len(members) > 1:  # (a group of one exchanges nothing)
+            assert f"the group of global ranks {members} has no gloo backend" in got["nccl"]
+            assert 'backend="cpu:gloo,cuda:nccl"' in got["nccl"]
+            assert "assume_equal_batches()" in got["nccl"]
+        else:
+            assert got["nccl"] == [20 + me]
     groups = {tuple(r["members"]) for r in ranks}
     if len(groups) > 1:  # other groups kept other initial keys: nothing crossed groups
         firsts = [ranks[g[0]]["initial"] for g in groups]

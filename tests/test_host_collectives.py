@@ -65,6 +65,13 @@ def test_broken_promises_raise_on_every_rank(ranks: list[Any]) -> None:
         assert f"this is rank {r}" in result["broken_shape"]
         assert "same trailing shape and dtype" in result["broken_dtype"]
         assert "same trailing shape and dtype" in result["broken_unshuffle"]
+        if r == 1:
+            assert (
+                "x must have 4 rows on rank 1 (as at batch_shuffle), got (3, 3)"
+                in (result["broken_rows"])
+            )
+        else:
+            assert "as many rows as it passed to batch_shuffle" in result["broken_rows"]
         assert torch.equal(result["after"], torch.arange(float(len(ranks)))[:, None].repeat(1, 2))
 
 

@@ -61,21 +61,49 @@ def global_rank(group: Group, group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
+def check_member(group: Group) -> None:
+    """``ValueError`` where this process is not in ``group`` (torch's collectives would skip
+    it with a warning, and ``world_size`` is -1 there): another rank's group was passed."""
+    if group is not None and is_distributed() and dist.get_rank(group) < 0:
+        given = (  # new_group gives the ranks outside a group a number, -100, not the group
+            f"(global ranks {list(members(group))})"
+            if isinstance(group, dist.ProcessGroup)
+            else f"({group!r}: what new_group returns to the ranks outside the group)"
+        )
+        raise ValueError(
+            f"group: this process (global rank {dist.get_rank()}) is not a member of the group "
+            f"given {given}; pass the group this rank belongs to"
+        )
+
+
 def host_group(group: Group) -> Group:
     """A group over ``group``'s ranks that carries CPU tensors: ``group`` itself when it
-    has a gloo backend, else a gloo group with the same ranks, found in torch's registry
-    or made there by the first host exchange (every rank of ``group`` reaches it together)."""
-    if "gloo" in str(dist.get_backend(group)):
+    has a gloo backend (``"gloo"``, ``"cpu:gloo,cuda:nccl"``, or ``"undefined"``, which
+    torch gives a group made without a backend and backs with gloo for CPU tensors when
+    they come); for the whole world, a gloo group found in torch's registry or made there
+    by the first host exchange (every rank reaches it together). A sub-group with NCCL
+    only is refused: made by its members alone, a gloo group would advance torch's count
+    of groups on them only, and later groups would get other names on other ranks (a
+    hang)."""
+    check_member(group)
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or backend == "undefined":
         return group
     ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    if ranks != list(range(dist.get_world_size())):
+        raise ValueError(
+            f"group: the group of global ranks {ranks} has no gloo backend to exchange batch "
+            f"sizes on the host (backend {backend!r}); make it with "
+            'dist.new_group(ranks, backend="cpu:gloo,cuda:nccl") (or start the world with '
+            'init_process_group("cpu:gloo,cuda:nccl"), which its groups inherit), or gather '
+            "under momentum_contrast.distributed.assume_equal_batches() (no host exchange)"
+        )
     for pg in list(dist.distributed_c10d._world.pg_group_ranks):
         if not isinstance(pg, dist.ProcessGroup) or getattr(pg, "group_desc", "") != _HOST_GROUP:
             continue
         if dist.get_process_group_ranks(pg) == ranks:
             return pg
-    made = dist.new_group(
-        ranks, backend="gloo", use_local_synchronization=True, group_desc=_HOST_GROUP
-    )
+    made = dist.new_group(ranks, backend="gloo", group_desc=_HOST_GROUP)
     if not isinstance(made, dist.ProcessGroup):
         raise RuntimeError("could not create a gloo group to exchange batch sizes")
     return made
@@ -132,31 +160,41 @@ def gather_with_sizes(x: torch.Tensor, group: Group = None) -> tuple[torch.Tenso
 def gather_checked(x: torch.Tensor, sizes: list[int], group: Group = None) -> torch.Tensor:
     """All ranks' rows when every rank's row count is already known (``sizes``), without
     a host exchange: each rank's data travels with a checksum of its trailing shape and
-    dtype (and row count under ``assume_equal_batches``), compared on arrival. A mismatch
-    raises ``ValueError`` for CPU tensors, and fills a floating result with NaN on a GPU
-    (no device read); differing element counts make the collective itself fail."""
+    dtype (and row count under ``assume_equal_batches``), compared on arrival; a rank
+    whose row count is not its ``sizes`` entry sends a wrong checksum (it joins the
+    collective: the others would wait for it) and raises after it. A mismatch raises
+    ``ValueError`` for CPU tensors, and fills a floating result with NaN on a GPU (no
+    device read); differing element counts make the collective itself fail."""
+    check_member(group)
     me, n_ranks = rank(group), world_size(group)
-    if x.shape[0] != sizes[me]:
-        raise ValueError(
-            f"x must have {sizes[me]} rows on rank {me} (as at batch_shuffle), got {tuple(x.shape)}"
-        )
     tag_rows = EQUAL_BATCHES.get()
     rows = x.shape[0] if tag_rows else 0
     tag = zlib.crc32(f"{rows}|{tuple(x.shape[1:])}|{x.dtype}".encode())
+    other_rows = x.shape[0] != sizes[me]  # known on this rank's host: every rank is told
     longest, width = max(sizes), math.prod(x.shape[1:]) * x.element_size()  # bytes per row
     payload = x.new_zeros((longest * width + 8,), dtype=torch.uint8)
-    payload[: x.numel() * x.element_size()] = x.contiguous().reshape(-1).view(torch.uint8)
-    payload[-8:] = torch.full((1,), tag, dtype=torch.long, device=x.device).view(torch.uint8)
+    mine = x.contiguous().reshape(-1).view(torch.uint8)[: longest * width]  # what fits
+    payload[: mine.numel()] = mine
+    sent = torch.full((1,), tag ^ other_rows, dtype=torch.long, device=x.device)
+    payload[-8:] = sent.view(torch.uint8)
     out = _all_gather(payload, [payload.shape[0]] * n_ranks, group).view(n_ranks, -1)
     ok = (out[:, -8:].reshape(-1).view(torch.long) == tag).all()
     data = out[:, :-8].reshape(n_ranks, longest * width)
     data = torch.cat([data[r, : n * width] for r, n in enumerate(sizes)]) if width else data
     gathered = data.reshape(-1).view(x.dtype).reshape(sum(sizes), *x.shape[1:])
+    if other_rows:
+        raise ValueError(
+            f"x must have {sizes[me]} rows on rank {me} (as at batch_shuffle), got {tuple(x.shape)}"
+        )
     if x.device.type == "cpu":  # a host tensor: reading it synchronises nothing
         if not bool(ok):
             raise ValueError(
                 "every rank must pass the same trailing shape and dtype"
-                + (" and number of rows (assume_equal_batches)" if tag_rows else "")
+                + (
+                    " and number of rows (assume_equal_batches)"
+                    if tag_rows
+                    else ", and as many rows as it passed to batch_shuffle"
+                )
                 + f"; this is rank {me}, {tuple(x.shape)} {x.dtype}"
             )
     elif gathered.is_floating_point():

@@ -10,9 +10,15 @@ in that group.
 
 Ranks may hold batches of different sizes (a last batch that does not divide
 evenly): the sizes are exchanged as host integers over a CPU (gloo) group, never
-read back from the GPU, and the gathers pad and trim accordingly. Under NCCL that gloo
-group is made once per group, by the first exchange, and kept in torch's registry of
-process groups (so it goes with ``destroy_process_group``). The rows of
+read back from the GPU, and the gathers pad and trim accordingly. A group with a gloo
+backend carries them itself (``"gloo"``, ``"cpu:gloo,cuda:nccl"``, or the one torch
+gives when ``init_process_group`` names none; ``new_group`` inherits it). A whole world
+with NCCL only gets a gloo twin at its first exchange, kept in torch's registry of
+process groups (so it goes with ``destroy_process_group``). A sub-group with NCCL only
+is refused with a ``ValueError`` at its first host exchange: its members alone would
+make its twin, and torch names later groups by a count that would then differ across
+ranks (a hang); make it with ``backend="cpu:gloo,cuda:nccl"`` or gather under
+[`assume_equal_batches`][]. A group this process is not in is refused too. The rows of
 every gather are in rank order, so all ranks see the same concatenation.
 
 Host collectives: one per MoCo v2 step, one per v3 step (from three and two). A

@@ -232,7 +232,7 @@ def symmetric_contrastive_loss(
     with _float32_context(q1.device):
         a, b = q1.to(dtype), q2.to(dtype)
         keys = torch.cat([F.normalize(k.detach().to(dtype), dim=1) for k in (k1, k2)], dim=1)
-        if gather and world_size(group) > 1:
+        if gather and world_size(group) != 1:  # -1: not in the group, refused there
             keys, sizes = gather_with_sizes(keys, group)  # (sum of M over ranks, 2D): one gather
             first += sum(sizes[: rank(group)])  # M * rank when every rank has M rows
         c, d = keys[:, : q1.shape[1]], keys[:, q1.shape[1] :]

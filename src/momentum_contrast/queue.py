@@ -18,7 +18,13 @@ from momentum_contrast._checks import (
     check_positive_int,
     check_same_device,
 )
-from momentum_contrast._collectives import Group, gather, global_rank, is_distributed
+from momentum_contrast._collectives import (
+    Group,
+    check_member,
+    gather,
+    global_rank,
+    is_distributed,
+)
 
 QueueInit = Literal["random", "empty"]
 
@@ -176,6 +182,7 @@ class KeyQueue(nn.Module):
     def _sync_initial_keys(self, group: Group) -> None:
         """Once, under a process group: every rank takes rank 0's random initial keys."""
         if self._broadcast_pending and is_distributed():
+            check_member(group)  # torch would skip this rank with a warning
             torch.distributed.broadcast(self.keys, src=global_rank(group, 0), group=group)
             self._broadcast_pending = False
 

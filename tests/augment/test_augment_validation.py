@@ -225,3 +225,88 @@ def test_color_jitter_orders_must_be_permutations_and_factors_real() -> None:
     assert torch.equal(narrow, AF.color_jitter(x, *factors, ORDER.flip(1)))
     with pytest.raises(TypeError, match=r"brightness must be a real tensor, got dtype torch\.bool"):
         AF.color_jitter(x, ONES.bool(), ONES, ONES, 0 * ONES, ORDER)
+
+
+def test_op_parameters_torchvision_refuses_are_refused_on_the_cpu() -> None:
+    """Values torchvision refuses (a negative sigma blurred nothing, a NaN one gave a NaN
+    image; a negative brightness gave black; a zero std gave NaN) raise, naming them."""
+    x = torch.rand(B, 3, 12, 12)
+    cases: list[tuple[Callable[[], object], str]] = [
+        (
+            lambda: AF.gaussian_blur(x, torch.tensor([-2.0, 2.0]), 7),
+            r"sigma must hold values in \[0",
+        ),
+        (
+            lambda: AF.gaussian_blur(x, torch.tensor([float("nan"), 2.0]), 7),
+            "sigma must hold finite",
+        ),
+        (lambda: AF.adjust_brightness(x, torch.tensor([-0.5, 1.0])), "factor must hold values"),
+        (lambda: AF.adjust_contrast(x, torch.tensor([-0.5, 1.0])), "factor must hold values"),
+        (lambda: AF.adjust_saturation(x, torch.tensor([1.0, -1.0])), "factor must hold values"),
+        (lambda: AF.adjust_hue(x, torch.tensor([0.9, 0.0])), r"\[-0.5, 0.5\], got values in"),
+        (lambda: AF.solarize(x, torch.ones(B, dtype=torch.bool), float("nan")), "threshold"),
+        (lambda: AF.solarize(x, torch.ones(B, dtype=torch.bool), 2.0), r"threshold must be in"),
+        (lambda: AF.normalize(x, torch.zeros(3), torch.tensor([1.0, 0.0, 1.0])), r"std .*\(0"),
+        (lambda: AF.normalize(x, torch.tensor([0.0, float("nan"), 0.0]), torch.ones(3)), "mean"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    torch.testing.assert_close(AF.gaussian_blur(x, torch.zeros(B), 7), x)  # sigma 0 is fine
+
+
+def test_op_arguments_of_the_wrong_type_are_refused_by_name() -> None:
+    x, gray = torch.rand(B, 3, 12, 12), torch.rand(B, 1, 12, 12)
+    for kernel_size in (7.5, True, "7"):
+        with pytest.raises(TypeError, match="kernel_size must be an int"):
+            AF.gaussian_blur(x, torch.ones(B), kernel_size)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="threshold must be a real number"):
+        AF.solarize(x, torch.ones(B, dtype=torch.bool), "0.5")  # type: ignore[arg-type]
+    for op in (AF.adjust_saturation, AF.adjust_hue):  # one channel: checked all the same
+        with pytest.raises(
+            ValueError, match=r"factor must be a tensor of shape \(2,\), got \(5,\)"
+        ):
+            op(gray, torch.ones(5))
+        with pytest.raises(ValueError, match="factor must be a tensor of shape"):
+            op(gray, "abc")  # type: ignore[arg-type]
+
+
+def test_grayscale_of_one_channel_is_a_copy() -> None:
+    gray = torch.rand(B, 1, 4, 4)
+    out = AF.grayscale(gray)
+    assert torch.equal(out, gray) and out.data_ptr() != gray.data_ptr()
+    out.mul_(0)
+    assert gray.abs().max() > 0  # the caller's images are untouched
+
+
+def test_hue_in_bfloat16_is_as_close_as_its_rounding() -> None:
+    """In bfloat16 the hue sector ``6 h`` kept 2 bits of fraction (errors of 0.05); the
+    rotation now runs in float32 and only the result is rounded."""
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    shift = torch.linspace(-0.5, 0.5, 8)
+    exact = AF.adjust_hue(x.float(), shift)
+    error = (AF.adjust_hue(x, shift).float() - exact).abs().max()
+    assert error <= 2**-8  # one bfloat16 step below 1 (was 0.049)
+
+
+def test_recipe_arguments_that_cannot_work_are_refused_by_name() -> None:
+    """Infinite ranges (a ratio up to inf made every crop the whole image), a NaN or
+    non-numeric mean, a seed for a generator, and a blur wider than the views."""
+    from momentum_contrast.augment import TwoViewAugment, ViewRecipe
+
+    with pytest.raises(ValueError, match=r"view_one ratio must satisfy 0 < low <= high < inf"):
+        TwoViewAugment(ViewRecipe(ratio=(0.75, float("inf"))), ViewRecipe(), size=24)
+    with pytest.raises(ValueError, match="view_two brightness must be finite and >= 0"):
+        TwoViewAugment(ViewRecipe(), ViewRecipe(brightness=float("inf")), size=24)
+    with pytest.raises(ValueError, match="mean finite"):
+        MoCoV2Augment(size=24, mean=(float("nan"), 0.5, 0.5))
+    for mean in (("a", 0.5, 0.5), 0.5):
+        with pytest.raises(TypeError, match="mean must be real numbers, one per channel"):
+            MoCoV2Augment(size=24, mean=mean)  # type: ignore[arg-type]
+    images = torch.rand(B, 3, 40, 48)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got int"):
+        MoCoV2Augment(size=24)(images, generator=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="blur_kernel_size 23 needs size > 11, got size 8"):
+        MoCoV2Augment(size=8)(images)
+    one, _ = MoCoV2Augment(size=8, blur_kernel_size=3)(images)  # a fitting kernel runs
+    assert one.shape == (B, 3, 8, 8) and torch.isfinite(one).all()

@@ -8,6 +8,7 @@ the host wait for the device, which the library never does in a training step.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import TypeGuard
 
@@ -42,6 +43,21 @@ def check_range(name: str, x: torch.Tensor) -> None:
                 f"{name} must hold float pixel values in [0, 1], got values in [{low}, {high}]"
                 " (divide 0-255 images by 255, or pass them as uint8)"
             )
+
+
+def check_values(
+    name: str, t: torch.Tensor, low: float, high: float = math.inf, *, open_low: bool = False
+) -> torch.Tensor:
+    """Finite values in ``[low, high]`` (``(low, high]`` with ``open_low``), checked only
+    where reading them is free (see above), as torchvision checks its parameters."""
+    if _free_to_read(t):
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # also NaN
+            raise ValueError(f"{name} must hold finite values, got values in [{lo}, {hi}]")
+        if lo < low or (open_low and lo == low) or hi > high:
+            bounds = f"{'(' if open_low else '['}{low}, {high}{']' if high < math.inf else ')'}"
+            raise ValueError(f"{name} must hold values in {bounds}, got values in [{lo}, {hi}]")
+    return t
 
 
 def check_images(

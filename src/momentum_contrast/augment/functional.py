@@ -12,7 +12,9 @@ within) ``[0, 1]`` (the four ``adjust_*``, ``color_jitter``, ``solarize`` and
 ``resized_crop``) also refuse float images with values outside ``[0, 1]`` (or NaN),
 and ``resized_crop`` refuses boxes outside their image, with a
 ``ValueError``, where reading the values is free: for tensors on the CPU, outside
-``torch.compile``. On a GPU the values are not read, because that would make the host
+``torch.compile``. So are the parameters torchvision refuses: a negative or non-finite
+factor or ``sigma``, a hue shift outside ``[-0.5, 0.5]``, a ``std`` of 0, a
+``threshold`` outside ``[0, 1]``. On a GPU the values are not read, because that would make the host
 wait for the device (the library never does in a training step); there, out-of-range
 pixels are clamped like any other, and a box outside its image gives NaN for that sample.
 
@@ -27,16 +29,24 @@ Examples:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import momentum_contrast.augment._ops as _ops
-from momentum_contrast._checks import check_bool, check_float_dtype, check_positive_int
+from momentum_contrast._checks import (
+    check_bool,
+    check_float_dtype,
+    check_positive_int,
+    check_unit_interval,
+)
 from momentum_contrast.augment._checks import (
     as_batch,
     check_boxes,
     check_images,
     check_mask,
     check_order,
+    check_values,
 )
 from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 
@@ -64,7 +74,8 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
         >>> grayscale(torch.ones(2, 3, 4, 4)).shape
         torch.Size([2, 1, 4, 4])
     """
-    return _ops.grayscale(check_images("x", x))
+    gray = _ops.grayscale(check_images("x", x))
+    return gray.clone() if gray is x else gray  # one channel: a copy, never the input
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -77,7 +88,9 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         tensor([0.2500, 1.0000])
     """
     x = check_images("x", x, in_unit_range=True)
-    return (x * _ops.per_sample(factor, x)).clamp_(0.0, 1.0)
+    f = _ops.per_sample(factor, x)
+    check_values("factor", factor, 0.0)
+    return (x * f).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -92,6 +105,7 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         True
     """
     f = _ops.per_sample(factor, check_images("x", x, in_unit_range=True))
+    check_values("factor", factor, 0.0)
     mean = _ops.grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
 
@@ -106,9 +120,10 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(gray[:, 0], gray[:, 1])
         True
     """
-    if check_images("x", x, in_unit_range=True).shape[1] == 1:
+    f = _ops.per_sample(factor, check_images("x", x, in_unit_range=True))
+    check_values("factor", factor, 0.0)
+    if x.shape[1] == 1:
         return x
-    f = _ops.per_sample(factor, x)
     return (f * x + (1 - f) * _ops.grayscale(x)).clamp_(0.0, 1.0)
 
 
@@ -122,7 +137,9 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> adjust_hue(red, torch.tensor([1 / 3]))[0, :, 0, 0]  # a third of a turn: green
         tensor([0., 1., 0.])
     """
-    return _ops.adjust_hue(check_images("x", x, in_unit_range=True), factor)
+    _ops.per_sample(factor, check_images("x", x, in_unit_range=True))
+    check_values("factor", factor, -0.5, 0.5)
+    return _ops.adjust_hue(x, factor)
 
 
 def color_jitter(
@@ -166,6 +183,9 @@ def color_jitter(
     factors = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
     for name, factor in {**factors, "hue": hue}.items():
         _ops.per_sample(factor, x, name)
+        check_values(
+            name, factor, -0.5 if name == "hue" else 0.0, 0.5 if name == "hue" else math.inf
+        )
     order = check_order(order, b)
     if apply is not None:
         check_mask("apply", apply, b)
@@ -183,6 +203,7 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
         tensor([0.2000, 0.3000])
     """
     x = check_images("x", x, in_unit_range=True)
+    threshold = check_unit_interval("threshold", threshold)
     return _ops.solarize(x, check_mask("apply", apply, x.shape[0]), threshold)
 
 
@@ -216,7 +237,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
         >>> torch.equal(gaussian_blur(x, torch.zeros(2)), x)  # sigma 0: unchanged
         True
     """
-    return _ops.gaussian_blur(check_images("x", x, any_channels=True), sigma, kernel_size)
+    check_positive_int("kernel_size", kernel_size)
+    check_values(
+        "sigma", _ops.per_sample(sigma, check_images("x", x, any_channels=True), "sigma"), 0.0
+    )
+    return _ops.gaussian_blur(x, sigma, kernel_size)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -234,6 +259,8 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
         if not isinstance(v, torch.Tensor) or v.shape != (x.shape[1],):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{name} must be a tensor of shape ({x.shape[1]},), got {got}")
+    check_values("mean", mean, -math.inf)
+    check_values("std", std, 0.0, open_low=True)
     return _ops.normalize(x, mean, std)
 
 

@@ -84,8 +84,8 @@ class ViewRecipe:
             value = getattr(self, name)
             if not is_real(value):
                 raise TypeError(f"{view} {name} must be a real number, got {value!r:.60}")
-            if name != "hue" and not value >= 0:
-                raise ValueError(f"{view} {name} must be >= 0, got {value}")
+            if name != "hue" and not 0 <= value < math.inf:
+                raise ValueError(f"{view} {name} must be finite and >= 0, got {value}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"{view} hue must be in [0, 0.5], got {self.hue}")
         for name, high in (("scale", 1.0), ("ratio", math.inf), ("blur_sigma", math.inf)):
@@ -94,8 +94,8 @@ class ViewRecipe:
                 raise TypeError(
                     f"{view} {name} must be a pair (low, high) of real numbers, got {pair!r:.60}"
                 )
-            if not 0.0 < pair[0] <= pair[1] <= high:
-                bound = " <= 1" if high == 1.0 else ""
+            if not 0.0 < pair[0] <= pair[1] <= high or pair[1] == math.inf:
+                bound = " <= 1" if high == 1.0 else " < inf"
                 raise ValueError(f"{view} {name} must satisfy 0 < low <= high{bound}, got {pair}")
 
 
@@ -175,8 +175,14 @@ class TwoViewAugment(nn.Module):
         self.std: torch.Tensor
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
             raise ValueError(f"size must be an int in [1, {MAX_SIZE}], got {size!r}")
-        if len(mean) != 3 or len(std) != 3 or not all(0 < s < math.inf for s in std):
-            raise ValueError(f"mean and std must have 3 values, std finite > 0; got {mean}, {std}")
+        for name, values in (("mean", mean), ("std", std)):
+            if not isinstance(values, (tuple, list)) or not all(map(is_real, values)):
+                raise TypeError(f"{name} must be real numbers, one per channel, got {values!r:.60}")
+        finite = all(math.isfinite(m) for m in mean) and all(0 < s < math.inf for s in std)
+        if len(mean) != 3 or len(std) != 3 or not finite:
+            raise ValueError(
+                f"mean and std must have 3 values, mean finite, std finite > 0; got {mean}, {std}"
+            )
         if isinstance(blur_kernel_size, bool) or not isinstance(blur_kernel_size, int):
             raise TypeError(f"blur_kernel_size must be an int, got {blur_kernel_size!r}")
         if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
@@ -227,7 +233,19 @@ class TwoViewAugment(nn.Module):
             >>> one.shape, bool((one != two).any())
             (torch.Size([2, 3, 32, 32]), True)
         """
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                "(for a seed: torch.Generator(device).manual_seed(seed))"
+            )
         batch, heights, widths = as_batch(images)
+        k, blurs = self.blur_kernel_size, self.view_one.blur_p > 0 or self.view_two.blur_p > 0
+        if blurs and k // 2 >= self.size:  # the blur runs on the size x size views
+            raise ValueError(
+                f"blur_kernel_size {k} needs size > {k // 2}, got size {self.size}: build the "
+                "recipe with an odd blur_kernel_size of about a tenth of size (the papers' 23 "
+                "for 224), or without blur"
+            )
         sampler = Sampler(batch.device, generator)
         resample = self.resample_dtype or (
             torch.float16 if batch.device.type == "cuda" else torch.float32

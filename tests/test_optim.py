@@ -118,6 +118,15 @@ def test_loaded_settings_are_checked_before_anything_is_loaded(name: str) -> Non
     sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9).state_dict()
     with pytest.raises(ValueError, match=r"param_groups\[0\] has no trust_coefficient: not a LARS"):
         opt.load_state_dict(sgd)
+
+    def migrate(optimizer: Any, state_dict: dict[str, Any]) -> None:  # torch's way to migrate
+        for group in state_dict["param_groups"]:
+            group.setdefault("trust_coefficient", 0.002)
+
+    handle = opt.register_load_state_dict_pre_hook(migrate)  # runs before the check
+    opt.load_state_dict(sgd)
+    assert opt.param_groups[0]["trust_coefficient"] == 0.002 and opt.param_groups[0]["lr"] == 0.1
+    handle.remove()
     good = LARS([p], lr=0.3, weight_decay=1e-6).state_dict()
     opt.load_state_dict(good)
     assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["weight_decay"] == 1e-6

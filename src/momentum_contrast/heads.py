@@ -171,7 +171,8 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     """Remove a model's classifier so it outputs features; return them and their size.
 
     Modifies ``model`` in place and returns it (a ``torch.compile``'d model: the model it
-    compiles, the compiled one returned). Understood:
+    compiles, the compiled one returned; for a Hugging Face model, whose feature extractor
+    is a new module, that module, not compiled: compile it again). Understood:
 
     - timm models (anything with ``reset_classifier`` and ``num_features``):
       ``reset_classifier(0)``; the feature size is ``head_hidden_size`` where the model has

@@ -82,15 +82,15 @@ class LARS(Optimizer):
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load after checking every group's settings: each present (an SGD state dict has
-        no ``trust_coefficient``) and as the constructor requires."""
-        for index, group in enumerate(state_dict.get("param_groups", [])):
-            where = f"state_dict param_groups[{index}] "
-            if missing := [name for name in _SETTINGS if name not in group]:
-                raise ValueError(f"{where}has no {', '.join(missing)}: not a LARS state dict")
-            for name in _SETTINGS:
-                _check_setting(name, group[name], where)
-        super().load_state_dict(state_dict)
+        """Load after checking every group's settings, as the load pre-hooks left them (a
+        migration registered with ``register_load_state_dict_pre_hook`` runs first): each
+        present (an SGD state dict has no ``trust_coefficient``) and as the constructor
+        requires."""
+        handle = self.register_load_state_dict_pre_hook(_check_loaded)  # after the others
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -117,3 +117,13 @@ class LARS(Optimizer):
                 mu.mul_(group["momentum"]).add_(g)
                 p.add_(mu, alpha=-group["lr"])
         return loss
+
+
+def _check_loaded(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """The settings of every group of a state dict about to be loaded (nothing is yet)."""
+    for index, group in enumerate(state_dict.get("param_groups", [])):
+        where = f"state_dict param_groups[{index}] "
+        if missing := [name for name in _SETTINGS if name not in group]:
+            raise ValueError(f"{where}has no {', '.join(missing)}: not a LARS state dict")
+        for name in _SETTINGS:
+            _check_setting(name, group[name], where)

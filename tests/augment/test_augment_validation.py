@@ -246,13 +246,23 @@ def test_op_parameters_torchvision_refuses_are_refused_on_the_cpu() -> None:
         (lambda: AF.adjust_hue(x, torch.tensor([0.9, 0.0])), r"\[-0.5, 0.5\], got values in"),
         (lambda: AF.solarize(x, torch.ones(B, dtype=torch.bool), float("nan")), "threshold"),
         (lambda: AF.solarize(x, torch.ones(B, dtype=torch.bool), 2.0), r"threshold must be in"),
-        (lambda: AF.normalize(x, torch.zeros(3), torch.tensor([1.0, 0.0, 1.0])), r"std .*\(0"),
+        (
+            lambda: AF.normalize(x, torch.zeros(3), torch.tensor([1.0, 0.0, 1.0])),
+            "std must hold no 0",
+        ),
         (lambda: AF.normalize(x, torch.tensor([0.0, float("nan"), 0.0]), torch.ones(3)), "mean"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
     torch.testing.assert_close(AF.gaussian_blur(x, torch.zeros(B), 7), x)  # sigma 0 is fine
+    # what torchvision takes stays taken: a 0-d tensor threshold, a negative std
+    on = torch.ones(B, dtype=torch.bool)
+    assert torch.equal(AF.solarize(x, on, torch.tensor(0.5)), AF.solarize(x, on, 0.5))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"threshold must hold values in \[0.0, 1.0\]"):
+        AF.solarize(x, on, torch.tensor(1.5))  # type: ignore[arg-type]
+    flipped = AF.normalize(x, torch.zeros(3), -torch.ones(3))
+    torch.testing.assert_close(flipped, -x)
 
 
 def test_op_arguments_of_the_wrong_type_are_refused_by_name() -> None:

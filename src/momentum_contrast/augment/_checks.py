@@ -46,17 +46,19 @@ def check_range(name: str, x: torch.Tensor) -> None:
 
 
 def check_values(
-    name: str, t: torch.Tensor, low: float, high: float = math.inf, *, open_low: bool = False
+    name: str, t: torch.Tensor, low: float, high: float = math.inf, *, nonzero: bool = False
 ) -> torch.Tensor:
-    """Finite values in ``[low, high]`` (``(low, high]`` with ``open_low``), checked only
-    where reading them is free (see above), as torchvision checks its parameters."""
+    """Finite values in ``[low, high]`` (and none 0 with ``nonzero``), checked only where
+    reading them is free (see above), as torchvision checks its parameters."""
     if _free_to_read(t):
         lo, hi = (float(v) for v in torch.aminmax(t))
         if not (math.isfinite(lo) and math.isfinite(hi)):  # also NaN
             raise ValueError(f"{name} must hold finite values, got values in [{lo}, {hi}]")
-        if lo < low or (open_low and lo == low) or hi > high:
-            bounds = f"{'(' if open_low else '['}{low}, {high}{']' if high < math.inf else ')'}"
+        if lo < low or hi > high:
+            bounds = f"[{low}, {high}{']' if high < math.inf else ')'}"
             raise ValueError(f"{name} must hold values in {bounds}, got values in [{lo}, {hi}]")
+        if nonzero and bool((t == 0).any()):
+            raise ValueError(f"{name} must hold no 0 (a division by it), got {t.tolist()!s:.60}")
     return t
 
 

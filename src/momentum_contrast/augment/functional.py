@@ -13,7 +13,7 @@ within) ``[0, 1]`` (the four ``adjust_*``, ``color_jitter``, ``solarize`` and
 and ``resized_crop`` refuses boxes outside their image, with a
 ``ValueError``, where reading the values is free: for tensors on the CPU, outside
 ``torch.compile``. So are the parameters torchvision refuses: a negative or non-finite
-factor or ``sigma``, a hue shift outside ``[-0.5, 0.5]``, a ``std`` of 0, a
+factor or ``sigma``, a hue shift outside ``[-0.5, 0.5]``, a ``std`` of 0 (or not finite), a
 ``threshold`` outside ``[0, 1]``. On a GPU the values are not read, because that would make the host
 wait for the device (the library never does in a training step); there, out-of-range
 pixels are clamped like any other, and a box outside its image gives NaN for that sample.
@@ -203,7 +203,10 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
         tensor([0.2000, 0.3000])
     """
     x = check_images("x", x, in_unit_range=True)
-    threshold = check_unit_interval("threshold", threshold)
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 0:
+        check_values("threshold", threshold, 0.0, 1.0)
+    else:
+        threshold = check_unit_interval("threshold", threshold)
     return _ops.solarize(x, check_mask("apply", apply, x.shape[0]), threshold)
 
 
@@ -260,7 +263,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{name} must be a tensor of shape ({x.shape[1]},), got {got}")
     check_values("mean", mean, -math.inf)
-    check_values("std", std, 0.0, open_low=True)
+    check_values("std", std, -math.inf, nonzero=True)
     return _ops.normalize(x, mean, std)
 
 

@@ -143,9 +143,11 @@ def scenario_host_collectives() -> dict[str, Any]:
     except ValueError as e:
         out["broken_unshuffle"] = str(e)
     _, idx = mcd.batch_shuffle(torch.zeros(4, 3))
-    try:  # rank 1's key encoder gives a row fewer than it shuffled: every rank hears of it
-        mcd.batch_unshuffle(torch.zeros(4 if r != 1 else 3, 3), idx)  # (it raised on rank 1
-        out["broken_rows"] = "no error"  # alone, and rank 0 waited in the gather: a hang)
+    # rank 1's key encoder gives a row fewer than it shuffled: every rank hears of it (it
+    # raised on rank 1 alone, and rank 0 waited in the gather: a hang)
+    try:
+        mcd.batch_unshuffle(torch.zeros(4 if r != 1 else 3, 3), idx)
+        out["broken_rows"] = "no error"
     except ValueError as e:
         out["broken_rows"] = str(e)
     out["after"] = mcd.concat_all_gather(torch.full((1, 2), float(r)))  # the group still works

@@ -65,6 +65,16 @@ __all__ = [
 ]
 
 
+def _per_sample(
+    factor: torch.Tensor, x: torch.Tensor, name: str, low: float = 0.0, high: float = math.inf
+) -> torch.Tensor:
+    """``_ops.per_sample`` (``(B,)`` -> ``(B, 1, 1, 1)``), the values in ``[low, high]``
+    where reading them is free (``check_values``)."""
+    f = _ops.per_sample(factor, x, name)
+    check_values(name, factor, low, high)
+    return f
+
+
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma ``0.2989 R + 0.587 G + 0.114 B``: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``.
 
@@ -88,9 +98,7 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         tensor([0.2500, 1.0000])
     """
     x = check_images("x", x, in_unit_range=True)
-    f = _ops.per_sample(factor, x)
-    check_values("factor", factor, 0.0)
-    return (x * f).clamp_(0.0, 1.0)
+    return (x * _per_sample(factor, x, "factor")).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -104,8 +112,7 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> bool((flat == flat[:, :1, :1, :1]).all())
         True
     """
-    f = _ops.per_sample(factor, check_images("x", x, in_unit_range=True))
-    check_values("factor", factor, 0.0)
+    f = _per_sample(factor, check_images("x", x, in_unit_range=True), "factor")
     mean = _ops.grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
 
@@ -120,8 +127,7 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(gray[:, 0], gray[:, 1])
         True
     """
-    f = _ops.per_sample(factor, check_images("x", x, in_unit_range=True))
-    check_values("factor", factor, 0.0)
+    f = _per_sample(factor, check_images("x", x, in_unit_range=True), "factor")
     if x.shape[1] == 1:
         return x
     return (f * x + (1 - f) * _ops.grayscale(x)).clamp_(0.0, 1.0)
@@ -137,8 +143,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         >>> adjust_hue(red, torch.tensor([1 / 3]))[0, :, 0, 0]  # a third of a turn: green
         tensor([0., 1., 0.])
     """
-    _ops.per_sample(factor, check_images("x", x, in_unit_range=True))
-    check_values("factor", factor, -0.5, 0.5)
+    _per_sample(factor, check_images("x", x, in_unit_range=True), "factor", -0.5, 0.5)
     return _ops.adjust_hue(x, factor)
 
 
@@ -182,10 +187,7 @@ def color_jitter(
     b = check_images("x", x, in_unit_range=True).shape[0]
     factors = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
     for name, factor in {**factors, "hue": hue}.items():
-        _ops.per_sample(factor, x, name)
-        check_values(
-            name, factor, -0.5 if name == "hue" else 0.0, 0.5 if name == "hue" else math.inf
-        )
+        _per_sample(factor, x, name, *((-0.5, 0.5) if name == "hue" else ()))
     order = check_order(order, b)
     if apply is not None:
         check_mask("apply", apply, b)
@@ -241,9 +243,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
         True
     """
     check_positive_int("kernel_size", kernel_size)
-    check_values(
-        "sigma", _ops.per_sample(sigma, check_images("x", x, any_channels=True), "sigma"), 0.0
-    )
+    _per_sample(sigma, check_images("x", x, any_channels=True), "sigma")
     return _ops.gaussian_blur(x, sigma, kernel_size)
 
 

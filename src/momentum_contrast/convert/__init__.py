@@ -10,8 +10,10 @@ Command line::
 v1/v2 or v3 checkpoint released by the authors (ResNet or ViT), or any dict of tensors
 (a state dict, a Lightning checkpoint), searched by content. The query encoder is taken
 by default (as the authors' conversion scripts), never its MLP head, projector or
-predictor. For a ViT, the model to build (its number of attention heads, which the
-weights do not hold) is printed and stored in ``DST`` under ``"__model__"``.
+predictor where they are modules beside the backbone (``nn.Sequential(backbone, head)``;
+tensors registered inside the backbone's own module stay with it, for a strict load to
+name: see the checkpointing guide). For a ViT, the model to build (its number of attention
+heads, which the weights do not hold) is printed and stored in ``DST`` under ``"__model__"``.
 """
 
 from momentum_contrast.convert._backbone import backbone_spec, backbone_state_dict

@@ -16,6 +16,7 @@ from momentum_contrast.convert._sources import LayoutError, State, read_checkpoi
 from momentum_contrast.convert._spec import (
     ModelSpec,
     count,
+    module_grid,
     module_heads,
     recorded_heads,
     recorded_pool,
@@ -76,15 +77,23 @@ def convert_backbone(
         return rename(found.state, found.family, to, what), None, what
     if to == "detectron2":
         raise LayoutError(f"{what} is a {found.family} backbone: {to} takes ResNets only")
+    if any(k.startswith("pre_logits.") for k in found.head):  # torchvision's heads.pre_logits
+        raise LayoutError(
+            f"{what}: a torchvision ViT with a representation layer (heads.pre_logits, "
+            "representation_size=...), whose output its features are: a converted backbone "
+            "would give other features"
+        )
     pool, record = recorded_pool(tree), recorded_heads(tree)  # a module's records nothing
+    grid = None
     if module is not None:
         try:  # the module that holds the backbone's tensors ("": the module itself)
             backbone = module.get_submodule(found.prefix[:-1])
         except AttributeError:  # a state dict named otherwise than the modules
             backbone = module
         pool, record = getattr(backbone, "global_pool", None), module_heads(backbone, what)
+        grid = module_grid(backbone)
     timm_names = rename(found.state, found.family, "timm", what)
-    spec = vit_spec(timm_names, pool, num_heads, record, to, what)
+    spec = vit_spec(timm_names, pool, num_heads, record, to, what, grid)
     return rename(found.state, found.family, to, what), spec, what
 
 
@@ -126,9 +135,14 @@ def backbone_state_dict(
         ``{name: tensor}``, the tensors shared with ``source`` (clone before editing).
 
     Raises:
-        LayoutError: (a ``ValueError``) no backbone, an ambiguous or unknown layout, a ViT
-            whose head count is not recorded, or a target that cannot hold this backbone,
-            with a one-line message.
+        LayoutError: (a ``ValueError``) no backbone, an ambiguous or unknown layout, a
+            tensor or a ResNet layer lost, a ViT whose head count is not recorded, or a
+            target that cannot hold this backbone (detectron2: a stem other than 7x7, or
+            blocks per layer of no ResNet-18 to -152), with a one-line message.
+
+    Warns:
+        UserWarning: ``to="torchvision"`` and a ResNet whose blocks per layer no
+            torchvision builder has (a last block lost leaves no other trace).
         ValueError, TypeError: bad arguments, or ``num_heads`` against the record.
 
     Examples:
@@ -158,7 +172,9 @@ def backbone_spec(
     ``timm.create_model(name, num_classes=0, num_heads=..., ...)``, with the head count
     recorded in ``source`` (a module's attention layers, a checkpoint's ``num_heads``, the
     MoCo v3 authors' ``arch``: their ``vit_small`` has 12 heads where DeiT's has 6) or
-    given as ``num_heads``. None for a ResNet (its weights say everything).
+    given as ``num_heads``. None for a ResNet: its weights give its blocks and widths, not
+    its stem's max-pool (a ``conv1`` other than 7x7, such as the example scripts' CIFAR
+    stem, needs the same stem in the model built; the command line says so).
 
     Args:
         source: as for ``backbone_state_dict``.

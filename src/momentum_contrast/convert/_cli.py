@@ -10,12 +10,14 @@ import os
 import pickle
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
 from momentum_contrast.convert._backbone import convert_backbone
+from momentum_contrast.convert._layouts import stem_note
 from momentum_contrast.convert._sources import MODEL_KEY, LayoutError, State, first_line
 from momentum_contrast.convert._spec import ModelSpec
 
@@ -141,16 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.lexists(dst) and not args.overwrite:
         return _fail(f"cannot write {dst}: it exists (pass --overwrite to replace it)")
     try:
-        state, spec, what = convert_backbone(
-            args.src, encoder=args.encoder, to=args.to, num_heads=args.num_heads, prefix=args.prefix
-        )
+        with warnings.catch_warnings(record=True) as warned:  # each as one line
+            warnings.simplefilter("always")
+            state, spec, what = convert_backbone(
+                args.src,
+                encoder=args.encoder,
+                to=args.to,
+                num_heads=args.num_heads,
+                prefix=args.prefix,
+            )
     except (LayoutError, ValueError, TypeError, OSError) as e:
         return _fail(first_line(e))
+    for warning in warned:
+        print(f"warning: {first_line(warning.message)}", file=sys.stderr)  # type: ignore[arg-type]
     try:
         _write(state, spec, dst, args.to)
     except (LayoutError, OSError, RuntimeError) as e:  # a missing folder, no permission, ...
         return _fail(f"cannot write {dst}: {first_line(e)}")
     print(f"wrote {dst}: {len(state)} tensors of the backbone of {what}, for {args.to}")
+    if "conv1.weight" in state and (note := stem_note(state)):  # a ResNet, not for detectron2
+        print(f"note: {note}")
     if spec is not None:
         print(f"build the model with {spec}")
         print(f"(stored as {MODEL_KEY!r} in {dst}: pop it before load_state_dict)")

@@ -14,6 +14,7 @@ backbone whose path has a part named ``key_encoder`` (a ``MomentumEncoder``'s st
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +168,68 @@ _RESNET = re.compile(
 )
 
 
+def resnet_blocks(state: State) -> dict[int, int]:
+    """``{layer: blocks}``: the highest block index of each ``layerN`` present, plus one."""
+    blocks: dict[int, int] = {}
+    for key in state:
+        if m := re.match(r"layer(\d+)\.(\d+)\.", key):
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    return blocks
+
+
+# blocks per layer of torchvision's ResNet builders (their ResNeXts and wide ResNets alike),
+# which are detectron2's depths too, by block: basic (2 convs) or bottleneck (3)
+_DEPTHS = {
+    2: {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34},
+    3: {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152},
+}
+
+
+def check_resnet_depth(state: State, to: str, what: str) -> None:
+    """Refuse what the weights show to be lost or foreign to ``to``, which a non-strict load
+    (detectron2's always) would start from random weights: a ResNet without ``layer1`` to
+    ``layer4``; for detectron2, a stem other than its 7x7 one (the CIFAR stem) or blocks
+    per layer of no depth it builds. For torchvision, such blocks per layer warn (a last
+    block lost leaves no trace; timm builds many more depths)."""
+    blocks, convs = resnet_blocks(state), 3 if "layer1.0.conv3.weight" in state else 2
+    if sorted(blocks) != [1, 2, 3, 4]:
+        has = ", ".join(f"layer{n}" for n in sorted(blocks))
+        raise LayoutError(f"{what}: a ResNet has layer1 to layer4, this one {has}")
+    counts, kernel = tuple(blocks[n] for n in (1, 2, 3, 4)), tuple(state["conv1.weight"].shape[2:])
+    depths = ", ".join(f"ResNet-{d}: {c}" for c, d in _DEPTHS[convs].items())
+    if to == "detectron2" and kernel != (7, 7):
+        raise LayoutError(
+            f"{what}: conv1 is {kernel[0]}x{kernel[1]} (a CIFAR stem?), detectron2's ResNet "
+            "stem 7x7: it would start the stem from random weights"
+        )
+    if to == "detectron2" and counts not in _DEPTHS[convs]:
+        raise LayoutError(
+            f"{what}: {counts} blocks per layer, which no detectron2 ResNet of these blocks "
+            f"has ({depths}): a lost block would start from random weights"
+        )
+    if to == "torchvision" and counts not in _DEPTHS[convs]:
+        warnings.warn(
+            f"{what}: {counts} blocks per layer, which no torchvision ResNet builder has "
+            f"({depths}): build torchvision.models.resnet.ResNet with these, or, if the model "
+            "had more, a block was lost and a non-strict load starts it from random weights",
+            UserWarning,
+            stacklevel=5,  # the caller of backbone_state_dict
+        )
+
+
+def stem_note(state: State) -> str | None:
+    """What a model built for a ResNet with another ``conv1`` than torchvision's 7x7 one
+    needs (the weights do not say whether it has a max-pool), or None."""
+    kernel = tuple(state["conv1.weight"].shape[2:])
+    if kernel == (7, 7):
+        return None
+    return (
+        f"conv1 is {kernel[0]}x{kernel[1]}, not torchvision's and timm's 7x7 (the example "
+        "scripts' CIFAR stem at 32 px: 3x3, stride 1, and maxpool = nn.Identity(), which "
+        "the weights cannot show): give the model you build the same stem"
+    )
+
+
 def missing_resnet_tensor(state: State) -> str | None:
     """The first tensor that a ResNet with ``state``'s blocks has and ``state`` lacks, or
     None. Every layer from ``layer1`` to the last one present counts its blocks from 0;
@@ -174,11 +237,9 @@ def missing_resnet_tensor(state: State) -> str | None:
     norm ``bn1``...; block 0 of ``layer2`` on, and of ``layer1`` where its widths differ,
     has a ``downsample``. What one conv, norm or downsample holds (a bias; running
     statistics, which a GroupNorm has not), every one holds."""
-    blocks: dict[int, int] = {}  # layer -> blocks
+    blocks = resnet_blocks(state)
     held: dict[str, set[str]] = {"conv": set(), "bn": set(), "downsample": set()}
     for key in state:
-        if m := re.match(r"layer(\d+)\.(\d+)\.", key):
-            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
         if m := re.fullmatch(r"(?:layer\d+\.\d+\.)?(conv|bn)\d\.(\w+)", key):
             held[m[1]].add(m[2])
         elif m := re.fullmatch(r"layer\d+\.\d+\.downsample\.(.+)", key):
@@ -231,6 +292,7 @@ def rename(state: State, family: str, to: str, what: str) -> State:
             raise LayoutError(
                 f"{what}: tensor {lost!r} is missing (a ResNet of these blocks has it)"
             )
+        check_resnet_depth(state, to, what)
         return resnet_to_detectron2(state) if to == "detectron2" else dict(state)
     if family == f"vit_{to}":
         return dict(state)

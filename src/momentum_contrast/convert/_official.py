@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from momentum_contrast.convert._sources import (
     OFFICIAL_PREFIXES,
     LayoutError,
     State,
+    first_line,
     flatten,
     read_checkpoint,
 )
@@ -59,8 +61,10 @@ def load_official_checkpoint(
 
     Raises:
         LayoutError: not an authors' checkpoint, or one that does not fit these pieces
-            (another architecture, head count, head or queue size), with a one-line
-            message.
+            (another architecture, head count, head or queue size, a queue pointer out of
+            range), with a one-line message.
+        TypeError, ValueError: a piece of another type, a ``key_encoder`` that is not a
+            ``MomentumEncoder`` of ``model``, or a piece the checkpoint has no place for.
 
     Examples:
         A stand-in for ``torch.load("moco_v2_800ep_pretrain.pth.tar", weights_only=True)``,
@@ -88,6 +92,7 @@ def load_official_checkpoint(
         >>> torch.equal(queue.keys, state["module.queue"].T)  # (dim, K) -> (K, dim)
         True
     """
+    _check_pieces(model, key_encoder, queue, predictor)
     ckpt, kind, root = read_checkpoint(source)
     if kind not in OFFICIAL_PREFIXES:
         raise LayoutError(f"not a MoCo authors' checkpoint (this is a {kind} checkpoint)")
@@ -121,19 +126,46 @@ def load_official_checkpoint(
     if queue is not None:
         keys = state[root + "queue"].T  # (dim, K) -> (K, dim)
         ptr = state[root + "queue_ptr"].reshape(())
-        length = torch.tensor(keys.shape[0])
-        loads.append(
-            (queue, {"keys": keys, "ptr": ptr, "length": length}, "the checkpoint's queue")
-        )
+        queue_state = {"keys": keys, "ptr": ptr, "length": torch.tensor(keys.shape[0])}
+        loads.append((queue, queue_state, "the checkpoint's queue"))
     if predictor is not None:
         at = root + "predictor."
         weights = {k[len(at) :]: v for k, v in state.items() if k.startswith(at)}
         loads.append((predictor, weights, "the checkpoint's predictor"))
     for module, tensors, what in loads:  # every piece checked before any is written
         _check_fits(module, tensors, what)
+    if queue is not None:  # its values too (a pointer out of range): loaded into a copy first
+        try:
+            copy.deepcopy(queue).load_state_dict(queue_state)
+        except RuntimeError as e:
+            raise LayoutError(f"the checkpoint's queue does not fit: {first_line(e)}") from None
     for module, tensors, _ in loads:
         module.load_state_dict(tensors)
     return {"kind": kind, "epoch": ckpt.get("epoch"), "arch": ckpt.get("arch")}
+
+
+def _check_pieces(model: Any, key_encoder: Any, queue: Any, predictor: Any) -> None:
+    """A ``TypeError`` or ``ValueError`` naming the argument that is not what it must be."""
+    for name, value, kind in (
+        ("model", model, nn.Module),
+        ("key_encoder", key_encoder, MomentumEncoder),
+        ("queue", queue, (KeyQueue, type(None))),
+        ("predictor", predictor, (nn.Module, type(None))),
+    ):
+        if not isinstance(value, kind):
+            want = {
+                "model": "an nn.Module",
+                "key_encoder": "a MomentumEncoder of model",
+                "queue": "a KeyQueue or None",
+                "predictor": "an nn.Module or None",
+            }[name]
+            raise TypeError(f"{name} must be {want}, got {type(value).__name__}")
+    if key_encoder.online is not unwrap_model(model):
+        raise ValueError(
+            "key_encoder must be a MomentumEncoder of model (MomentumEncoder(model)): its "
+            f"online model is another {type(key_encoder.online).__name__} object, which its "
+            "updates would follow"
+        )
 
 
 def _staged(
@@ -144,6 +176,11 @@ def _staged(
     children = list(target.children())
     if len(children) != 2:
         raise LayoutError(f"the {encoder} model must be nn.Sequential(backbone, head)")
+    compiled = [""] * 2  # a torch.compile'd backbone or head names its tensors _orig_mod.*
+    for i, child in enumerate(children):
+        while isinstance(inner := getattr(child, "_orig_mod", None), nn.Module):
+            compiled[i], child = compiled[i] + "_orig_mod.", inner
+        children[i] = child
     what = f"the checkpoint's {encoder} encoder"
     found = select_backbone(state, None, at, what)
     ours = f"the {encoder} model's backbone"
@@ -156,7 +193,10 @@ def _staged(
         )
     naming = "timm" if "patch_embed.proj.weight" in children[0].state_dict() else "torchvision"
     backbone = rename(found.state, found.family, naming, what)
-    return {f"0.{k}": v for k, v in backbone.items()} | {f"1.{k}": v for k, v in found.head.items()}
+    (first, second), head = compiled, found.head
+    return {f"0.{first}{k}": v for k, v in backbone.items()} | {
+        f"1.{second}{k}": v for k, v in head.items()
+    }
 
 
 def _check_fits(module: nn.Module, state: State, what: str) -> None:

@@ -16,7 +16,9 @@ finds encoders by content, see ``_layouts``):
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,9 +61,17 @@ def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # torch's own warnings on a foreign pickle: the error says it
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = f"{type(e).__name__}: {first_line(e)[:200]}"
+        if cause := re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e)):
+            why = (
+                f"a plain pickle, as detectron2's .pkl, or one it refuses: {cause[1].strip()[:100]}"
+            )
         if pickled := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e)):
             why = (  # torch.save(model): the whole module, its class by reference
                 f"it pickles a {pickled[1]} object, as torch.save(model) does: if you trust "
@@ -111,6 +121,7 @@ def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
     Raises:
         LayoutError: anything else, naming what was expected and found.
         FileNotFoundError: no such file (``IsADirectoryError``: a directory).
+        TypeError: neither a path nor a dict.
 
     Examples:
         >>> import torch
@@ -119,14 +130,22 @@ def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
         ...                  "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}})
         'official_v1v2'
     """
-    return read_checkpoint(checkpoint)[1]
+    return read_checkpoint(checkpoint, "checkpoint")[1]
 
 
-def read_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str, str]:
+def read_checkpoint(
+    source: str | Path | Mapping[str, Any], name: str = "source"
+) -> tuple[Mapping[str, Any], str, str]:
     """``(checkpoint, kind, root)`` of a path (loaded with ``torch.load(path,
     weights_only=True)`` on the CPU) or of a dict already loaded, with one-line errors: its
     kind, as ``checkpoint_kind`` tells it, and the root of a MoCo authors' ``state_dict``
-    keys (``"module."`` or ``""``; ``""`` for the other kinds)."""
+    keys (``"module."`` or ``""``; ``""`` for the other kinds). ``name``: the argument's,
+    for a ``TypeError``."""
+    if not isinstance(source, (str, os.PathLike, Mapping)):
+        raise TypeError(
+            f"{name} must be a path (str or os.PathLike) or a loaded checkpoint dict, got "
+            f"{type(source).__name__}"
+        )
     ckpt = source if isinstance(source, Mapping) else _load(Path(source))
     state = ckpt.get("state_dict")
     for mapping, what in ((ckpt, "the checkpoint"), (state, "'state_dict'")):

@@ -162,6 +162,14 @@ def resolve_heads(
     return num_heads
 
 
+def module_grid(module: nn.Module) -> tuple[tuple[int, int], bool] | None:
+    """``((rows, columns) of patches, no_embed_class)`` of a live timm ViT, or None."""
+    grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
+    if not (isinstance(grid, tuple) and len(grid) == 2 and all(count(g) for g in grid)):
+        return None
+    return (grid[0], grid[1]), bool(getattr(module, "no_embed_class", False))
+
+
 def vit_spec(
     state: State,
     pool: object,
@@ -169,6 +177,7 @@ def vit_spec(
     record: tuple[int, str] | None,
     to: str,
     what: str,
+    grid: tuple[tuple[int, int], bool] | None = None,
 ) -> ModelSpec:
     """``torchvision.models.VisionTransformer(...)`` with every size given by name, or
     ``timm.create_model(name, num_classes=0, num_heads=..., ...)``: the timm name of this
@@ -177,8 +186,12 @@ def vit_spec(
     options come from its tensors; its pooling is ``pool`` (a timm module's
     ``global_pool``) if a str, else timm's default for them; its heads, see ``resolve_heads``.
 
-    A class token has its own position row unless the rows alone form a square grid
-    (timm's ``no_embed_class=True``): a grid of ``g * g`` patches and one more row never do.
+    The patch grid and whether the class token has a position row are ``grid`` (a live
+    module's, see ``module_grid``) where given. Else (a file) the grid is square, and a
+    class token has its own position row unless the rows alone form a square (timm's
+    ``no_embed_class=True``): a ``g * g`` grid and one more row never do, but a
+    ``(g - 1) * (g + 1)`` grid and one more row do, so a ViT trained on such non-square
+    images converts right from the module only.
     """
     if unknown := [k for k in state if not _TIMM_KEYS.fullmatch(k)]:
         raise LayoutError(
@@ -199,10 +212,19 @@ def vit_spec(
     if (pos := state.get("pos_embed")) is None:
         raise LayoutError(f"{what}: a ViT without a learned or fixed position embedding")
     rows, class_token, fc_norm = pos.shape[-2], "cls_token" in state, "fc_norm.weight" in state
-    no_embed_class = class_token and math.isqrt(rows) ** 2 == rows
-    grid = rows - int(class_token and not no_embed_class)
-    if math.isqrt(grid) ** 2 != grid:
-        raise LayoutError(f"{what}: {grid} patch positions are not a square grid")
+    if grid is None:
+        no_embed_class = class_token and math.isqrt(rows) ** 2 == rows
+        side = math.isqrt(patches := rows - int(class_token and not no_embed_class))
+        if side * side != patches:
+            raise LayoutError(f"{what}: {patches} patch positions are not a square grid")
+        (height, width), no_embed_class = (side, side), no_embed_class
+    else:
+        (height, width), no_embed_class = grid
+        no_embed_class = class_token and no_embed_class
+        if height * width + int(class_token and not no_embed_class) != rows:
+            raise LayoutError(f"{what}: pos_embed has {rows} rows for {height}x{width} patches")
+    if "norm.weight" not in state and not fc_norm:
+        raise LayoutError(f"{what}: a ViT without a final norm (norm.* or fc_norm.*)")
     mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
     if not isinstance(pool, str):
         pool = "avg" if fc_norm or not class_token else "token"
@@ -215,12 +237,14 @@ def vit_spec(
         )
     if to == "torchvision" and no_embed_class:
         raise LayoutError(
-            f"{what}: pos_embed has no row for the class token (timm's no_embed_class=True): "
-            "torchvision's ViT cannot take it"
+            f"{what}: pos_embed has no row for the class token (timm's no_embed_class=True; "
+            "a file's rows are read as a square grid): torchvision's ViT cannot take it"
         )
     heads = resolve_heads(num_heads, record, dim, what)
-    image = math.isqrt(grid) * patch
+    image = height * patch if height == width else (height * patch, width * patch)
     if to == "torchvision":
+        if height != width:
+            raise LayoutError(f"{what}: torchvision's VisionTransformer takes square images")
         if in_chans != 3:
             raise LayoutError(f"{what}: torchvision's VisionTransformer takes 3 input channels")
         kwargs = {
@@ -228,8 +252,6 @@ def vit_spec(
             "hidden_dim": dim, "mlp_dim": mlp_dim,
         }  # fmt: skip
         return ModelSpec("torchvision.models.VisionTransformer", (), kwargs)
-    if "norm.weight" not in state and not fc_norm:
-        raise LayoutError(f"{what}: a ViT without a final norm (norm.* or fc_norm.*)")
     name, base_depth = _TIMM_BASES.get(dim, _TIMM_BASES[768])
     wanted: list[tuple[str, Any, Any]] = [  # (argument, value, the timm name's default)
         ("img_size", image, 224),

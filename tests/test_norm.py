@@ -51,6 +51,24 @@ def test_training_equals_batchnorm_per_split(
     )
 
 
+def test_momentum_none_keeps_the_cumulative_average_of_the_splits() -> None:
+    # nn.BatchNorm's momentum=None: running = running + (x_t - running) / t. The update is
+    # linear, so the mean of S separate BatchNorms' statistics is the split one's
+    torch.manual_seed(0)
+    reference = nn.BatchNorm2d(3, momentum=None).to(f64)
+    split_bn = convert_split_batchnorm(copy.deepcopy(reference), 2)
+    parts = [copy.deepcopy(reference) for _ in range(2)]
+    for _ in range(3):
+        x = torch.randn(8, 3, 2, 2, dtype=f64) * 2 + 1
+        split_bn(x)
+        for bn, chunk in zip(parts, x.chunk(2), strict=True):
+            bn(chunk)
+    for name in ("running_mean", "running_var"):
+        expected = torch.stack([getattr(bn, name) for bn in parts]).mean(0)
+        torch.testing.assert_close(getattr(split_bn, name), expected, rtol=0, atol=1e-12)
+    assert int(cast(torch.Tensor, split_bn.num_batches_tracked)) == 3
+
+
 def test_eval_equals_batchnorm() -> None:
     reference = nn.BatchNorm2d(4).to(f64)
     reference(torch.randn(8, 4, 3, 3, dtype=f64))  # non-trivial running statistics

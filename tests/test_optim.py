@@ -130,3 +130,24 @@ def test_loaded_settings_are_checked_before_anything_is_loaded(name: str) -> Non
     good = LARS([p], lr=0.3, weight_decay=1e-6).state_dict()
     opt.load_state_dict(good)
     assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["weight_decay"] == 1e-6
+
+
+def test_a_closure_is_evaluated_with_gradients_and_its_loss_returned() -> None:
+    # as torch.optim's: step(closure) re-evaluates the loss (with autograd on, even when the
+    # step itself runs without it), uses the gradients it leaves and returns the loss
+    weight = torch.full((3, 2), 0.5, dtype=torch.float64, requires_grad=True)
+    opt = LARS([weight], lr=0.1, weight_decay=0.0, momentum=0.0, trust_coefficient=1.0)
+    x = torch.ones(4, 3, dtype=torch.float64)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (x @ weight).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)  # type: ignore[arg-type]  # torch types closures as -> float
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad  # made with autograd on
+    assert float(loss.detach()) == 12.0  # 4 rows x 2 x (3 x 0.5)
+    # gradient 4 everywhere; the trust ratio ||w|| / ||g|| = 0.5 / 4 scales it to 0.5
+    torch.testing.assert_close(weight.detach(), torch.full((3, 2), 0.45, dtype=torch.float64))

@@ -154,6 +154,9 @@ def test_per_sample_parameters_must_match_the_batch(images: torch.Tensor) -> Non
         AF.resized_crop(images, torch.zeros(6, 3, dtype=torch.long), 8)
     with pytest.raises(ValueError, match="kernel_size must be a positive odd int, got 4"):
         AF.gaussian_blur(images, torch.ones(B), kernel_size=4)
+    small = images[:, :, :11, :]  # reflection padding needs more than kernel_size // 2 rows
+    with pytest.raises(ValueError, match="kernel_size 23 needs images larger than 11 px"):
+        AF.gaussian_blur(small, torch.ones(B), kernel_size=23)
 
 
 @pytest.mark.parametrize("k", [3, 9, 23])

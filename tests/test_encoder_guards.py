@@ -7,6 +7,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -67,9 +68,10 @@ def test_each_warning_is_given_once_and_one_does_not_hide_the_other() -> None:
     enc = MomentumEncoder(online)
     with pytest.warns(RuntimeWarning, match="too coarse"):
         enc.update()
-    with torch.no_grad():
-        online.weight.add_(1.0)  # a step: the counters move
-    enc.update()
+    for _ in range(2):  # two steps: the counters move (a reload would move them once)
+        with torch.no_grad():
+            online.weight.add_(1.0)
+        enc.update()
     with pytest.warns(RuntimeWarning, match=WARNING):
         enc.update()  # no step since the last update
     with warnings.catch_warnings():
@@ -82,13 +84,31 @@ def test_an_in_place_write_of_the_online_model_counts_as_a_step() -> None:
     enc = MomentumEncoder(online)
     online(torch.randn(2, 4)).sum().backward()  # a misplaced update has gradients to see
     enc.update()
-    with torch.no_grad():
-        online.weight.add_(1.0)  # a hand-written optimizer step
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        enc.update()
+    for _ in range(2):
+        with torch.no_grad():
+            online.weight.add_(1.0)  # a hand-written optimizer step
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            enc.update()
     with pytest.warns(RuntimeWarning, match=WARNING):
         enc.update()
+
+
+def test_a_reload_between_fused_steps_is_not_taken_for_a_step() -> None:
+    # a fused step moves no counter; a reload of the online weights (a rollback) moves them
+    # once: the fused steps after it must not look like missing ones
+    online = nn.Linear(4, 4)
+    saved = {k: v.clone() for k, v in online.state_dict().items()}
+    enc = MomentumEncoder(online, momentum=0.5)
+    enc.update()
+    online.load_state_dict(saved)  # copy_: the counters move
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            online.weight.data.add_(1.0)  # as a fused optimizer: .data keeps no counter
+            enc.update()
+    key = cast(nn.Linear, enc.key_encoder)
+    assert torch.equal(key.weight, saved["weight"] + 2.125)  # 0.5, 1.25, 2.125
 
 
 @pytest.fixture
@@ -134,7 +154,7 @@ def test_another_optimizer_stepping_does_not_hide_a_misplaced_update() -> None:
     model_opt = torch.optim.SGD(model.parameters(), lr=0.1)
     key_encoder = MomentumEncoder(model, momentum=0.9)
     with pytest.warns(RuntimeWarning, match=WARNING):
-        for micro_batch in range(4):  # the model steps every 2 micro-batches
+        for micro_batch in range(6):  # the model steps every 2 micro-batches
             probe(model(torch.randn(4, 8))).sum().backward()  # the model accumulates
             probe_opt.step()
             if micro_batch % 2:

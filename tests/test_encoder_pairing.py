@@ -297,6 +297,39 @@ def test_ties_reloaded_with_assign_stay_ties() -> None:
     torch.testing.assert_close(key_second.weight, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("ema_dtype", [None, torch.float32])
+def test_a_model_tied_by_memory_before_it_is_wrapped_gets_a_tied_copy(
+    ema_dtype: torch.dtype | None,
+) -> None:
+    # torch's low-memory load: a model built on meta, then load_state_dict(assign=True) of
+    # tied weights: two objects, one memory, which a deepcopy would turn into two memories
+    def tied() -> nn.Sequential:
+        model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        model[1].weight = cast(nn.Embedding, model[0]).weight
+        return model
+
+    state = tied().bfloat16().state_dict()
+    with torch.device("meta"):
+        online = tied()
+    online.load_state_dict(state, assign=True)
+    embedding, head = cast(nn.Embedding, online[0]), cast(nn.Linear, online[1])
+    assert embedding.weight is not head.weight
+    assert embedding.weight.data_ptr() == head.weight.data_ptr()
+    enc = MomentumEncoder(online, momentum=0.5, ema_dtype=ema_dtype)
+    key = dict(enc.key_encoder.named_parameters(remove_duplicate=False))
+    assert key["0.weight"] is key["1.weight"]
+    assert key["0.weight"].dtype == (ema_dtype or torch.bfloat16)
+    before = key["0.weight"].detach().float().clone()
+    with torch.no_grad():
+        embedding.weight.add_(1.0)  # one memory: both names moved
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bfloat16 keys without ema_dtype
+        enc.update()  # averaged once, not twice
+    expected = 0.5 * before + 0.5 * embedding.weight.detach().float()
+    atol = 1e-6 if ema_dtype else 1e-2  # a bfloat16 average rounds to 8 bits
+    torch.testing.assert_close(key["1.weight"].float(), expected, rtol=0, atol=atol)
+
+
 def test_an_encoder_pickles_after_updates_with_gradients() -> None:
     online = nn.Linear(4, 4)
     enc = MomentumEncoder(online)

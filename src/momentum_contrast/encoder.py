@@ -69,8 +69,9 @@ class MomentumEncoder(nn.Module):
     """Key encoder of MoCo: a frozen copy of ``online`` updated as a moving average.
 
     After every optimiser step call [`update`][] once (a second call with the online model
-    untouched in between warns, except after a fused optimizer's steps, which leave no trace
-    to read: under gradient accumulation the momentum would compound to ``m**2``):
+    untouched in between warns, once two steps were seen, except after a fused optimizer's
+    steps, which leave no trace to read: under gradient accumulation the momentum would
+    compound to ``m**2``):
     ``key = m * key + (1 - m) * online`` on every parameter, in place, in fused
     multi-tensor ops (one per device/dtype group), parameters paired by name. Nothing can
     leave the key encoder silently stale: every update walks both models and compares, on
@@ -80,7 +81,18 @@ class MomentumEncoder(nn.Module):
     ``.key_encoder`` or ``.online``) is re-paired by name; a real mismatch (a parameter
     added, renamed or reshaped, one side moved alone) raises a ``ValueError`` naming it. (A
     shape given in place over the same memory, ``p.data = p.data.view(...)``, is seen by its
-    element count only: on one side, torch's shape error at the next update.)
+    element count only: on one side, torch's shape error at the next update.) Under
+    ``torch.compile(encoder.update)`` the pairing is traced, and Dynamo's guards stand for
+    the walk: names, shapes, dtypes, devices and ties (by object) are checked when it
+    compiles; a key tensor sharing an online tensor's memory, a replaced key encoder's
+    ``requires_grad``, the double-update and the low-precision warnings are seen by eager
+    updates only (run one after building or changing the models).
+
+    The copy is taken when it is built: build it once the online weights are initialised
+    or loaded. Values written in place afterwards are no change of tensors (an init run on
+    the online model after construction; a meta-device model's ``to_empty`` and init, which
+    leave the copy uninitialised memory): copy them again with
+    ``encoder.key_encoder.load_state_dict(encoder.online.state_dict())``.
 
     FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings):
     an update reshards the modules left unsharded (a root after a no-grad forward), so
@@ -179,6 +191,7 @@ class MomentumEncoder(nn.Module):
                 "the MomentumEncoder first, then fully_shard the online model and .key_encoder"
             )
         key_encoder = copy.deepcopy(base)
+        _tie_as_online(base, key_encoder)
         if ema_dtype is not None:
             for name, t in [*base.named_parameters(), *base.named_buffers()]:
                 if t.is_floating_point() and (
@@ -203,10 +216,11 @@ class MomentumEncoder(nn.Module):
             p.requires_grad_(False)
             p.grad = None
         self._pairs: dict[str, Pairs] = {}
-        # the online weights' version counters at the last update, whether a step was
-        # ever seen to move them, and which warnings were given
+        # the online weights' version counters at the last update, how many times an
+        # update found them moved since the one before, and which warnings were given
         self._last_versions: tuple[int, ...] | None = None
-        self._steps_move_versions = self._warned_misplaced = self._warned_low = False
+        self._version_moves = 0
+        self._warned_misplaced = self._warned_low = False
 
     @property
     def online(self) -> nn.Module:
@@ -231,6 +245,7 @@ class MomentumEncoder(nn.Module):
         except (TypeError, ValueError):
             self.__dict__["_online"], self._pairs = previous, {}
             raise
+        self._last_versions, self._version_moves = None, 0  # another model's counters
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickling and ``copy.deepcopy`` leave the pairing (and its scratch) behind: the copy
@@ -322,13 +337,14 @@ class MomentumEncoder(nn.Module):
     def _warn_if_misused(self, pairs: Pairs) -> None:
         """Warn once each: an update with no optimizer step since the previous one, and a
         low-precision key encoder without ``ema_dtype``. A step moves the online weights'
-        version counters; once a step was seen to move them, an update that finds them
-        where the previous one left them had no step before it. (A fused optimizer moves
-        no counter: with one, nothing is learned and nothing is said.)"""
+        version counters; once steps were seen to move them (twice: a reload of the online
+        weights moves them once), an update that finds them where the previous one left them
+        had no step before it. (A fused optimizer moves no counter: with one, nothing is
+        learned and nothing is said.)"""
         versions, last = tuple(map(_version, pairs.onlines)), self._last_versions
-        self._steps_move_versions |= last is not None and versions != last
+        self._version_moves += last is not None and versions != last
         self._last_versions = versions
-        if versions == last and self._steps_move_versions and not self._warned_misplaced:
+        if versions == last and self._version_moves >= 2 and not self._warned_misplaced:
             self._warned_misplaced = True
             warnings.warn(
                 "MomentumEncoder.update() ran again with the online model unchanged since the "
@@ -359,6 +375,24 @@ class MomentumEncoder(nn.Module):
 
 
 _version = operator.attrgetter("_version")
+
+
+def _tie_as_online(online: nn.Module, key_encoder: nn.Module) -> None:
+    """Tie the copy's parameters that are one memory in ``online`` but other objects (a
+    ``load_state_dict(assign=True)`` of tied weights): ``copy.deepcopy`` gives each its
+    own memory, and the key encoder would no longer match the online model's ties."""
+    first: dict[tuple[object, ...], str] = {}  # (address, dtype, shape, stride) -> a name
+    for name, p in online.named_parameters(remove_duplicate=False):
+        try:
+            address = p.data_ptr()
+        except (RuntimeError, NotImplementedError):  # a subclass without storage
+            continue
+        if not address:  # no memory (meta)
+            continue
+        tied_to = first.setdefault((address, p.dtype, p.shape, p.stride()), name)
+        if tied_to != name:
+            module, _, attr = name.rpartition(".")
+            setattr(key_encoder.get_submodule(module), attr, key_encoder.get_parameter(tied_to))
 
 
 def cosine_momentum(

@@ -169,6 +169,21 @@ def test_update_compiles_fullgraph_with_inductor_after_a_key_submodule_is_swappe
     assert not any(p.requires_grad for p in enc.key_encoder.parameters())
 
 
+def test_a_compiled_update_refuses_a_key_encoder_that_is_the_online_model() -> None:
+    """Compiled, no address can be read, but a key tensor that is an online one (the
+    online model assigned as the key encoder) is told by object: the update would average
+    the model with itself, and the key encoder would follow the query encoder exactly."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    enc = MomentumEncoder(model)
+    update = torch.compile(enc.update, fullgraph=True, backend="aot_eager")
+    update(0.5)
+    enc.key_encoder = model
+    with pytest.raises(Exception) as refused:
+        update(0.5)
+    if torch_at_least("2.13"):  # the Dynamo of torch 2.5 reports its own error instead
+        assert "shares these parameters' memory with the online model" in str(refused.value)
+
+
 class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()

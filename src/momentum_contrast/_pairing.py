@@ -107,11 +107,14 @@ _KEPT = (
 )
 
 
-def _shared(online: Named, key: Named) -> list[str]:
+def _shared(online: Named, key: Named, compiling: bool) -> list[str]:
     """Key tensors living in the memory of an online tensor (an update would average a
-    tensor with itself, or write into the online model)."""
+    tensor with itself, or write into the online model); compiled, the online tensors
+    themselves only (no address can be read)."""
 
     def storage(t: torch.Tensor) -> object:
+        if compiling:
+            return None
         t = local(t)
         try:
             address = t.untyped_storage().data_ptr()
@@ -151,7 +154,7 @@ def pair_by_name(
             unfollowable.setdefault(o.dtype, []).append(repr(name))
     for dtype, names in unfollowable.items():  # one explanation for all
         problems.append(ema_dtype_problem(", ".join(names), dtype, ema_dtype))  # type: ignore[arg-type]
-    if not compiling and (shared := _shared(online_named, key_named)):
+    if shared := _shared(online_named, key_named, compiling):
         problems.append(
             f"the key encoder shares these {kind}s' memory with the online model (an update "
             f"would average a tensor with itself or write into the online model): {shared}"

@@ -83,10 +83,11 @@ class MomentumEncoder(nn.Module):
     shape given in place over the same memory, ``p.data = p.data.view(...)``, is seen by its
     element count only: on one side, torch's shape error at the next update.) Under
     ``torch.compile(encoder.update)`` the pairing is traced, and Dynamo's guards stand for
-    the walk: names, shapes, dtypes, devices and ties (by object) are checked when it
-    compiles; a key tensor sharing an online tensor's memory, a replaced key encoder's
-    ``requires_grad``, the double-update and the low-precision warnings are seen by eager
-    updates only (run one after building or changing the models).
+    the walk: names, shapes, dtypes, devices, ties and a key tensor that is an online one
+    (by object) are checked when it compiles; a key tensor sharing an online tensor's
+    memory, a replaced key encoder's ``requires_grad``, the double-update and the
+    low-precision warnings are seen by eager updates only (run one after building or
+    changing the models).
 
     The copy is taken when it is built: build it once the online weights are initialised
     or loaded. Values written in place afterwards are no change of tensors (an init run on

@@ -139,11 +139,11 @@ def backbone_state_dict(
             tensor or a ResNet layer lost, a ViT whose head count is not recorded, or a
             target that cannot hold this backbone (detectron2: a stem other than 7x7, or
             blocks per layer of no ResNet-18 to -152), with a one-line message.
+        ValueError, TypeError: bad arguments, or ``num_heads`` against the record.
 
     Warns:
         UserWarning: ``to="torchvision"`` and a ResNet whose blocks per layer no
             torchvision builder has (a last block lost leaves no other trace).
-        ValueError, TypeError: bad arguments, or ``num_heads`` against the record.
 
     Examples:
         >>> import torch, torchvision

@@ -61,9 +61,8 @@ def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # torch's own warnings on a foreign pickle: the error says it
+        # torch's own warnings on a foreign pickle are left out: the error says what it is
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

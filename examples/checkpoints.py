@@ -58,7 +58,8 @@ def restore_rng(saved: list[dict[str, Any]], seed: int, rank: int, world: int, s
         print(f"warning: rank {rank} has no saved random state: reseeded", file=sys.stderr)
     if saved and rank == 0 and len(saved) != world:
         print(f"warning: the checkpoint holds the random states of {len(saved)} processes, "
-              f"this run has {world}: the augmentations will differ", file=sys.stderr)  # fmt: skip
+              f"this run has {world}: the augmentations and the batch statistics (BatchNorm, "
+              "Shuffle-BN) will differ", file=sys.stderr)  # fmt: skip
 
 
 # ---- The checkpoint's states: the unwrapped modules' (no DDP "module." prefix)
@@ -162,6 +163,16 @@ def resume_states(
     return ckpt["step"], ckpt["knn_baseline"], ckpt["rng"]
 
 
+def rows_to_keep(resume: tuple[Path, dict[str, Any]] | None, out: Path) -> int:
+    """The rows of out/metrics.csv that a run keeps: those up to the step it resumes from a
+    checkpoint of ``out``; none when it resumes another folder's checkpoint (rows there are
+    another attempt's) or starts anew."""
+    if resume is None or resume[0].resolve().parent != out.resolve():
+        return 0
+    step: int = resume[1]["step"]
+    return step
+
+
 def debug_dump(state: dict[str, Any], rank: int, tag: str) -> None:
     """For the tests: every rank's own states, in $MOCO_EXAMPLES_DUMP_DIR/rank<r>_<tag>.pt."""
     if folder := os.environ.get("MOCO_EXAMPLES_DUMP_DIR"):
@@ -226,8 +237,12 @@ def load_resume(
         flags = (f"--{n.replace('_', '-')} {ours[n]} (checkpoint: {saved[n]})" for n in differ)
         return ", ".join(flags)
 
-    vit = args.arch.startswith("vit")  # a torchvision ViT's weights depend on the image size
-    if differ := changed(*must_match, *["image_size"] * vit):
+    # a torchvision ViT's weights depend on the image size, a ResNet's on its stem: at 32 px
+    # or less the CIFAR stem (harness.backbone)
+    cifar = [args.arch.startswith("resnet") and size <= 32 for size in (args.image_size,
+             saved.get("image_size") or args.image_size)]  # fmt: skip
+    if differ := changed(*must_match, *["image_size"] * (args.arch.startswith("vit") or
+                                                         cifar[0] != cifar[1])):  # fmt: skip
         fail(f"--resume {path} was trained with other settings: {differ}")
     if (heads := VITS.get(args.arch, (0, None))[1]) and ckpt.get("num_heads") != heads:
         has = f"has {ckpt['num_heads']}" if ckpt.get("num_heads") else "does not record its"

@@ -74,6 +74,7 @@ positive_float = number(float, "positive and finite", lambda v: v > 0)
 non_negative_float = number(float, "finite and >= 0", lambda v: v >= 0)
 fraction = number(float, "in [0, 1]", lambda v: 0 <= v <= 1)
 pixels = number(int, "in 1..4096 (the augmentation's largest)", lambda v: 0 < v <= 4096)
+seed = number(int, "in 0..2**32 - 1", lambda v: 0 <= v < 2**32)  # data.py multiplies it
 
 
 def milestones(text: str) -> str:  # "120,160": epochs
@@ -100,7 +101,7 @@ def run_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     arg("--save-every", type=non_negative_int, default=0,
         help="a checkpoint every N steps too (0: at each epoch's end only)")  # fmt: skip
     arg("--keep", type=positive_int, default=2, help="the newest N checkpoints stay")
-    arg("--seed", type=int, default=0, help="seed of every random choice of the run")
+    arg("--seed", type=seed, default=0, help="seed of every random choice of the run")
     arg("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
         help="one GPU per process under torchrun")  # fmt: skip
     arg("--compile", action="store_true", help="torch.compile the encoders")
@@ -125,12 +126,13 @@ def check_flags(args: argparse.Namespace, *own: tuple[Any, str], blur: bool = Fa
     b, size, arch, world = args.batch_size, args.image_size, args.arch, world_size()
     n, patch = vars(args).get("accumulate"), 16 if size >= 128 else 8  # n: None in linear_eval
     local, fits = b // world, f"--image-size {size} does not fit --arch {arch}"
+    split = f"--accumulate {n}" if n != 1 else f"--batch-size {b} over {world} processes"
     for bad, message in [
         (b % world, f"--batch-size {b} does not split across {world} processes"),
         (n and local % n, f"--accumulate {n} does not split the {local} images per process "
                           f"(--batch-size {b} over {world}) into equal micro-batches"),
-        (n and local // n < 2, f"--accumulate {n} gives micro-batches of fewer than 2 "
-                               "images: BatchNorm"),
+        (n and local // n < 2, f"{split} gives micro-batches of fewer than 2 images: "
+                               "BatchNorm"),
         *own,
         (arch == "small_cnn" and size < 8, f"{fits}: it halves the image three times: 8 px"),
         (arch in VITS and size % patch, f"{fits}: {patch}-px patches: use a multiple of {patch}"),

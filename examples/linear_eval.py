@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from harness import (
     backbone,
     check_flags,
     check_steps,
+    checked_backbone,
     fail,
     leave,
     load_data,
@@ -51,6 +53,7 @@ from harness import (
     pixels,
     positive_float,
     positive_int,
+    seed,
     setup,
 )
 from torch import nn
@@ -94,7 +97,7 @@ def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
     arg("--shapes-train", type=positive_int, default=4000, help="--data shapes: training images")
     arg("--shapes-val", type=positive_int, default=1000, help="--data shapes: held-out images")
     arg("--workers", type=non_negative_int, default=cpus, help="loader processes per process")
-    arg("--seed", type=int, default=0, help="seed of the classifier and the training order")
+    arg("--seed", type=seed, default=0, help="seed of the classifier and the training order")
     arg("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
         help="one GPU per process under torchrun")  # fmt: skip
     arg("--output-dir", default="runs/linear_eval", help="linear_eval.json (the result) goes here")
@@ -171,7 +174,8 @@ def mismatches(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) ->
 
 def load_backbone(args: argparse.Namespace, path: str, kind: str, ckpt: Any, v3: bool) -> Any:
     """The frozen backbone (BatchNorm in eval mode) with the checkpoint's weights, its size."""
-    features, dim = backbone(args.arch, args.image_size)  # a torchvision vit_* fixes its heads
+    # a bad --arch stops in one line; a torchvision vit_* fixes its heads
+    features, dim = checked_backbone(args.arch, args.image_size)
     # ours: recorded in the checkpoint, else --num-heads; torchvision's vit_b_16: its name's
     known = args.num_heads if args.arch in VITS else attention_heads(args.arch, features)
     try:
@@ -206,6 +210,11 @@ def main() -> None:
     if args.arch is None:
         fail(f"--pretrained {path} does not name its architecture: pass --arch")
     validate(args)
+    try:  # where the result goes: found out now, not after the training
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir}: cannot write there ({type(e).__name__}: {e})")
     device, rank, world = setup(args)  # torchrun's processes; seeds the backbone (then loaded)
     features, dim = load_backbone(args, path, kind, ckpt, v3)
     features.to(device)
@@ -261,7 +270,6 @@ def main() -> None:
     result = {"pretrained": path, "top1": 100 * top1 / total, "top5": 100 * top5 / total,
               "images": total}  # fmt: skip
     if rank == 0:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "linear_eval.json").write_text(json.dumps(result, indent=1))
     print(
         f"linear evaluation of {path}: top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}% "

@@ -39,6 +39,7 @@ from checkpoints import (
     load_resume,
     restore_rng,
     resume_states,
+    rows_to_keep,
     save_checkpoint,
     saves_at,
     state_of,
@@ -132,7 +133,9 @@ def validate(args: argparse.Namespace, *, blur: bool) -> None:
     world, splits = world_size(), args.shuffle_splits
     micro = args.batch_size // world // args.accumulate
     shuffle = f"--shuffle-splits {splits} does not split the {micro} images of a (micro-)batch"
-    check_flags(args, (world == 1 and micro % splits, shuffle), blur=blur)
+    alone = f"--shuffle-splits {splits} leaves fewer than 2 of its {micro} images per split"
+    check_flags(args, (world == 1 and micro % splits, shuffle),
+                (world == 1 and micro // splits < 2, f"{alone}: BatchNorm"), blur=blur)  # fmt: skip
 
 
 # ---- MoCo v1/v2: a backbone, the paper's head, the key encoder, the queue and the step
@@ -229,7 +232,7 @@ def main(version: str = "v2") -> None:
     if baseline is None:
         baseline = knn(step, "kNN top-1 at random initialisation: {value:.1f}%")
     log = StepLog(out / "metrics.csv" if rank == 0 else None, args.log_every, args.batch_size,
-                  keep=step)  # fmt: skip
+                  keep=rows_to_keep(resume, out))  # fmt: skip
     restore_rng(saved_rng, args.seed, rank, world, step)  # from here each rank its own stream
     meta = {"recipe": recipe, "args": vars(args), "knn_baseline": baseline,
             "num_heads": attention_heads(args.arch, features)}  # fmt: skip

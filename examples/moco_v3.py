@@ -46,6 +46,7 @@ from checkpoints import (
     load_states,
     restore_rng,
     resume_states,
+    rows_to_keep,
     save_checkpoint,
     saves_at,
     state_of,
@@ -302,7 +303,7 @@ def main() -> None:
     if baseline is None:
         baseline = knn(step, "kNN top-1 at random initialisation: {value:.1f}%")
     log = StepLog(out / "metrics.csv" if rank == 0 else None, args.log_every, args.batch_size,
-                  keep=step)  # fmt: skip
+                  keep=rows_to_keep(resume, out))  # fmt: skip
     restore_rng(saved_rng, args.seed, rank, world, step)  # from here each rank its own stream
     meta = {"recipe": recipe, "args": vars(args), "knn_baseline": baseline,
             "num_heads": attention_heads(args.arch, features)}  # fmt: skip

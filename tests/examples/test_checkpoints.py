@@ -56,6 +56,20 @@ def assert_same_run(out: Path, straight: Path) -> None:
     assert not differences({k: done[k] for k in FINAL}, {k: expected[k] for k in FINAL})
 
 
+def test_a_resume_of_another_folders_checkpoint_keeps_no_rows_of_an_attempt_here(
+    straight: Path, tmp_path: Path
+) -> None:
+    # a killed attempt that saved no checkpoint left metrics.csv rows 1-4 of another run
+    rows = "".join(f"{step},0,9.{step},0.1,0.99,1.0,\n" for step in range(1, 5))
+    (tmp_path / "metrics.csv").write_text(
+        "step,epoch,loss,lr,momentum,images_per_s,knn_top1\n" + rows
+    )
+    resume = str(straight / "checkpoint_0000004.pt")
+    run("moco_v2.py", *V12, "--resume", resume, "--output-dir", str(tmp_path))
+    assert [int(r["step"]) for r in metrics(tmp_path) if r["loss"]] == list(range(5, STEPS + 1))
+    assert losses(tmp_path) == losses(straight)[4:]  # the uninterrupted run's, from step 5
+
+
 def test_a_new_run_into_a_folder_that_holds_a_run_is_refused(tmp_path: Path) -> None:
     run("moco_v2.py", *V12, "--max-steps", "2", "--output-dir", str(tmp_path))
     (tmp_path / ".lock").unlink()  # the first run's; the refusal must come before the lock

@@ -70,6 +70,12 @@ def v3_args(*argv: str) -> argparse.Namespace:
             ["--accumulate", "4", "--shuffle-splits", "8"],
             "--shuffle-splits 8 does not split the 4 images of a (micro-)batch",
         ),
+        (  # one image per Shuffle-BN split: BatchNorm of one image fails at 1 x 1 pixels
+            ["--shuffle-splits", "16"],
+            "--shuffle-splits 16 leaves fewer than 2 of its 16 images per split: BatchNorm",
+        ),
+        (["--seed", "-1"], "argument --seed: must be in 0..2**32 - 1, got -1"),
+        (["--seed", "1" + "0" * 15], "argument --seed: must be in 0..2**32 - 1"),
     ],
 )
 def test_bad_flags_stop_with_an_error_naming_the_flag(argv: list[str], message: str) -> None:
@@ -92,6 +98,14 @@ def test_world_size_and_device_are_checked(monkeypatch: pytest.MonkeyPatch) -> N
             moco_v3.validate(v3_args("--device", "cuda"))
     with pytest.raises(SystemExit, match="argument --device: invalid choice: 'gpu0'"):
         moco_v3.validate(v3_args("--device", "gpu0"))
+
+
+def test_too_small_a_batch_per_process_names_the_batch_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one image per process: --accumulate is not to blame
+    with pytest.raises(SystemExit, match=r"--batch-size 2 over 2 processes gives micro-batches"):
+        moco_v3.validate(v3_args("--batch-size", "2"))
 
 
 def test_fsdp_needs_a_vit_and_accumulate_counts_per_process(
@@ -140,6 +154,18 @@ def test_resume_checks_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixt
     load_resume(v2_args("--resume", str(path)), *V2_RESUME)
     warning = capsys.readouterr().err
     assert "(checkpoint: 7)" in warning and "--knn-bank" in warning, warning
+
+
+def test_a_resnet_resumed_across_the_cifar_stem_size_is_refused(tmp_path: Path) -> None:
+    # at 32 px or less a ResNet has the CIFAR stem (3x3 conv1): its weights change shape
+    path = fake_checkpoint(tmp_path / "r18.pt", arch="resnet18", image_size=32)
+    with pytest.raises(SystemExit, match=r"--image-size 40 \(checkpoint: 32\)"):
+        load_resume(v2_args("--resume", str(path), "--arch", "resnet18", "--image-size", "40"),
+                    *V2_RESUME)  # fmt: skip
+    resumed = load_resume(  # 32 px to 24 px: the same stem, only a warning
+        v2_args("--resume", str(path), "--arch", "resnet18", "--image-size", "24"), *V2_RESUME
+    )
+    assert resumed is not None
 
 
 def test_batch_larger_than_the_training_set(tmp_path: Path) -> None:

@@ -46,6 +46,11 @@ def test_bad_files_get_one_line_errors(tmp_path: Path) -> None:
         (["--arch", "resnet18", "--pretrained", str(head)], "holds no backbone"),
         (["--pretrained", str(text)], "is not a PyTorch checkpoint"),
         (["--pretrained", str(tmp_path / "missing.pt")], "no such checkpoint file"),
+        (["--arch", "nosuchnet", "--pretrained", str(v2)], "--arch nosuchnet does not work"),
+        (  # found out before the training, not when the result is written
+            ["--arch", "resnet18", "--pretrained", str(v2), "--output-dir", str(text / "out")],
+            f"--output-dir {text / 'out'}: cannot write there",
+        ),
     ):
         result = run("linear_eval.py", *FLAGS, *extra, check=False)
         assert result.returncode != 0, extra

@@ -133,9 +133,7 @@ def validate(args: argparse.Namespace, *, blur: bool) -> None:
     world, splits = world_size(), args.shuffle_splits
     micro = args.batch_size // world // args.accumulate
     shuffle = f"--shuffle-splits {splits} does not split the {micro} images of a (micro-)batch"
-    alone = f"--shuffle-splits {splits} leaves fewer than 2 of its {micro} images per split"
-    check_flags(args, (world == 1 and micro % splits, shuffle),
-                (world == 1 and micro // splits < 2, f"{alone}: BatchNorm"), blur=blur)  # fmt: skip
+    check_flags(args, (world == 1 and micro % splits, shuffle), blur=blur)
 
 
 # ---- MoCo v1/v2: a backbone, the paper's head, the key encoder, the queue and the step

@@ -44,6 +44,21 @@ def test_a_lost_resnet_layer_is_refused_for_every_target(to: str) -> None:
         backbone_state_dict({"state_dict": resnet18_state(drop="layer4.")}, to=to)  # type: ignore[arg-type]
 
 
+def test_a_live_module_without_a_layer_lost_nothing_and_converts() -> None:
+    net = torchvision.models.resnet18()
+    net.layer4, net.fc = nn.Identity(), nn.Identity()  # cut on purpose: a module holds it all
+    features = net
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for to in ("torchvision", "timm"):
+            state = backbone_state_dict(features, to=to)  # type: ignore[arg-type]
+            assert (
+                not any(k.startswith("layer4.") for k in state) and "layer3.1.bn2.weight" in state
+            )
+    with pytest.raises(LayoutError, match=re.escape("(2, 2, 2, 0) blocks per layer")):
+        backbone_state_dict(features, to="detectron2")  # which builds no such ResNet
+
+
 def test_a_lost_last_block_is_refused_for_detectron2_and_warned_for_torchvision() -> None:
     ckpt = {"state_dict": resnet18_state(drop="layer3.1.")}  # (2, 2, 1, 2) blocks
     with pytest.raises(

@@ -317,7 +317,8 @@ def test_a_model_tied_by_memory_before_it_is_wrapped_gets_a_tied_copy(
     assert embedding.weight.data_ptr() == head.weight.data_ptr()
     enc = MomentumEncoder(online, momentum=0.5, ema_dtype=ema_dtype)
     key = dict(enc.key_encoder.named_parameters(remove_duplicate=False))
-    assert key["0.weight"] is key["1.weight"]
+    assert key["0.weight"] is not key["1.weight"]  # as the online model: other objects,
+    assert key["0.weight"].data_ptr() == key["1.weight"].data_ptr()  # one memory
     assert key["0.weight"].dtype == (ema_dtype or torch.bfloat16)
     before = key["0.weight"].detach().float().clone()
     with torch.no_grad():
@@ -328,6 +329,15 @@ def test_a_model_tied_by_memory_before_it_is_wrapped_gets_a_tied_copy(
     expected = 0.5 * before + 0.5 * embedding.weight.detach().float()
     atol = 1e-6 if ema_dtype else 1e-2  # a bfloat16 average rounds to 8 bits
     torch.testing.assert_close(key["1.weight"].float(), expected, rtol=0, atol=atol)
+    # compiled, ties are told by object: untied on both sides, each name gets the same value
+    compiled = torch.compile(enc.update, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        embedding.weight.add_(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        compiled(0.5)
+    expected = 0.5 * expected + 0.5 * embedding.weight.detach().float()
+    torch.testing.assert_close(key["0.weight"].float(), expected, rtol=0, atol=2 * atol)
 
 
 def test_an_encoder_pickles_after_updates_with_gradients() -> None:

@@ -70,8 +70,9 @@ class MomentumEncoder(nn.Module):
 
     After every optimiser step call [`update`][] once (a second call with the online model
     untouched in between warns, once two steps were seen, except after a fused optimizer's
-    steps, which leave no trace to read: under gradient accumulation the momentum would
-    compound to ``m**2``):
+    steps, which leave no trace to read, unless reloads of the online weights, which look
+    like steps, come between them: under gradient accumulation the momentum would compound
+    to ``m**2``):
     ``key = m * key + (1 - m) * online`` on every parameter, in place, in fused
     multi-tensor ops (one per device/dtype group), parameters paired by name. Nothing can
     leave the key encoder silently stale: every update walks both models and compares, on
@@ -192,7 +193,6 @@ class MomentumEncoder(nn.Module):
                 "the MomentumEncoder first, then fully_shard the online model and .key_encoder"
             )
         key_encoder = copy.deepcopy(base)
-        _tie_as_online(base, key_encoder)
         if ema_dtype is not None:
             for name, t in [*base.named_parameters(), *base.named_buffers()]:
                 if t.is_floating_point() and (
@@ -212,6 +212,7 @@ class MomentumEncoder(nn.Module):
                 return cast[id(t)]
 
             key_encoder._apply(to_ema_dtype)  # type: ignore[no-untyped-call]
+        _tie_as_online(base, key_encoder)
         self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
@@ -379,9 +380,10 @@ _version = operator.attrgetter("_version")
 
 
 def _tie_as_online(online: nn.Module, key_encoder: nn.Module) -> None:
-    """Tie the copy's parameters that are one memory in ``online`` but other objects (a
-    ``load_state_dict(assign=True)`` of tied weights): ``copy.deepcopy`` gives each its
-    own memory, and the key encoder would no longer match the online model's ties."""
+    """Give the copy's parameters that are one memory in ``online`` but other objects (a
+    ``load_state_dict(assign=True)`` of tied weights) one memory too, as other objects:
+    ``copy.deepcopy`` gives each its own memory, and the key encoder would no longer match
+    the online model's ties (told by memory eagerly, by object under ``torch.compile``)."""
     first: dict[tuple[object, ...], str] = {}  # (address, dtype, shape, stride) -> a name
     for name, p in online.named_parameters(remove_duplicate=False):
         try:
@@ -391,9 +393,10 @@ def _tie_as_online(online: nn.Module, key_encoder: nn.Module) -> None:
         if not address:  # no memory (meta)
             continue
         tied_to = first.setdefault((address, p.dtype, p.shape, p.stride()), name)
-        if tied_to != name:
+        if tied_to != name and online.get_parameter(tied_to) is not p:  # tied by memory only
             module, _, attr = name.rpartition(".")
-            setattr(key_encoder.get_submodule(module), attr, key_encoder.get_parameter(tied_to))
+            shared = nn.Parameter(key_encoder.get_parameter(tied_to).detach(), requires_grad=False)
+            setattr(key_encoder.get_submodule(module), attr, shared)
 
 
 def cosine_momentum(

@@ -70,10 +70,6 @@ def v3_args(*argv: str) -> argparse.Namespace:
             ["--accumulate", "4", "--shuffle-splits", "8"],
             "--shuffle-splits 8 does not split the 4 images of a (micro-)batch",
         ),
-        (  # one image per Shuffle-BN split: BatchNorm of one image fails at 1 x 1 pixels
-            ["--shuffle-splits", "16"],
-            "--shuffle-splits 16 leaves fewer than 2 of its 16 images per split: BatchNorm",
-        ),
         (["--seed", "-1"], "argument --seed: must be in 0..2**32 - 1, got -1"),
         (["--seed", "1" + "0" * 15], "argument --seed: must be in 0..2**32 - 1"),
     ],

@@ -11,7 +11,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from momentum_contrast.convert._layouts import is_key_path, rename, select_backbone
+from momentum_contrast.convert._layouts import (
+    check_resnet_depth,
+    is_key_path,
+    rename,
+    select_backbone,
+)
 from momentum_contrast.convert._sources import LayoutError, State, read_checkpoint
 from momentum_contrast.convert._spec import (
     ModelSpec,
@@ -74,7 +79,9 @@ def convert_backbone(
     if found.family == "resnet":
         if num_heads is not None:
             raise ValueError(f"num_heads applies to ViTs; {what} is a ResNet")
-        return rename(found.state, found.family, to, what), None, what
+        renamed = rename(found.state, found.family, to, what)  # a lost tensor: refused first
+        check_resnet_depth(found.state, to, what, in_a_file=module is None)
+        return renamed, None, what
     if to == "detectron2":
         raise LayoutError(f"{what} is a {found.family} backbone: {to} takes ResNets only")
     if any(k.startswith("pre_logits.") for k in found.head):  # torchvision's heads.pre_logits

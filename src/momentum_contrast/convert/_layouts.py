@@ -185,17 +185,18 @@ _DEPTHS = {
 }
 
 
-def check_resnet_depth(state: State, to: str, what: str) -> None:
-    """Refuse what the weights show to be lost or foreign to ``to``, which a non-strict load
-    (detectron2's always) would start from random weights: a ResNet without ``layer1`` to
-    ``layer4``; for detectron2, a stem other than its 7x7 one (the CIFAR stem) or blocks
-    per layer of no depth it builds. For torchvision, such blocks per layer warn (a last
-    block lost leaves no trace; timm builds many more depths)."""
+def check_resnet_depth(state: State, to: str, what: str, *, in_a_file: bool) -> None:
+    """Refuse what a non-strict load (detectron2's always) would start from random weights:
+    for detectron2, a stem other than its 7x7 one (the CIFAR stem) or blocks per layer of no
+    depth it builds; and, ``in_a_file`` (a live module loses nothing), a ResNet without
+    ``layer1`` to ``layer4``. For torchvision, a file's blocks per layer of no builder warn
+    (a last block lost leaves no trace; timm builds many more depths)."""
     blocks, convs = resnet_blocks(state), 3 if "layer1.0.conv3.weight" in state else 2
-    if sorted(blocks) != [1, 2, 3, 4]:
+    if in_a_file and sorted(blocks) != [1, 2, 3, 4]:
         has = ", ".join(f"layer{n}" for n in sorted(blocks))
         raise LayoutError(f"{what}: a ResNet has layer1 to layer4, this one {has}")
-    counts, kernel = tuple(blocks[n] for n in (1, 2, 3, 4)), tuple(state["conv1.weight"].shape[2:])
+    counts = tuple(blocks.get(n, 0) for n in (1, 2, 3, 4))
+    kernel = tuple(state["conv1.weight"].shape[2:])
     depths = ", ".join(f"ResNet-{d}: {c}" for c, d in _DEPTHS[convs].items())
     if to == "detectron2" and kernel != (7, 7):
         raise LayoutError(
@@ -207,13 +208,13 @@ def check_resnet_depth(state: State, to: str, what: str) -> None:
             f"{what}: {counts} blocks per layer, which no detectron2 ResNet of these blocks "
             f"has ({depths}): a lost block would start from random weights"
         )
-    if to == "torchvision" and counts not in _DEPTHS[convs]:
+    if in_a_file and to == "torchvision" and counts not in _DEPTHS[convs]:
         warnings.warn(
             f"{what}: {counts} blocks per layer, which no torchvision ResNet builder has "
             f"({depths}): build torchvision.models.resnet.ResNet with these, or, if the model "
             "had more, a block was lost and a non-strict load starts it from random weights",
             UserWarning,
-            stacklevel=5,  # the caller of backbone_state_dict
+            stacklevel=4,  # the caller of backbone_state_dict
         )
 
 
@@ -292,7 +293,6 @@ def rename(state: State, family: str, to: str, what: str) -> State:
             raise LayoutError(
                 f"{what}: tensor {lost!r} is missing (a ResNet of these blocks has it)"
             )
-        check_resnet_depth(state, to, what)
         return resnet_to_detectron2(state) if to == "detectron2" else dict(state)
     if family == f"vit_{to}":
         return dict(state)

@@ -217,7 +217,7 @@ def vit_spec(
         side = math.isqrt(patches := rows - int(class_token and not no_embed_class))
         if side * side != patches:
             raise LayoutError(f"{what}: {patches} patch positions are not a square grid")
-        (height, width), no_embed_class = (side, side), no_embed_class
+        height = width = side
     else:
         (height, width), no_embed_class = grid
         no_embed_class = class_token and no_embed_class
@@ -237,8 +237,9 @@ def vit_spec(
         )
     if to == "torchvision" and no_embed_class:
         raise LayoutError(
-            f"{what}: pos_embed has no row for the class token (timm's no_embed_class=True; "
-            "a file's rows are read as a square grid): torchvision's ViT cannot take it"
+            f"{what}: pos_embed has no row for the class token (timm's no_embed_class=True"
+            f"{'' if grid else '; a file: its rows read as a square grid'}): torchvision's "
+            "ViT cannot take it"
         )
     heads = resolve_heads(num_heads, record, dim, what)
     image = height * patch if height == width else (height * patch, width * patch)

@@ -88,7 +88,8 @@ def test_a_cifar_stem_is_refused_for_detectron2_and_noted_by_the_command_line(
     assert "note: conv1 is 3x3, not torchvision's and timm's 7x7" in out
     model = torchvision.models.resnet18()  # the same stem, as the note says
     model.conv1, model.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    missing = model.load_state_dict(torch.load(tmp_path / "tv.pth"), strict=False).missing_keys
+    converted = torch.load(tmp_path / "tv.pth", weights_only=True)
+    missing = model.load_state_dict(converted, strict=False).missing_keys
     assert missing == ["fc.weight", "fc.bias"]
     assert main([str(src), str(tmp_path / "std.pth"), "--to", "torchvision"]) == 0
     torch.save({"state_dict": resnet18_state()}, src)

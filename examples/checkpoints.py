@@ -237,12 +237,11 @@ def load_resume(
         flags = (f"--{n.replace('_', '-')} {ours[n]} (checkpoint: {saved[n]})" for n in differ)
         return ", ".join(flags)
 
-    # a torchvision ViT's weights depend on the image size, a ResNet's on its stem: at 32 px
-    # or less the CIFAR stem (harness.backbone)
-    cifar = [args.arch.startswith("resnet") and size <= 32 for size in (args.image_size,
-             saved.get("image_size") or args.image_size)]  # fmt: skip
-    if differ := changed(*must_match, *["image_size"] * (args.arch.startswith("vit") or
-                                                         cifar[0] != cifar[1])):  # fmt: skip
+    # a torchvision ViT's weights depend on the image size; a ResNet's on whether it is at
+    # most 32 px, where harness.backbone gives it the CIFAR stem
+    was_small = (saved.get("image_size") or args.image_size) <= 32
+    stem = args.arch.startswith("resnet") and was_small != (args.image_size <= 32)
+    if differ := changed(*must_match, *["image_size"] * (args.arch.startswith("vit") or stem)):
         fail(f"--resume {path} was trained with other settings: {differ}")
     if (heads := VITS.get(args.arch, (0, None))[1]) and ckpt.get("num_heads") != heads:
         has = f"has {ckpt['num_heads']}" if ckpt.get("num_heads") else "does not record its"

@@ -175,7 +175,7 @@ def test_a_compiled_update_refuses_a_key_encoder_that_is_the_online_model() -> N
     the model with itself, and the key encoder would follow the query encoder exactly."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     enc = MomentumEncoder(model)
-    update = torch.compile(enc.update, fullgraph=True, backend="aot_eager")
+    update = torch.compile(enc.update, fullgraph=True, backend="inductor")
     update(0.5)
     enc.key_encoder = model
     with pytest.raises(Exception) as refused:

@@ -23,17 +23,6 @@ __all__ = ["HFFeatures", "hf_features"]
 _CALL_FLAGS = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
 
 
-def _call_flags(model: nn.Module) -> dict[str, bool]:
-    """The flags of ``_CALL_FLAGS`` that ``model.forward`` takes (by name or ``**kwargs``)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # no signature to read: the model's own defaults
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(_CALL_FLAGS)
-    return {k: v for k, v in _CALL_FLAGS.items() if k in params}
-
-
 class HFFeatures(nn.Module):
     """A ``transformers`` vision base model returning ``(N, C)`` features: its
     ``pooler_output`` when it has a pooling pooler (average pooling, the class token after
@@ -64,7 +53,12 @@ class HFFeatures(nn.Module):
         self.dim = dim
         embeddings = getattr(model, "embeddings", None)
         self.class_token = getattr(embeddings, "cls_token", None) is not None
-        self.flags = _call_flags(model)
+        try:  # the flags of _CALL_FLAGS that model.forward takes (by name or **kwargs)
+            params = dict(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):  # no signature to read: the model's own defaults
+            params = {}
+        kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.flags = {k: v for k, v in _CALL_FLAGS.items() if kwargs or k in params}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` images -> ``(N, C)`` features."""
@@ -113,12 +107,9 @@ def hf_features(model: nn.Module) -> tuple[nn.Module, int] | None:
             "at every forward (mask_ratio), in eval() too; load it with mask_ratio=0.0"
         )
     base = getattr(model, "base_model", model)
-    dim = None
-    for sizes in ("neck_hidden_sizes", "hidden_sizes"):  # CNNs: MobileViT, ResNet, ConvNeXt
-        value = getattr(config, sizes, None)
-        if isinstance(value, (list, tuple)) and value:
-            dim = value[-1]
-            break
+    # CNNs: MobileViT, ResNet, ConvNeXt
+    sizes = (getattr(config, name, None) for name in ("neck_hidden_sizes", "hidden_sizes"))
+    dim = next((s[-1] for s in sizes if isinstance(s, (list, tuple)) and s), None)
     if dim is None:
         dim = getattr(config, "hidden_size", None)  # transformers (ViT, DeiT, Swin)
     if not isinstance(dim, int) or not isinstance(base, nn.Module):

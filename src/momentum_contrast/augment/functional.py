@@ -48,7 +48,6 @@ from momentum_contrast.augment._checks import (
     check_order,
     check_values,
 )
-from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 
 __all__ = [
     "adjust_brightness",
@@ -313,11 +312,11 @@ def resized_crop(
     check_bool("antialias", antialias)
     if flip is not None:
         check_mask("flip", flip, batch.shape[0])
-    wy, wx = resized_crop_weights(
+    wy, wx = _ops.resized_crop_weights(
         boxes, batch.shape[2], batch.shape[3], size, flip, antialias, dtype
     )
     wy = torch.where(inside[:, None, None], wy, torch.nan)  # a box outside its image: NaN
-    out = apply_resample(batch, wy, wx).float()
+    out = _ops.apply_resample(batch, wy, wx).float()
     if not batch.is_floating_point():
         out = out.mul_(1.0 / 255.0)
     return out.clamp_(0.0, 1.0)

@@ -12,9 +12,8 @@ from typing_extensions import TypedDict
 
 from momentum_contrast._checks import check_bool, check_float_dtype, check_unit_interval
 from momentum_contrast.augment._checks import as_batch, is_real
-from momentum_contrast.augment._ops import after_crop_stage
+from momentum_contrast.augment._ops import after_crop_stage, apply_resample, resized_crop_weights
 from momentum_contrast.augment._random import Sampler, crop_boxes
-from momentum_contrast.augment._resample import apply_resample, resized_crop_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentOptions", "TwoViewAugment", "ViewRecipe"]
 
@@ -198,9 +197,8 @@ class TwoViewAugment(nn.Module):
         self.dtype, self.resample_dtype = dtype, resample_dtype
         self._weights: Callable[..., tuple[torch.Tensor, torch.Tensor]] = resized_crop_weights
         self._stage: Callable[..., torch.Tensor] = after_crop_stage
-        if check_bool(
-            "compile", compile
-        ):  # fuse the elementwise work between (and around) the matrix products
+        # compile: fuse the elementwise work between (and around) the matrix products
+        if check_bool("compile", compile):
             self._weights = torch.compile(resized_crop_weights, dynamic=False)
             self._stage = torch.compile(after_crop_stage, dynamic=False)
         self.register_buffer("mean", torch.tensor(mean), persistent=False)

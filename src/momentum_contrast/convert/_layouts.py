@@ -273,11 +273,8 @@ def resnet_to_detectron2(state: State) -> State:
             raise LayoutError(
                 f"tensor {key!r} is not part of a ResNet: detectron2 has no place for it"
             )
-        name = key if "layer" in key else "stem." + key
-        for n in (1, 2, 3, 4):
-            name = name.replace(f"layer{n}", f"res{n + 1}")
-        for k in (1, 2, 3):
-            name = name.replace(f"bn{k}", f"conv{k}.norm")
+        name = re.sub(r"bn(\d)", r"conv\1.norm", key if "layer" in key else "stem." + key)
+        name = re.sub(r"layer(\d)", lambda m: f"res{int(m[1]) + 1}", name)
         name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
         out[name] = value
     return out

@@ -92,7 +92,20 @@ def load_official_checkpoint(
         >>> torch.equal(queue.keys, state["module.queue"].T)  # (dim, K) -> (K, dim)
         True
     """
-    _check_pieces(model, key_encoder, queue, predictor)
+    for name, value, expected, want in (
+        ("model", model, nn.Module, "an nn.Module"),
+        ("key_encoder", key_encoder, MomentumEncoder, "a MomentumEncoder of model"),
+        ("queue", queue, (KeyQueue, type(None)), "a KeyQueue or None"),
+        ("predictor", predictor, (nn.Module, type(None)), "an nn.Module or None"),
+    ):
+        if not isinstance(value, expected):
+            raise TypeError(f"{name} must be {want}, got {type(value).__name__}")
+    if key_encoder.online is not unwrap_model(model):
+        raise ValueError(
+            "key_encoder must be a MomentumEncoder of model (MomentumEncoder(model)): its "
+            f"online model is another {type(key_encoder.online).__name__} object, which its "
+            "updates would follow"
+        )
     ckpt, kind, root = read_checkpoint(source)
     if kind not in OFFICIAL_PREFIXES:
         raise LayoutError(f"not a MoCo authors' checkpoint (this is a {kind} checkpoint)")
@@ -142,30 +155,6 @@ def load_official_checkpoint(
     for module, tensors, _ in loads:
         module.load_state_dict(tensors)
     return {"kind": kind, "epoch": ckpt.get("epoch"), "arch": ckpt.get("arch")}
-
-
-def _check_pieces(model: Any, key_encoder: Any, queue: Any, predictor: Any) -> None:
-    """A ``TypeError`` or ``ValueError`` naming the argument that is not what it must be."""
-    for name, value, kind in (
-        ("model", model, nn.Module),
-        ("key_encoder", key_encoder, MomentumEncoder),
-        ("queue", queue, (KeyQueue, type(None))),
-        ("predictor", predictor, (nn.Module, type(None))),
-    ):
-        if not isinstance(value, kind):
-            want = {
-                "model": "an nn.Module",
-                "key_encoder": "a MomentumEncoder of model",
-                "queue": "a KeyQueue or None",
-                "predictor": "an nn.Module or None",
-            }[name]
-            raise TypeError(f"{name} must be {want}, got {type(value).__name__}")
-    if key_encoder.online is not unwrap_model(model):
-        raise ValueError(
-            "key_encoder must be a MomentumEncoder of model (MomentumEncoder(model)): its "
-            f"online model is another {type(key_encoder.online).__name__} object, which its "
-            "updates would follow"
-        )
 
 
 def _staged(

@@ -140,28 +140,6 @@ def module_heads(module: nn.Module, what: str) -> tuple[int, str] | None:
     return (found.pop(), "its attention layers") if found else None
 
 
-def resolve_heads(
-    num_heads: int | None, record: tuple[int, str] | None, dim: int, what: str
-) -> int:
-    """The head count of a ViT of width ``dim``: the argument, or else the record; a
-    ``LayoutError`` when neither exists, a ``ValueError`` when they disagree."""
-    if num_heads is None:
-        if record is None:
-            raise LayoutError(
-                f"{what} is a ViT whose number of attention heads is not recorded, and the "
-                "weights cannot tell it: give it (num_heads=, or --num-heads of python -m "
-                "momentum_contrast.convert); the MoCo v3 authors' ViT-S and ViT-B have 12, "
-                "DeiT's and timm's ViT-S 6 (as the example scripts' vit_small up to version "
-                "0.2.0)"
-            )
-        num_heads = record[0]
-    elif record is not None and record[0] != num_heads:
-        raise ValueError(f"num_heads={num_heads} contradicts {what}: {record[1]}")
-    if dim % num_heads:
-        raise ValueError(f"num_heads must divide the ViT's width {dim}, got {num_heads}")
-    return num_heads
-
-
 def module_grid(module: nn.Module) -> tuple[tuple[int, int], bool] | None:
     """``((rows, columns) of patches, no_embed_class)`` of a live timm ViT, or None."""
     grid = getattr(getattr(module, "patch_embed", None), "grid_size", None)
@@ -184,7 +162,7 @@ def vit_spec(
     width and every argument that differs from its defaults (heads always), for the ViT of
     ``state`` (named as timm names it). Width, depth, patch, image size, channels and
     options come from its tensors; its pooling is ``pool`` (a timm module's
-    ``global_pool``) if a str, else timm's default for them; its heads, see ``resolve_heads``.
+    ``global_pool``) if a str, else timm's default for them; its heads ``num_heads`` or ``record``.
 
     The patch grid and whether the class token has a position row are ``grid`` (a live
     module's, see ``module_grid``) where given. Else (a file) the grid is square, and a
@@ -241,7 +219,20 @@ def vit_spec(
             f"{'' if grid else '; a file: its rows read as a square grid'}): torchvision's "
             "ViT cannot take it"
         )
-    heads = resolve_heads(num_heads, record, dim, what)
+    if num_heads is None:
+        if record is None:
+            raise LayoutError(
+                f"{what} is a ViT whose number of attention heads is not recorded, and the "
+                "weights cannot tell it: give it (num_heads=, or --num-heads of python -m "
+                "momentum_contrast.convert); the MoCo v3 authors' ViT-S and ViT-B have 12, "
+                "DeiT's and timm's ViT-S 6 (as the example scripts' vit_small up to version "
+                "0.2.0)"
+            )
+        num_heads = record[0]
+    elif record is not None and record[0] != num_heads:
+        raise ValueError(f"num_heads={num_heads} contradicts {what}: {record[1]}")
+    if dim % num_heads:
+        raise ValueError(f"num_heads must divide the ViT's width {dim}, got {num_heads}")
     image = height * patch if height == width else (height * patch, width * patch)
     if to == "torchvision":
         if height != width:
@@ -249,7 +240,7 @@ def vit_spec(
         if in_chans != 3:
             raise LayoutError(f"{what}: torchvision's VisionTransformer takes 3 input channels")
         kwargs = {
-            "image_size": image, "patch_size": patch, "num_layers": depth, "num_heads": heads,
+            "image_size": image, "patch_size": patch, "num_layers": depth, "num_heads": num_heads,
             "hidden_dim": dim, "mlp_dim": mlp_dim,
         }  # fmt: skip
         return ModelSpec("torchvision.models.VisionTransformer", (), kwargs)
@@ -260,7 +251,7 @@ def vit_spec(
         ("in_chans", in_chans, 3),
         ("embed_dim", dim, dim if dim in _TIMM_BASES else 768),
         ("depth", depth, base_depth),
-        ("num_heads", heads, None),  # always stated: the weights cannot tell it
+        ("num_heads", num_heads, None),  # always stated: the weights cannot tell it
         ("mlp_ratio", mlp_dim / dim, 4.0),
         ("qkv_bias", "blocks.0.attn.qkv.bias" in state, True),
         ("class_token", class_token, True),

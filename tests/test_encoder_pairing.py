@@ -12,6 +12,7 @@ from typing import cast
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from conftest import SmallCNN, perturb_
 from torch import nn
 
@@ -442,6 +443,48 @@ def test_a_torchscript_submodule_is_followed() -> None:
     enc.update()
     for now, old, new in zip(key.parameters(), before, online.parameters(), strict=True):
         torch.testing.assert_close(now, 0.5 * old + 0.5 * new.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("whole", [False, True], ids=["submodule", "whole model"])
+def test_a_model_scripted_before_construction_is_copied_and_followed(whole: bool) -> None:
+    """Copied with autograd on, a ScriptModule's parameters came out as non-leaf tensors and
+    the constructor failed (requires_grad_ of a non-leaf)."""
+    torch.manual_seed(0)
+    if whole:
+        online: nn.Module = torch.jit.script(nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))
+    else:
+        online = nn.Sequential(torch.jit.script(nn.Linear(2, 3)), nn.Linear(3, 2))
+    enc = MomentumEncoder(online, momentum=0.5)
+    before = [p.detach().clone() for p in enc.key_encoder.parameters()]
+    assert before and not any(p.requires_grad for p in enc.key_encoder.parameters())
+    perturb_(online)
+    enc.update()
+    now = list(enc.key_encoder.parameters())
+    for k, old, new in zip(now, before, online.parameters(), strict=True):
+        torch.testing.assert_close(k, 0.5 * old + 0.5 * new.detach(), rtol=0, atol=1e-7)
+    x = torch.randn(4, 2)  # the key encoder's forward runs on the averaged weights
+    w1, b1, w2, b2 = now
+    torch.testing.assert_close(enc(x), (x @ w1.T + b1) @ w2.T + b2)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the older weight_norm is deprecated
+@pytest.mark.parametrize("reparametrize", ["prune", "weight_norm"])
+def test_a_model_holding_a_computed_weight_is_refused_naming_the_cause(
+    reparametrize: str,
+) -> None:
+    """torch.nn.utils.prune and the older weight_norm keep ``weight`` as a tensor computed
+    from parameters, which copy.deepcopy refuses with torch's message about weight_norm."""
+    layer = nn.Linear(4, 4)
+    if reparametrize == "prune":
+        torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    else:
+        layer = torch.nn.utils.weight_norm(layer)
+    with pytest.raises(TypeError, match=r"online cannot be copied.*torch\.nn\.utils\.prune"):
+        MomentumEncoder(nn.Sequential(layer))
+    if reparametrize == "prune":  # removed: a plain parameter again, which is copied
+        torch.nn.utils.prune.remove(layer, "weight")
+        MomentumEncoder(nn.Sequential(layer)).update()
 
 
 def test_a_module_made_its_own_descendant_fails_at_once() -> None:

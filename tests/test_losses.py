@@ -217,3 +217,35 @@ def test_info_nce_computes_in_float64_if_any_input_is() -> None:
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     got = info_nce(q, k.float(), queue.float())  # the query float64: as before
     assert got.dtype == f64
+
+
+# torch.func's first use scripts a helper of torch's own (a FutureWarning of torch 2.14)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_info_nce_with_a_queue_runs_under_torch_func_and_forward_mode_ad() -> None:
+    # torch.func.grad (a functional_call loop), vmap (per-sample losses) and forward-mode AD
+    # of the queue loss: the values of MoCo's cat + cross-entropy, computed by hand
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jvp, vmap
+
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 8, dtype=f64), torch.randn(5, 8, dtype=f64)
+    queue = unit(torch.randn(13, 8, dtype=f64))
+    tangent = torch.randn(5, 8, dtype=f64)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return info_nce(x, k, queue, temperature=0.2)
+
+    q_ref = q.clone().requires_grad_()
+    ref = reference_moco_loss(q_ref, k, queue, 0.2).mean()
+    (grad_ref,) = torch.autograd.grad(ref, q_ref)
+    torch.testing.assert_close(grad(loss)(q), grad_ref, rtol=0, atol=1e-10)
+    value, directional = jvp(loss, (q,), (tangent,))[:2]
+    torch.testing.assert_close(value, ref.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(directional, (grad_ref * tangent).sum(), rtol=0, atol=1e-10)
+    with fwAD.dual_level():
+        dual = info_nce(fwAD.make_dual(q, tangent), k, queue, temperature=0.2)
+        forward_grad = fwAD.unpack_dual(dual).tangent
+    torch.testing.assert_close(forward_grad, (grad_ref * tangent).sum(), rtol=0, atol=1e-10)
+    per_sample = vmap(lambda a, b: info_nce(a[None], b[None], queue, temperature=0.2))(q, k)
+    expected = reference_moco_loss(q, k, queue, 0.2)  # (N,)
+    torch.testing.assert_close(per_sample, expected, rtol=0, atol=1e-10)

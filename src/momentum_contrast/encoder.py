@@ -90,10 +90,13 @@ class MomentumEncoder(nn.Module):
     low-precision warnings are seen by eager updates only (run one after building or
     changing the models).
 
-    The copy is taken when it is built: build it once the online weights are initialised
-    or loaded. Values written in place afterwards are no change of tensors (an init run on
-    the online model after construction; a meta-device model's ``to_empty`` and init, which
-    leave the copy uninitialised memory): copy them again with
+    The copy is taken when it is built (``copy.deepcopy``, so the hooks registered on the
+    online model are copied too, sharing their closures: a hook that stores activations
+    in a dict of yours is then also called by the key encoder's forward): build it once
+    the online weights are initialised or loaded (lazy modules included). Values written
+    in place afterwards are no change of tensors (an init run on the online model after
+    construction; a meta-device model's ``to_empty`` and init, which leave the copy
+    uninitialised memory): copy them again with
     ``encoder.key_encoder.load_state_dict(encoder.online.state_dict())``.
 
     FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings):
@@ -192,7 +195,19 @@ class MomentumEncoder(nn.Module):
                 "MomentumEncoder: cannot copy a model already sharded by fully_shard; build "
                 "the MomentumEncoder first, then fully_shard the online model and .key_encoder"
             )
-        key_encoder = copy.deepcopy(base)
+        try:  # without autograd: a TorchScript module's copies would be non-leaf tensors
+            with torch.no_grad():
+                key_encoder = copy.deepcopy(base)
+        except RuntimeError as e:  # torch's copy refuses a tensor with a history (not OOM)
+            if "deepcopy protocol" not in str(e):
+                raise
+            raise TypeError(
+                "MomentumEncoder: online cannot be copied: it holds a tensor computed from "
+                "its parameters, as torch.nn.utils.prune and the older "
+                "torch.nn.utils.weight_norm/spectral_norm do; use "
+                "torch.nn.utils.parametrizations.weight_norm/spectral_norm, or prune.remove "
+                f"before building ({e})"
+            ) from e
         if ema_dtype is not None:
             for name, t in [*base.named_parameters(), *base.named_buffers()]:
                 if t.is_floating_point() and (

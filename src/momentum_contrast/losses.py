@@ -8,6 +8,7 @@ import numbers
 from typing import Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,6 +51,16 @@ def _float32_context(device: torch.device) -> contextlib.AbstractContextManager[
     if device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _transformed(*tensors: torch.Tensor) -> bool:
+    """Whether any of ``tensors`` is under a ``torch.func`` transform (``grad``, ``vmap``,
+    ``jvp``) or carries a forward-mode AD tangent (read from metadata: no sync)."""
+    return any(
+        torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or fwAD.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+        for t in tensors
+    )
 
 
 def info_nce(
@@ -120,7 +131,9 @@ def info_nce(
             targets = torch.arange(n, device=q.device)
         else:
             negatives = negative_keys.detach().to(dtype)  # (M, D)
-            if torch.compiler.is_compiling():  # the compiler fuses the plain form itself
+            # the compiler fuses the plain form itself; torch.func's transforms and forward-mode
+            # AD cannot run QueueCrossEntropy (no setup_context, vmap or jvp)
+            if torch.compiler.is_compiling() or _transformed(query, positive_key, negative_keys):
                 l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
                 logits = torch.cat([l_pos, q @ negatives.T], dim=1) / t  # (N, 1 + M)
                 targets = torch.zeros(n, dtype=torch.long, device=q.device)

@@ -51,7 +51,10 @@ class KeyQueue(nn.Module):
             Lightning's ``precision="bf16-true"``), which still move the queue between
             devices: choose the dtype here.
         init: ``"random"`` (default, as the papers): full from the start with
-            unit-norm random keys. ``"empty"``: starts with no keys and grows.
+            unit-norm random keys. ``"empty"``: starts with no keys and grows (its
+            length is a host integer: a step under ``torch.compile`` recompiles at each
+            new length, and past torch's recompile limit runs eagerly; compile with
+            ``"random"``).
         normalize: L2-normalise every pushed key (the queue then always holds
             unit-norm keys, as ``info_nce`` expects of its negatives).
         gather: when ``torch.distributed`` is initialised, all-gather the keys of

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import momentum_contrast
 
 PUBLIC = {
@@ -92,3 +94,14 @@ def test_test_extra_holds_what_the_docs_tests_need() -> None:
         if re.search(r"extra == [\"']test[\"']", r)
     }
     assert {"mkdocs", "mkdocs-material", "mkdocstrings", "playwright", "matplotlib"} <= test_extra
+
+
+@pytest.mark.xdist_group("grouping_check")
+def test_xdist_groups_keep_their_tests_on_one_worker(request: pytest.FixtureRequest) -> None:
+    """The README's test command (``--dist loadgroup``) runs each ``xdist_group`` on one
+    worker, so that the costly module fixtures of a group run once: pytest-xdist marks the
+    group in the node id (pytest 9.2 keeps node ids where xdist 3.8 no longer writes it,
+    and the groups split silently)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not a pytest-xdist worker under --dist loadgroup")
+    assert request.node.nodeid.endswith("@grouping_check"), request.node.nodeid

@@ -138,7 +138,8 @@ class MomentumEncoder(nn.Module):
             containers known to ``torch.utils._pytree``, such as Hugging Face's
             ``ModelOutput``; other objects, such as plain dataclasses, are returned as the
             forward made them); code that mixes dtypes by hand (``out[idx] = y`` into
-            a ``zeros_like(x)``) may need the same care as under any autocast. It
+            a ``zeros_like(x)``), and layers whose op autocast leaves alone
+            (``nn.Bilinear`` on the CPU), may need the same care as under any autocast. It
             follows bfloat16/float16 weights in float32, or weights of its own dtype;
             any other pair raises ``ValueError`` (at construction, and at the next
             ``forward`` or ``update`` after a cast of the online model). The update

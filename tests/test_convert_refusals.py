@@ -143,6 +143,52 @@ def test_a_timm_vit_without_its_final_norm_is_refused_for_torchvision_too() -> N
             backbone_state_dict({"state_dict": state, "num_heads": 2}, to=to)  # type: ignore[arg-type]
 
 
+def tiny_vit_state() -> dict[str, torch.Tensor]:
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+        num_classes=0,
+    )  # fmt: skip
+    return vit.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ("rectangular patches", r"the patches are not square \(8x4 pixels\)"),
+        ("no position embedding", "a ViT without a learned or fixed position embedding"),
+        ("six patch positions", "6 patch positions are not a square grid"),
+        ("one input channel", "torchvision's VisionTransformer takes 3 input channels"),
+    ],
+)
+def test_a_vit_file_that_no_model_can_take_is_refused(change: str, refusal: str) -> None:
+    """Refusals of the weights' layout, each naming what is wrong (a ViT of 2 x 2 patches
+    of 8 pixels, with a class token: 5 position rows)."""
+    state = tiny_vit_state()
+    if change == "rectangular patches":
+        state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"][..., :4]
+    elif change == "no position embedding":
+        del state["pos_embed"]
+    elif change == "six patch positions":
+        state["pos_embed"] = torch.zeros(1, 7, 32)
+    else:
+        state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"][:, :1]
+    with pytest.raises(LayoutError, match=refusal):
+        backbone_spec({"state_dict": state, "num_heads": 2}, to="torchvision")  # type: ignore[arg-type]
+    if change == "one input channel":  # timm builds it (in_chans=1)
+        spec = backbone_spec({"state_dict": state, "num_heads": 2}, to="timm")  # type: ignore[arg-type]
+        assert spec is not None and spec.kwargs["in_chans"] == 1
+
+
+def test_a_module_whose_attention_layers_disagree_on_heads_is_refused() -> None:
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        num_classes=0,
+    )  # fmt: skip
+    vit.blocks[1].attn.num_heads = 4
+    with pytest.raises(LayoutError, match=r"different head counts \[2, 4\]"):
+        backbone_spec(vit, to="timm")
+
+
 def v2_resnet18() -> nn.Module:
     return nn.Sequential(strip_classifier(torchvision.models.resnet18())[0], moco_v2_head(512))
 

@@ -186,7 +186,7 @@ def vit_spec(
     conv = state["patch_embed.proj.weight"]
     dim, in_chans, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
     if patch != conv.shape[-2]:
-        raise LayoutError(f"{what}: the patches are not square ({tuple(conv.shape[-2:])})")
+        raise LayoutError(f"{what}: the patches are not square ({conv.shape[-2]}x{patch} pixels)")
     if (pos := state.get("pos_embed")) is None:
         raise LayoutError(f"{what}: a ViT without a learned or fixed position embedding")
     rows, class_token, fc_norm = pos.shape[-2], "cls_token" in state, "fc_norm.weight" in state

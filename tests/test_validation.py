@@ -12,6 +12,8 @@ from torch import nn
 import momentum_contrast as mc
 from momentum_contrast.augment import MoCoV2Augment, ViewRecipe
 from momentum_contrast.augment import functional as AF
+from momentum_contrast.convert import backbone_state_dict
+from momentum_contrast.distributed import batch_unshuffle
 from momentum_contrast.knn import knn_predict
 from momentum_contrast.norm import SplitBatchNorm
 from momentum_contrast.optim import LARS
@@ -334,6 +336,32 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         lambda: ViewRecipe((0.2, 1.0)),  # type: ignore[misc]
         TypeError,
         ["positional"],
+    ),
+    # distributed
+    (
+        "unshuffle index of floats",
+        lambda: batch_unshuffle(q8, torch.arange(4.0)),
+        TypeError,
+        ["idx_unshuffle", "long tensor returned by batch_shuffle"],
+    ),
+    # convert
+    (
+        "convert the momentum encoder by another name",
+        lambda: backbone_state_dict(nn.Linear(2, 2), encoder="momentum"),  # type: ignore[arg-type]
+        ValueError,
+        ["encoder", "'query' or 'key'", "'momentum'"],
+    ),
+    (
+        "convert to an unknown library",
+        lambda: backbone_state_dict(nn.Linear(2, 2), to="onnx"),  # type: ignore[arg-type]
+        ValueError,
+        ["to must be", "'detectron2'", "'onnx'"],
+    ),
+    (
+        "convert with a prefix that is no str",
+        lambda: backbone_state_dict(nn.Linear(2, 2), prefix=1),  # type: ignore[arg-type]
+        TypeError,
+        ["prefix", "str", "int"],
     ),
 ]
 

@@ -249,3 +249,8 @@ def test_info_nce_with_a_queue_runs_under_torch_func_and_forward_mode_ad() -> No
     per_sample = vmap(lambda a, b: info_nce(a[None], b[None], queue, temperature=0.2))(q, k)
     expected = reference_moco_loss(q, k, queue, 0.2)  # (N,)
     torch.testing.assert_close(per_sample, expected, rtol=0, atol=1e-10)
+    # a transform over something else, the loss's inputs plain tensors
+    scale = torch.tensor(3.0, dtype=f64)
+    torch.testing.assert_close(grad(lambda s: s * loss(q))(scale), ref.detach())
+    scaled = vmap(lambda s: s * loss(q))(torch.arange(3.0, dtype=f64))
+    torch.testing.assert_close(scaled, torch.arange(3.0, dtype=f64) * ref.detach())

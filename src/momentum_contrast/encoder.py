@@ -91,8 +91,9 @@ class MomentumEncoder(nn.Module):
     changing the models).
 
     The copy is taken when it is built (``copy.deepcopy``, so the hooks registered on the
-    online model are copied too, sharing their closures: a hook that stores activations
-    in a dict of yours is then also called by the key encoder's forward): build it once
+    online model are copied too: a hook function that stores activations in a dict of
+    yours is then also called by the key encoder's forward, a hook object is copied with
+    its state): build it once
     the online weights are initialised or loaded (lazy modules included). Values written
     in place afterwards are no change of tensors (an init run on the online model after
     construction; a meta-device model's ``to_empty`` and init, which leave the copy
@@ -203,11 +204,12 @@ class MomentumEncoder(nn.Module):
             if "deepcopy protocol" not in str(e):
                 raise
             raise TypeError(
-                "MomentumEncoder: online cannot be copied: it holds a tensor computed from "
-                "its parameters, as torch.nn.utils.prune and the older "
-                "torch.nn.utils.weight_norm/spectral_norm do; use "
-                "torch.nn.utils.parametrizations.weight_norm/spectral_norm, or prune.remove "
-                f"before building ({e})"
+                "MomentumEncoder: online cannot be copied: it holds a tensor with an autograd "
+                "history, which copy.deepcopy refuses: a weight of torch.nn.utils.prune, of "
+                "the older torch.nn.utils.weight_norm (or spectral_norm after a forward), "
+                "or an output kept as an attribute; use "
+                "torch.nn.utils.parametrizations.weight_norm/spectral_norm, prune.remove, or "
+                f"build it before such a forward ({e})"
             ) from e
         if ema_dtype is not None:
             for name, t in [*base.named_parameters(), *base.named_buffers()]:

@@ -72,21 +72,8 @@ def knn_predict(
             f"{tuple(bank.shape)} and {tuple(features.shape)}"
         )
     classes = check_positive_int("num_classes", num_classes)
-    if not (isinstance(bank_labels, torch.Tensor) and is_integer(bank_labels)):
-        got = getattr(bank_labels, "dtype", type(bank_labels).__name__)
-        raise TypeError(f"bank_labels must be a torch.Tensor of an integer dtype, got {got}")
-    if bank_labels.shape != (bank.shape[0],):
-        raise ValueError(
-            f"bank_labels must have shape ({bank.shape[0]},), one label per bank row, "
-            f"got {tuple(bank_labels.shape)}"
-        )
+    _check_labels(bank_labels, bank.shape[0], classes)
     check_same_device("bank_labels", bank_labels, "features", features)
-    if bank_labels.device.type == "cpu":  # host memory: no device to wait for
-        low, high = (int(v) for v in torch.aminmax(bank_labels.long()))
-        if low < 0 or high >= classes:
-            raise ValueError(
-                f"bank_labels must be in [0, num_classes={classes}), got values in [{low}, {high}]"
-            )
     k = min(check_positive_int("k", k), bank.shape[0])
     t = check_positive("temperature", temperature)
     sim = F.normalize(features.float(), dim=1) @ F.normalize(bank.float(), dim=1).T  # (N, M)
@@ -94,6 +81,27 @@ def knn_predict(
     weights = ((top_sim - top_sim[:, :1]) / t).exp()  # (N, k), divided by the row's largest
     scores = torch.zeros(features.shape[0], classes, device=features.device)
     return scores.scatter_add_(1, bank_labels[top_idx].long(), weights)
+
+
+def _check_labels(labels: object, rows: int, classes: int) -> None:
+    """``(rows,)`` integer labels; their values in ``[0, classes)`` where reading is free."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"bank_labels must be a torch.Tensor, got {type(labels).__name__}")
+    if not is_integer(labels):
+        raise TypeError(
+            f"bank_labels must have an integer dtype (e.g. torch.int64), got {labels.dtype}"
+        )
+    if labels.shape != (rows,):
+        raise ValueError(
+            f"bank_labels must have shape ({rows},), one label per bank row, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device.type == "cpu" and rows > 0:  # host memory: no device to wait for
+        low, high = (int(v) for v in torch.aminmax(labels.long()))
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"bank_labels must be in [0, num_classes={classes}), got values in [{low}, {high}]"
+            )
 
 
 @torch.no_grad()

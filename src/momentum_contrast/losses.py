@@ -54,13 +54,11 @@ def _float32_context(device: torch.device) -> contextlib.AbstractContextManager[
 
 
 def _transformed(*tensors: torch.Tensor) -> bool:
-    """Whether any of ``tensors`` is under a ``torch.func`` transform (``grad``, ``vmap``,
-    ``jvp``) or carries a forward-mode AD tangent (read from metadata: no sync)."""
-    return any(
-        torch._C._functorch.is_functorch_wrapped_tensor(t)
-        or fwAD.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
-        for t in tensors
-    )
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``) is active or any of
+    ``tensors`` carries a forward-mode AD tangent (host state and metadata: no sync)."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)  # type: ignore[no-untyped-call]
 
 
 def info_nce(

@@ -7,6 +7,7 @@ compared by the parent test against single-process references.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import multiprocessing as mp
 import os
 import traceback
@@ -78,6 +79,11 @@ def _entry(fn: Callable[[], dict[str, Any]], r: int, world: int, port: int, out:
         if not GIL_RELEASED_IN_DESTROY:
             os._exit(1)
         raise
+    # free what the scenario left in reference cycles (a DistributedDataParallel, its
+    # reducer's threads) while the group lives: freed at exit, after the group was
+    # destroyed, it aborted the process at times ("terminate called without an active
+    # exception", torch 2.14)
+    gc.collect()
     if not GIL_RELEASED_IN_DESTROY:
         dist.barrier()  # no rank leaves while another still talks to it
         os._exit(0)

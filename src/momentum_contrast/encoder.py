@@ -93,11 +93,10 @@ class MomentumEncoder(nn.Module):
     The copy is taken when it is built (``copy.deepcopy``, so the hooks registered on the
     online model are copied too: a hook function that stores activations in a dict of
     yours is then also called by the key encoder's forward, a hook object is copied with
-    its state): build it once
-    the online weights are initialised or loaded (lazy modules included). Values written
-    in place afterwards are no change of tensors (an init run on the online model after
-    construction; a meta-device model's ``to_empty`` and init, which leave the copy
-    uninitialised memory): copy them again with
+    its state): build it once the online weights are initialised or loaded (lazy modules
+    included). Values written in place afterwards are no change of tensors (an init run
+    on the online model after construction; a meta-device model's ``to_empty`` and init,
+    which leave the copy uninitialised memory): copy them again with
     ``encoder.key_encoder.load_state_dict(encoder.online.state_dict())``.
 
     FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings):

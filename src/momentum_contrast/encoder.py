@@ -66,50 +66,42 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class MomentumEncoder(nn.Module):
-    """Key encoder of MoCo: a frozen copy of ``online`` updated as a moving average.
+    """Key encoder of MoCo: a frozen copy of ``online``, updated as its moving average.
 
-    After every optimiser step call [`update`][] once (a second call with the online model
-    untouched in between warns, once two steps were seen, except after a fused optimizer's
-    steps, which leave no trace to read, unless reloads of the online weights, which look
-    like steps, come between them: under gradient accumulation the momentum would compound
-    to ``m**2``):
-    ``key = m * key + (1 - m) * online`` on every parameter, in place, in fused
-    multi-tensor ops (one per device/dtype group), parameters paired by name. Nothing can
-    leave the key encoder silently stale: every update walks both models and compares, on
-    the host (no tensor value is read, so it is safe in a CUDA graph), the names, tensor
-    objects and data addresses with the previous update's. A replaced, reloaded or moved
-    tensor on either side (``load_state_dict(assign=True)``, a swapped submodule, a new
-    ``.key_encoder`` or ``.online``) is re-paired by name; a real mismatch (a parameter
-    added, renamed or reshaped, one side moved alone) raises a ``ValueError`` naming it. (A
-    shape given in place over the same memory, ``p.data = p.data.view(...)``, is seen by its
-    element count only: on one side, torch's shape error at the next update.) Under
-    ``torch.compile(encoder.update)`` the pairing is traced, and Dynamo's guards stand for
-    the walk: names, shapes, dtypes, devices, ties and a key tensor that is an online one
-    (by object) are checked when it compiles; a key tensor sharing an online tensor's
-    memory, a replaced key encoder's ``requires_grad``, the double-update and the
-    low-precision warnings are seen by eager updates only (run one after building or
-    changing the models).
+    Call [`update`][] once after every optimizer step: ``key = m * key + (1 - m) * online``
+    on every parameter, in place, in fused multi-tensor ops (one per device and dtype
+    group), the parameters paired by name. A second update with no optimizer step since the
+    previous one warns: the momentum would compound to ``m**2`` (as under gradient
+    accumulation).
 
-    The copy is taken when it is built (``copy.deepcopy``, so the hooks registered on the
-    online model are copied too: a hook function that stores activations in a dict of
-    yours is then also called by the key encoder's forward, a hook object is copied with
-    its state): build it once the online weights are initialised or loaded (lazy modules
-    included). Values written in place afterwards are no change of tensors (an init run
-    on the online model after construction; a meta-device model's ``to_empty`` and init,
-    which leave the copy uninitialised memory): copy them again with
+    Nothing can leave the key encoder silently stale. Every update walks both models and
+    compares, on the host (no tensor value is read, so it is safe in a CUDA graph), the
+    names, tensor objects and data addresses with the previous update's. A replaced,
+    reloaded or moved tensor on either side (``load_state_dict(assign=True)``, a swapped
+    submodule, a new ``.key_encoder`` or ``.online``) is paired again by name; a real
+    mismatch (a parameter added, renamed or reshaped, one side moved alone) raises a
+    ``ValueError`` naming it. Under ``torch.compile(encoder.update)`` Dynamo's guards stand
+    for the walk; what only an eager update sees is listed in the concepts guide
+    ([What an update checks][what-an-update-checks]).
+
+    The copy is taken when it is built, with ``copy.deepcopy``, which copies the hooks
+    registered on the online model too (a hook function that stores activations in a dict
+    of yours is then also called by the key encoder's forward): build it once the online
+    weights are initialised or loaded (lazy modules included). Values written in place
+    afterwards (an init run on the online model after construction, a meta-device model's
+    ``to_empty`` and init) are no change of tensors: copy them again with
     ``encoder.key_encoder.load_state_dict(encoder.online.state_dict())``.
-
-    FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings):
-    an update reshards the modules left unsharded (a root after a no-grad forward), so
-    the next forward gathers the updated shards, and averages the local shards of the
-    ``DTensor`` parameters; one side sharded and the other not, or another mesh or
-    placements, raises a ``ValueError``.
 
     ``online`` is kept as a plain reference (``.online``), not a submodule, so
     ``state_dict()``, ``parameters()`` and ``.to()`` concern the key encoder only.
-    ``copy.deepcopy`` and pickling copy the online model with it, as they copy every
-    object an object refers to: the copy follows that copy. To make it follow the model
-    you train, assign ``copy.online = model``.
+    ``copy.deepcopy`` and pickling copy the online model with it, and the copy follows that
+    copy: to make it follow the model you train, assign ``copy.online = model``.
+
+    FSDP2 (``fully_shard`` of the online model and of ``.key_encoder``, any settings): an
+    update reshards the modules left unsharded (a root after a no-grad forward), so the
+    next forward gathers the updated shards, and averages the local shards of the
+    ``DTensor`` parameters; one side sharded and the other not, or another mesh or
+    placements, raises a ``ValueError``.
 
     Args:
         online: the query encoder being trained (any ``nn.Module``). ``DataParallel``,
@@ -121,34 +113,24 @@ class MomentumEncoder(nn.Module):
             updated by its own forward passes. ``"copy"``: copied from the online
             model. ``"ema"``: floating-point (and complex) buffers averaged like parameters.
             Integer buffers (``num_batches_tracked``) are copied, never averaged.
-        ema_dtype: ``None`` (default): the key encoder has the online model's dtypes
-            and is averaged in them. A bfloat16 or float16 key encoder stalls: most
-            steps ``(1 - m) * (online - key)`` are below half its resolution and round
-            away, so the first update of one warns. ``torch.float32``: the key encoder's
-            floating parameters and buffers (not complex ones, which keep their dtype and
-            are averaged in it) are float32 from construction on, and stay
+        ema_dtype: ``None`` (default): the key encoder has the online model's dtypes and is
+            averaged in them; a bfloat16 or float16 key encoder stalls (most steps
+            ``(1 - m) * (online - key)`` round away), so its first update warns.
+            ``torch.float32``, for bfloat16 or float16 online weights: the key encoder's
+            floating parameters and buffers are float32 from construction on, and stay
             float32 through any cast of a parent module (``.to(torch.bfloat16)``,
             Lightning's ``bf16-true``), which still moves them between devices. They are
-            the only state: the average runs on them, ``state_dict()`` saves them and
-            any write to them (``load_state_dict`` without ``assign=True``, which would put
-            the file's dtype in their place, ``copy_``) is simply the new state.
-            The forward runs under ``torch.autocast`` to the online model's dtype (that
-            of its first floating parameter) when that is narrower, and floating outputs
-            come out in that dtype (tensors and those in tuples, lists, dicts and the other
-            containers known to ``torch.utils._pytree``, such as Hugging Face's
-            ``ModelOutput``; other objects, such as plain dataclasses, are returned as the
-            forward made them); code that mixes dtypes by hand (``out[idx] = y`` into
-            a ``zeros_like(x)``), and layers whose op autocast leaves alone
-            (``nn.Bilinear`` on the CPU), may need the same care as under any autocast. It
-            follows bfloat16/float16 weights in float32, or weights of its own dtype;
-            any other pair raises ``ValueError`` (at construction, and at the next
-            ``forward`` or ``update`` after a cast of the online model). The update
-            widens the online weights into a float32 scratch that it keeps (not saved,
-            not copied): per device, as large as the largest group of weights it
-            averages at once, 2^25 elements (128 MB), or the largest single weight.
-            A weight given another shape of the same size in place on both sides
-            (``p.data = p.data.view(...)``) then raises torch's shape error at the next
-            update; ``encoder.online = model`` pairs anew.
+            the only state: the average runs on them, ``state_dict()`` saves them, and any
+            write to them is simply the new state (``load_state_dict`` without
+            ``assign=True``, which would put the file's dtype in their place). The forward
+            runs under ``torch.autocast`` to the online model's dtype (that of its first
+            floating parameter) where it is narrower, and floating outputs come out in
+            that dtype. A key encoder in ``ema_dtype`` follows bfloat16/float16 weights in
+            float32, or weights of its own dtype; any other pair raises ``ValueError`` (at
+            construction, and at the next ``forward`` or ``update`` after a cast of the
+            online model). Complex weights, which outputs are cast, autocast's limits and
+            the update's float32 scratch are in the concepts guide:
+            [Low precision][low-precision-the-key-encoder-is-the-only-state].
 
     Examples:
         >>> import torch

@@ -209,6 +209,27 @@ def scenario_ddp_moco_v2() -> dict[str, Any]:
     }
 
 
+def scenario_encoder_after_ddp() -> dict[str, Any]:
+    """Ranks seeded differently (no common seed): the multi-GPU guide's order, the
+    MomentumEncoder built from the DDP model, gives every rank rank 0's key encoder; one
+    built before DDP made the weights rank 0's keeps each rank's own (why the guides say
+    after)."""
+    torch.manual_seed(10 + rank())
+    model = TinyNet()
+    before = MomentumEncoder(model)
+    online = nn.parallel.DistributedDataParallel(model)
+    after = MomentumEncoder(online)
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    online(torch.randn(4, 3, 8, 8)).pow(2).mean().backward()
+    optimizer.step()
+    after.update()
+    before.update()
+    return {
+        name: {n: p.clone() for n, p in encoder.key_encoder.named_parameters()}
+        for name, encoder in (("before", before), ("after", after))
+    } | {"online": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
 def scenario_queue_random_init() -> dict[str, Any]:
     """Every rank draws different random initial keys; the first use makes them rank 0's."""
     r = rank()

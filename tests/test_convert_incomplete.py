@@ -107,6 +107,14 @@ def test_metadata_beside_a_bare_state_dict_is_metadata() -> None:
     resnet = torchvision.models.resnet18().state_dict()
     backbone = backbone_state_dict({**resnet, "arch": "resnet18"})
     assert backbone.keys() == {k for k in resnet if not k.startswith("fc.")}
+    # dicts of metadata beside it (the run's flags, an optimizer's param_groups) too; they
+    # stopped the conversion ("checkpoint['args.lr'] is a float, not a tensor")
+    sgd = torch.optim.SGD(torchvision.models.resnet18().parameters(), lr=0.1).state_dict()
+    for extra in ({"args": {"lr": 0.1}}, {"optimizer": sgd}):
+        assert backbone_state_dict({**resnet, **extra}).keys() == backbone.keys()
+    # a value that is no tensor in a module of the backbone is still refused
+    with pytest.raises(LayoutError, match=r"\['layer1.0.conv1.note'\] is a str, not a tensor"):
+        backbone_state_dict({**resnet, "layer1.0.conv1.note": "x"})
 
 
 def test_tensors_beside_a_bare_backbone_stay_out() -> None:

@@ -15,6 +15,7 @@ from _dist_workers import (
     local_rows,
     scenario_core,
     scenario_ddp_moco_v2,
+    scenario_encoder_after_ddp,
     scenario_gather_mismatch,
     scenario_queue_random_init,
 )
@@ -135,6 +136,15 @@ def test_ddp_moco_v2_steps_leave_identical_key_encoders_and_queues(tmp_path: Pat
     for name, value in a["queue"].items():
         assert torch.equal(value, b["queue"][name]), name
     assert int(a["queue"]["ptr"]) == 3 * 12 % 40  # both ranks' keys went in
+
+
+def test_encoder_built_after_ddp_is_rank_0s_on_every_rank(tmp_path: Path) -> None:
+    a, b = launch(scenario_encoder_after_ddp, 2, tmp_path)
+    for name, value in a["after"].items():
+        assert torch.equal(value, b["after"][name]), name
+        assert torch.equal(a["online"][name], b["online"][name]), name
+    # the guides' reason: a copy taken before DDP keeps each rank's own initial weights
+    assert any(not torch.equal(v, b["before"][n]) for n, v in a["before"].items())
 
 
 def test_single_process_helpers_are_correct_no_ops() -> None:

@@ -130,6 +130,18 @@ def test_dtype_or_device_mismatch_names_the_problem() -> None:
     assert torch.equal(cast(SmallCNN, enc.key_encoder).fc.weight, online.fc.weight)
 
 
+def test_a_reload_with_assign_in_another_dtype_names_the_cause() -> None:
+    """A bfloat16 state loaded with assign=True keeps its dtype: the error said to move the
+    MomentumEncoder with the model, which is not what happened."""
+    online = SmallCNN()
+    enc = MomentumEncoder(online)
+    state = {k: v.bfloat16() for k, v in enc.state_dict().items()}
+    enc.load_state_dict(state, assign=True)
+    with pytest.raises(ValueError, match=r"torch.bfloat16 in the key encoder") as err:
+        enc.update()
+    assert str(err.value).count("a load_state_dict with assign=True") == 1  # once, not per weight
+
+
 def test_online_moved_alone_is_reported_clearly() -> None:
     online = SmallCNN()
     enc = MomentumEncoder(online)

@@ -134,6 +134,7 @@ def pair_by_name(
     online, key = dict(online_named), dict(key_named)
     problems: list[str] = []
     unfollowable: dict[torch.dtype, list[str]] = {}  # names ema_dtype cannot follow, by dtype
+    one_side = False  # a dtype differs from the online one: one explanation for all
     if missing := [n for n in key if n not in online]:
         problems.append(f"{kind}s missing from the online model: {missing}")
     if added := [n for n in online if n not in key]:
@@ -150,8 +151,14 @@ def pair_by_name(
             if kv != ov:
                 want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} ({_KEPT})"
                 problems.append(f"{kind} {name!r} has {what} {want} but {kv} in the key encoder")
+                one_side |= what == "dtype" and ov == o.dtype
         if averaged and ema_dtype_problem(name, o.dtype, ema_dtype):  # type: ignore[arg-type]
             unfollowable.setdefault(o.dtype, []).append(repr(name))
+    if one_side:
+        problems.append(
+            "the dtypes differ after a cast of one side alone, or a load_state_dict with "
+            "assign=True, which keeps the file's dtype"
+        )
     for dtype, names in unfollowable.items():  # one explanation for all
         problems.append(ema_dtype_problem(", ".join(names), dtype, ema_dtype))  # type: ignore[arg-type]
     if shared := _shared(online_named, key_named, compiling):

@@ -124,6 +124,10 @@ class KeyQueue(nn.Module):
         for name, value, high in (("ptr", ptr, self.size - 1), ("length", length, self.size)):
             if value is not None and not (value.shape == () and 0 <= int(value) <= high):
                 problems.append(f"{name} {value.tolist()!s:.40}, not an int in [0, {high}]")
+        known = not problems and ptr is not None and length is not None
+        if known and int(length) < self.size and int(ptr) != int(length):  # filled from row 0
+            problems.append(f"ptr {int(ptr)} with length {int(length)}: not yet full, a queue's "
+                            "next row is its length")  # fmt: skip
         if problems:  # args[-1]: error_msgs, raised by load_state_dict (strict or not)
             where = f"KeyQueue {prefix!r}" if prefix else "KeyQueue"
             args[-1].append(f"{where}: {', '.join(problems)}; nothing of it was loaded")

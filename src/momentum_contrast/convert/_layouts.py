@@ -125,10 +125,13 @@ def select_backbone(
     at, family = _pick(found, encoder, prefix, what)
     head_prefix = FAMILIES[family][1]
     nested = [p for p in every if p != at and p.startswith(at)]  # another backbone inside
-    for name, value in others.items():  # a bare state dict's top-level values: metadata
+    # beside a bare state dict: its top-level values and dicts holding no tensor of a
+    # module the backbone has (args, an optimizer's param_groups) are metadata
+    holding = {k.rpartition(".")[0] for k in tensors}  # the modules that hold tensors
+    for name, value in others.items():
         if (
             name.startswith(at)
-            and (at or "." in name)
+            and (at or name.rpartition(".")[0] in holding - {""})
             and not name[len(at) :].startswith(head_prefix)
         ):
             raise LayoutError(f"{what}[{name!r}] is a {type(value).__name__}, not a tensor")

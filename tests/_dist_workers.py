@@ -231,18 +231,19 @@ def scenario_encoder_after_ddp() -> dict[str, Any]:
 
 
 def scenario_queue_random_init() -> dict[str, Any]:
-    """Every rank draws different random initial keys; the first use makes them rank 0's."""
-    r = rank()
-    torch.manual_seed(1000 + r)  # the ranks' generators differ, as with seed + rank
-    first, second = KeyQueue(32, 8), KeyQueue(32, 8)
-    drawn = first.keys.clone()
-    out: dict[str, Any] = {"drawn": drawn, "negatives": first.negatives()}
-    second.push(torch.randn(2, 8, generator=torch.Generator().manual_seed(r)))
-    out["after_push"] = second.keys.clone()
-    container = nn.Module()  # a load without the queue's keys (pre-trained weights) ...
-    container.encoder, container.queue = nn.Linear(2, 2), KeyQueue(32, 8)
-    container.load_state_dict({"encoder.weight": torch.eye(2)}, strict=False)
-    out["after_partial_load"] = container.queue.negatives()  # ... still broadcasts
+    """Every rank seeded differently: the random initial keys are still the same on every
+    rank, with no collective (a rank that reads its negatives alone, before any push, does
+    not wait for the others), and the global random stream is not drawn from."""
+    torch.manual_seed(1000 + rank())  # the ranks' generators differ, as with seed + rank
+    state = torch.get_rng_state()
+    queue = KeyQueue(32, 8)
+    out: dict[str, Any] = {"global_untouched": torch.equal(torch.get_rng_state(), state)}
+    if rank() == 1:
+        out["alone"] = queue.negatives()  # rank 0 is not calling anything meanwhile
+    torch.distributed.barrier()
+    out["negatives"] = queue.negatives()
+    queue.push(torch.randn(2, 8, generator=torch.Generator().manual_seed(rank())))
+    out["after_push"] = queue.keys.clone()
     return out
 
 

@@ -47,9 +47,16 @@ def scenario_groups() -> dict[str, Any]:
     if mcd.world_size(group) > 1:  # (alone, a gather is x.detach(): an alias of the keys)
         mcd.concat_all_gather(keys, group=group).add_(100.0)  # takes the attached gather
     out["regathered"] = mcd.concat_all_gather(keys, group=group)  # a new gather, unharmed
-    torch.manual_seed(me)  # every rank draws other initial keys: the group's rank 0 wins
+    # a DP x TP job's tensor-parallel peers (ranks r and r + 2 of world 4, in other groups)
+    # pass the same batch: a generator seeded alike gives them the same Shuffle-BN rows;
+    # their own seeds (each group's rank 0 draws) give them other rows
+    tp_batch = global_tensor(20, 8, DIM)[4 * mine.index(me) : 4 * mine.index(me) + 4]
+    out["tp_alike"] = mcd.batch_shuffle(tp_batch, torch.Generator().manual_seed(7), group=group)[0]
+    torch.manual_seed(100 + me)
+    out["tp_own_seeds"] = mcd.batch_shuffle(tp_batch, group=group)[0]
+    torch.manual_seed(me)  # every rank its own seed: the initial keys are still everyone's
     queue = KeyQueue(QUEUE, DIM, dtype=torch.float64)
-    out["initial"] = queue.negatives(group=group)
+    out["initial"] = queue.negatives()
     queue.push(keys, group=group)  # reuses the unshuffle's gather
     out["queue"] = queue.keys.clone()
     with mcd.assume_equal_batches():  # one row each: equal batches inside the group
@@ -62,7 +69,6 @@ def scenario_groups() -> dict[str, Any]:
     fresh = KeyQueue(QUEUE, DIM, dtype=torch.float64)
     calls = {
         "loss": lambda: symmetric_contrastive_loss(q1, q2, k1, k2, group=other),
-        "negatives": lambda: fresh.negatives(group=other),
         "push": lambda: fresh.push(keys, group=other),
         "gather": lambda: mcd.concat_all_gather(keys, group=other),
         "sizes": lambda: mcd.gather_sizes(1, group=other),
@@ -81,7 +87,7 @@ def scenario_groups() -> dict[str, Any]:
             out["refused"]["equal gather"] = "no error"
         except ValueError as e:
             out["refused"]["equal gather"] = str(e)
-    out["fresh"] = fresh.negatives(group=group)  # still takes its group's rank 0's keys
+    out["fresh"] = fresh.negatives()
     # a sub-group with NCCL only: a gloo twin made by its members alone would put torch's
     # count of groups out of step across ranks (later groups hang), so it is refused; one
     # with a gloo backend beside NCCL carries the host exchange itself
@@ -122,8 +128,9 @@ def test_every_collective_stays_inside_its_group(ranks: list[Any]) -> None:
         assert all(any(torch.equal(row, p) for p in pool) for row in got["shuffled"])
         assert torch.equal(got["unshuffled"], rank_rows(2, me) * 2)
         assert torch.equal(got["regathered"], pool * 2)
-        # the queue: the group's rank 0's initial keys, then the group's keys in rank order
-        first = ranks[members[0]]
+        # the queue: the same initial keys on every rank of every group (a DP x TP job's
+        # tensor-parallel peers are in different groups), then the group's keys in rank order
+        first = ranks[0]
         assert torch.equal(got["initial"], first["initial"])
         pushed = F.normalize(pool * 2, dim=1)
         assert torch.equal(got["queue"][: len(pushed)], pushed)
@@ -137,7 +144,7 @@ def test_every_collective_stays_inside_its_group(ranks: list[Any]) -> None:
         torch.testing.assert_close(got["loss"], want_loss, rtol=0, atol=1e-12)
         for name, message in got["refused"].items():
             assert f"(global rank {me}) is not a member of the group given" in message, name
-        assert torch.equal(got["fresh"], ranks[members[0]]["fresh"])
+        assert torch.equal(got["fresh"], ranks[0]["fresh"])
         assert got["cpu:gloo,cuda:nccl"] == got["undefined"] == [20 + r for r in members]
         if len(members) > 1:  # (a group of one exchanges nothing)
             assert f"the group of global ranks {members} has no gloo backend" in got["nccl"]
@@ -145,10 +152,16 @@ def test_every_collective_stays_inside_its_group(ranks: list[Any]) -> None:
             assert "assume_equal_batches()" in got["nccl"]
         else:
             assert got["nccl"] == [20 + me]
+    peers = [(0, 1)] if len(ranks) == 2 else [(0, 2), (1, 3)]  # same place, other group
+    for a, b in peers:
+        assert torch.equal(ranks[a]["tp_alike"], ranks[b]["tp_alike"])
+    assert any(
+        not torch.equal(ranks[a]["tp_own_seeds"], ranks[b]["tp_own_seeds"]) for a, b in peers
+    )
     groups = {tuple(r["members"]) for r in ranks}
-    if len(groups) > 1:  # other groups kept other initial keys: nothing crossed groups
-        firsts = [ranks[g[0]]["initial"] for g in groups]
-        assert not torch.equal(firsts[0], firsts[1])
+    if len(groups) > 1:  # each group's queue took its own group's keys: nothing crossed
+        queues = [ranks[g[0]]["queue"] for g in groups]
+        assert not torch.equal(queues[0], queues[1])
 
 
 def _as_nccl(sub: Any, real: Any) -> Any:

@@ -17,8 +17,8 @@ def exclude_from_ddp(module: nn.Module) -> list[str]:
     layout of a LightningModule, of a container given to ``accelerator.prepare()``, and of
     the authors' code) that is a [`KeyQueue`][momentum_contrast.KeyQueue] (32 MiB at
     65,536 x 128) and the key encoder's BatchNorm statistics at every step. The queue is
-    already the same on every rank (it gathers before it writes, and broadcasts rank 0's
-    random start once), so that copy is pure cost; and it replaces each rank's key-encoder
+    already the same on every rank (its random start is drawn alike everywhere, and it
+    gathers before it writes), so that copy is pure cost; and it replaces each rank's key-encoder
     statistics with rank 0's. After this call DDP skips those buffers: at construction and
     at every forward. The online model's buffers are broadcast as before, and the key
     encoder's parameters are still made rank 0's once, when DDP is built.

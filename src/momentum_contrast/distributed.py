@@ -144,7 +144,10 @@ def batch_shuffle(
         x: ``(N_r, ...)`` batch on this rank.
         generator: random generator for the permutation (used on rank 0), on ``x``'s
             device; the global one by default.
-        group: the process group to shuffle across; the whole world by default.
+        group: the process group to shuffle across; the whole world by default. In a
+            DP x TP job (the data-parallel group), the tensor-parallel peers must draw
+            the same permutation in their groups: seed them alike, or pass a
+            ``generator`` seeded alike on every rank.
 
     Returns:
         ``(x_shuffled, idx_unshuffle)``: ``(N_r, ...)`` rows for this rank, and the

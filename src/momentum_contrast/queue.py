@@ -18,13 +18,7 @@ from momentum_contrast._checks import (
     check_positive_int,
     check_same_device,
 )
-from momentum_contrast._collectives import (
-    Group,
-    check_member,
-    gather,
-    global_rank,
-    is_distributed,
-)
+from momentum_contrast._collectives import Group, gather
 
 QueueInit = Literal["random", "empty"]
 
@@ -51,20 +45,17 @@ class KeyQueue(nn.Module):
             Lightning's ``precision="bf16-true"``), which still move the queue between
             devices: choose the dtype here.
         init: ``"random"`` (default, as the papers): full from the start with
-            unit-norm random keys. ``"empty"``: starts with no keys and grows (its
-            length is a host integer: a step under ``torch.compile`` recompiles at each
-            new length, and past torch's recompile limit runs eagerly; compile with
-            ``"random"``).
+            unit-norm random keys, drawn from a generator of their own with a fixed
+            seed, so that every rank holds the same ones with no exchange (the
+            reference takes rank 0's through DDP), whatever each rank's seed or group,
+            and the global random stream is left as it was. ``"empty"``: starts with no
+            keys and grows (its length is a host integer: a step under ``torch.compile``
+            recompiles at each new length, and past torch's recompile limit runs eagerly;
+            compile with ``"random"``).
         normalize: L2-normalise every pushed key (the queue then always holds
             unit-norm keys, as ``info_nce`` expects of its negatives).
         gather: when ``torch.distributed`` is initialised, all-gather the keys of
             every rank (in rank order) before writing, so all ranks hold the same queue.
-            With ``init="random"`` the first [`push`][] or [`negatives`][] under a
-            process group also broadcasts rank 0's initial keys (one collective, once),
-            as the reference's DDP-registered buffer: every rank's queue is the same
-            from the first step. Load a checkpoint on every rank or on none: a queue
-            loaded on some ranks only skips that broadcast there, and the ranks would
-            wait on different collectives.
 
     Examples:
         >>> import torch
@@ -99,8 +90,9 @@ class KeyQueue(nn.Module):
         check_choice("init", init, ("random", "empty"))
         self.normalize = check_bool("normalize", normalize)
         self.gather = check_bool("gather", gather)
-        if init == "random":
-            keys = F.normalize(torch.randn(self.size, self.dim), dim=1).to(dtype)
+        if init == "random":  # the same keys on every rank: no exchange, no global draw
+            drawn = torch.randn(self.size, self.dim, generator=torch.Generator().manual_seed(0))
+            keys = F.normalize(drawn, dim=1).to(dtype)
             self._length = self.size
         else:
             keys = torch.zeros(self.size, self.dim, dtype=dtype)
@@ -108,8 +100,6 @@ class KeyQueue(nn.Module):
         self.register_buffer("keys", keys)  # (K, D)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next write row
         self.register_buffer("length", torch.tensor(self._length, dtype=torch.long))
-        # Each rank drew its own random keys: make them rank 0's on first use.
-        self._broadcast_pending = init == "random" and self.gather
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # a cast moves the keys, keeps their dtype
@@ -124,8 +114,13 @@ class KeyQueue(nn.Module):
         for name, value, high in (("ptr", ptr, self.size - 1), ("length", length, self.size)):
             if value is not None and not (value.shape == () and 0 <= int(value) <= high):
                 problems.append(f"{name} {value.tolist()!s:.40}, not an int in [0, {high}]")
-        known = not problems and ptr is not None and length is not None
-        if known and int(length) < self.size and int(ptr) != int(length):  # filled from row 0
+        if (  # a queue not yet full was filled from row 0 on: its next row is its length
+            not problems
+            and ptr is not None
+            and length is not None
+            and int(length) < self.size
+            and int(ptr) != int(length)
+        ):
             problems.append(f"ptr {int(ptr)} with length {int(length)}: not yet full, a queue's "
                             "next row is its length")  # fmt: skip
         if problems:  # args[-1]: error_msgs, raised by load_state_dict (strict or not)
@@ -135,8 +130,6 @@ class KeyQueue(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
         # Loading is not a steady-state step: one read of the loaded length is fine.
         self._length = int(self.length)
-        if prefix + "keys" in state_dict:  # loaded keys are what the caller wants (a load
-            self._broadcast_pending = False  # without them, strict=False, still broadcasts)
 
     def __len__(self) -> int:
         """Number of valid keys: ``size`` once full (from the start with ``init="random"``)."""
@@ -156,7 +149,6 @@ class KeyQueue(nn.Module):
         """
         check_float_matrix("keys", keys, self.dim)
         check_same_device("keys", keys, "the queue", self.keys)
-        self._sync_initial_keys(group)
         if self.gather:  # (world * N, D); the very keys batch_unshuffle returned: no exchange
             keys = gather(keys, group)
         n = keys.shape[0]
@@ -171,27 +163,15 @@ class KeyQueue(nn.Module):
             self._length = min(self._length + n, self.size)
             self.length.fill_(self._length)
 
-    def negatives(self, *, group: Group = None) -> torch.Tensor:
+    def negatives(self) -> torch.Tensor:
         """The valid keys, as a copy that a later [`push`][] cannot change.
-
-        Args:
-            group: the group given to [`push`][] (its rank 0's random initial keys are
-                every rank's, at the first call of either).
 
         Returns:
             ``(len(self), dim)`` tensor in the storage dtype, without gradient.
             It is a snapshot (as the reference's ``queue.clone()``), so a loss
             built from it backpropagates correctly even after the next ``push``.
         """
-        self._sync_initial_keys(group)
         return self.keys[: self._length].clone()
-
-    def _sync_initial_keys(self, group: Group) -> None:
-        """Once, under a process group: every rank takes rank 0's random initial keys."""
-        if self._broadcast_pending and is_distributed():
-            check_member(group)  # torch would skip this rank with a warning
-            torch.distributed.broadcast(self.keys, src=global_rank(group, 0), group=group)
-            self._broadcast_pending = False
 
     def extra_repr(self) -> str:
         return (

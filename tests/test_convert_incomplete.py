@@ -107,14 +107,19 @@ def test_metadata_beside_a_bare_state_dict_is_metadata() -> None:
     resnet = torchvision.models.resnet18().state_dict()
     backbone = backbone_state_dict({**resnet, "arch": "resnet18"})
     assert backbone.keys() == {k for k in resnet if not k.startswith("fc.")}
-    # dicts of metadata beside it (the run's flags, an optimizer's param_groups) too; they
-    # stopped the conversion ("checkpoint['args.lr'] is a float, not a tensor")
-    sgd = torch.optim.SGD(torchvision.models.resnet18().parameters(), lr=0.1).state_dict()
-    for extra in ({"args": {"lr": 0.1}}, {"optimizer": sgd}):
-        assert backbone_state_dict({**resnet, **extra}).keys() == backbone.keys()
-    # a value that is no tensor in a module of the backbone is still refused
-    with pytest.raises(LayoutError, match=r"\['layer1.0.conv1.note'\] is a str, not a tensor"):
-        backbone_state_dict({**resnet, "layer1.0.conv1.note": "x"})
+    # dicts beside it (the run's flags, an optimizer's state after a step, tensors included)
+    # too; they stopped the conversion ("checkpoint['args.lr'] is a float, not a tensor")
+    net = torchvision.models.resnet18()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    sgd.step()  # momentum buffers: tensors under "optimizer.state."
+    for extra in ({"args": {"lr": 0.1}}, {"optimizer": sgd.state_dict()}):
+        for to in ("torchvision", "detectron2"):  # detectron2 refuses tensors a ResNet lacks
+            assert len(backbone_state_dict({**resnet, **extra}, to=to)) == len(backbone)
+    # a value that is no tensor where a backbone's tensor goes is still refused
+    for name in ("layer1.0.conv1.note", "layer4.1.conv2.weight"):
+        with pytest.raises(LayoutError, match=rf"\['{name}'\] is a str, not a tensor"):
+            backbone_state_dict({**resnet, name: "x"})
 
 
 def test_tensors_beside_a_bare_backbone_stay_out() -> None:

@@ -278,8 +278,10 @@ def test_an_assign_load_of_another_dtype_is_explained() -> None:
     online = nn.Linear(4, 4).bfloat16()
     enc = MomentumEncoder(online, ema_dtype=torch.float32)
     enc.load_state_dict({k: v.bfloat16() for k, v in enc.state_dict().items()}, assign=True)
-    with pytest.raises(ValueError, match=r"assign=True, which keeps the file's dtype \(load"):
+    with pytest.raises(ValueError, match=r"assign=True, which keeps the file's dtype \(load") as e:
         enc.update()
+    assert str(e.value).count("which keeps the file's dtype") == 1  # once, not per weight
+    assert "'weight' has dtype torch.float32 (ema_dtype) but torch.bfloat16" in str(e.value)
     enc.load_state_dict({k: v.float() for k, v in enc.state_dict().items()}, assign=True)
     enc.update()  # float32 again: followed
     assert enc.key_encoder.weight.dtype == torch.float32

@@ -159,3 +159,12 @@ def test_autocast_losses_are_float32_and_finite(amp_dtype: torch.dtype) -> None:
     cast(torch.Tensor, sum(losses)).backward()  # (sum's start, 0, types it Tensor | int)
     assert proj.weight.grad is not None
     assert torch.isfinite(proj.weight.grad).all()
+
+
+def test_queue_built_under_a_cuda_default_device() -> None:
+    """Lightning's init_module() and torch.set_default_device("cuda") build the queue on the
+    GPU: its initial keys, drawn by a CPU generator of their own, must follow there."""
+    with torch.device("cuda"):
+        queue = KeyQueue(64, 8)
+    assert queue.keys.device.type == "cuda" and queue.ptr.device.type == "cuda"
+    assert torch.equal(queue.keys.cpu(), KeyQueue(64, 8).keys)  # the same keys everywhere

@@ -221,3 +221,16 @@ def test_a_load_that_does_not_fit_loads_nothing() -> None:
         parent.load_state_dict({"queue." + k: v[:4] if k == "keys" else v for k, v in ok.items()})
     queue.load_state_dict(ok)  # one that fits
     assert (len(queue), int(queue.ptr)) == (5, 0) and not queue.keys.any()
+
+
+def test_random_start_follows_the_default_device_and_is_the_same_everywhere() -> None:
+    """The initial keys come from a CPU generator of their own with a fixed seed, then go
+    to the default device (a meta-device build stays on meta); the global stream is not
+    drawn from."""
+    state = torch.get_rng_state()
+    first = KeyQueue(16, 4)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)
+    assert torch.equal(KeyQueue(16, 4).keys, first.keys)  # another seed: the same keys
+    with torch.device("meta"):
+        assert KeyQueue(16, 4).keys.device.type == "meta"

@@ -101,8 +101,12 @@ _BY_OBJECT = (
     "load_state_dict(assign=True) count as untied; tie them again as objects on both "
     "models, model.b.weight = model.a.weight, or update eagerly)"
 )
+_ONE_SIDE = (
+    "the dtypes differ after a cast of one side alone, or a load_state_dict with assign=True, "
+    "which keeps the file's dtype"
+)
 _KEPT = (
-    "ema_dtype; a key weight of another dtype came from outside: a load_state_dict with "
+    "a key weight of another dtype than ema_dtype came from outside: a load_state_dict with "
     "assign=True, which keeps the file's dtype (load without it), or a cast of .key_encoder"
 )
 
@@ -134,7 +138,7 @@ def pair_by_name(
     online, key = dict(online_named), dict(key_named)
     problems: list[str] = []
     unfollowable: dict[torch.dtype, list[str]] = {}  # names ema_dtype cannot follow, by dtype
-    one_side = False  # a dtype differs from the online one: one explanation for all
+    causes: set[str] = set()  # why dtypes differ: one explanation for all the weights
     if missing := [n for n in key if n not in online]:
         problems.append(f"{kind}s missing from the online model: {missing}")
     if added := [n for n in online if n not in key]:
@@ -149,16 +153,13 @@ def pair_by_name(
             ("layout", describe_layout(k), describe_layout(o)),
         ):
             if kv != ov:
-                want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} ({_KEPT})"
+                want = f"{ov} online" if what != "dtype" or ov == o.dtype else f"{ov} (ema_dtype)"
                 problems.append(f"{kind} {name!r} has {what} {want} but {kv} in the key encoder")
-                one_side |= what == "dtype" and ov == o.dtype
+                if what == "dtype":
+                    causes.add(_ONE_SIDE if ov == o.dtype else _KEPT)
         if averaged and ema_dtype_problem(name, o.dtype, ema_dtype):  # type: ignore[arg-type]
             unfollowable.setdefault(o.dtype, []).append(repr(name))
-    if one_side:
-        problems.append(
-            "the dtypes differ after a cast of one side alone, or a load_state_dict with "
-            "assign=True, which keeps the file's dtype"
-        )
+    problems += sorted(causes)
     for dtype, names in unfollowable.items():  # one explanation for all
         problems.append(ema_dtype_problem(", ".join(names), dtype, ema_dtype))  # type: ignore[arg-type]
     if shared := _shared(online_named, key_named, compiling):

@@ -71,7 +71,8 @@ class MomentumEncoder(nn.Module):
     Call [`update`][] once after every optimizer step: ``key = m * key + (1 - m) * online``
     on every parameter, in place, in fused multi-tensor ops (one per device and dtype
     group), the parameters paired by name. A second update with no optimizer step since the
-    previous one warns: the momentum would compound to ``m**2`` (as under gradient
+    previous one warns, once two steps were seen (not after the steps of a fused optimizer,
+    which leave no trace): the momentum would compound to ``m**2`` (as under gradient
     accumulation).
 
     Nothing can leave the key encoder silently stale. Every update walks both models and
@@ -86,10 +87,11 @@ class MomentumEncoder(nn.Module):
 
     The copy is taken when it is built, with ``copy.deepcopy``, which copies the hooks
     registered on the online model too (a hook function that stores activations in a dict
-    of yours is then also called by the key encoder's forward): build it once the online
-    weights are initialised or loaded (lazy modules included). Values written in place
-    afterwards (an init run on the online model after construction, a meta-device model's
-    ``to_empty`` and init) are no change of tensors: copy them again with
+    of yours is then also called by the key encoder's forward; a hook object is copied with
+    its state): build it once the online weights are initialised or loaded (lazy modules
+    included). Values written in place afterwards (an init run on the online model after
+    construction; a meta-device model's ``to_empty`` and init, which leave the copy
+    uninitialised memory) are no change of tensors: copy them again with
     ``encoder.key_encoder.load_state_dict(encoder.online.state_dict())``.
 
     ``online`` is kept as a plain reference (``.online``), not a submodule, so

@@ -91,8 +91,9 @@ class KeyQueue(nn.Module):
         self.normalize = check_bool("normalize", normalize)
         self.gather = check_bool("gather", gather)
         if init == "random":  # the same keys on every rank: no exchange, no global draw
-            drawn = torch.randn(self.size, self.dim, generator=torch.Generator().manual_seed(0))
-            keys = F.normalize(drawn, dim=1).to(dtype)
+            generator = torch.Generator().manual_seed(0)  # a CPU one: drawn there, then moved
+            drawn = torch.randn(self.size, self.dim, generator=generator, device="cpu")
+            keys = F.normalize(drawn, dim=1).to(torch.get_default_device(), dtype)
             self._length = self.size
         else:
             keys = torch.zeros(self.size, self.dim, dtype=dtype)

@@ -113,7 +113,6 @@ def ddp_leaves_the_queue_alone(res: dict) -> None:
         if exclude:
             exclude_from_ddp(moco)
         model, _ = accelerator.prepare(moco, g.sgd(moco.online.parameters()))
-        moco.queue.negatives()  # the queue's own one-time broadcast of rank 0's start
         if dist.get_rank() == 1:
             moco.queue.keys.fill_(7.0)
         loss, _ = model(x_q, x_k)

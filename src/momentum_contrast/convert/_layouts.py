@@ -125,20 +125,23 @@ def select_backbone(
     at, family = _pick(found, encoder, prefix, what)
     head_prefix = FAMILIES[family][1]
     nested = [p for p in every if p != at and p.startswith(at)]  # another backbone inside
-    # beside a bare state dict: its top-level values and dicts holding no tensor of a
-    # module the backbone has (args, an optimizer's param_groups) are metadata
-    holding = {k.rpartition(".")[0] for k in tensors}  # the modules that hold tensors
+    # beside a bare state dict (a backbone at the root): its top-level values, and the dicts
+    # beside it (the run's flags, an optimizer's state, tensors included), are metadata
+    beside = tuple(f"{k}." for k, v in tree.items() if isinstance(v, Mapping)) if not at else ()
     for name, value in others.items():
         if (
             name.startswith(at)
-            and (at or name.rpartition(".")[0] in holding - {""})
+            and (at or "." in name)
+            and not name.startswith(beside)
             and not name[len(at) :].startswith(head_prefix)
         ):
             raise LayoutError(f"{what}[{name!r}] is a {type(value).__name__}, not a tensor")
     named = {  # unprefixed
         k[len(at) :]: v
         for k, v in tensors.items()
-        if k.startswith(at) and not any(k.startswith(p) for p in nested)
+        if k.startswith(at)
+        and not any(k.startswith(p) for p in nested)
+        and not k.startswith(beside)
     }
     backbone = {k: v for k, v in named.items() if not k.startswith(head_prefix)}
     head = {k[len(head_prefix) :]: v for k, v in named.items() if k.startswith(head_prefix)}

@@ -93,7 +93,8 @@ class KeyQueue(nn.Module):
         if init == "random":  # the same keys on every rank: no exchange, no global draw
             generator = torch.Generator().manual_seed(0)  # a CPU one: drawn there, then moved
             drawn = torch.randn(self.size, self.dim, generator=generator, device="cpu")
-            keys = F.normalize(drawn, dim=1).to(torch.get_default_device(), dtype)
+            # the default device (torch 2.5's get_default_device() misses `with torch.device`)
+            keys = F.normalize(drawn, dim=1).to(torch.empty(0).device, dtype)
             self._length = self.size
         else:
             keys = torch.zeros(self.size, self.dim, dtype=dtype)

@@ -10,9 +10,10 @@
         --output-dir /shared/runs/v3 --resume auto --save-every 1000    # on every node
 
 Paper defaults (ImageNet): ResNet-50 with LARS, lr 0.6 x batch/256, weight decay 1e-6, T 1.0,
-10 warm-up epochs, 100 epochs; ViTs with AdamW, lr 1.5e-4 x batch/256, weight decay 0.1,
-T 0.2, 40 warm-up epochs, 300 epochs, a frozen random patch projection and sin-cos position
-embeddings. Both: batch 4096, two symmetric views, keys from all GPUs as negatives, momentum
+10 warm-up epochs, 100 epochs, crops of 20-100%; ViTs with AdamW, lr 1.5e-4 x batch/256, weight
+decay 0.1, T 0.2, 40 warm-up epochs, 300 epochs, crops of 8-100%, a frozen random patch
+projection and sin-cos position embeddings. Both: the authors' initialisation
+(``reference_init``), batch 4096, two symmetric views, keys from all GPUs as negatives, momentum
 0.99 -> 1 on a cosine, a projector (2 layers for ResNets, 3 for ViTs) and a predictor,
 SyncBatchNorm across GPUs. ``--accumulate N``: N micro-batches per process, each scored
 against the keys of the whole batch. ``--fsdp``: both encoders sharded with FSDP2 per ViT
@@ -146,6 +147,7 @@ def build(args: argparse.Namespace, env: Env) -> Any:
     device, rank, world = env
     vit = is_vit(args.arch)
     features, feature_dim = checked_backbone(args.arch, args.image_size)
+    reference_init(features)
     if vit:  # the v3 ViT recipe: fixed random patch projection, fixed sin-cos positions
         freeze_patch_embedding(features)
         use_sincos_position_embedding(features)
@@ -220,7 +222,33 @@ def build(args: argparse.Namespace, env: Env) -> Any:
         return {"loss": total, "lr": step_lr, "momentum": m}
 
     pieces = {"model": model, "key_encoder": key_encoder, "optimizer": optimizer}
-    return pieces, train_step, MoCoV3Augment(args.image_size).to(device), monitor
+    scale = (0.08, 1.0) if vit else (0.2, 1.0)  # the authors' --crop-min for ViTs, ResNets
+    return pieces, train_step, MoCoV3Augment(args.image_size, scale=scale).to(device), monitor
+
+
+def reference_init(features: nn.Module) -> None:
+    """The authors' initialisation where torchvision's differs: in a ResNet, the last
+    BatchNorm of each residual block starts at zero (``zero_init_residual=True``); in a
+    torchvision ViT (not timm's), linear layers are Xavier-uniform with zero biases, q, k and v
+    each Xavier-uniform on its own, and the class token is drawn from N(0, 1e-6)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    with torch.no_grad():
+        for m in features.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                (m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight.zero_()
+        if not isinstance(features, VisionTransformer):
+            return
+        for m in features.modules():
+            if isinstance(m, nn.MultiheadAttention):  # in_proj_weight (3D, D): q, k, v
+                for weight in m.in_proj_weight.chunk(3):
+                    nn.init.xavier_uniform_(weight)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.Linear):  # the attention's out_proj and the MLPs
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(features.class_token, std=1e-6)
 
 
 # ---- Checkpoints under --fsdp: as a replicated run's (harness.state_of), so that they move

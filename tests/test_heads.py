@@ -262,6 +262,31 @@ def test_strip_unknown_model_says_what_to_do() -> None:
 
 
 @pytest.mark.parametrize(
+    ("build", "dim"), [("mobilenet_v3_small", 1024), ("mobilenet_v2", 1280), ("googlenet", 1024)]
+)
+def test_strip_removes_the_classifiers_dropout(build: str, dim: int) -> None:
+    """The dropout in front of the classifier zeroed about 20% of the features at random,
+    in the key encoder too (it runs in training mode): the same images gave other keys."""
+    kwargs = {"init_weights": True, "aux_logits": False} if build == "googlenet" else {}
+    model, width = strip_classifier(getattr(torchvision.models, build)(**kwargs))
+    x = torch.rand(2, 3, 64, 64)
+    model.train()
+    first, second = model(x), model(x)
+    assert width == dim and first.shape == (2, dim) and torch.equal(first, second)
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+def test_strip_keeps_dropout_that_is_not_right_before_the_classifier() -> None:
+    vgg_like = nn.Sequential()
+    vgg_like.add_module("features", nn.Flatten())
+    layers = [nn.Linear(12, 8), nn.Dropout(0.5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)]
+    vgg_like.add_module("classifier", nn.Sequential(*layers))
+    model, dim = strip_classifier(vgg_like)
+    kinds = [type(m).__name__ for m in model.get_submodule("classifier").children()]
+    assert dim == 8 and kinds == ["Linear", "Dropout", "ReLU", "Identity", "Identity"]
+
+
+@pytest.mark.parametrize(
     ("build", "side", "dim"), [("googlenet", 64, 1024), ("inception_v3", 80, 2048)]
 )
 def test_strip_torchvision_auxiliary_classifiers(build: str, side: int, dim: int) -> None:

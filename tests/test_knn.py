@@ -51,6 +51,9 @@ def test_embed_dataset_and_bad_input() -> None:
     assert feats.shape == (5, 2) and torch.equal(labels, torch.tensor([0, 1, 2, 1, 1]))
     with pytest.raises(ValueError, match="bank must have 2 columns"):
         knn_predict(feats, torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 3)
+    for unlabelled in ([torch.randn(2, 3)], [(torch.randn(2, 2),)]):  # a batch of 2 rows unpacked
+        with pytest.raises(TypeError, match=r"\(images, labels\) pairs, got (Tensor|tuple) of"):
+            embed_dataset(torch.nn.Identity(), unlabelled)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])

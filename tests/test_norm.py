@@ -163,8 +163,13 @@ def test_single_device_shuffle_bn() -> None:
 
 
 def test_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"divisible by num_splits=3, got 10 rows"):
+    with pytest.raises(ValueError, match=r"divisible by num_splits=3, got 10 rows.*drop_last"):
         SplitBatchNorm(4, 3)(torch.randn(10, 4, 2, 2))
+    # one value per channel in a sub-batch: nn.BatchNorm's error showed the reshaped (1, S * C)
+    for shape in ((4, 3), (8, 512, 1, 1)):
+        with pytest.raises(ValueError, match=r"num_splits=\d sub-batches must hold more than one"):
+            SplitBatchNorm(shape[1], shape[0])(torch.randn(shape))
+    SplitBatchNorm(3, 4)(torch.randn(4, 3, 1, 2))  # two values per channel: normalised
     with pytest.raises(ValueError, match=r"num_splits must be >= 1, got 0"):
         convert_split_batchnorm(nn.BatchNorm2d(3), 0)
     with pytest.raises(ValueError, match=r"\(N, C, \*\), got shape \(4,\)"):

@@ -8,8 +8,6 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["keeping_dtype"]
-
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 

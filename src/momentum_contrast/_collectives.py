@@ -56,11 +56,6 @@ def world_size(group: Group = None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
-def global_rank(group: Group, group_rank: int) -> int:
-    """The global rank of ``group``'s rank ``group_rank`` (what ``src=`` takes)."""
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-
 def check_member(group: Group) -> None:
     """``ValueError`` where this process is not in ``group`` (torch's collectives would skip
     it with a warning, and ``world_size`` is -1 there): another rank's group was passed."""

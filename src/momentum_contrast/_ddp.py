@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["exclude_from_ddp"]
-
 
 def exclude_from_ddp(module: nn.Module) -> list[str]:
     """Tell DDP to leave the queue and the key encoder's buffers alone.

@@ -8,11 +8,8 @@ from typing import Any
 
 import torch
 
-# FSDP2's public home is torch.distributed.fsdp from torch 2.6 (before: ._composable.fsdp),
-# DTensor's torch.distributed.tensor from 2.5 (before: ._tensor); the newer torches keep
-# the old modules as aliases of the same classes
+# FSDP2's public home is torch.distributed.fsdp from torch 2.6 (2.5: ._composable.fsdp)
 _FSDP2 = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")
-_DTENSOR = ("torch.distributed.tensor", "torch.distributed._tensor")
 
 
 def _loaded(modules: str | tuple[str, ...], name: str) -> Any:
@@ -37,7 +34,7 @@ def fsdp2_modules(*models: torch.nn.Module) -> list[Any]:
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    dtensor = _loaded(_DTENSOR, "DTensor")
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
     return dtensor is not None and isinstance(t, dtensor)
 
 

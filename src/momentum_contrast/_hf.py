@@ -14,12 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HFFeatures", "hf_features"]
-
-
-# Asked of the base model at every forward, whatever its config says (return_dict=False,
-# output_hidden_states=True, ...): a ModelOutput, read by name, without the hidden states
-# and attention maps of every layer (never used here, and kept in memory until the end).
+# the flags of every forward (see HFFeatures); hidden states would be kept until the end
 _CALL_FLAGS = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
 
 
@@ -40,8 +35,6 @@ class HFFeatures(nn.Module):
 
     def __init__(self, model: nn.Module, dim: int) -> None:
         super().__init__()
-        # a pooler that is a trained projection of the class token (dense + tanh: ViT, DeiT),
-        # which classification checkpoints leave untrained: not used
         self.use_pooler = not isinstance(
             getattr(getattr(model, "pooler", None), "dense", None), nn.Linear
         )

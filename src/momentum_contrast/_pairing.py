@@ -189,8 +189,6 @@ def pair_by_name(
     partner: dict[object, object] = {}  # a tensor of either side -> its pair
     for name, o in online_named:
         k = key[name]
-        # compiled, ties are told by object: a tie by memory on both sides (assign=True) is
-        # two pairs that get the same new value (lerp_ reads before it writes)
         tk, to = tie(k, "key"), tie(o, "online")
         if tk in partner or to in partner:  # a tied tensor, seen under another name
             if partner.get(tk) != to or partner.get(to) != tk:

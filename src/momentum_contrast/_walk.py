@@ -71,12 +71,6 @@ def layout(
     return names, found
 
 
-def named_layout(model: nn.Module, kind: str) -> tuple[list[object], list[torch.Tensor | None]]:
-    """What ``layout`` gives, from the model's own named walk (names built)."""
-    named = walk(model, kind)
-    return [name for name, _ in named], [t for _, t in named]
-
-
 def memo_of(
     online: nn.Module,
     key: nn.Module,
@@ -91,17 +85,16 @@ def memo_of(
     ``local(t)`` where given: a ``DTensor``'s shard, which FSDP2 may re-pad); the tensors,
     the online model's first, and how many are the online model's. ``previous``: the memo
     this one is compared with."""
-    if not plain:
-        (online_names, online_found), (key_names, key_found) = (
-            named_layout(online, kind),
-            named_layout(key, kind),
-        )
-    else:  # no walk longer than the last one (whose name lists ``previous`` holds) matches
+    if plain:  # no walk longer than the last one (whose name lists ``previous`` holds) matches
         most = [len(names) for names in previous[:2]] if previous else [sys.maxsize] * 2
         (online_names, online_found), (key_names, key_found) = (
             layout(online, kind, most[0]),
             layout(key, kind, most[1]),
         )
+    else:  # the models' own named walks (names built)
+        online_named, key_named = walk(online, kind), walk(key, kind)
+        online_names, online_found = [n for n, _ in online_named], [t for _, t in online_named]
+        key_names, key_found = [n for n, _ in key_named], [t for _, t in key_named]
     onlines = [t for t in online_found if t is not None]
     tensors = (*onlines, *(t for t in key_found if t is not None))
     data = tuple(map(local, tensors)) if local else tensors

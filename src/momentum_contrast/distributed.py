@@ -163,10 +163,16 @@ def batch_shuffle(
         True
     """
     _check_batch(x)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     gathered, sizes = c.gather_with_sizes(x, group)  # (sum N_r, ...)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)
     if world_size(group) > 1:
-        dist.broadcast(perm, src=c.global_rank(group, 0), group=group)
+        dist.broadcast(
+            perm, src=0 if group is None else dist.get_global_rank(group, 0), group=group
+        )
     start = sum(sizes[: rank(group)])
     idx_unshuffle = torch.argsort(perm)
     idx_unshuffle._moco_sizes = (sizes, c.members(group))  # type: ignore[attr-defined]

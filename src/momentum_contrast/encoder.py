@@ -7,7 +7,7 @@ import math
 import operator
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -36,7 +36,6 @@ Examples:
     >>> get_args(BufferMode)
     ('own', 'copy', 'ema')
 """
-_BUFFER_MODES = ("own", "copy", "ema")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -171,7 +170,7 @@ class MomentumEncoder(nn.Module):
             raise TypeError(f"ema_dtype must be None or a floating torch.dtype, got {ema_dtype!r}")
         refuse_fsdp1(online)
         self.momentum = check_unit_interval("momentum", momentum)
-        self.buffers_mode: BufferMode = check_choice("buffers", buffers, _BUFFER_MODES)  # type: ignore[assignment]
+        self.buffers_mode: BufferMode = check_choice("buffers", buffers, get_args(BufferMode))  # type: ignore[assignment]
         self.ema_dtype = ema_dtype
         base = unwrap_model(online)
         self.__dict__["_online"] = base  # a reference, not a submodule
@@ -269,7 +268,6 @@ class MomentumEncoder(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the key encoder under ``torch.no_grad()`` (same signature as ``online``)."""
-        # with ema_dtype: autocast to the online model's dtype where it is narrower
         name, first = next(
             ((n, p) for n, p in self.online.named_parameters() if p.is_floating_point()),
             ("", None),

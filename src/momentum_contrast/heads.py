@@ -191,7 +191,10 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     - models whose last child is an ``nn.Linear`` named ``fc``, ``head``,
       ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
       ``nn.Sequential`` under such a name ending in one (torchvision ViT's
-      ``heads``, EfficientNet's ``classifier``): that ``Linear`` becomes ``nn.Identity``.
+      ``heads``, EfficientNet's ``classifier``): that ``Linear`` becomes ``nn.Identity``,
+      and so do the ``nn.Dropout`` layers registered right before it (EfficientNet's,
+      MobileNet's, GoogLeNet's: they regularise the classifier, and in the key encoder,
+      which runs in training mode, they would zero features at random).
       Auxiliary classifiers (torchvision GoogLeNet's and Inception v3's ``aux_logits``,
       whose outputs a training-mode forward returns with the features) are removed.
 
@@ -251,6 +254,10 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
             parent, (name, last) = last, list(last.named_children())[-1]
         if isinstance(last, nn.Linear):
             setattr(parent, name, nn.Identity())
+            for child, layer in reversed(list(parent.named_children())[:-1]):
+                if not isinstance(layer, nn.Dropout):
+                    break
+                setattr(parent, child, nn.Identity())  # the classifier's dropout
             return model, last.in_features
     found = ", ".join(f"{n}: {type(m).__name__}" for n, m in children[-3:]) or "no children"
     raise TypeError(

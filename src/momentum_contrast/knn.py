@@ -127,7 +127,13 @@ def embed_dataset(
         (torch.Size([4, 2]), torch.Size([4]))
     """
     feats, labels = [], []
-    for images, y in batches:
+    for i, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor) or len(batch) != 2:  # a tensor's rows would unpack
+            raise TypeError(
+                f"batches must yield (images, labels) pairs, got {type(batch).__name__} of "
+                f"length {len(batch)} at batch {i}"
+            )
+        images, y = batch
         feats.append(model(images.to(device, non_blocking=True)).float())
         labels.append(y.to(device, non_blocking=True))
     return torch.cat(feats), torch.cat(labels)

@@ -10,6 +10,8 @@ samples share a sub-batch; together they are Shuffle-BN for single-GPU training.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -77,7 +79,16 @@ class SplitBatchNorm(_BatchNorm):
             return super().forward(input)
         s, n = self.num_splits, input.shape[0]
         if n % s:
-            raise ValueError(f"input batch size must be divisible by num_splits={s}, got {n} rows")
+            raise ValueError(
+                f"input batch size must be divisible by num_splits={s}, got {n} rows (leave out "
+                "a smaller last batch: DataLoader(..., drop_last=True))"
+            )
+        if n // s * math.prod(input.shape[2:]) == 1:  # nn.BatchNorm's error shows (1, S * C)
+            raise ValueError(
+                f"input: each of the num_splits={s} sub-batches must hold more than one value "
+                f"per channel to normalise in training, got {n // s} row(s) of shape "
+                f"{tuple(input.shape[1:])}: use fewer splits or larger batches"
+            )
         factor = 0.0 if self.momentum is None else self.momentum
         running_mean = running_var = None
         if self.track_running_stats and self.num_batches_tracked is not None:

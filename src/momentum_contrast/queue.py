@@ -49,7 +49,9 @@ class KeyQueue(nn.Module):
             seed, so that every rank holds the same ones with no exchange (the
             reference takes rank 0's through DDP), whatever each rank's seed or group,
             and the global random stream is left as it was. ``"empty"``: starts with no
-            keys and grows (its length is a host integer: a step under ``torch.compile``
+            keys and grows; before the first ``push`` a loss against ``negatives()``
+            (``(0, D)``) has no negative to score, so it is 0 with a zero gradient (its
+            length is a host integer: a step under ``torch.compile``
             recompiles at each new length, and past torch's recompile limit runs eagerly;
             compile with ``"random"``).
         normalize: L2-normalise every pushed key (the queue then always holds
@@ -104,7 +106,6 @@ class KeyQueue(nn.Module):
         self.register_buffer("length", torch.tensor(self._length, dtype=torch.long))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        # a cast moves the keys, keeps their dtype
         return super()._apply(keeping_dtype(fn), recurse)  # type: ignore[no-any-return,no-untyped-call]
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:

@@ -49,15 +49,16 @@ def test_a_backbone_that_cannot_be_used_is_named_in_one_line(
 
 
 def test_the_backbone_check_keeps_the_random_state() -> None:
-    """Its training-mode forward runs dropout; the run's random stream stays the model's."""
+    """Its training-mode forward runs stochastic depth; the run's random stream stays the
+    model's."""
     import_examples()
     import harness
 
     torch.manual_seed(0)
-    harness.backbone("mobilenet_v3_small", 32)
+    harness.backbone("efficientnet_b0", 32)
     expected = torch.get_rng_state()
     torch.manual_seed(0)
-    features, _ = harness.checked_backbone("mobilenet_v3_small", 32)
+    features, _ = harness.checked_backbone("efficientnet_b0", 32)
     assert torch.equal(torch.get_rng_state(), expected)
     with torch.no_grad():
         features.train()(torch.zeros(2, 3, 32, 32))  # what the check runs, unguarded

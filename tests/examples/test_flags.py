@@ -275,3 +275,32 @@ def test_a_timm_vit_gets_the_vit_recipe() -> None:
     assert not features.patch_embed.proj.weight.requires_grad  # the frozen patch projection
     assert not features.pos_embed.requires_grad  # fixed sin-cos positions
     assert attention_heads(args.arch, features) == 3
+
+
+def test_v3_initialises_and_crops_as_the_authors() -> None:
+    """Their ResNets start with the last BatchNorm of each residual block at zero and crop
+    20-100% (--crop-min .2 in every ResNet command); their ViTs crop 8-100% and draw q, k and
+    v each from its own Xavier-uniform range, other linear weights Xavier-uniform with zero
+    biases, the class token from N(0, 1e-6)."""
+    cpu = (torch.device("cpu"), 0, 1)
+    _, _, augment, features = moco_v3.build(v3_args("--arch", "resnet18"), cpu)
+    last_bns = [block.bn2.weight for block in features.modules() if hasattr(block, "bn2")]
+    assert len(last_bns) == 8 and all(torch.equal(w, torch.zeros_like(w)) for w in last_bns)
+    assert augment.view_one.scale == augment.view_two.scale == (0.2, 1.0)
+    args = v3_args("--arch", "vit_tiny", "--image-size", "32")
+    _, _, augment, vit = moco_v3.build(args, cpu)
+    assert augment.view_one.scale == (0.08, 1.0)
+    assert 0 < vit.class_token.abs().max() < 1e-5
+    width = vit.hidden_dim  # 192
+    for block in vit.encoder.layers:
+        attention = block.self_attention
+        for third in attention.in_proj_weight.detach().chunk(3):  # (D, D) each
+            bound = (6 / (width + width)) ** 0.5
+            assert 0.95 * bound < third.abs().max() <= bound  # not (6 / (4 D)) ** 0.5
+        linears = [attention.out_proj, block.mlp[0], block.mlp[3]]
+        for layer in linears:
+            fan_out, fan_in = layer.weight.shape
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert 0.95 * bound < layer.weight.detach().abs().max() <= bound
+            assert not layer.bias.any()
+        assert not attention.in_proj_bias.any()

@@ -119,7 +119,8 @@ class MoCoV2Augment(TwoViewAugment):
 class MoCoV3Augment(TwoViewAugment):
     """MoCo v3 (asymmetric, after BYOL): crop (0.08, 1), jitter 0.4/0.4/0.2/0.1 with p 0.8,
     grayscale 0.2, blur with p 1.0 (view one) and 0.1 (view two), solarize with p 0 and
-    0.2, flip.
+    0.2, flip. The crop is that of the authors' ViT runs (their script's default); their
+    ResNet runs crop (0.2, 1): ``scale=(0.2, 1.0)``.
 
     Examples:
         >>> import torch

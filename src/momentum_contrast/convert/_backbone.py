@@ -29,8 +29,6 @@ from momentum_contrast.convert._spec import (
 )
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 
-__all__ = ["backbone_spec", "backbone_state_dict"]
-
 Target = Literal["torchvision", "timm", "detectron2"]
 Source = str | Path | Mapping[str, Any] | nn.Module
 

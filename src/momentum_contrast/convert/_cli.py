@@ -21,8 +21,6 @@ from momentum_contrast.convert._layouts import stem_note
 from momentum_contrast.convert._sources import MODEL_KEY, LayoutError, State, first_line
 from momentum_contrast.convert._spec import ModelSpec
 
-__all__ = ["main"]
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``error: ...``, exit status 2), as the rest."""

@@ -23,8 +23,6 @@ from momentum_contrast.convert._spec import module_heads, recorded_heads
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 from momentum_contrast.queue import KeyQueue
 
-__all__ = ["load_official_checkpoint"]
-
 
 def load_official_checkpoint(
     source: str | Path | Mapping[str, Any],

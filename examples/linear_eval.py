@@ -15,7 +15,9 @@ reads each by its content. A ViT gets the number of attention heads its checkpoi
 The protocol follows the reference code: the backbone is frozen with its BatchNorm in eval
 mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9, no
 weight decay, on random-resized crops and flips: MoCo v1/v2 lr 30 for 100 epochs, divided by
-10 at 60 and 80; MoCo v3 lr 0.1 x batch/256 for 90 epochs, cosine. ``--protocol`` picks one
+10 at 60 and 80; MoCo v3 lr 0.1 x batch/256 (ViTs: 3 x batch/256) for 90 epochs, cosine.
+Held-out images are resized to 256/224 of the crop size on their shorter side and
+center-cropped (images already of the crop size, CIFAR's, as they are). ``--protocol`` picks one
 (default: the checkpoint's recipe; v1/v2 for a plain state dict). Reports top-1 and top-5 on
 the held-out split (also in --output-dir/linear_eval.json) and checks the backbone is unchanged.
 The flag helpers, the set-up and the backbones are the pre-training scripts' (harness.py); the
@@ -45,6 +47,7 @@ from harness import (
     check_steps,
     checked_backbone,
     fail,
+    is_vit,
     leave,
     load_data,
     milestones,
@@ -69,6 +72,7 @@ from momentum_contrast.convert import (
 
 # ---- Flags: the protocol's defaults (v1/v2 in the parser, V3), the shapes ones, the command line
 V3 = {"epochs": 90, "batch_size": 1024, "lr": 0.1}
+V3_VIT = {"lr": 3.0}  # the authors' ViT linear probes (their CONFIG.md: --lr=3)
 SHAPES = {"epochs": 5, "batch_size": 64, "schedule_milestones": "3,4"}
 
 
@@ -92,7 +96,8 @@ def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
         "dict)")  # fmt: skip
     arg("--epochs", type=positive_int, default=100, help="epochs (v1/v2 100, v3 90)")
     arg("--batch-size", type=positive_int, default=256, help="total over all processes")
-    arg("--lr", type=positive_float, default=30.0, help="learning rate (v3: times batch/256)")
+    arg("--lr", type=positive_float, default=30.0, help="learning rate (v3: times batch/256; "
+        "default 0.1, ViTs 3)")  # fmt: skip
     arg("--schedule-milestones", type=milestones, default="60,80", help="v1/v2: lr / 10 at epochs")
     arg("--shapes-train", type=positive_int, default=4000, help="--data shapes: training images")
     arg("--shapes-val", type=positive_int, default=1000, help="--data shapes: held-out images")
@@ -110,7 +115,10 @@ def parse_args(argv: list[str], v3: bool, trained: dict[str, Any]) -> argparse.N
     parser = build_parser(v3, trained)
     if (parser.parse_known_args(argv)[0].protocol == "v3") != v3:  # the other protocol's defaults
         parser = build_parser(not v3, trained)
-    if parser.parse_known_args(argv)[0].data == "shapes":
+    known = parser.parse_known_args(argv)[0]
+    if known.protocol == "v3" and is_vit(known.arch or ""):
+        parser.set_defaults(**V3_VIT)
+    if known.data == "shapes":
         parser.set_defaults(**SHAPES)
     return parse_flags(parser, argv)
 

@@ -11,17 +11,18 @@
     python examples/moco_v2.py --resume auto                     # continue the last run
     python examples/moco_v2.py --accumulate 2                    # 2 micro-batches per step
 
-On ImageNet the defaults are the paper's (ResNet-50, 200 epochs, batch 256, SGD lr 0.03,
-K 65,536, m 0.999, T 0.2, cosine schedule); CIFAR and STL-10 get the authors' CIFAR-10 demo
-settings, the built-in `shapes` data settings that finish on a CPU in minutes. Read top to
-bottom: flags, the MoCo pieces and their step (``build``), the loop (``main``). What a run
-needs besides MoCo (set-up, random states, backbones, step log, kNN monitor, checkpoints)
-is in harness.py, monitoring.py and checkpoints.py, the data in data.py. A checkpoint
-resumes exactly in as many processes, and continues in any other number (with other
-per-process batches). Several nodes, restarts after a lost process, Slurm
-(multi_node.sbatch): docs/guides/multi-node.md. Tested on the CPU with gloo (torch
-2.14.1): 1 and 2 processes, 2 torchrun agents on one machine, a process killed and
-restarted by torchrun, a one-machine Slurm cluster; not tested here: NCCL, real nodes.
+On ImageNet the defaults are the paper's (ResNet-50, 200 epochs, batch 256, SGD lr 0.03, K
+65,536, m 0.999, T 0.2, cosine schedule); CIFAR and STL-10 get the authors' CIFAR-10 demo
+settings (with the v2 head; the demo's is linear), the built-in `shapes` data settings that
+finish on a CPU in minutes. Read top to bottom: flags, the MoCo pieces and their step
+(``build``), the loop (``main``). What a run needs besides MoCo (set-up, random states,
+backbones, step log, kNN monitor, checkpoints) is in harness.py, monitoring.py and
+checkpoints.py, the data in data.py. A checkpoint resumes exactly in as many processes, and
+continues in any other number (with other per-process batches). Several nodes, restarts
+after a lost process, Slurm (multi_node.sbatch): docs/guides/multi-node.md. Tested on the
+CPU with gloo (torch 2.14.1): 1 and 2 processes, 2 torchrun agents on one machine, a process
+killed and restarted by torchrun, a one-machine Slurm cluster; not tested here: NCCL, real
+nodes.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     arg("--crop-min", type=number(float, "in (0, 1]", lambda v: 0 < v <= 1), default=0.2,
         help="smallest area fraction of the random resized crops")  # fmt: skip
     arg("--blur-p", type=fraction, default=0.5, help="v2: probability of the blur per view")
-    arg("--shuffle-splits", type=positive_int, default=8, help="one process: Shuffle-BN's splits")
+    arg("--shuffle-splits", type=positive_int, default=8, help="one process: BatchNorm "
+        "splits of both encoders, as per-GPU BatchNorm")  # fmt: skip
     arg("--accumulate", type=positive_int, default=1, help="micro-batches per process and step")
     return run_flags(p)
 
@@ -143,12 +145,12 @@ def build(args: argparse.Namespace, version: str, env: Env) -> Any:
     features, feature_dim = checked_backbone(args.arch, args.image_size)
     head = (moco_v2_head if version == "v2" else moco_v1_head)(feature_dim, out_dim=args.dim)
     model: nn.Module = nn.Sequential(features, head).to(device)  # the query encoder
+    if world == 1 and args.shuffle_splits > 1:  # one process: BatchNorm per split, as per GPU
+        convert_split_batchnorm(model, args.shuffle_splits)  # (the key encoder is its copy)
     if world > 1:  # the query encoder trains under DDP; the key encoder uses Shuffle-BN
         ids = [device] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     key_encoder = MomentumEncoder(model, momentum=args.moco_momentum)
-    if world == 1 and args.shuffle_splits > 1:  # one process: emulate per-GPU BatchNorm
-        convert_split_batchnorm(key_encoder.key_encoder, args.shuffle_splits)
     queue = KeyQueue(args.queue_size, args.dim).to(device)  # (K, dim) unit-norm keys
     sgd = {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}
     optimizer = torch.optim.SGD(model.parameters(), **sgd)

@@ -64,10 +64,10 @@ def test_loop_guide_trains_with_split_batchnorm_and_shuffled_keys(
 
     key_encoder, model = loop_page["key_encoder"], loop_page["model"]
     assert isinstance(model, nn.Module)
-    splits = [m for m in key_encoder.key_encoder.modules() if isinstance(m, SplitBatchNorm)]  # type: ignore[attr-defined]
-    plain = [m for m in key_encoder.key_encoder.modules() if type(m) is nn.BatchNorm2d]  # type: ignore[attr-defined]
-    assert splits and not plain, "the key encoder's BatchNorm is not split"
-    assert not any(isinstance(m, SplitBatchNorm) for m in model.modules())  # the query's is not
+    for encoder in (model, key_encoder.key_encoder):  # type: ignore[attr-defined]
+        splits = [m for m in encoder.modules() if isinstance(m, SplitBatchNorm)]
+        plain = [m for m in encoder.modules() if type(m) is nn.BatchNorm2d]
+        assert splits and not plain, "the BatchNorm of both encoders is split, as per GPU"
     text = LOOP.read_text()
     step = next(m.group(2) for m in FENCE.finditer(text) if "for step in range" in m.group(2))
     assert "batch_shuffle(" in step and "batch_unshuffle(" in step

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -40,9 +41,9 @@ def _check_drop_in(ns: dict[str, object]) -> None:
     newest = queue.negatives().float() @ torch.nn.functional.normalize(k.float(), dim=1).T
     assert torch.allclose(newest.max(dim=0).values, torch.ones(32, device=k.device), atol=1e-5)
     assert isinstance(key_encoder, MomentumEncoder) and isinstance(model, torch.nn.Module)
-    splits = [m for m in key_encoder.key_encoder.modules() if isinstance(m, SplitBatchNorm)]
-    assert splits and all(m.num_splits == 8 for m in splits)  # the key encoder's BN only
-    assert not any(isinstance(m, SplitBatchNorm) for m in model.modules())
+    for encoder in (model, key_encoder.key_encoder):  # both normalise per 1/8, as 8 GPUs
+        norms = [m for m in encoder.modules() if isinstance(m, _BatchNorm)]
+        assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 8 for m in norms)
     moved = [
         not torch.equal(a, b)
         for a, b in zip(model.parameters(), key_encoder.key_encoder.parameters(), strict=True)

@@ -304,3 +304,28 @@ def test_v3_initialises_and_crops_as_the_authors() -> None:
             assert 0.95 * bound < layer.weight.detach().abs().max() <= bound
             assert not layer.bias.any()
         assert not attention.in_proj_bias.any()
+
+
+def test_linear_eval_v3_protocol_takes_the_authors_vit_lr() -> None:
+    """Their ViT linear probes run at lr 3 x batch/256 (CONFIG.md), ResNets' at 0.1."""
+    data = ["--data", "/d"]
+    assert linear_eval.parse_args(["--protocol", "v3", *data], False, TRAINED).lr == 0.1
+    vit = {"arch": "vit_small", "image_size": 224}
+    assert linear_eval.parse_args(["--protocol", "v3", *data], False, vit).lr == 3.0
+    assert linear_eval.parse_args([*data], True, vit).lr == 3.0  # a v3 checkpoint's recipe
+    assert linear_eval.parse_args([*data, "--arch", "vit_base"], True, TRAINED).lr == 3.0
+    assert linear_eval.parse_args([*data, "--lr", "0.5"], True, vit).lr == 0.5
+    assert linear_eval.parse_args([*data], False, vit).lr == 30.0  # v1/v2 protocol
+
+
+def test_one_process_splits_the_batchnorm_of_both_encoders() -> None:
+    """As 8 GPUs normalise their own 32 queries and keys (and the authors' CIFAR demo splits
+    both encoders): the queries were normalised over the whole batch."""
+    from momentum_contrast.norm import SplitBatchNorm
+
+    pieces, *_ = moco_v2.build(v2_args("--shuffle-splits", "2"), "v2", (torch.device("cpu"), 0, 1))
+    for encoder in (pieces["model"], pieces["key_encoder"].key_encoder):
+        norms = [
+            m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 2 for m in norms)

@@ -139,3 +139,19 @@ def test_a_stop_inside_an_epoch_reports_the_knn_of_the_weights_at_the_stop(
     train, val, classes = load_data(args)
     expected = knn_accuracy(features, train, val, classes, args, torch.device("cpu"))
     assert (ckpt["step"], done[2]) == (stop, f"{expected:.1f}"), result.stdout[-2000:]
+
+
+def test_held_out_images_are_resized_and_center_cropped_as_the_reference() -> None:
+    """They were stretched to a square: the reference resizes the shorter side to 256 and
+    cuts the center 224 px (at 32 px: 37, then 32). An image already 32 px square is kept."""
+    from data import Images
+
+    wide = torch.full((1, 3, 40, 80), 255, dtype=torch.uint8)
+    wide[..., 20:60] = 0  # only the middle half is black: the center crop sees nothing else
+    square = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    for images, expected in ((wide, torch.zeros(1, 3, 32, 32)), (square, square / 255)):
+        [(x, y)] = evaluation_batches(Images(images, torch.tensor([7])), 32, torch.device("cpu"))
+        assert x.shape == (1, 3, 32, 32) and y.tolist() == [7]
+        torch.testing.assert_close(x, (expected - mean) / std)

@@ -284,22 +284,25 @@ def loader(
 def evaluation_batches(
     data: Images, image_size: int, device: torch.device, *, workers: int = 0, seed: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every image of ``data`` in order, as the reference evaluates (Resize(256) and
-    CenterCrop(224) at 224 px): its shorter side resized to ``image_size`` x 256/224, the
-    center ``image_size`` px square cut out; an image already of that square (CIFAR's, as the
-    authors' CIFAR demo) as it is. Normalised with ImageNet's statistics:
-    ``(N, 3, image_size, image_size)`` floats and ``(N,)`` labels."""
+    """Every image of ``data`` in order: image files as the reference evaluates ImageNet
+    (Resize(256) and CenterCrop(224) at 224 px: the shorter side resized to ``image_size``
+    x 256/224, the center ``image_size`` px square cut out); the built-in data sets, stored
+    at one square size, resized to ``image_size`` (CIFAR at 32 px as it is, as the authors'
+    CIFAR demo). Normalised with ImageNet's statistics: ``(N, 3, image_size, image_size)``
+    floats and ``(N,)`` labels."""
     from torchvision.transforms.v2 import functional as F
 
     mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
-    shorter = round(image_size * 256 / 224)
+    shorter, files = round(image_size * 256 / 224), isinstance(data.items, list)
     for images, labels in loader(Images(data.items, data.labels), 256, workers=workers, seed=seed):
         views = []
         for image in images:  # (3, H, W) uint8, of any size
             image = image.to(device)
-            if image.shape[1:] != (image_size, image_size):
+            if files:
                 image = F.center_crop(F.resize(image, [shorter], antialias=True), [image_size])
+            elif image.shape[1:] != (image_size, image_size):
+                image = F.resize(image, [image_size, image_size], antialias=True)
             views.append(image)
         yield (torch.stack(views).float() / 255 - mean) / std, labels.to(device)
 

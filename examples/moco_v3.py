@@ -10,14 +10,15 @@
         --output-dir /shared/runs/v3 --resume auto --save-every 1000    # on every node
 
 Paper defaults (ImageNet): ResNet-50 with LARS, lr 0.6 x batch/256, weight decay 1e-6, T 1.0,
-10 warm-up epochs, 100 epochs, crops of 20-100%; ViTs with AdamW, lr 1.5e-4 x batch/256, weight
-decay 0.1, T 0.2, 40 warm-up epochs, 300 epochs, crops of 8-100%, a frozen random patch
+10 warm-up epochs, 100 epochs, crops of 20-100%; ViTs with AdamW, lr 1.5e-4 x batch/256,
+weight decay 0.1, T 0.2, 40 warm-up epochs, 300 epochs, crops of 8-100%, a frozen random patch
 projection and sin-cos position embeddings. Both: the authors' initialisation
-(``reference_init``), batch 4096, two symmetric views, keys from all GPUs as negatives, momentum
-0.99 -> 1 on a cosine, a projector (2 layers for ResNets, 3 for ViTs) and a predictor,
-SyncBatchNorm across GPUs. ``--accumulate N``: N micro-batches per process, each scored
-against the keys of the whole batch. ``--fsdp``: both encoders sharded with FSDP2 per ViT
-block; checkpoints in the replicated run's form (they move between ``--fsdp`` and DDP).
+(``reference_init``; timm's ViTs keep timm's), batch 4096, two symmetric views, keys from all
+GPUs as negatives, momentum 0.99 -> 1 on a cosine, a projector (2 layers for ResNets, 3 for
+ViTs) and a predictor, SyncBatchNorm across GPUs. ``--accumulate N``: N micro-batches per
+process, each scored against the keys of the whole batch. ``--fsdp``: both encoders sharded
+with FSDP2 per ViT block; checkpoints in the replicated run's form (they move between
+``--fsdp`` and DDP).
 
 Read top to bottom, as moco_v2.py: flags, the MoCo v3 pieces and their step (``build``),
 the checkpoints of ``--fsdp``, the loop (``main``). What a run needs besides MoCo (set-up,

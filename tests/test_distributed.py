@@ -163,7 +163,9 @@ def test_single_process_helpers_are_correct_no_ops() -> None:
         batch_unshuffle(shuffled[:10], idx)
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
         batch_unshuffle(shuffled.tolist(), idx)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got int"):
+    with pytest.raises(
+        TypeError, match=r"generator must be a torch\.Generator or None, got builtins\.int"
+    ):
         batch_shuffle(data, generator=123)  # type: ignore[arg-type]
     for op in (concat_all_gather, batch_shuffle):  # the same errors in every collective
         with pytest.raises(ValueError, match="x must have at least one dimension"):

@@ -262,7 +262,8 @@ def test_strip_unknown_model_says_what_to_do() -> None:
 
 
 @pytest.mark.parametrize(
-    ("build", "dim"), [("mobilenet_v3_small", 1024), ("mobilenet_v2", 1280), ("googlenet", 1024)]
+    ("build", "dim"),
+    [("mobilenet_v3_small", 1024), ("mobilenet_v2", 1280), ("googlenet", 1024), ("alexnet", 4096)],
 )
 def test_strip_removes_the_classifiers_dropout(build: str, dim: int) -> None:
     """The dropout in front of the classifier zeroed about 20% of the features at random,
@@ -276,14 +277,29 @@ def test_strip_removes_the_classifiers_dropout(build: str, dim: int) -> None:
     assert not any(isinstance(m, nn.Dropout) for m in model.modules())
 
 
-def test_strip_keeps_dropout_that_is_not_right_before_the_classifier() -> None:
+def test_strip_removes_a_classifiers_dropout_and_of_the_models_own_those_before_it() -> None:
+    """VGG's and AlexNet's classifier hold two dropouts, one between its Linear layers: both
+    go. Of a model's own children (GoogLeNet's layout), only the dropout registered right
+    before the classifier goes: another one may run anywhere in its forward."""
     vgg_like = nn.Sequential()
     vgg_like.add_module("features", nn.Flatten())
     layers = [nn.Linear(12, 8), nn.Dropout(0.5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)]
     vgg_like.add_module("classifier", nn.Sequential(*layers))
     model, dim = strip_classifier(vgg_like)
     kinds = [type(m).__name__ for m in model.get_submodule("classifier").children()]
-    assert dim == 8 and kinds == ["Linear", "Dropout", "ReLU", "Identity", "Identity"]
+    assert dim == 8 and kinds == ["Linear", "Identity", "ReLU", "Identity", "Identity"]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_dropout = nn.Dropout(0.1)
+            self.body = nn.Linear(6, 4)
+            self.dropout = nn.Dropout(0.2)
+            self.fc = nn.Linear(4, 2)
+
+    model, dim = strip_classifier(Net())
+    kinds = [type(m).__name__ for m in model.children()]
+    assert dim == 4 and kinds == ["Dropout", "Linear", "Identity", "Identity"]
 
 
 @pytest.mark.parametrize(

@@ -51,8 +51,11 @@ def test_embed_dataset_and_bad_input() -> None:
     assert feats.shape == (5, 2) and torch.equal(labels, torch.tensor([0, 1, 2, 1, 1]))
     with pytest.raises(ValueError, match="bank must have 2 columns"):
         knn_predict(feats, torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 3)
-    for unlabelled in ([torch.randn(2, 3)], [(torch.randn(2, 2),)]):  # a batch of 2 rows unpacked
-        with pytest.raises(TypeError, match=r"\(images, labels\) pairs, got (Tensor|tuple) of"):
+    unlabelled_batches = ([torch.randn(2, 3)], [(torch.randn(2, 2),)], [{"image": 0, "label": 1}])
+    for unlabelled in unlabelled_batches:  # a batch of 2 rows, a dict of 2 keys: unpacked
+        with pytest.raises(
+            TypeError, match=r"\(images, labels\) pairs .*, got (Tensor|tuple|dict)"
+        ):
             embed_dataset(torch.nn.Identity(), unlabelled)  # type: ignore[arg-type]
 
 

@@ -165,7 +165,8 @@ def batch_shuffle(
     _check_batch(x)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            "generator must be a torch.Generator or None, got "
+            f"{type(generator).__module__}.{type(generator).__qualname__}"
         )
     gathered, sizes = c.gather_with_sizes(x, group)  # (sum N_r, ...)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)

@@ -179,6 +179,8 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
       it (the width after a pre-logits layer: 1024 for ``mobilenetv3_small_050``, whose
       ``num_features`` is 288), else ``num_features``. One built without pooling
       (``global_pool=""``: a feature map or all tokens, not ``(N, C)``) raises ``TypeError``.
+      The head's dropout stays (``drop_rate``, 0.2 in ``rexnet_100`` and ``ghostnet_100``,
+      0 in most): create such a model with ``drop_rate=0.0``.
     - Hugging Face ``transformers`` vision models (``ResNetForImageClassification``,
       ``ViTModel``, ...), which return a ``ModelOutput``: *not* modified; returned is a
       new module around their base model giving ``(N, C)``: its pooled output (average
@@ -192,9 +194,10 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
       ``heads`` or ``classifier`` (torchvision ResNets, custom models), or an
       ``nn.Sequential`` under such a name ending in one (torchvision ViT's
       ``heads``, EfficientNet's ``classifier``): that ``Linear`` becomes ``nn.Identity``,
-      and so do the ``nn.Dropout`` layers registered right before it (EfficientNet's,
-      MobileNet's, GoogLeNet's: they regularise the classifier, and in the key encoder,
-      which runs in training mode, they would zero features at random).
+      and so do the ``nn.Dropout`` layers of that ``Sequential`` (EfficientNet's,
+      MobileNet's, VGG's) or, where the ``Linear`` is the model's own child, those
+      registered right before it (GoogLeNet's): they regularise the classifier, and in the
+      key encoder, which runs in training mode, they would zero features at random.
       Auxiliary classifiers (torchvision GoogLeNet's and Inception v3's ``aux_logits``,
       whose outputs a training-mode forward returns with the features) are removed.
 
@@ -254,10 +257,12 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
             parent, (name, last) = last, list(last.named_children())[-1]
         if isinstance(last, nn.Linear):
             setattr(parent, name, nn.Identity())
-            for child, layer in reversed(list(parent.named_children())[:-1]):
-                if not isinstance(layer, nn.Dropout):
+            siblings = list(parent.named_children())[:-1]  # the classifier's, or the model's
+            for child, layer in siblings if parent is not model else reversed(siblings):
+                if isinstance(layer, nn.Dropout):
+                    setattr(parent, child, nn.Identity())  # the classifier's dropout
+                elif parent is model:  # of the model's own, those right before it only
                     break
-                setattr(parent, child, nn.Identity())  # the classifier's dropout
             return model, last.in_features
     found = ", ".join(f"{n}: {type(m).__name__}" for n, m in children[-3:]) or "no children"
     raise TypeError(

@@ -128,10 +128,10 @@ def embed_dataset(
     """
     feats, labels = [], []
     for i, batch in enumerate(batches):
-        if isinstance(batch, torch.Tensor) or len(batch) != 2:  # a tensor's rows would unpack
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:  # a tensor's rows unpack
             raise TypeError(
-                f"batches must yield (images, labels) pairs, got {type(batch).__name__} of "
-                f"length {len(batch)} at batch {i}"
+                "batches must yield (images, labels) pairs (tuples or lists), got "
+                f"{type(batch).__name__} {batch!r:.50} at batch {i}"
             )
         images, y = batch
         feats.append(model(images.to(device, non_blocking=True)).float())

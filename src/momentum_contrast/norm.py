@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -90,31 +89,27 @@ class SplitBatchNorm(_BatchNorm):
                 f"{tuple(input.shape[1:])}: use fewer splits or larger batches"
             )
         factor = 0.0 if self.momentum is None else self.momentum
-        running_mean = running_var = None
+        means: list[torch.Tensor | None] = [None] * s
+        variances: list[torch.Tensor | None] = [None] * s
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average, as nn.BatchNorm
                 factor = 1.0 / float(self.num_batches_tracked)
             assert self.running_mean is not None and self.running_var is not None
-            running_mean = self.running_mean.repeat(s)  # (S * C,)
-            running_var = self.running_var.repeat(s)
-        # sub-batch s (rows s*N/S ... (s+1)*N/S - 1) becomes channels s*C ... (s+1)*C - 1
-        x = rearrange(input, "(s n) c ... -> n (s c) ...", s=s)  # (N/S, S*C, *)
-        y = F.batch_norm(
-            x,
-            running_mean,
-            running_var,
-            None if self.weight is None else self.weight.repeat(s),
-            None if self.bias is None else self.bias.repeat(s),
-            True,
-            factor,
-            self.eps,
+            means = [self.running_mean.clone() for _ in range(s)]  # each split moves its own
+            variances = [self.running_var.clone() for _ in range(s)]
+        # the sub-batches are views in the input's memory format (channels_last stays so)
+        sub_batches = zip(input.chunk(s), means, variances, strict=True)  # (N/S, C, *) each
+        y = torch.cat(
+            [
+                F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
+                for x, mean, var in sub_batches
+            ]
         )
-        if running_mean is not None and running_var is not None:
-            assert self.running_mean is not None and self.running_var is not None
-            self.running_mean.copy_(running_mean.view(s, -1).mean(dim=0))
-            self.running_var.copy_(running_var.view(s, -1).mean(dim=0))
-        return rearrange(y, "n (s c) ... -> (s n) c ...", s=s)  # back to (N, C, *)
+        if self.running_mean is not None and self.running_var is not None and means[0] is not None:
+            self.running_mean.copy_(torch.stack(means).mean(dim=0))  # type: ignore[arg-type]
+            self.running_var.copy_(torch.stack(variances).mean(dim=0))  # type: ignore[arg-type]
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"  # type: ignore[no-untyped-call]

@@ -49,11 +49,11 @@ class KeyQueue(nn.Module):
             seed, so that every rank holds the same ones with no exchange (the
             reference takes rank 0's through DDP), whatever each rank's seed or group,
             and the global random stream is left as it was. ``"empty"``: starts with no
-            keys and grows; before the first ``push`` a loss against ``negatives()``
-            (``(0, D)``) has no negative to score, so it is 0 with a zero gradient (its
-            length is a host integer: a step under ``torch.compile``
+            keys and grows (its length is a host integer: a step under ``torch.compile``
             recompiles at each new length, and past torch's recompile limit runs eagerly;
-            compile with ``"random"``).
+            compile with ``"random"``); before the first ``push`` a loss against
+            ``negatives()`` (``(0, D)``) has no negative to score: it is 0, with a zero
+            gradient.
         normalize: L2-normalise every pushed key (the queue then always holds
             unit-norm keys, as ``info_nce`` expects of its negatives).
         gather: when ``torch.distributed`` is initialised, all-gather the keys of

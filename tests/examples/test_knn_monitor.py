@@ -141,17 +141,29 @@ def test_a_stop_inside_an_epoch_reports_the_knn_of_the_weights_at_the_stop(
     assert (ckpt["step"], done[2]) == (stop, f"{expected:.1f}"), result.stdout[-2000:]
 
 
-def test_held_out_images_are_resized_and_center_cropped_as_the_reference() -> None:
-    """They were stretched to a square: the reference resizes the shorter side to 256 and
-    cuts the center 224 px (at 32 px: 37, then 32). An image already 32 px square is kept."""
+def test_held_out_images_are_resized_and_center_cropped_as_the_reference(tmp_path: Path) -> None:
+    """Image files were stretched to a square: the reference resizes the shorter side to 256
+    and cuts the center 224 px (at 32 px: 37, then 32), a 32 px square file too. The
+    built-in data sets, stored at one square size, are resized to the crop size."""
     from data import Images
 
-    wide = torch.full((1, 3, 40, 80), 255, dtype=torch.uint8)
+    wide = torch.full((3, 40, 80), 255, dtype=torch.uint8)
     wide[..., 20:60] = 0  # only the middle half is black: the center crop sees nothing else
-    square = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    square = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    square[:, :2] = 255  # a white border row that the 37 px resize and 32 px crop cut away
+    files = []
+    for name, image in (("wide", wide), ("square", square)):
+        files.append(str(tmp_path / f"{name}.png"))
+        write_png(image, files[-1])
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    for images, expected in ((wide, torch.zeros(1, 3, 32, 32)), (square, square / 255)):
-        [(x, y)] = evaluation_batches(Images(images, torch.tensor([7])), 32, torch.device("cpu"))
-        assert x.shape == (1, 3, 32, 32) and y.tolist() == [7]
-        torch.testing.assert_close(x, (expected - mean) / std)
+    [(x, y)] = evaluation_batches(Images(files, torch.tensor([7, 8])), 32, torch.device("cpu"))
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [7, 8]
+    torch.testing.assert_close(x[0], (torch.zeros(3, 32, 32) - mean[0]) / std[0])
+    pixels = x[1] * std[0] + mean[0]  # the white rows, zoomed by 37 / 32, fall mostly outside
+    assert pixels.max() < 0.5 and pixels[:, 8:].max() < 1e-6
+    stored = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)  # CIFAR: as it is
+    [(x, _)] = evaluation_batches(Images(stored, torch.tensor([0])), 32, torch.device("cpu"))
+    torch.testing.assert_close(x, (stored / 255 - mean) / std)
+    [(x, _)] = evaluation_batches(Images(stored, torch.tensor([0])), 48, torch.device("cpu"))
+    assert x.shape == (1, 3, 48, 48)  # resized whole, not cropped

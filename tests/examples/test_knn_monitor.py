@@ -81,7 +81,7 @@ def test_knn_accuracy_is_that_of_a_random_split(val: bool, tmp_path: Path) -> No
     args = flags(root)
     features = nn.Flatten()  # raw normalised pixels: a fixed feature extractor
     reference = random_split_accuracy(root, args, features)
-    assert 65 < reference < 90  # the task is neither trivial nor hopeless
+    assert 50 < reference < 90  # neither trivial nor hopeless (chance: 17%; files are cropped)
     train, held_out, classes = datasets(args.data, image_size=args.image_size)
     accuracy = knn_accuracy(features, train, held_out, classes, args, torch.device("cpu"))
     assert abs(accuracy - reference) < 10, (accuracy, reference)

@@ -82,7 +82,7 @@ class SplitBatchNorm(_BatchNorm):
                 f"input batch size must be divisible by num_splits={s}, got {n} rows (leave out "
                 "a smaller last batch: DataLoader(..., drop_last=True))"
             )
-        if n // s * math.prod(input.shape[2:]) == 1:  # nn.BatchNorm's error shows (1, S * C)
+        if n // s * math.prod(input.shape[2:]) == 1:  # torch's error would not name num_splits
             raise ValueError(
                 f"input: each of the num_splits={s} sub-batches must hold more than one value "
                 f"per channel to normalise in training, got {n // s} row(s) of shape "

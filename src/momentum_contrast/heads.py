@@ -21,6 +21,10 @@ __all__ = [
 _CLASSIFIER_NAMES = ("fc", "head", "heads", "classifier")
 
 
+def _is_dropout(named: tuple[str, nn.Module]) -> bool:
+    return isinstance(named[1], nn.Dropout)
+
+
 def build_mlp(
     in_dim: int, *, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True
 ) -> nn.Sequential:
@@ -257,12 +261,11 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
             parent, (name, last) = last, list(last.named_children())[-1]
         if isinstance(last, nn.Linear):
             setattr(parent, name, nn.Identity())
-            siblings = list(parent.named_children())[:-1]  # the classifier's, or the model's
-            for child, layer in siblings if parent is not model else reversed(siblings):
-                if isinstance(layer, nn.Dropout):
-                    setattr(parent, child, nn.Identity())  # the classifier's dropout
-                elif parent is model:  # of the model's own, those right before it only
-                    break
+            siblings = list(parent.named_children())[:-1]
+            if parent is model:  # of the model's own children, the dropouts right before it
+                siblings = list(itertools.takewhile(_is_dropout, reversed(siblings)))
+            for child, _ in filter(_is_dropout, siblings):  # the classifier's dropout
+                setattr(parent, child, nn.Identity())
             return model, last.in_features
     found = ", ".join(f"{n}: {type(m).__name__}" for n, m in children[-3:]) or "no children"
     raise TypeError(

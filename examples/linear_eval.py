@@ -16,10 +16,11 @@ The protocol follows the reference code: the backbone is frozen with its BatchNo
 mode; a linear layer (weights ~ N(0, 0.01), zero bias) is trained with SGD, momentum 0.9, no
 weight decay, on random-resized crops and flips: MoCo v1/v2 lr 30 for 100 epochs, divided by
 10 at 60 and 80; MoCo v3 lr 0.1 x batch/256 (ViTs: 3 x batch/256) for 90 epochs, cosine.
-Held-out images are resized to 256/224 of the crop size on their shorter side and
-center-cropped (images already of the crop size, CIFAR's, as they are). ``--protocol`` picks one
-(default: the checkpoint's recipe; v1/v2 for a plain state dict). Reports top-1 and top-5 on
-the held-out split (also in --output-dir/linear_eval.json) and checks the backbone is unchanged.
+Held-out image files are resized to 256/224 of the crop size on their shorter side and
+center-cropped; the built-in data sets, stored at one size, are resized to the crop size.
+``--protocol`` picks one (default: the checkpoint's recipe; v1/v2 for a plain state dict).
+Reports top-1 and top-5 on the held-out split (also in --output-dir/linear_eval.json) and
+checks the backbone is unchanged.
 The flag helpers, the set-up and the backbones are the pre-training scripts' (harness.py); the
 data comes from data.py.
 """

@@ -3,6 +3,7 @@ updates per optimizer step (gradient accumulation with a misplaced update) and F
 
 from __future__ import annotations
 
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -77,6 +78,24 @@ def test_each_warning_is_given_once_and_one_does_not_hide_the_other() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         enc.update()  # once each
+
+
+@pytest.mark.parametrize("steps, warned", [(2, False), (3, True)])
+def test_with_an_update_after_every_step_the_warning_starts_at_the_third(
+    steps: int, warned: bool
+) -> None:
+    # as the docs say: the first update has nothing to compare with, and two updates must
+    # have found a step since the one before
+    online = nn.Linear(4, 4)
+    enc = MomentumEncoder(online)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            with torch.no_grad():
+                online.weight.add_(1.0)  # a step
+            enc.update()
+        enc.update()  # a second update, no step between
+    assert any(re.search(WARNING, str(w.message)) for w in caught) == warned
 
 
 def test_an_in_place_write_of_the_online_model_counts_as_a_step() -> None:

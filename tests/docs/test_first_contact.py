@@ -116,6 +116,41 @@ def test_loop_guide_cifar_stem_is_the_examples(loop_page: dict[str, object]) -> 
     assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, 512)  # type: ignore[operator]
 
 
+# ---- docs/guides/scaling-out.md: the FSDP2 block learns
+SCALING = DOCS / "guides" / "scaling-out.md"
+
+
+def test_scaling_out_fsdp_block_learns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The FSDP2 block's loss is not the constant ``4 T ln N`` and its gradients are not 0
+    (a torchvision ViT's zero-initialised classifier as the output trained nothing)."""
+    import math
+
+    block = next(
+        m.group(2) for m in FENCE.finditer(SCALING.read_text()) if "fully_shard(" in m.group(2)
+    )
+    port = _free_port()
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    namespace: dict[str, object] = {"__name__": "docs_scaling_out"}
+    torch.manual_seed(0)
+    try:
+        with working_folder(tmp_path):
+            exec(compile(block, f"{SCALING.relative_to(ROOT)} FSDP2 block", "exec"), namespace)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    losses = [float(x) for x in re.findall(r"step \d+ loss (\S+)", capsys.readouterr().out)]
+    constant = 4 * 0.2 * math.log(4)  # every output equal: T 0.2, 4 images
+    assert len(losses) == 2 and all(math.isfinite(v) and abs(v - constant) > 1e-3 for v in losses)
+    vit = namespace["vit"]
+    assert isinstance(vit, nn.Module)
+    grads = [p.grad.to_local() for p in vit.parameters() if p.grad is not None]  # type: ignore[attr-defined]
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads)
+
+
 # ---- docs/guides/pretrained-weights.md: a temporary folder, Hugging Face backbones
 WEIGHTS = DOCS / "guides" / "pretrained-weights.md"
 

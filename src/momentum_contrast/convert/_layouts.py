@@ -112,7 +112,9 @@ def select_backbone(
         expected = "; ".join(f"{f}: {', '.join(a)}" for f, (a, _) in FAMILIES.items())
         raise LayoutError(
             f"{what} holds no backbone: expected the keys of a ResNet or ViT encoder "
-            f"({expected}), found {len(tensors)} tensors ({sample}, ...)"
+            f"({expected}), found {len(tensors)} tensors ({sample}, ...); only ResNets and "
+            "ViTs convert (the example scripts' small_cnn does not; their linear_eval.py "
+            "evaluates its checkpoints as saved)"
         )
     if prefix is not None:
         under = prefix.strip(".")

@@ -19,6 +19,7 @@ import random
 import re
 import socket
 import sys
+import zipfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,6 +63,13 @@ def restore_rng(saved: list[dict[str, Any]], seed: int, rank: int, world: int, s
               "Shuffle-BN) will differ", file=sys.stderr)  # fmt: skip
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line, without terminal colours (torch.load's advice is many
+    lines, some coloured): the scripts stop with one line."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 # ---- The checkpoint's states: the unwrapped modules' (no DDP "module." prefix)
 def state_of(pieces: dict[str, Any]) -> dict[str, Any]:
     return {name: getattr(obj, "module", obj).state_dict() for name, obj in pieces.items()}
@@ -94,7 +102,9 @@ def claim(output_dir: str) -> IO[str] | None:
     """On rank 0: make --output-dir and hold an exclusive lock on its .lock file for as long as
     the process lives (the kernel lets go when it ends, killed too), so that a second run
     started into the same folder, before or after the first one's first checkpoint, stops
-    instead of writing between its files. Keep the returned file open."""
+    instead of writing between its files. Keep the returned file open. A POSIX lock
+    (``lockf``), the process's own: a ``flock`` would be held on by the loader workers
+    forked from it, for seconds after it was killed, and refuse the restarted run."""
     if os.environ.get("RANK", "0") != "0":
         return None
     out = Path(output_dir)
@@ -104,11 +114,13 @@ def claim(output_dir: str) -> IO[str] | None:
     except OSError as e:
         fail(f"--output-dir {output_dir}: cannot write there ({type(e).__name__}: {e})")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        lock.seek(0)
-        fail(f"--output-dir {output_dir} is in use by another run ({lock.read().strip()}): wait "
-             "for it to end, or use another --output-dir")  # fmt: skip
+        with lock:
+            lock.seek(0)
+            holder = lock.read().strip()
+        fail(f"--output-dir {output_dir} is in use by another run ({holder}): wait for it to "
+             "end, or use another --output-dir")  # fmt: skip
     lock.seek(0)
     lock.truncate()
     lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
@@ -134,7 +146,12 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
     debug_dump(state, rank, f"{step:07d}")
     if rank == 0:
         plot(out)
-        torch.save({**state, **meta, "step": step, "rng": rng}, out / "checkpoint.tmp")
+        try:
+            torch.save({**state, **meta, "step": step, "rng": rng}, out / "checkpoint.tmp")
+        except (OSError, RuntimeError) as e:  # torch's: "unexpected pos" where the disk is full
+            (out / "checkpoint.tmp").unlink(missing_ok=True)  # the space it took, given back
+            fail(f"cannot write the checkpoint of step {step} into {out} (is the disk full?): "
+                 f"{first_line(e)}")  # fmt: skip
         os.replace(out / "checkpoint.tmp", out / f"checkpoint_{step:07d}.pt")
         for old in checkpoints(out)[:-keep]:  # none is newer than this one (load_resume)
             old.unlink()
@@ -207,9 +224,12 @@ def load_resume(
     for path in candidates:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            with zipfile.ZipFile(path) as archive:  # torch.load reads no record's checksum
+                if (damaged := archive.testzip()) is not None:
+                    raise ValueError(f"its record {damaged} fails its CRC-32 check")
             break
-        except Exception as e:  # no such file, not a PyTorch file, cut short
-            problem = f"{path} is not a checkpoint ({type(e).__name__}: {e})"
+        except Exception as e:  # no such file, not a PyTorch file, cut short, damaged
+            problem = f"{path} is not a checkpoint ({type(e).__name__}: {first_line(e)})"
             if args.resume != "auto" or path == candidates[-1]:
                 fail(f"--resume {problem}")
             print(f"warning: {problem}; taking the one before (it becomes "

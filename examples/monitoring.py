@@ -7,6 +7,7 @@ features, measured on rank 0) and the last line (``report``).
 from __future__ import annotations
 
 import csv
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,14 @@ class StepLog:
         if path is not None and keep and path.exists():
             with open(path, newline="") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["step"]) <= keep]
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.write(*kept, mode="w")
+        if path is not None:  # the kept rows into a new file, renamed over the old one: a
+            path.parent.mkdir(parents=True, exist_ok=True)  # kill meanwhile loses none
+            self.write(*kept, mode="w", to=path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
 
-    def write(self, *rows: dict[str, Any], mode: str = "a") -> None:
+    def write(self, *rows: dict[str, Any], mode: str = "a", to: Path | None = None) -> None:
         if self.path is not None:
-            with open(self.path, mode, newline="") as f:
+            with open(to or self.path, mode, newline="") as f:
                 writer = csv.DictWriter(f, self.FIELDS)
                 if mode == "w":
                     writer.writeheader()

@@ -12,6 +12,9 @@ import argparse
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from example_runner import (
 )
 
 import_examples()
+import checkpoints as checkpoints_module  # noqa: E402
 import moco_v2  # noqa: E402
 from checkpoints import checkpoints, claim, load_resume  # noqa: E402
 
@@ -148,6 +152,60 @@ def resume_args(out: Path, resume: str) -> argparse.Namespace:
     return moco_v2.parse_args([*V12, "--output-dir", str(out), "--resume", resume])
 
 
+CHECKS = ("moco_v2", moco_v2.MUST_MATCH, moco_v2.WARN_IF_CHANGED)
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # bytes of a tensor changed on the disk: torch.load reads no checksum and took the
+    # wrong weights silently; the zip's CRC-32 of each record tells
+    fake(tmp_path, 4)
+    weights = torch.arange(4096, dtype=torch.float32)
+    path = fake(tmp_path, 8)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "model": {"w": weights}}, path)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(weights.numpy().tobytes())
+    data[at + 1000 : at + 1008] = bytes(8)  # two weights zeroed
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"], weights)  # silent
+    resumed = load_resume(resume_args(tmp_path, "auto"), *CHECKS)
+    assert resumed is not None and resumed[1]["step"] == 4
+    err = capsys.readouterr().err
+    assert "checkpoint_0000008.pt is not a checkpoint" in err and "CRC-32" in err
+    assert (tmp_path / "checkpoint_0000008.pt.unreadable").is_file()
+    with pytest.raises(SystemExit, match="CRC-32"):  # named: no fallback
+        damaged = tmp_path / "checkpoint_0000008.pt.unreadable"
+        load_resume(resume_args(tmp_path / "elsewhere", str(damaged)), *CHECKS)
+
+
+def test_resuming_a_file_that_is_no_checkpoint_stops_in_one_line(tmp_path: Path) -> None:
+    (notes := tmp_path / "notes.pt").write_text('{"step": 3}')
+    torch.save(torch.nn.Linear(2, 2), whole := tmp_path / "whole_model.pt")  # a pickled module
+    for path in (notes, whole):
+        with pytest.raises(SystemExit) as stop:
+            load_resume(resume_args(tmp_path / "run", str(path)), *CHECKS)
+        message = str(stop.value)
+        assert "is not a checkpoint" in message and "\n" not in message, message
+        assert "\x1b" not in message, message
+
+
+def test_a_full_disk_stops_in_one_line_and_gives_the_space_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(obj: object, path: Path) -> None:
+        Path(path).write_bytes(bytes(1000))  # what fitted
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2349888")
+
+    monkeypatch.setattr(checkpoints_module, "plot", lambda out: None)
+    monkeypatch.setattr(checkpoints_module.torch, "save", full)
+    with pytest.raises(SystemExit, match=r"cannot write the checkpoint of step 3 into .* \(is "
+                       r"the disk full\?\): \[enforce fail"):  # fmt: skip
+        checkpoints_module.save_checkpoint(tmp_path, {}, {}, 3, (torch.device("cpu"), 0, 1), keep=2)
+    assert list(tmp_path.iterdir()) == []  # no checkpoint.tmp left holding the space
+
+
 def test_an_older_checkpoint_is_not_resumed_into_a_folder_with_newer_ones(tmp_path: Path) -> None:
     # the run would write between the newer checkpoints (and the clean-up keep those), and a
     # later --resume auto would go back to them
@@ -182,6 +240,40 @@ def test_a_second_run_into_a_folder_in_use_stops(tmp_path: Path) -> None:
     again = claim(str(tmp_path))  # let go: the folder is free again
     assert again is not None
     again.close()
+
+
+def test_the_lock_dies_with_the_run_not_with_the_loader_processes_it_forked(
+    tmp_path: Path,
+) -> None:
+    # a killed run's DataLoader workers live on for seconds; a lock they inherited (flock)
+    # refused the run that torchrun restarted into the folder, and the run was lost
+    script = (
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(Path(moco_v2.__file__).parent)!r})\n"
+        "from checkpoints import claim\n"
+        f"lock = claim({str(tmp_path)!r})\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60)  # a loader worker, holding the file open\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as job:
+        assert job.stdout is not None
+        worker = int(job.stdout.readline())
+        try:
+            with pytest.raises(SystemExit, match="is in use by another run"):
+                claim(str(tmp_path))  # the run lives: refused
+            job.kill()  # the run dies; the worker it forked lives on
+            job.wait(timeout=30)
+            os.kill(worker, 0)  # still there
+            again = claim(str(tmp_path))  # the restarted run takes the folder
+            assert again is not None
+            again.close()
+        finally:
+            job.kill()
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_an_output_dir_that_cannot_be_written_stops_before_anything_is_built(

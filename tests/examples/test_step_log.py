@@ -118,3 +118,28 @@ def test_log_every_must_be_positive() -> None:
     result = run("moco_v2.py", *TINY, "--log-every", "0", check=False)
     assert result.returncode != 0
     assert "error: argument --log-every: must be positive, got 0" in result.stderr
+
+
+def test_a_resumed_log_loses_no_row_when_killed_while_it_rewrites(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # a resumed run keeps the rows up to its checkpoint's step and drops a crash's later
+    # ones; killed while it writes them back (seconds for a million rows), the old file stays
+    path = tmp_path / "metrics.csv"
+    log = StepLog(path, every=1, batch_size=8)
+    for step in range(1, 11):
+        log.add(step, 0, torch.tensor(1.0 / step), 0.1, 0.99)
+    log.flush()
+    before = path.read_text()
+
+    def killed(self: csv.DictWriter[str], rows: Any) -> None:
+        raise KeyboardInterrupt  # stands for the SIGKILL halfway through the rewrite
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        StepLog(path, every=1, batch_size=8, keep=6)
+    assert path.read_text() == before  # all ten rows: the resume after it keeps six of them
+    monkeypatch.undo()
+    StepLog(path, every=1, batch_size=8, keep=6)
+    with open(path) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 7))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -63,11 +64,32 @@ def restore_rng(saved: list[dict[str, Any]], seed: int, rank: int, world: int, s
               "Shuffle-BN) will differ", file=sys.stderr)  # fmt: skip
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's first line, without terminal colours (torch.load's advice is many
-    lines, some coloured): the scripts stop with one line."""
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+def reason(e: BaseException) -> str:
+    """Why, in one line: torch.load's refusal of a file that is no weights-only checkpoint
+    takes many lines (some coloured), of which the unpickler's own is kept."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if cause := re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text):
+        what = cause[1].split(" was not an allowed global")[0]  # the class a pickle names
+        return f"{type(e).__name__}: no weights-only checkpoint: {what}"
+    lines = text.strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def damaged_record(path: Path) -> str | None:
+    """The first record of a checkpoint (a zip) whose data fails its CRC-32, which torch.load
+    does not check; records saved without one (``torch.serialization.set_crc32_options
+    (False)`` writes 0) are not checked."""
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.CRC == 0 and record.file_size:
+                continue
+            try:
+                with archive.open(record) as data:  # the check runs at the end of the data
+                    while data.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile:
+                return record.filename
+    return None
 
 
 # ---- The checkpoint's states: the unwrapped modules' (no DDP "module." prefix)
@@ -102,9 +124,10 @@ def claim(output_dir: str) -> IO[str] | None:
     """On rank 0: make --output-dir and hold an exclusive lock on its .lock file for as long as
     the process lives (the kernel lets go when it ends, killed too), so that a second run
     started into the same folder, before or after the first one's first checkpoint, stops
-    instead of writing between its files. Keep the returned file open. A POSIX lock
-    (``lockf``), the process's own: a ``flock`` would be held on by the loader workers
-    forked from it, for seconds after it was killed, and refuse the restarted run."""
+    instead of writing between its files. Keep the returned file open. The processes it forks
+    (loader workers) close their copy at once: they outlive a killed run by seconds, and
+    holding the lock on they would refuse the run restarted into the folder. On a file
+    system without locks the run warns and goes on."""
     if os.environ.get("RANK", "0") != "0":
         return None
     out = Path(output_dir)
@@ -114,13 +137,17 @@ def claim(output_dir: str) -> IO[str] | None:
     except OSError as e:
         fail(f"--output-dir {output_dir}: cannot write there ({type(e).__name__}: {e})")
     try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.register_at_fork(after_in_child=lock.close)  # forked: let go of it
+    except BlockingIOError:
         with lock:
             lock.seek(0)
             holder = lock.read().strip()
         fail(f"--output-dir {output_dir} is in use by another run ({holder}): wait for it to "
              "end, or use another --output-dir")  # fmt: skip
+    except OSError as e:  # ENOLCK: a file system without locks
+        print(f"warning: --output-dir {output_dir} cannot be locked ({e.strerror}): nothing "
+              "stops a second run started into it", file=sys.stderr)  # fmt: skip
     lock.seek(0)
     lock.truncate()
     lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
@@ -148,10 +175,14 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
         plot(out)
         try:
             torch.save({**state, **meta, "step": step, "rng": rng}, out / "checkpoint.tmp")
-        except (OSError, RuntimeError) as e:  # torch's: "unexpected pos" where the disk is full
-            (out / "checkpoint.tmp").unlink(missing_ok=True)  # the space it took, given back
+        except (OSError, RuntimeError) as e:  # a write that failed, torch's "unexpected pos"
+            short = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e)
+            if not short:
+                raise
+            with contextlib.suppress(OSError):  # the space it took, given back
+                (out / "checkpoint.tmp").unlink(missing_ok=True)
             fail(f"cannot write the checkpoint of step {step} into {out} (is the disk full?): "
-                 f"{first_line(e)}")  # fmt: skip
+                 f"{reason(e)}")  # fmt: skip
         os.replace(out / "checkpoint.tmp", out / f"checkpoint_{step:07d}.pt")
         for old in checkpoints(out)[:-keep]:  # none is newer than this one (load_resume)
             old.unlink()
@@ -224,12 +255,11 @@ def load_resume(
     for path in candidates:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            with zipfile.ZipFile(path) as archive:  # torch.load reads no record's checksum
-                if (damaged := archive.testzip()) is not None:
-                    raise ValueError(f"its record {damaged} fails its CRC-32 check")
+            if (damaged := damaged_record(path)) is not None:
+                raise ValueError(f"its record {damaged} fails its CRC-32 check")
             break
         except Exception as e:  # no such file, not a PyTorch file, cut short, damaged
-            problem = f"{path} is not a checkpoint ({type(e).__name__}: {first_line(e)})"
+            problem = f"{path} is not a checkpoint ({reason(e)})"
             if args.resume != "auto" or path == candidates[-1]:
                 fail(f"--resume {problem}")
             print(f"warning: {problem}; taking the one before (it becomes "

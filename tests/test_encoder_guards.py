@@ -98,6 +98,24 @@ def test_with_an_update_after_every_step_the_warning_starts_at_the_third(
     assert any(re.search(WARNING, str(w.message)) for w in caught) == warned
 
 
+@pytest.mark.parametrize("windows, warned", [(2, False), (3, True)])
+@pytest.mark.parametrize("micro_batches", [2, 4])
+def test_with_an_update_per_micro_batch_the_warning_comes_in_the_third_window(
+    windows: int, warned: bool, micro_batches: int
+) -> None:
+    online = nn.Linear(4, 4)
+    enc = MomentumEncoder(online)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for window in range(windows):
+            for _ in range(micro_batches):
+                enc.update()  # misplaced: once per micro-batch
+            if window < windows - 1:
+                with torch.no_grad():
+                    online.weight.add_(1.0)  # the window's optimizer step
+    assert any(re.search(WARNING, str(w.message)) for w in caught) == warned
+
+
 def test_an_in_place_write_of_the_online_model_counts_as_a_step() -> None:
     online = nn.Linear(4, 4)
     enc = MomentumEncoder(online)

@@ -71,8 +71,9 @@ class MomentumEncoder(nn.Module):
     on every parameter, in place, in fused multi-tensor ops (one per device and dtype
     group), the parameters paired by name. A second update with no optimizer step since the
     previous one warns, once two updates have each found a step since the update before
-    them (from the third step on; not after the steps of a fused optimizer, which leave no
-    trace): the momentum would compound to ``m**2`` (as under gradient accumulation).
+    them (with an update after every step, from the third step on; with one per
+    micro-batch, in the third accumulation window; not after the steps of a fused optimizer,
+    which leave no trace): the momentum would compound to ``m**2``.
 
     Nothing can leave the key encoder silently stale. Every update walks both models and
     compares, on the host (no tensor value is read, so it is safe in a CUDA graph), the

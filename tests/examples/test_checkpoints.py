@@ -9,6 +9,7 @@ before anything is built. One process, MoCo v2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -189,6 +190,7 @@ def test_resuming_a_file_that_is_no_checkpoint_stops_in_one_line(tmp_path: Path)
         message = str(stop.value)
         assert "is not a checkpoint" in message and "\n" not in message, message
         assert "\x1b" not in message, message
+    assert "Unsupported global: GLOBAL torch.nn.modules.linear.Linear" in message  # the cause
 
 
 def test_a_full_disk_stops_in_one_line_and_gives_the_space_back(
@@ -201,9 +203,43 @@ def test_a_full_disk_stops_in_one_line_and_gives_the_space_back(
     monkeypatch.setattr(checkpoints_module, "plot", lambda out: None)
     monkeypatch.setattr(checkpoints_module.torch, "save", full)
     with pytest.raises(SystemExit, match=r"cannot write the checkpoint of step 3 into .* \(is "
-                       r"the disk full\?\): \[enforce fail"):  # fmt: skip
+                       r"the disk full\?\): RuntimeError: \[enforce fail"):  # fmt: skip
         checkpoints_module.save_checkpoint(tmp_path, {}, {}, 3, (torch.device("cpu"), 0, 1), keep=2)
     assert list(tmp_path.iterdir()) == []  # no checkpoint.tmp left holding the space
+
+    def broken(obj: object, path: Path) -> None:
+        raise RuntimeError("Attempted to access the data pointer on an invalid python storage.")
+
+    monkeypatch.setattr(checkpoints_module.torch, "save", broken)  # a bug, not the disk: as is
+    with pytest.raises(RuntimeError, match="invalid python storage"):
+        checkpoints_module.save_checkpoint(tmp_path, {}, {}, 3, (torch.device("cpu"), 0, 1), keep=2)
+
+
+def test_a_checkpoint_saved_without_crc32_resumes(tmp_path: Path) -> None:
+    # torch.serialization.set_crc32_options(False) writes 0 for every record's CRC-32 (faster
+    # saves): nothing to check, no damage to report
+    path = fake(tmp_path, 4)
+    ckpt = torch.load(path, weights_only=True)
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({**ckpt, "model": {"w": torch.arange(4096.0)}}, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    resumed = load_resume(resume_args(tmp_path, "auto"), *CHECKS)
+    assert resumed is not None and resumed[1]["step"] == 4
+
+
+def test_a_folder_that_cannot_be_locked_warns_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_locks(fd: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # Lustre with noflock, NFS
+
+    monkeypatch.setattr(checkpoints_module.fcntl, "flock", no_locks)
+    held = claim(str(tmp_path))
+    assert held is not None
+    held.close()
+    assert "cannot be locked" in capsys.readouterr().err
 
 
 def test_an_older_checkpoint_is_not_resumed_into_a_folder_with_newer_ones(tmp_path: Path) -> None:

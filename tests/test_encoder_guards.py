@@ -80,39 +80,30 @@ def test_each_warning_is_given_once_and_one_does_not_hide_the_other() -> None:
         enc.update()  # once each
 
 
-@pytest.mark.parametrize("steps, warned", [(2, False), (3, True)])
-def test_with_an_update_after_every_step_the_warning_starts_at_the_third(
-    steps: int, warned: bool
-) -> None:
+@pytest.mark.parametrize(
+    "schedule, warned",  # s: an optimizer step, u: an update
+    [
+        ("susuu", False),  # an update after every step: from the third step on
+        ("sususuu", True),
+        ("uusuu", False),  # an update per micro-batch: in the third accumulation window
+        ("uusuusuu", True),
+        ("uuuusuuuu", False),
+        ("uuuusuuuusuuuu", True),
+    ],
+)
+def test_when_the_warning_starts(schedule: str, warned: bool) -> None:
     # as the docs say: the first update has nothing to compare with, and two updates must
     # have found a step since the one before
     online = nn.Linear(4, 4)
     enc = MomentumEncoder(online)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(steps):
-            with torch.no_grad():
-                online.weight.add_(1.0)  # a step
-            enc.update()
-        enc.update()  # a second update, no step between
-    assert any(re.search(WARNING, str(w.message)) for w in caught) == warned
-
-
-@pytest.mark.parametrize("windows, warned", [(2, False), (3, True)])
-@pytest.mark.parametrize("micro_batches", [2, 4])
-def test_with_an_update_per_micro_batch_the_warning_comes_in_the_third_window(
-    windows: int, warned: bool, micro_batches: int
-) -> None:
-    online = nn.Linear(4, 4)
-    enc = MomentumEncoder(online)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for window in range(windows):
-            for _ in range(micro_batches):
-                enc.update()  # misplaced: once per micro-batch
-            if window < windows - 1:
+        for event in schedule:
+            if event == "s":
                 with torch.no_grad():
-                    online.weight.add_(1.0)  # the window's optimizer step
+                    online.weight.add_(1.0)
+            else:
+                enc.update()
     assert any(re.search(WARNING, str(w.message)) for w in caught) == warned
 
 

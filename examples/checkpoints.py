@@ -14,12 +14,14 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import random
 import re
 import socket
 import sys
+import weakref
 import zipfile
 from pathlib import Path
 from typing import IO, Any
@@ -81,7 +83,7 @@ def damaged_record(path: Path) -> str | None:
     (False)`` writes 0) are not checked."""
     with zipfile.ZipFile(path) as archive:
         for record in archive.infolist():
-            if record.CRC == 0 and record.file_size:
+            if record.CRC == 0:  # none written (or an empty record: nothing to check)
                 continue
             try:
                 with archive.open(record) as data:  # the check runs at the end of the data
@@ -138,14 +140,14 @@ def claim(output_dir: str) -> IO[str] | None:
         fail(f"--output-dir {output_dir}: cannot write there ({type(e).__name__}: {e})")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.register_at_fork(after_in_child=lock.close)  # forked: let go of it
+        os.register_at_fork(after_in_child=functools.partial(_let_go, weakref.ref(lock)))
     except BlockingIOError:
         with lock:
             lock.seek(0)
             holder = lock.read().strip()
         fail(f"--output-dir {output_dir} is in use by another run ({holder}): wait for it to "
              "end, or use another --output-dir")  # fmt: skip
-    except OSError as e:  # ENOLCK: a file system without locks
+    except OSError as e:  # ENOLCK, ENOSYS: a file system that refuses flock
         print(f"warning: --output-dir {output_dir} cannot be locked ({e.strerror}): nothing "
               "stops a second run started into it", file=sys.stderr)  # fmt: skip
     lock.seek(0)
@@ -155,10 +157,19 @@ def claim(output_dir: str) -> IO[str] | None:
     return lock
 
 
+def _let_go(held: weakref.ref[IO[str]]) -> None:
+    """In a forked process: close the run's lock file, held weakly (a run's that ended goes)."""
+    if (lock := held()) is not None:
+        lock.close()
+
+
 def saves_at(args: argparse.Namespace, step: int, steps_per_epoch: int, last: int) -> bool:
     """Whether a checkpoint follows ``step``: an epoch's end, the stop, every --save-every."""
     every = args.save_every and step % args.save_every == 0
     return step % steps_per_epoch == 0 or step == last or bool(every)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over a file-size limit
 
 
 def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step: int,
@@ -173,12 +184,14 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
     debug_dump(state, rank, f"{step:07d}")
     if rank == 0:
         plot(out)
-        try:
-            torch.save({**state, **meta, "step": step, "rng": rng}, out / "checkpoint.tmp")
-        except (OSError, RuntimeError) as e:  # a write that failed, torch's "unexpected pos"
-            short = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e)
-            if not short:
-                raise
+        try:  # through a file of Python's: a short write raises OSError with its errno (a
+            with open(out / "checkpoint.tmp", "wb") as f:  # path of torch's may end short
+                torch.save({**state, **meta, "step": step, "rng": rng}, f)  # and say nothing)
+                f.flush()
+                os.fsync(f.fileno())  # on the disk before it takes the name
+        except (OSError, RuntimeError) as e:
+            if getattr(e, "errno", None) not in FULL and "unexpected pos" not in str(e):
+                raise  # not a short write: a bug keeps its traceback
             with contextlib.suppress(OSError):  # the space it took, given back
                 (out / "checkpoint.tmp").unlink(missing_ok=True)
             fail(f"cannot write the checkpoint of step {step} into {out} (is the disk full?): "
@@ -254,9 +267,9 @@ def load_resume(
     skipped = []
     for path in candidates:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
             if (damaged := damaged_record(path)) is not None:
                 raise ValueError(f"its record {damaged} fails its CRC-32 check")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
             break
         except Exception as e:  # no such file, not a PyTorch file, cut short, damaged
             problem = f"{path} is not a checkpoint ({reason(e)})"

@@ -193,23 +193,45 @@ def test_resuming_a_file_that_is_no_checkpoint_stops_in_one_line(tmp_path: Path)
     assert "Unsupported global: GLOBAL torch.nn.modules.linear.Linear" in message  # the cause
 
 
+@pytest.mark.parametrize("short_by", [8, 300, 100_000])
 def test_a_full_disk_stops_in_one_line_and_gives_the_space_back(
+    tmp_path: Path, short_by: int
+) -> None:
+    # a real short write: a file-size limit (EFBIG) stands for the full disk (ENOSPC), the
+    # file short by a few bytes (torch.save to a path then said nothing and the checkpoint
+    # was cut short), some hundred (a traceback) or many (torch's "unexpected pos")
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "import torch\n"
+        f"sys.path.insert(0, {str(Path(moco_v2.__file__).parent)!r})\n"
+        "import checkpoints\n"
+        "checkpoints.plot = lambda out: None\n"
+        "state, env = {'model': {'w': torch.zeros(100_000)}}, (torch.device('cpu'), 0, 1)\n"
+        f"whole, short = Path({str(tmp_path / 'whole')!r}), Path({str(tmp_path / 'short')!r})\n"
+        "whole.mkdir(), short.mkdir()\n"
+        "checkpoints.save_checkpoint(whole, state, {}, 3, env, keep=2)\n"
+        f"size = (whole / 'checkpoint_0000003.pt').stat().st_size - {short_by}\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))\n"
+        "checkpoints.save_checkpoint(short, state, {}, 3, env, keep=2)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    expected = r"error: cannot write the checkpoint of step 3 into .* \(is the disk full\?\): "
+    why = r"(OSError: \[Errno 27\] File too large|RuntimeError: .* unexpected pos .*)"
+    assert re.fullmatch(expected + why, lines[0]), lines  # torch says one or the other
+    assert list((tmp_path / "short").iterdir()) == []  # no checkpoint.tmp holding the space
+
+
+def test_an_error_of_the_save_that_is_no_short_write_keeps_its_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(obj: object, path: Path) -> None:
-        Path(path).write_bytes(bytes(1000))  # what fitted
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2349888")
-
-    monkeypatch.setattr(checkpoints_module, "plot", lambda out: None)
-    monkeypatch.setattr(checkpoints_module.torch, "save", full)
-    with pytest.raises(SystemExit, match=r"cannot write the checkpoint of step 3 into .* \(is "
-                       r"the disk full\?\): RuntimeError: \[enforce fail"):  # fmt: skip
-        checkpoints_module.save_checkpoint(tmp_path, {}, {}, 3, (torch.device("cpu"), 0, 1), keep=2)
-    assert list(tmp_path.iterdir()) == []  # no checkpoint.tmp left holding the space
-
-    def broken(obj: object, path: Path) -> None:
+    def broken(obj: object, f: object) -> None:
         raise RuntimeError("Attempted to access the data pointer on an invalid python storage.")
 
+    monkeypatch.setattr(checkpoints_module, "plot", lambda out: None)
     monkeypatch.setattr(checkpoints_module.torch, "save", broken)  # a bug, not the disk: as is
     with pytest.raises(RuntimeError, match="invalid python storage"):
         checkpoints_module.save_checkpoint(tmp_path, {}, {}, 3, (torch.device("cpu"), 0, 1), keep=2)
@@ -233,7 +255,7 @@ def test_a_folder_that_cannot_be_locked_warns_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def no_locks(fd: object, operation: int) -> None:
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # Lustre with noflock, NFS
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # a mount refusing flock
 
     monkeypatch.setattr(checkpoints_module.fcntl, "flock", no_locks)
     held = claim(str(tmp_path))

@@ -123,13 +123,13 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def claim(output_dir: str) -> IO[str] | None:
-    """On rank 0: make --output-dir and hold an exclusive lock on its .lock file for as long as
-    the process lives (the kernel lets go when it ends, killed too), so that a second run
-    started into the same folder, before or after the first one's first checkpoint, stops
-    instead of writing between its files. Keep the returned file open. The processes it forks
-    (loader workers) close their copy at once: they outlive a killed run by seconds, and
-    holding the lock on they would refuse the run restarted into the folder. On a file
-    system without locks the run warns and goes on."""
+    """On rank 0: make --output-dir and hold an exclusive lock on its .lock file while the
+    returned file is kept (closed or collected, it lets go; the kernel lets go when the
+    process ends, killed too), so that a second run started into the same folder, before or
+    after the first one's first checkpoint, stops instead of writing between its files. The
+    processes it forks (loader workers) close their copy at once: they outlive a killed run
+    by seconds, and holding the lock on they would refuse the run restarted into the folder.
+    On a file system without locks the run warns and goes on."""
     if os.environ.get("RANK", "0") != "0":
         return None
     out = Path(output_dir)
@@ -184,18 +184,23 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
     debug_dump(state, rank, f"{step:07d}")
     if rank == 0:
         plot(out)
-        try:  # through a file of Python's: a short write raises OSError with its errno (a
-            with open(out / "checkpoint.tmp", "wb") as f:  # path of torch's may end short
-                torch.save({**state, **meta, "step": step, "rng": rng}, f)  # and say nothing)
+        try:  # through a file of Python's, whose writes raise (a path of torch's may end a
+            with open(out / "checkpoint.tmp", "wb") as f:  # file short and say nothing)
+                torch.save({**state, **meta, "step": step, "rng": rng}, f)
                 f.flush()
                 os.fsync(f.fileno())  # on the disk before it takes the name
         except (OSError, RuntimeError) as e:
-            if getattr(e, "errno", None) not in FULL and "unexpected pos" not in str(e):
-                raise  # not a short write: a bug keeps its traceback
+            # torch's "unexpected pos" follows the write that failed, which says why
+            cause = e.__context__ if "unexpected pos" in str(e) and e.__context__ else e
             with contextlib.suppress(OSError):  # the space it took, given back
                 (out / "checkpoint.tmp").unlink(missing_ok=True)
+            short = getattr(cause, "errno", None) in FULL or (
+                cause is e and "unexpected pos" in str(e)
+            )
+            if not short:
+                raise cause from None  # not a short write (a bug, an I/O error, Ctrl-C)
             fail(f"cannot write the checkpoint of step {step} into {out} (is the disk full?): "
-                 f"{reason(e)}")  # fmt: skip
+                 f"{reason(cause)}")  # fmt: skip
         os.replace(out / "checkpoint.tmp", out / f"checkpoint_{step:07d}.pt")
         for old in checkpoints(out)[:-keep]:  # none is newer than this one (load_resume)
             old.unlink()

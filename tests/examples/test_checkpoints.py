@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -225,16 +227,34 @@ def test_a_full_disk_stops_in_one_line_and_gives_the_space_back(
     assert list((tmp_path / "short").iterdir()) == []  # no checkpoint.tmp holding the space
 
 
-def test_an_error_of_the_save_that_is_no_short_write_keeps_its_traceback(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "error, short",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EIO, "Input/output error"), False),
+        (KeyboardInterrupt(), False),
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_only_a_short_write_is_taken_for_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, short: bool
 ) -> None:
-    def broken(obj: object, f: object) -> None:
-        raise RuntimeError("Attempted to access the data pointer on an invalid python storage.")
+    # raised by a write in the middle of the file, an error is followed by torch's own
+    # "unexpected pos": a full disk stops in one line, anything else keeps its traceback
+    class FailingFile(io.FileIO):
+        def write(self, data: Any) -> int:
+            if self.tell() + len(data) > 1000:
+                raise error
+            return super().write(data)
 
     monkeypatch.setattr(checkpoints_module, "plot", lambda out: None)
-    monkeypatch.setattr(checkpoints_module.torch, "save", broken)  # a bug, not the disk: as is
-    with pytest.raises(RuntimeError, match="invalid python storage"):
-        checkpoints_module.save_checkpoint(tmp_path, {}, {}, 3, (torch.device("cpu"), 0, 1), keep=2)
+    monkeypatch.setattr(checkpoints_module, "open", FailingFile, raising=False)
+    state, env = {"model": {"w": torch.zeros(10_000)}}, (torch.device("cpu"), 0, 1)
+    expected = pytest.raises(SystemExit, match=r"\(is the disk full\?\): OSError: \[Errno 28\]")
+    with expected if short else pytest.raises(type(error)) as raised:
+        checkpoints_module.save_checkpoint(tmp_path, state, {}, 3, env, keep=2)
+    assert short or raised.value is error
+    assert list(tmp_path.iterdir()) == []  # no checkpoint.tmp left
 
 
 def test_a_checkpoint_saved_without_crc32_resumes(tmp_path: Path) -> None:

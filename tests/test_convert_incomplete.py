@@ -37,12 +37,16 @@ def small_vit(**kwargs: object) -> nn.Module:
 @pytest.mark.parametrize("to", ["torchvision", "timm"])
 def test_a_lost_vit_tensor_is_named_not_filled_in(to: str, tmp_path: Path) -> None:
     """A missing qkv bias became zeros for torchvision (wrong features, strict load fine);
-    a missing fc1 weight was a KeyError traceback from the command line."""
-    for lost in ("blocks.1.attn.qkv.bias", "blocks.0.mlp.fc1.weight", "blocks.2.norm2.bias"):
+    a missing fc1 weight was a KeyError traceback from the command line; block 0's qkv bias
+    lost alone gave a timm spec with qkv_bias=False, which the other blocks' biases did not
+    load into (exit status 0)."""
+    lost_ones = ("blocks.0.attn.qkv.bias", "blocks.1.attn.qkv.bias", "blocks.0.mlp.fc1.weight")
+    for lost in (*lost_ones, "blocks.2.norm2.bias"):
         state = dict(small_vit().state_dict())
         del state[lost]
-        with pytest.raises(LayoutError, match=rf"tensor '{lost}' is missing"):
-            backbone_state_dict({"model": state, "num_heads": 3}, to=to)  # type: ignore[arg-type]
+        for convert in (backbone_state_dict, backbone_spec):
+            with pytest.raises(LayoutError, match=rf"tensor '{lost}' is missing"):
+                convert({"model": state, "num_heads": 3}, to=to)  # type: ignore[arg-type]
         torch.save({"model": state, "num_heads": 3}, src := tmp_path / "lost.pt")
         assert main([str(src), str(tmp_path / f"{to}.pth"), "--to", to]) == 2
     without = small_vit(qkv_bias=False)  # no qkv bias anywhere: zeros compute the same

@@ -214,10 +214,13 @@ def authors_v2(queue_ptr: int, size: int = 16) -> dict[str, object]:
 def test_the_authors_loader_changes_nothing_when_the_queue_pointer_is_out_of_range() -> None:
     model = v2_resnet18()
     key_encoder, queue = MomentumEncoder(model), KeyQueue(16, 128)
-    before = [t.clone() for t in (*model.state_dict().values(), *key_encoder.state_dict().values())]
-    with pytest.raises(LayoutError, match="the checkpoint's queue does not fit"):
+    pieces = (model, key_encoder, queue)
+    before = [t.clone() for piece in pieces for t in piece.state_dict().values()]
+    with pytest.raises(  # the cause, not torch's first line ("Error(s) in loading ...")
+        LayoutError, match=r"the checkpoint's queue does not fit: KeyQueue: ptr 16, not an int"
+    ):
         load_official_checkpoint(authors_v2(queue_ptr=16), model, key_encoder, queue=queue)
-    after = [*model.state_dict().values(), *key_encoder.state_dict().values()]
+    after = [t for piece in pieces for t in piece.state_dict().values()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 

@@ -222,6 +222,42 @@ def test_a_directory_is_named_as_one(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err == f"error: {tmp_path} is a directory, not a checkpoint file"
 
 
+def test_a_device_is_named_as_no_regular_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/dev/null exists: it was "no such checkpoint file"."""
+    with pytest.raises(LayoutError, match="/dev/null is not a regular file"):
+        checkpoint_kind("/dev/null")
+    assert main(["/dev/null", str(tmp_path / "out.pth"), "--to", "timm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: /dev/null is not a regular file, not a checkpoint file"
+    assert not (tmp_path / "out.pth").exists()
+
+
+class OwnPath:
+    """An ``os.PathLike`` that is not a ``pathlib.Path`` (as ``upath`` or ``etils`` give)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def test_any_os_pathlike_is_a_path(tmp_path: Path) -> None:
+    """``backbone_state_dict`` took a ``str`` or a ``Path`` only (``checkpoint_kind`` and the
+    authors' loader any ``os.PathLike``)."""
+    model, _ = pair()
+    torch.save({"model": model.state_dict()}, path := tmp_path / "ckpt.pt")
+    by_path, by_own = backbone_state_dict(path), backbone_state_dict(OwnPath(path))  # type: ignore[arg-type]
+    assert by_own.keys() == by_path.keys()
+    assert all(torch.equal(by_own[k], v) for k, v in by_path.items())
+    torch.save({"model": {"w": torch.ones(2)}}, other := tmp_path / "other.pt")
+    with pytest.raises(LayoutError) as refused:  # messages name the file as a path would
+        backbone_state_dict(OwnPath(other))  # type: ignore[arg-type]
+    assert str(refused.value).startswith(str(other))
+
+
 def test_a_0_3_0_float32_copy_is_not_a_second_encoder() -> None:
     torch.manual_seed(0)
     backbone, dim = strip_classifier(torchvision.models.resnet18())

@@ -4,8 +4,8 @@ and ``backbone_spec`` (private module; used by ``momentum_contrast.convert``).""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,7 +30,7 @@ from momentum_contrast.convert._spec import (
 from momentum_contrast.encoder import MomentumEncoder, unwrap_model
 
 Target = Literal["torchvision", "timm", "detectron2"]
-Source = str | Path | Mapping[str, Any] | nn.Module
+Source = str | os.PathLike[str] | Mapping[str, Any] | nn.Module
 
 
 def convert_backbone(
@@ -63,12 +63,13 @@ def convert_backbone(
             what, side = f"the MomentumEncoder's {encoder} encoder", None
             module = unwrap_model(module.online if encoder == "query" else module.key_encoder)
         tree: Mapping[str, Any] = module.state_dict()
-    elif isinstance(source, (str, Path, Mapping)):
+    elif isinstance(source, (str, os.PathLike, Mapping)):
         tree = read_checkpoint(source)[0]  # a one-line error for a dict that is no checkpoint
-        what = "the checkpoint" if isinstance(source, Mapping) else str(source)
+        what = "the checkpoint" if isinstance(source, Mapping) else os.fspath(source)
     else:
         raise TypeError(
-            f"source must be a path, a checkpoint dict or an nn.Module, got {type(source).__name__}"
+            "source must be a path (str or os.PathLike), a checkpoint dict or an nn.Module, "
+            f"got {type(source).__name__}"
         )
     found = select_backbone(tree, side, prefix, what)
     side = side and ("key" if is_key_path(found.prefix) else "query")

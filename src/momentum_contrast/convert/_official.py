@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from momentum_contrast.convert._sources import (
     OFFICIAL_PREFIXES,
     LayoutError,
     State,
-    first_line,
     flatten,
     read_checkpoint,
 )
@@ -138,18 +136,19 @@ def load_official_checkpoint(
         keys = state[root + "queue"].T  # (dim, K) -> (K, dim)
         ptr = state[root + "queue_ptr"].reshape(())
         queue_state = {"keys": keys, "ptr": ptr, "length": torch.tensor(keys.shape[0])}
-        loads.append((queue, queue_state, "the checkpoint's queue"))
+        _check_fits(queue, queue_state, "the checkpoint's queue")
     if predictor is not None:
         at = root + "predictor."
         weights = {k[len(at) :]: v for k, v in state.items() if k.startswith(at)}
         loads.append((predictor, weights, "the checkpoint's predictor"))
     for module, tensors, what in loads:  # every piece checked before any is written
         _check_fits(module, tensors, what)
-    if queue is not None:  # its values too (a pointer out of range): loaded into a copy first
+    if queue is not None:  # its values too (a pointer out of range): loaded first, all or nothing
         try:
-            copy.deepcopy(queue).load_state_dict(queue_state)
-        except RuntimeError as e:
-            raise LayoutError(f"the checkpoint's queue does not fit: {first_line(e)}") from None
+            queue.load_state_dict(queue_state)
+        except RuntimeError as e:  # torch's first line names the class; the last, the cause
+            cause = str(e).strip().splitlines()[-1].strip()
+            raise LayoutError(f"the checkpoint's queue does not fit: {cause}") from None
     for module, tensors, _ in loads:
         module.load_state_dict(tensors)
     return {"kind": kind, "epoch": ckpt.get("epoch"), "arch": ckpt.get("arch")}

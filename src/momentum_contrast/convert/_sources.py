@@ -58,8 +58,10 @@ def _load(path: Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if not path.is_file():  # a device or a pipe: torch.load needs a file it can seek in
+        raise LayoutError(f"{path} is not a regular file, not a checkpoint file")
     try:
         # torch's own warnings on a foreign pickle are left out: the error says what it is
         with warnings.catch_warnings():
@@ -133,7 +135,7 @@ def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
 
 
 def read_checkpoint(
-    source: str | Path | Mapping[str, Any], name: str = "source"
+    source: str | os.PathLike[str] | Mapping[str, Any], name: str = "source"
 ) -> tuple[Mapping[str, Any], str, str]:
     """``(checkpoint, kind, root)`` of a path (loaded with ``torch.load(path,
     weights_only=True)`` on the CPU) or of a dict already loaded, with one-line errors: its

@@ -179,7 +179,8 @@ def vit_spec(
         )
     indices = (int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     depth = 1 + max(indices, default=-1)
-    per_block = [*_BLOCK, *["attn.qkv.bias"] * ("blocks.0.attn.qkv.bias" in state)]
+    qkv_bias = any(k.endswith(".attn.qkv.bias") for k in state)  # then every block has one
+    per_block = [*_BLOCK, *["attn.qkv.bias"] * qkv_bias]
     needed = {f"blocks.{b}.{name}" for b in range(max(depth, 1)) for name in per_block}
     if lost := sorted({"patch_embed.proj.weight", *needed} - state.keys()):
         raise LayoutError(f"{what}: tensor {lost[0]!r} is missing (a ViT has it)")
@@ -253,7 +254,7 @@ def vit_spec(
         ("depth", depth, base_depth),
         ("num_heads", num_heads, None),  # always stated: the weights cannot tell it
         ("mlp_ratio", mlp_dim / dim, 4.0),
-        ("qkv_bias", "blocks.0.attn.qkv.bias" in state, True),
+        ("qkv_bias", qkv_bias, True),
         ("class_token", class_token, True),
         ("no_embed_class", no_embed_class, False),
         ("global_pool", pool, "token"),

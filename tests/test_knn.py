@@ -92,5 +92,5 @@ def test_bad_bank_labels_are_reported(labels, error, fragments) -> None:  # type
 
 
 def test_bank_on_another_device_is_reported() -> None:
-    with pytest.raises(ValueError, match="bank must be on features's device cpu, got meta"):
+    with pytest.raises(ValueError, match="bank must be on the device of features, cpu, got meta"):
         knn_predict(torch.randn(3, 2), torch.empty(4, 2, device="meta"), torch.zeros(4), 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Collection
+from typing import TypeGuard
 
 import torch
 
@@ -39,12 +40,19 @@ def check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tenso
 def check_same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """Require ``x`` to live on the device of ``ref``."""
     if x.device != ref.device:
-        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {x.device}")
+        raise ValueError(
+            f"{name} must be on the device of {ref_name}, {ref.device}, got {x.device}"
+        )
+
+
+def is_real(value: object) -> TypeGuard[float]:
+    """A real number: not a bool, not a tensor (``numbers.Real``, so NumPy scalars too)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_real(name: str, value: object) -> float:
     """Require a real Python number (not a tensor, not a bool) and return it as float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
 

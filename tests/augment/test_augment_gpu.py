@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from momentum_contrast.augment import MoCoV1Augment, MoCoV2Augment, MoCoV3Augment
+from momentum_contrast.augment import _random as random_module
 
 pytestmark = [
     pytest.mark.gpu,
@@ -84,3 +85,24 @@ def test_checks_read_no_values_on_cuda() -> None:
         torch.cuda.set_sync_debug_mode("default")
     nan = torch.isnan(out).flatten(1).all(1).cpu()
     assert nan.tolist() == [False, True, False, False]  # box 1 ends at row 140 > 120
+
+
+def test_a_cuda_generator_for_cpu_images_gives_its_own_draws(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The draws of a CUDA generator reached CPU images through a copy the host did not
+    wait for: read before the GPU wrote them, they were whatever the memory held."""
+    aug, batch = MoCoV2Augment(size=64), images()
+    busy = [torch.randn(8192, 8192, device="cuda")]
+
+    def views() -> tuple[torch.Tensor, ...]:
+        for _ in range(4):  # the GPU busy: a draw not waited for would be read too soon
+            busy[0] = busy[0] @ busy[0] / 8192
+        return tuple(aug(batch, torch.Generator("cuda").manual_seed(1)))
+
+    got = views()
+    monkeypatch.setattr(random_module, "to_device", lambda t, device: t.to(device))  # waited
+    expected = views()
+    for a, b in zip(got, expected, strict=True):
+        assert not a.is_cuda
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -110,8 +110,10 @@ def crop(boxes: list[list[int]], images: torch.Tensor | list[torch.Tensor] | Non
         ([0, 0, 0, 4], "(top 0, left 0, height 0, width 4)"),
         ([0, 0, 4, -3], "(top 0, left 0, height 4, width -3)"),
         ([0, 0, 9, 8], "(top 0, left 0, height 9, width 8)"),
-    ],
-    ids=["top<0", "left<0", "bottom>H", "right>W", "height=0", "width<0", "taller"],
+        ([2**62, 0, 2**62, 8], f"(top {2**62}, left 0, height {2**62}, width 8)"),
+        ([0, 2**62, 8, 2**62], f"(top 0, left {2**62}, height 8, width {2**62})"),
+    ],  # the last two: top + height overflowed int64, a NaN sample and no error
+    ids=["top<0", "left<0", "bottom>H", "right>W", "height=0", "width<0", "taller", "tall", "wide"],
 )
 def test_resized_crop_refuses_boxes_outside_the_image(box: list[int], fragment: str) -> None:
     with pytest.raises(ValueError) as info:
@@ -139,7 +141,7 @@ def test_boxes_are_checked_against_each_images_own_size() -> None:
         (torch.zeros(B, 4), TypeError, "boxes must have an integer dtype (e.g. torch.int64)"),
         (torch.ones(B, 4, dtype=torch.bool), TypeError, "got torch.bool"),
         ([[0, 0, 8, 8]] * B, TypeError, "boxes must be an integer tensor of shape (2, 4)"),
-        (torch.zeros(B, 4, dtype=torch.long, device="meta"), ValueError, "device cpu, got meta"),
+        (torch.zeros(B, 4, dtype=torch.long, device="meta"), ValueError, "images, cpu, got meta"),
     ],
     ids=["float", "bool", "list", "device"],
 )
@@ -179,6 +181,32 @@ def test_per_sample_arguments_are_named() -> None:
         AF.grayscale(x[:, :2])
     with pytest.raises(ValueError, match=r"std must be a tensor of shape \(3,\), got \(2,\)"):
         AF.normalize(x, torch.zeros(3), torch.ones(2))
+
+
+def test_per_sample_and_per_channel_arguments_elsewhere_are_named() -> None:
+    """On another device than the images, torch's error named no argument; a complex mean
+    was torch's NotImplementedError, a bool one taken as 0 and 1."""
+    x, meta = full(0.5), torch.device("meta")
+    elsewhere: list[tuple[str, Callable[[], object]]] = [
+        ("factor", lambda: AF.adjust_brightness(x, ONES.to(meta))),
+        ("hue", lambda: AF.color_jitter(x, ONES, ONES, ONES, (0 * ONES).to(meta), ORDER)),
+        ("order", lambda: AF.color_jitter(x, ONES, ONES, ONES, 0 * ONES, ORDER.to(meta))),
+        ("apply", lambda: AF.color_jitter(x, ONES, ONES, ONES, 0 * ONES, ORDER, APPLY.to(meta))),
+        ("apply", lambda: AF.solarize(x, APPLY.to(meta))),
+        ("apply", lambda: AF.hflip(x, APPLY.to(meta))),
+        ("sigma", lambda: AF.gaussian_blur(x, ONES.to(meta), 3)),
+        ("mean", lambda: AF.normalize(x, torch.zeros(3, device=meta), torch.ones(3))),
+        ("std", lambda: AF.normalize(x, torch.zeros(3), torch.ones(3, device=meta))),
+    ]
+    for name, call in elsewhere:
+        with pytest.raises(ValueError, match=rf"^{name} must be on the device of x, cpu, got meta"):
+            call()
+    box = torch.tensor([[0, 0, 8, 8]] * B)
+    with pytest.raises(ValueError, match=r"^flip must be on the device of images, cpu, got meta$"):
+        AF.resized_crop(x, box, 4, flip=APPLY.to(meta))
+    for dtype in (torch.complex64, torch.bool):
+        with pytest.raises(TypeError, match=rf"^mean must be a real tensor, got dtype {dtype}$"):
+            AF.normalize(x, torch.zeros(3, dtype=dtype), torch.ones(3))
 
 
 def test_checks_compile_into_one_graph_and_skip_the_value_read() -> None:

@@ -9,12 +9,10 @@ the host wait for the device, which the library never does in a training step.
 from __future__ import annotations
 
 import math
-import numbers
-from typing import TypeGuard
 
 import torch
 
-from momentum_contrast._checks import is_integer
+from momentum_contrast._checks import check_same_device, is_integer, is_real
 from momentum_contrast.augment._random import to_device
 
 
@@ -77,11 +75,14 @@ def check_images(
     return x
 
 
-def check_order(order: object, b: int) -> torch.Tensor:
-    """``(B, 4)`` integer rows, each a permutation of ``0..3`` where reading is free; as int64."""
+def check_order(order: object, x: torch.Tensor) -> torch.Tensor:
+    """``(B, 4)`` integer rows on the device of the images ``x``, each a permutation of
+    ``0..3`` where reading is free; as int64."""
+    b = x.shape[0]
     if not isinstance(order, torch.Tensor) or order.shape != (b, 4) or not is_integer(order):
         got = f"{order.dtype} {tuple(order.shape)}" if isinstance(order, torch.Tensor) else order
         raise ValueError(f"order must be an integer tensor of shape ({b}, 4), got {got!s:.60}")
+    check_same_device("order", order, "x", x)
     order = order.long()
     if _free_to_read(order) and not torch.equal(
         order.sort(dim=1).values, torch.arange(4).expand(b, 4)
@@ -92,13 +93,15 @@ def check_order(order: object, b: int) -> torch.Tensor:
     return order
 
 
-def check_mask(name: str, mask: object, b: int) -> torch.Tensor:
-    """A ``(B,)`` bool tensor."""
+def check_mask(name: str, mask: object, x: torch.Tensor, x_name: str = "x") -> torch.Tensor:
+    """A ``(B,)`` bool tensor on the device of the images ``x``."""
+    b = x.shape[0]
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"{name} must be a bool tensor of shape ({b},), got {got}")
     if mask.shape != (b,):
         raise ValueError(f"{name} must have shape ({b},), got {tuple(mask.shape)}")
+    check_same_device(name, mask, x_name, x)
     return mask
 
 
@@ -171,11 +174,10 @@ def check_boxes(
         raise ValueError(
             f"boxes must be an integer tensor of shape ({n}, 4), got {tuple(boxes.shape)}"
         )
-    if boxes.device != batch.device:
-        raise ValueError(f"boxes must be on the images' device {batch.device}, got {boxes.device}")
+    check_same_device("boxes", boxes, "images", batch)
     top, left, height, width = boxes.long().unbind(dim=1)
     inside = (top >= 0) & (left >= 0) & (height >= 1) & (width >= 1)
-    inside &= (top + height <= heights) & (left + width <= widths)
+    inside &= (height <= heights - top) & (width <= widths - left)  # no int64 overflow
     if _free_to_read(boxes) and not bool(inside.all()):
         i = int((~inside).nonzero()[0, 0])
         t, lf, bh, bw = boxes[i].tolist()
@@ -188,9 +190,17 @@ def check_boxes(
     return inside
 
 
-def is_real(value: object) -> TypeGuard[float]:
-    """A real number: not a bool, not a tensor (``numbers.Real``, so NumPy scalars too)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def check_vector(name: str, v: object, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """A real (not bool, not complex) ``(n,)`` tensor on the device of the images ``x``,
+    ``n = x.shape[dim]`` (a value per sample, or per channel)."""
+    n = x.shape[dim]
+    if not isinstance(v, torch.Tensor) or v.shape != (n,):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({n},), got {got}")
+    if v.is_complex() or v.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real tensor, got dtype {v.dtype}")
+    check_same_device(name, v, "x", x)
+    return v
 
 
 def check_per_view(name: str, value: object) -> tuple[float, float]:

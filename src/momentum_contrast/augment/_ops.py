@@ -26,16 +26,6 @@ from einops import rearrange
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
 
 
-def per_sample(factor: torch.Tensor, x: torch.Tensor, name: str = "factor") -> torch.Tensor:
-    """``(B,)`` -> ``(B, 1, 1, 1)`` in ``x``'s dtype, after checking the length."""
-    if not isinstance(factor, torch.Tensor) or factor.shape != (x.shape[0],):
-        got = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
-        raise ValueError(f"{name} must be a tensor of shape ({x.shape[0]},), got {got}")
-    if factor.is_complex() or factor.dtype == torch.bool:
-        raise TypeError(f"{name} must be a real tensor, got dtype {factor.dtype}")
-    return factor.to(x.dtype).view(-1, 1, 1, 1)
-
-
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` -> ``(B, 1, H, W)`` luma; one channel is returned as it is."""
     if x.shape[1] == 1:
@@ -51,7 +41,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         return x
     if x.element_size() < 4:
         return adjust_hue(x.float(), factor).to(x.dtype)
-    f = per_sample(factor, x)[:, 0]  # (B, 1, 1)
+    f = factor.to(x.dtype).view(-1, 1, 1)
     v, top = x.max(dim=1, keepdim=True)  # value, and which channel is largest (r first)
     chroma = v - x.min(dim=1, keepdim=True).values  # (B, 1, H, W)
     flat = chroma == 0
@@ -109,13 +99,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -
     """Separable Gaussian blur, per-sample ``sigma``, reflect padding (see ``functional``):
     ``(B, k)`` normalised taps at ``-(k-1)/2 ... (k-1)/2``, computed in float32 (after
     ``sigma`` is cast to ``x``'s dtype), applied as two batched matrix products."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
+    if kernel_size % 2 == 0:  # < 1: refused by functional and by the recipes
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
     half = kernel_size // 2
     if half >= min(x.shape[2], x.shape[3]):
         raise ValueError(f"kernel_size {kernel_size} needs images larger than {half} px")
     t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
-    sig = per_sample(sigma, x, "sigma").view(-1, 1).float().clamp(min=1e-3)
+    sig = sigma.to(x.dtype).view(-1, 1).float().clamp(min=1e-3)
     kernel = torch.exp(-0.5 * (t / sig) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)  # (B, k)
     wy, wx = reflect_blur_matrix(kernel, x.shape[2]), reflect_blur_matrix(kernel, x.shape[3])

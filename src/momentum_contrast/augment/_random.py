@@ -13,11 +13,13 @@ import torch
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` without the host waiting: from host memory to CUDA through
-    pinned memory, with a non-blocking copy (a tensor already there is returned as is)."""
+    """``t`` on ``device``: from host memory to CUDA through pinned memory, with a copy the
+    host does not wait for (a tensor already there is returned as is). Into host memory
+    the copy is waited for: the host reads the result next, which a non-blocking copy from
+    a GPU would not have written yet (a CUDA generator for CPU images)."""
     if t.device.type == "cpu" and device.type == "cuda":
         t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    return t.to(device, non_blocking=device.type != "cpu")
 
 
 class Sampler:

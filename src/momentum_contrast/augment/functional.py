@@ -47,6 +47,7 @@ from momentum_contrast.augment._checks import (
     check_mask,
     check_order,
     check_values,
+    check_vector,
 )
 
 __all__ = [
@@ -67,11 +68,10 @@ __all__ = [
 def _per_sample(
     factor: torch.Tensor, x: torch.Tensor, name: str, low: float = 0.0, high: float = math.inf
 ) -> torch.Tensor:
-    """``_ops.per_sample`` (``(B,)`` -> ``(B, 1, 1, 1)``), the values in ``[low, high]``
-    where reading them is free (``check_values``)."""
-    f = _ops.per_sample(factor, x, name)
-    check_values(name, factor, low, high)
-    return f
+    """A real ``(B,)`` tensor as ``(B, 1, 1, 1)`` in ``x``'s dtype, the values in
+    ``[low, high]`` where reading them is free (``check_values``)."""
+    check_values(name, check_vector(name, factor, x), low, high)
+    return factor.to(x.dtype).view(-1, 1, 1, 1)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -183,13 +183,13 @@ def color_jitter(
         >>> torch.allclose(y, (1.2 * x).clamp(0, 1), atol=1e-6)
         True
     """
-    b = check_images("x", x, in_unit_range=True).shape[0]
+    check_images("x", x, in_unit_range=True)
     factors = {"brightness": brightness, "contrast": contrast, "saturation": saturation}
     for name, factor in {**factors, "hue": hue}.items():
         _per_sample(factor, x, name, *((-0.5, 0.5) if name == "hue" else ()))
-    order = check_order(order, b)
+    order = check_order(order, x)
     if apply is not None:
-        check_mask("apply", apply, b)
+        check_mask("apply", apply, x)
     return _ops.color_jitter(x, brightness, contrast, saturation, hue, order, apply)
 
 
@@ -208,7 +208,7 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
         check_values("threshold", threshold, 0.0, 1.0)
     else:
         threshold = check_unit_interval("threshold", threshold)
-    return _ops.solarize(x, check_mask("apply", apply, x.shape[0]), threshold)
+    return _ops.solarize(x, check_mask("apply", apply, x), threshold)
 
 
 def hflip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
@@ -222,7 +222,7 @@ def hflip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
         tensor([3., 2., 1., 0.])
     """
     x = check_images("x", x, any_channels=True)
-    return torch.where(check_mask("apply", apply, x.shape[0]).view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(check_mask("apply", apply, x).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int = 23) -> torch.Tensor:
@@ -257,12 +257,8 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
         tensor([0., 0., 0.])
     """
     x = check_images("x", x, any_channels=True)
-    for name, v in (("mean", mean), ("std", std)):
-        if not isinstance(v, torch.Tensor) or v.shape != (x.shape[1],):
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{name} must be a tensor of shape ({x.shape[1]},), got {got}")
-    check_values("mean", mean, -math.inf)
-    check_values("std", std, -math.inf, nonzero=True)
+    check_values("mean", check_vector("mean", mean, x, dim=1), -math.inf)
+    check_values("std", check_vector("std", std, x, dim=1), -math.inf, nonzero=True)
     return _ops.normalize(x, mean, std)
 
 
@@ -311,7 +307,7 @@ def resized_crop(
     check_float_dtype("dtype", dtype)  # an integer one would cut the weights to 0
     check_bool("antialias", antialias)
     if flip is not None:
-        check_mask("flip", flip, batch.shape[0])
+        check_mask("flip", flip, batch, "images")
     wy, wx = _ops.resized_crop_weights(
         boxes, batch.shape[2], batch.shape[3], size, flip, antialias, dtype
     )

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from typing_extensions import TypedDict
 
-from momentum_contrast._checks import check_bool, check_float_dtype, check_unit_interval
-from momentum_contrast.augment._checks import as_batch, is_real
+from momentum_contrast._checks import check_bool, check_float_dtype, check_unit_interval, is_real
+from momentum_contrast.augment._checks import as_batch
 from momentum_contrast.augment._ops import after_crop_stage, apply_resample, resized_crop_weights
 from momentum_contrast.augment._random import Sampler, crop_boxes
 

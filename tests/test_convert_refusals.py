@@ -224,6 +224,21 @@ def test_the_authors_loader_changes_nothing_when_the_queue_pointer_is_out_of_ran
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_the_authors_loader_refuses_a_pointer_of_another_shape_or_dtype() -> None:
+    """Two pointers were torch's bare reshape error; a NaN one a bare ValueError."""
+    for ptr, said in (
+        (torch.tensor([0, 1]), "does not fit this model: other shapes ['ptr: (2,) in the"),
+        (torch.tensor([0.5]), "does not fit: KeyQueue: ptr 0.5, not an int in [0, 15]"),
+        (torch.tensor([float("nan")]), "does not fit: KeyQueue: ptr nan, not an int in [0, 15]"),
+    ):
+        ckpt, model = authors_v2(queue_ptr=0), v2_resnet18()
+        ckpt["state_dict"]["module.queue_ptr"] = ptr
+        key_encoder, queue = MomentumEncoder(model), KeyQueue(16, 128)
+        with pytest.raises(LayoutError, match=f"the checkpoint's queue {re.escape(said)}"):
+            load_official_checkpoint(ckpt, model, key_encoder, queue=queue)
+        assert int(queue.ptr) == 0
+
+
 def test_the_authors_loader_names_a_bad_piece() -> None:
     ckpt, model = authors_v2(queue_ptr=0), v2_resnet18()
     key_encoder, queue = MomentumEncoder(model), KeyQueue(16, 128)

@@ -207,6 +207,10 @@ def test_a_load_that_does_not_fit_loads_nothing() -> None:
         ({**ok, "ptr": torch.tensor(5)}, "ptr 5, not an int in [0, 4]"),
         ({"length": torch.tensor(9)}, "length 9, not an int in [0, 5]"),
         ({**ok, "length": torch.tensor([5, 5])}, "length [5, 5], not an int in [0, 5]"),
+        # a float pointer was cut to an int (2.7 -> 2), a NaN one a bare ValueError
+        ({**ok, "ptr": torch.tensor(2.7)}, "ptr 2.7"),
+        ({**ok, "ptr": torch.tensor(float("nan"))}, "ptr nan, not an int in [0, 4]"),
+        ({**ok, "length": torch.tensor(True)}, "length True, not an int in [0, 5]"),
         # a queue not yet full writes its next key at row `length`: this one wrote over a key
         # and left a zero row among the negatives
         ({**ok, "ptr": torch.tensor(4), "length": torch.tensor(3)}, "ptr 4 with length 3"),

@@ -17,6 +17,7 @@ from momentum_contrast._checks import (
     check_float_matrix,
     check_positive_int,
     check_same_device,
+    is_integer,
 )
 from momentum_contrast._collectives import Group, gather
 
@@ -115,7 +116,9 @@ class KeyQueue(nn.Module):
         if keys is not None and tuple(keys.shape) != (self.size, self.dim):
             problems.append(f"keys of shape {tuple(keys.shape)}, not ({self.size}, {self.dim})")
         for name, value, high in (("ptr", ptr, self.size - 1), ("length", length, self.size)):
-            if value is not None and not (value.shape == () and 0 <= int(value) <= high):
+            if value is not None and not (  # an integer: a float 2.7 is no row, NaN none at all
+                value.shape == () and is_integer(value) and 0 <= int(value) <= high
+            ):
                 problems.append(f"{name} {value.tolist()!s:.40}, not an int in [0, {high}]")
         if (  # a queue not yet full was filled from row 0 on: its next row is its length
             not problems

@@ -2,7 +2,8 @@
 
 Everything is drawn as tensors, in one call per parameter for the whole batch, so
 no value is read back to the host. Draws happen on the generator's device (the
-batch's device when no generator is given) and are moved with a non-blocking copy.
+batch's device when no generator is given) and are moved to the batch's device: to a GPU
+with a non-blocking copy, into host memory with one the host waits for.
 """
 
 from __future__ import annotations

@@ -217,7 +217,9 @@ class TwoViewAugment(nn.Module):
                 would make the host wait for the device): they enter the resize as they
                 are, its output is clamped to ``[0, 1]``, and an ``inf`` or NaN pixel
                 anywhere in an image makes that channel NaN.
-            generator: random generator on the images' device; the global one if None.
+            generator: random generator, best on the images' device (one on another device
+                draws there, and its draws are copied; into host memory the host waits for
+                the copy); the global one if None.
 
         Returns:
             ``(view_one, view_two)``, each ``(B, 3, size, size)`` in ``dtype``, normalised

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from momentum_contrast.queue import KeyQueue
 
 
 def load_official_checkpoint(
-    source: str | Path | Mapping[str, Any],
+    source: str | os.PathLike[str] | Mapping[str, Any],
     model: nn.Module,
     key_encoder: MomentumEncoder,
     *,
@@ -134,18 +135,19 @@ def load_official_checkpoint(
     loads = [(t, staged[e], f"the {name}'s {e} encoder") for e, t in targets]
     if queue is not None:
         keys = state[root + "queue"].T  # (dim, K) -> (K, dim)
-        ptr = state[root + "queue_ptr"].reshape(())
+        ptr = state[root + "queue_ptr"]  # (1,) -> (); any other shape: refused as it loads
+        ptr = ptr.reshape(()) if ptr.numel() == 1 else ptr
         queue_state = {"keys": keys, "ptr": ptr, "length": torch.tensor(keys.shape[0])}
-        _check_fits(queue, queue_state, "the checkpoint's queue")
+        loads.append((queue, queue_state, "the checkpoint's queue"))
     if predictor is not None:
         at = root + "predictor."
         weights = {k[len(at) :]: v for k, v in state.items() if k.startswith(at)}
         loads.append((predictor, weights, "the checkpoint's predictor"))
     for module, tensors, what in loads:  # every piece checked before any is written
         _check_fits(module, tensors, what)
-    if queue is not None:  # its values too (a pointer out of range): loaded first, all or nothing
+    if queue is not None:  # its values too (a pointer out of range): loaded into a copy first
         try:
-            queue.load_state_dict(queue_state)
+            copy.deepcopy(queue).load_state_dict(queue_state)
         except RuntimeError as e:  # torch's first line names the class; the last, the cause
             cause = str(e).strip().splitlines()[-1].strip()
             raise LayoutError(f"the checkpoint's queue does not fit: {cause}") from None

@@ -108,7 +108,7 @@ def flatten(tree: Mapping[str, Any]) -> tuple[State, dict[str, Any]]:
     return tensors, others
 
 
-def checkpoint_kind(checkpoint: str | Path | Mapping[str, Any]) -> str:
+def checkpoint_kind(checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> str:
     """Which kind of MoCo checkpoint this is.
 
     Args:

@@ -55,16 +55,46 @@ def test_online_reloaded_with_assign_is_followed() -> None:
 
 
 def test_split_batchnorm_on_the_key_encoder_after_updates_is_followed() -> None:
+    """A key encoder that computes otherwise (its own layers) is followed, with a warning."""
     online = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     enc = MomentumEncoder(online)
     enc.update()
-    convert_split_batchnorm(enc.key_encoder, 2)  # as the docs suggest for one GPU
+    convert_split_batchnorm(enc.key_encoder, 2)
     key = cast(nn.Sequential, enc.key_encoder)
     assert isinstance(key[1], SplitBatchNorm)
     with torch.no_grad():
         cast(nn.BatchNorm2d, online[1]).weight.fill_(5.0)
-    enc.update(0.0)
+    with pytest.warns(RuntimeWarning, match=r"'1' \(BatchNorm2d online, SplitBatchNorm in the"):
+        enc.update(0.0)
     assert torch.equal(cast(SplitBatchNorm, key[1]).weight, torch.full((4,), 5.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.update(0.0)  # said once, where the pairing is made again
+
+
+@pytest.mark.parametrize("updated_before", [False, True])
+@pytest.mark.parametrize("convert", ["split", "sync"])
+def test_a_model_converted_after_the_copy_is_said(updated_before: bool, convert: str) -> None:
+    """convert_split_batchnorm (which changes the class of the same modules, tensors kept)
+    or convert_sync_batchnorm (new modules, the same tensors) on the online model after the
+    copy left the key encoder's BatchNorms whole-batch, silently: Shuffle-BN lost."""
+    online = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    enc = MomentumEncoder(online)
+    if updated_before:
+        enc.update()
+    if convert == "split":
+        convert_split_batchnorm(online, 2)
+    else:
+        assert nn.SyncBatchNorm.convert_sync_batchnorm(online) is online  # new children
+    name = "SplitBatchNorm" if convert == "split" else "SyncBatchNorm"
+    message = rf"'1' \({name} online, BatchNorm2d in the key encoder\), '3' \({name}"
+    with pytest.warns(RuntimeWarning, match=message):
+        enc.update()
+    if convert == "split":
+        convert_split_batchnorm(enc.key_encoder, 2)  # both alike: nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            enc.update()
 
 
 def test_replaced_key_encoder_is_followed_and_frozen() -> None:

@@ -59,6 +59,23 @@ def test_embed_dataset_and_bad_input() -> None:
             embed_dataset(torch.nn.Identity(), unlabelled)  # type: ignore[arg-type]
 
 
+def test_embed_dataset_refuses_what_would_misalign_labels() -> None:
+    """Labels of another count, (N, 1) labels, 4-D features, no batch, list labels and a
+    dtype for ``device`` were taken (or gave errors that named nothing)."""
+    x = torch.randn(3, 2)
+    cases: list[tuple[object, object, type[Exception], str]] = [
+        ([(x, torch.tensor([0, 1]))], "cpu", ValueError, r"features \(3, 2\) and labels \(2,\)"),
+        ([(x, torch.zeros(3, 1))], "cpu", ValueError, r"labels \(3, 1\) at batch 0"),
+        ([(x.view(3, 2, 1, 1), torch.zeros(3))], "cpu", ValueError, r"features \(3, 2, 1, 1\)"),
+        ([], "cpu", ValueError, "at least one"),
+        ([(x, [0, 1, 2])], "cpu", TypeError, r"pairs of tensors, got \(Tensor, list\) at batch 0"),
+        ([(x, torch.zeros(3))], torch.float64, TypeError, "device must be a torch.device or a str"),
+    ]
+    for batches, device, error, message in cases:
+        with pytest.raises(error, match=message):
+            embed_dataset(torch.nn.Identity(), batches, device)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_any_integer_label_dtype_gives_the_same_scores(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(3)
@@ -94,3 +111,11 @@ def test_bad_bank_labels_are_reported(labels, error, fragments) -> None:  # type
 def test_bank_on_another_device_is_reported() -> None:
     with pytest.raises(ValueError, match="bank must be on the device of features, cpu, got meta"):
         knn_predict(torch.randn(3, 2), torch.empty(4, 2, device="meta"), torch.zeros(4), 2)
+
+
+def test_k_and_temperature_are_keyword_only() -> None:
+    """``knn_predict(f, bank, labels, 200, 10)``, meant as 10 classes and k 200, ran with
+    200 classes and k 10."""
+    f, labels = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(TypeError, match="positional argument"):
+        knn_predict(f, f, labels, 200, 10)  # type: ignore[misc]

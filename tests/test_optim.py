@@ -63,6 +63,30 @@ def test_zero_weight_matrix_uses_ratio_one_and_1d_gets_no_decay() -> None:
     assert torch.equal(b.detach(), torch.ones(3, dtype=torch.float64))  # no decay on 1-D
 
 
+def test_float16_norms_above_its_range_still_scale() -> None:
+    """The norms were taken in float16: a gradient norm above 65504 was inf, the ratio 0, and
+    the matrix never moved."""
+    g = torch.Generator().manual_seed(0)
+    w64 = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    grad64 = 3000 * torch.randn(64, 64, generator=g, dtype=torch.float64)  # norm about 192,000
+    w, grad = w64.half().requires_grad_(), grad64.half()
+    opt = LARS([w], lr=1.0, weight_decay=0.0, momentum=0.0, trust_coefficient=0.001)
+    w.grad = grad.clone()
+    opt.step()
+    exact = w64.half().double()
+    expected = exact - 0.001 * exact.norm() / grad.double().norm() * grad.double()
+    assert not torch.equal(w.detach(), exact.half())  # it moved
+    torch.testing.assert_close(w.detach().double(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_settings_after_lr_are_keyword_only() -> None:
+    """``LARS(params, 0.1, 0.9)``, written as for SGD(params, lr, momentum), made 0.9 the
+    weight decay."""
+    with pytest.raises(TypeError, match="positional argument"):
+        LARS([torch.zeros(2, 2, requires_grad=True)], 0.1, 0.9)  # type: ignore[misc]
+    assert LARS([torch.zeros(2, 2, requires_grad=True)], 0.1).defaults["lr"] == 0.1
+
+
 def test_defaults_and_bad_arguments() -> None:
     opt = LARS([torch.zeros(2, requires_grad=True)])
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["trust_coefficient"] == 0.001

@@ -10,6 +10,7 @@ mismatch raises a ``ValueError`` naming it. No tensor value is read.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -72,11 +73,35 @@ def current(
     refuse_fsdp1(online)  # wrapped in FSDP1 after construction: say so
     refuse_fsdp1(key)
     pairs = pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, False)
+    warn_if_other_classes(online, key)
     pairs.plain = plain(online, kind) and plain(key, kind)
     shard = local if pairs.sharded else None
     pairs.memo, pairs.held, online_count = memo_of(online, key, kind, shard, pairs.plain)
     pairs.onlines = pairs.held[:online_count]
     return pairs
+
+
+def warn_if_other_classes(online: nn.Module, key: nn.Module) -> None:
+    """Warn where a module of one model is of another class than the module of that name
+    in the other: the tensors pair, but the key encoder computes otherwise. Meant (a key
+    encoder without drop path) or not: ``convert_split_batchnorm`` or
+    ``convert_sync_batchnorm`` run on the online model after the copy was taken leaves
+    the key encoder's BatchNorms whole-batch, and Shuffle-BN silently lost."""
+    theirs = {name: type(module) for name, module in key.named_modules()}
+    if differ := [
+        f"{name or 'the model'!r} ({type(m).__name__} online, {theirs[name].__name__} in the "
+        "key encoder)"
+        for name, m in online.named_modules()
+        if name in theirs and type(m) is not theirs[name]
+    ]:
+        warnings.warn(
+            f"MomentumEncoder: modules of other classes: {', '.join(differ[:3])}"
+            f"{' ...' * (len(differ) > 3)}. If the key encoder is meant to differ, ignore "
+            "this; else convert the model before building the MomentumEncoder "
+            "(convert_split_batchnorm, convert_sync_batchnorm), or .key_encoder alike",
+            RuntimeWarning,
+            stacklevel=6,  # the caller of update() (through no_grad's wrapper)
+        )
 
 
 def ema_dtype_problem(names: str, online: torch.dtype, ema_dtype: torch.dtype) -> str | None:

@@ -1,7 +1,7 @@
 """The walk of both models at every update, and what it is compared with (private).
 
-``layout`` walks a model without building a name: each module's names of its children and
-of its tensors, and the tensors (all that ``named_parameters()`` is made of), in the order
+``layout`` walks a model without building a name: each module's class, names of its children
+and of its tensors, and the tensors (all that ``named_parameters()`` is made of), in the order
 ``named_modules()`` visits them. ``memo_of`` puts both models' walks, the tensor objects,
 their data addresses and sizes in one tuple that the pairing compares with the previous
 update's. Models whose own named walk is something else are walked by name.
@@ -44,14 +44,14 @@ _NAMED_WALKS = ("named_parameters", "named_buffers", "named_modules", "_named_me
 def layout(
     model: nn.Module, kind: str, most: int = sys.maxsize
 ) -> tuple[list[object], list[torch.Tensor | None]]:
-    """What ``walk`` is made of, at half its host time: every module's names of its children
-    and of its ``kind`` tensors, and the tensors, visited as ``named_modules()`` visits them
-    (no string is built, no tensor hashed); ``None`` where a child or a tensor is ``None``
-    (which ``walk`` skips: where it stands tells which name is missing). A walk of more than
-    ``most`` modules matches no earlier one and stops (a module made its own descendant
+    """What ``walk`` is made of, at half its host time: every module's class, names of its
+    children and of its ``kind`` tensors, and the tensors, visited as ``named_modules()``
+    visits them (no string is built, no tensor hashed); ``None`` where a child or a tensor
+    is ``None`` (which ``walk`` skips: where it stands tells which name is missing). A walk
+    longer than ``most`` matches no earlier one and stops (a module made its own descendant
     would never end)."""
     attr = "_parameters" if kind == "parameter" else "_buffers"
-    names: list[object] = []  # tuples of names, None for a child that is None
+    names: list[object] = []  # classes and tuples of names, None for a child that is None
     found: list[torch.Tensor | None] = []
     stack: list[nn.Module | None] = [model]
     while stack:
@@ -62,8 +62,8 @@ def layout(
             names.append(None)
             continue
         own: dict[str, torch.Tensor | None] = getattr(module, attr)
-        try:
-            names += (tuple(module._modules), tuple(own))
+        try:  # its class too: a class changed in place (convert_split_batchnorm) is a change
+            names += (type(module), tuple(module._modules), tuple(own))
         except (KeyError, TypeError):  # not dicts (TorchScript): matches no walk, ``plain`` tells
             return [object()], []
         found += own.values()
@@ -91,10 +91,11 @@ def memo_of(
             layout(online, kind, most[0]),
             layout(key, kind, most[1]),
         )
-    else:  # the models' own named walks (names built)
+    else:  # the models' own named walks (names built), and the modules' classes
         online_named, key_named = walk(online, kind), walk(key, kind)
-        online_names, online_found = [n for n, _ in online_named], [t for _, t in online_named]
-        key_names, key_found = [n for n, _ in key_named], [t for _, t in key_named]
+        online_names = [*map(type, online.modules()), *(n for n, _ in online_named)]
+        key_names = [*map(type, key.modules()), *(n for n, _ in key_named)]
+        online_found, key_found = [t for _, t in online_named], [t for _, t in key_named]
     onlines = [t for t in online_found if t is not None]
     tensors = (*onlines, *(t for t in key_found if t is not None))
     data = tuple(map(local, tensors)) if local else tensors

@@ -23,6 +23,7 @@ def knn_predict(
     bank: torch.Tensor,
     bank_labels: torch.Tensor,
     num_classes: int,
+    *,
     k: int = 200,
     temperature: float = 0.1,
 ) -> torch.Tensor:
@@ -39,12 +40,15 @@ def knn_predict(
         bank_labels: ``(M,)`` integer labels (any integer dtype but bool) in
             ``[0, num_classes)``, on the device of ``features``.
         num_classes: number of classes ``C``.
-        k: neighbours (200 as the reference; capped at ``M``).
+        k: neighbours (200 as the reference; capped at ``M``). Keyword-only, as
+            ``temperature``: ``num_classes`` and ``k`` swapped would run.
         temperature: ``T`` of the weights (0.1 as the reference).
 
     Returns:
         ``(N, C)`` float32 scores in ``[0, k]`` (the nearest neighbour weighs 1);
-        ``scores.argmax(1)`` is the prediction.
+        ``scores.argmax(1)`` is the prediction. A NaN in ``bank`` is among every query's
+        neighbours and makes every score NaN (every prediction class 0), a NaN in a
+        query that query's: values are not read (see Raises).
 
     Raises:
         TypeError: a tensor of the wrong kind (``bank_labels`` float, bool or complex).
@@ -115,8 +119,20 @@ def embed_dataset(
     ``model`` runs as given: for frozen features call ``model.eval()`` first (in training
     mode a BatchNorm normalises each batch by itself and updates its running statistics).
 
+    Args:
+        model: maps ``(N, ...)`` images to ``(N, D)`` features, on ``device``.
+        batches: yields ``(images, labels)`` pairs of tensors, ``(N, ...)`` and ``(N,)``
+            (a ``DataLoader``); at least one.
+        device: where the images go and the results are; copies to a GPU do not make the
+            host wait, copies into host memory do (the host reads them next).
+
     Returns:
         ``(features (M, D), labels (M,))``, on ``device``.
+
+    Raises:
+        TypeError: a batch that is not a pair of tensors, or a ``device`` that is neither
+            a ``torch.device`` nor a str.
+        ValueError: no batch, or features that are not ``(N, D)`` with one label per row.
 
     Examples:
         >>> import torch
@@ -126,6 +142,10 @@ def embed_dataset(
         >>> feats.shape, labels.shape
         (torch.Size([4, 2]), torch.Size([4]))
     """
+    if not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device or a str, got {type(device).__name__}")
+    device = torch.device(device)
+    wait = device.type == "cpu"  # the host reads what reaches its memory: wait for the copy
     feats, labels = [], []
     for i, batch in enumerate(batches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:  # a tensor's rows unpack
@@ -134,6 +154,18 @@ def embed_dataset(
                 f"{type(batch).__name__} {batch!r:.50} at batch {i}"
             )
         images, y = batch
-        feats.append(model(images.to(device, non_blocking=True)).float())
-        labels.append(y.to(device, non_blocking=True))
+        if not isinstance(images, torch.Tensor) or not isinstance(y, torch.Tensor):
+            got = f"({type(images).__name__}, {type(y).__name__})"
+            raise TypeError(f"batches must yield pairs of tensors, got {got} at batch {i}")
+        out = model(images.to(device, non_blocking=not wait))
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or y.shape != out.shape[:1]:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                "model must give (N, D) features and batches (N,) labels, one per image; got "
+                f"features {got} and labels {tuple(y.shape)} at batch {i}"
+            )
+        feats.append(out.float())
+        labels.append(y.to(device, non_blocking=not wait))
+    if not feats:
+        raise ValueError("batches must yield at least one (images, labels) pair, got none")
     return torch.cat(feats), torch.cat(labels)

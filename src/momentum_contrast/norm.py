@@ -128,6 +128,13 @@ def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
     parametrized) raises ``TypeError`` naming it: converting it would drop that behaviour,
     and leaving it would silently keep the batch statistics unsplit. Returns ``model``.
 
+    A converted module is no longer an ``nn.BatchNorm2d`` (``SplitBatchNorm`` is a
+    ``torch.nn.modules.batchnorm._BatchNorm``, as every torch BatchNorm is): code that finds
+    BatchNorms by ``isinstance(m, nn.BatchNorm2d)`` (timm's ``freeze_batch_norm_2d``, a
+    no-weight-decay parameter group) misses them; run it before, or test for ``_BatchNorm``.
+    Convert before building the ``MomentumEncoder``, whose copy keeps what it copied (a
+    later conversion of the online model alone makes its updates warn).
+
     Args:
         model: any module.
         num_splits: sub-batches per forward (e.g. 8 to emulate 8 GPUs).

@@ -40,7 +40,10 @@ class LARS(Optimizer):
         momentum: 0.9 as the reference.
         trust_coefficient: 0.001 as the reference.
 
-    Every setting must be a finite real number ``>= 0``, in the defaults and in each
+    The settings after ``lr`` are keyword-only (``LARS(params, 0.1, 0.9)`` would have made
+    0.9 the weight decay). The norms are taken in float32 at least (a float16 one would
+    overflow above 65504). Every setting must be a finite real number ``>= 0``, in the
+    defaults and in each
     parameter group (``TypeError`` for a non-number, ``ValueError`` naming the setting
     for NaN, an infinity or a negative value). There is no ``eps``: a zero norm gives
     the ratio 1 instead of a division by a small number.
@@ -58,6 +61,7 @@ class LARS(Optimizer):
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float = 0.0,
+        *,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
@@ -106,7 +110,10 @@ class LARS(Optimizer):
                 g = p.grad
                 if p.ndim > 1:  # matrices and kernels: decay, then the trust ratio
                     g = g.add(p, alpha=group["weight_decay"])
-                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    # in float32 at least: a float16 norm above 65504 is inf (ratio 0)
+                    wide = torch.promote_types(p.dtype, torch.float32)
+                    p_norm = torch.linalg.vector_norm(p, dtype=wide)
+                    g_norm = torch.linalg.vector_norm(g, dtype=wide)
                     ratio = group["trust_coefficient"] * p_norm / g_norm
                     ratio = torch.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
                     g = g.mul(ratio)

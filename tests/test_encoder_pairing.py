@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from typing import cast
@@ -64,7 +65,7 @@ def test_split_batchnorm_on_the_key_encoder_after_updates_is_followed() -> None:
     assert isinstance(key[1], SplitBatchNorm)
     with torch.no_grad():
         cast(nn.BatchNorm2d, online[1]).weight.fill_(5.0)
-    with pytest.warns(RuntimeWarning, match=r"'1' \(BatchNorm2d online, SplitBatchNorm in the"):
+    with pytest.warns(RuntimeWarning, match=r"'1' \(its batch \(BatchNorm\) online, 2 sub-"):
         enc.update(0.0)
     assert torch.equal(cast(SplitBatchNorm, key[1]).weight, torch.full((4,), 5.0))
     with warnings.catch_warnings():
@@ -86,8 +87,9 @@ def test_a_model_converted_after_the_copy_is_said(updated_before: bool, convert:
         convert_split_batchnorm(online, 2)
     else:
         assert nn.SyncBatchNorm.convert_sync_batchnorm(online) is online  # new children
-    name = "SplitBatchNorm" if convert == "split" else "SyncBatchNorm"
-    message = rf"'1' \({name} online, BatchNorm2d in the key encoder\), '3' \({name}"
+    ours = "2 sub-batches (SplitBatchNorm)" if convert == "split" else "all ranks' batch"
+    theirs = "its batch (BatchNorm) in the key encoder"
+    message = re.escape(f"'1' ({ours}") + ".* online, " + re.escape(f"{theirs}), '3' ({ours}")
     with pytest.warns(RuntimeWarning, match=message):
         enc.update()
     if convert == "split":
@@ -95,6 +97,26 @@ def test_a_model_converted_after_the_copy_is_said(updated_before: bool, convert:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             enc.update()
+
+
+def test_models_alike_in_their_batchnorms_are_not_said_to_differ() -> None:
+    """Classes of their own on each side (torch.fx's GraphModule per instance, parametrized
+    modules) and layers that differ but normalise alike give no warning."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    traced = torch.fx.symbolic_trace(model)
+    enc = MomentumEncoder(traced)
+    assert type(enc.key_encoder) is not type(traced)  # a class of its own
+    online = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.1))
+    both = MomentumEncoder(online)
+    for side in (online, both.key_encoder):  # parametrized alike, after the copy
+        nn.utils.parametrizations.weight_norm(cast(nn.Sequential, side)[0])
+    both.online = online  # the parametrized weights are paired anew
+    cast(nn.Sequential, both.key_encoder)[2] = nn.Identity()  # a key encoder without dropout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for encoder in (enc, both):
+            encoder.update()
+            encoder.update()
 
 
 def test_replaced_key_encoder_is_followed_and_frozen() -> None:

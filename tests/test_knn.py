@@ -69,7 +69,8 @@ def test_embed_dataset_refuses_what_would_misalign_labels() -> None:
         ([(x.view(3, 2, 1, 1), torch.zeros(3))], "cpu", ValueError, r"features \(3, 2, 1, 1\)"),
         ([], "cpu", ValueError, "at least one"),
         ([(x, [0, 1, 2])], "cpu", TypeError, r"pairs of tensors, got \(Tensor, list\) at batch 0"),
-        ([(x, torch.zeros(3))], torch.float64, TypeError, "device must be a torch.device or a str"),
+        ([(x, torch.zeros(3))], torch.float64, TypeError, "device must be a torch.device, a s"),
+        ([(x, torch.zeros(3))], True, TypeError, "device must be a torch.device, a str or a GPU"),
     ]
     for batches, device, error, message in cases:
         with pytest.raises(error, match=message):

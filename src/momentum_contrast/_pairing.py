@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from momentum_contrast._dtensor import (
     describe_layout,
@@ -73,7 +74,8 @@ def current(
     refuse_fsdp1(online)  # wrapped in FSDP1 after construction: say so
     refuse_fsdp1(key)
     pairs = pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, False)
-    warn_if_other_classes(online, key)
+    if kind == "parameter":  # once per pairing (buffers are paired too, apart)
+        warn_if_normalised_otherwise(online, key)
     pairs.plain = plain(online, kind) and plain(key, kind)
     shard = local if pairs.sharded else None
     pairs.memo, pairs.held, online_count = memo_of(online, key, kind, shard, pairs.plain)
@@ -81,27 +83,38 @@ def current(
     return pairs
 
 
-def warn_if_other_classes(online: nn.Module, key: nn.Module) -> None:
-    """Warn where a module of one model is of another class than the module of that name
-    in the other: the tensors pair, but the key encoder computes otherwise. Meant (a key
-    encoder without drop path) or not: ``convert_split_batchnorm`` or
-    ``convert_sync_batchnorm`` run on the online model after the copy was taken leaves
-    the key encoder's BatchNorms whole-batch, and Shuffle-BN silently lost."""
-    theirs = {name: type(module) for name, module in key.named_modules()}
+def warn_if_normalised_otherwise(online: nn.Module, key: nn.Module) -> None:
+    """Warn where a BatchNorm of one model takes its statistics over other samples than the
+    module of that name in the other (or the other has none there): the tensors pair, but
+    ``convert_split_batchnorm`` or ``convert_sync_batchnorm`` run on the online model after
+    the copy was taken leaves the key encoder's BatchNorms whole-batch (Shuffle-BN silently
+    lost, or v3's SyncBN). Other classes are not compared: torch gives FSDP2, parametrized
+    and ``torch.fx`` modules classes of their own on each side."""
+    theirs = {name: _statistics(module) for name, module in key.named_modules()}
     if differ := [
-        f"{name or 'the model'!r} ({type(m).__name__} online, {theirs[name].__name__} in the "
-        "key encoder)"
+        f"{name or 'the model'!r} ({ours or 'no BatchNorm'} online, "
+        f"{theirs[name] or 'no BatchNorm'} in the key encoder)"
         for name, m in online.named_modules()
-        if name in theirs and type(m) is not theirs[name]
+        if name in theirs and (ours := _statistics(m)) != theirs[name]
     ]:
         warnings.warn(
-            f"MomentumEncoder: modules of other classes: {', '.join(differ[:3])}"
-            f"{' ...' * (len(differ) > 3)}. If the key encoder is meant to differ, ignore "
-            "this; else convert the model before building the MomentumEncoder "
-            "(convert_split_batchnorm, convert_sync_batchnorm), or .key_encoder alike",
+            f"MomentumEncoder: BatchNorms that normalise otherwise: {', '.join(differ[:3])}"
+            f"{' ...' * (len(differ) > 3)}. Convert the model before building the "
+            "MomentumEncoder (convert_split_batchnorm, convert_sync_batchnorm), or "
+            ".key_encoder alike; if the key encoder is meant to differ, ignore this",
             RuntimeWarning,
             stacklevel=6,  # the caller of update() (through no_grad's wrapper)
         )
+
+
+def _statistics(module: nn.Module) -> str | None:
+    """What a BatchNorm takes its statistics over, ``None`` for any other module."""
+    if not isinstance(module, _BatchNorm):
+        return None
+    if isinstance(module, nn.SyncBatchNorm):
+        return "all ranks' batch (SyncBatchNorm)"
+    splits = getattr(module, "num_splits", None)  # SplitBatchNorm
+    return f"{splits} sub-batches (SplitBatchNorm)" if splits else "its batch (BatchNorm)"
 
 
 def ema_dtype_problem(names: str, online: torch.dtype, ema_dtype: torch.dtype) -> str | None:

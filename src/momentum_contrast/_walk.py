@@ -91,11 +91,10 @@ def memo_of(
             layout(online, kind, most[0]),
             layout(key, kind, most[1]),
         )
-    else:  # the models' own named walks (names built), and the modules' classes
+    else:  # the models' own named walks (names built; no classes)
         online_named, key_named = walk(online, kind), walk(key, kind)
-        online_names = [*map(type, online.modules()), *(n for n, _ in online_named)]
-        key_names = [*map(type, key.modules()), *(n for n, _ in key_named)]
-        online_found, key_found = [t for _, t in online_named], [t for _, t in key_named]
+        online_names, online_found = [n for n, _ in online_named], [t for _, t in online_named]
+        key_names, key_found = [n for n, _ in key_named], [t for _, t in key_named]
     onlines = [t for t in online_found if t is not None]
     tensors = (*onlines, *(t for t in key_found if t is not None))
     data = tuple(map(local, tensors)) if local else tensors

@@ -81,10 +81,11 @@ class MomentumEncoder(nn.Module):
     reloaded or moved tensor on either side (``load_state_dict(assign=True)``, a swapped
     submodule, a new ``.key_encoder`` or ``.online``) is paired again by name; a real
     mismatch (a parameter added, renamed or reshaped, one side moved alone) raises a
-    ``ValueError`` naming it; a module of another class on one side (a BatchNorm converted
-    after the copy was taken) warns. Under ``torch.compile(encoder.update)`` Dynamo's
-    guards stand for the walk; what only an eager update sees is listed in the concepts
-    guide ([What an update checks][what-an-update-checks]).
+    ``ValueError`` naming it; a BatchNorm converted on one side after the copy was taken
+    (``convert_split_batchnorm``, ``convert_sync_batchnorm``) warns. Under
+    ``torch.compile(encoder.update)`` Dynamo's guards stand for the walk; what only an
+    eager update sees is listed in the concepts guide
+    ([What an update checks][what-an-update-checks]).
 
     The copy is taken when it is built, with ``copy.deepcopy``, which copies the hooks
     registered on the online model too (a hook function that stores activations in a dict

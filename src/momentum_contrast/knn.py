@@ -112,7 +112,7 @@ def _check_labels(labels: object, rows: int, classes: int) -> None:
 def embed_dataset(
     model: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device | str = "cpu",
+    device: torch.device | str | int = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` over ``(images, labels)`` batches; return the features and labels.
 
@@ -130,8 +130,8 @@ def embed_dataset(
         ``(features (M, D), labels (M,))``, on ``device``.
 
     Raises:
-        TypeError: a batch that is not a pair of tensors, or a ``device`` that is neither
-            a ``torch.device`` nor a str.
+        TypeError: a batch that is not a pair of tensors, or a ``device`` that is not a
+            ``torch.device``, a str or an int.
         ValueError: no batch, or features that are not ``(N, D)`` with one label per row.
 
     Examples:
@@ -142,8 +142,10 @@ def embed_dataset(
         >>> feats.shape, labels.shape
         (torch.Size([4, 2]), torch.Size([4]))
     """
-    if not isinstance(device, (torch.device, str)):
-        raise TypeError(f"device must be a torch.device or a str, got {type(device).__name__}")
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(
+            f"device must be a torch.device, a str or a GPU index, got {type(device).__name__}"
+        )
     device = torch.device(device)
     wait = device.type == "cpu"  # the host reads what reaches its memory: wait for the copy
     feats, labels = [], []

@@ -56,7 +56,16 @@ def run(
         )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    if check:
+        no_library_warning(result.stderr)
     return result
+
+
+def no_library_warning(stderr: str) -> None:
+    """The scripts use the library as meant: a warning of it (``MomentumEncoder: ...``, a
+    double update, a BatchNorm converted on one side) fails the test."""
+    if warned := [line for line in stderr.splitlines() if "Warning: MomentumEncoder" in line]:
+        raise AssertionError(f"the library warned: {warned[0][:300]}")
 
 
 def _own_output_dir(flags: tuple[str, ...], folder: str) -> list[str]:
@@ -111,6 +120,8 @@ def run_2p_ranks(
     if any(p.returncode for p in procs):
         text = outputs[0][0] + "".join(err for _, err in outputs)
         raise AssertionError(f"{script} failed in 2 processes:\n{text[-6000:]}")
+    for _, err in outputs:
+        no_library_warning(err)
     return outputs
 
 

@@ -232,7 +232,7 @@ def test_the_authors_loader_refuses_a_pointer_of_another_shape_or_dtype() -> Non
         (torch.tensor([float("nan")]), "does not fit: KeyQueue: ptr nan, not an int in [0, 15]"),
     ):
         ckpt, model = authors_v2(queue_ptr=0), v2_resnet18()
-        ckpt["state_dict"]["module.queue_ptr"] = ptr
+        cast(dict[str, Any], ckpt["state_dict"])["module.queue_ptr"] = ptr
         key_encoder, queue = MomentumEncoder(model), KeyQueue(16, 128)
         with pytest.raises(LayoutError, match=f"the checkpoint's queue {re.escape(said)}"):
             load_official_checkpoint(ckpt, model, key_encoder, queue=queue)

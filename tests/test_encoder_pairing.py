@@ -93,6 +93,11 @@ def test_a_model_converted_after_the_copy_is_said(updated_before: bool, convert:
     with pytest.warns(RuntimeWarning, match=message):
         enc.update()
     if convert == "split":
+        with warnings.catch_warnings():  # made an error: the assignment is undone
+            warnings.simplefilter("error")
+            with pytest.raises(RuntimeWarning, match="normalise otherwise"):
+                enc.online = copy.deepcopy(online)
+        assert enc.online is online
         convert_split_batchnorm(enc.key_encoder, 2)  # both alike: nothing to say
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -112,6 +117,7 @@ def test_models_alike_in_their_batchnorms_are_not_said_to_differ() -> None:
         nn.utils.parametrizations.weight_norm(cast(nn.Sequential, side)[0])
     both.online = online  # the parametrized weights are paired anew
     cast(nn.Sequential, both.key_encoder)[2] = nn.Identity()  # a key encoder without dropout
+    convert_split_batchnorm(both.key_encoder, 1)  # one sub-batch: a plain BatchNorm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for encoder in (enc, both):

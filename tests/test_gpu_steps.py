@@ -47,9 +47,9 @@ def v2_setup(
     torch.manual_seed(seed)
     head = moco_v2_head(32, hidden_dim=64, out_dim=16)
     model = nn.Sequential(SmallCNN(out_dim=32), head).to(cuda)
-    key_encoder = MomentumEncoder(model)
     if shuffle_bn:
-        convert_split_batchnorm(key_encoder.key_encoder, 4)  # Shuffle-BN on one GPU
+        convert_split_batchnorm(model, 4)  # Shuffle-BN on one GPU: before the copy
+    key_encoder = MomentumEncoder(model)
     queue = KeyQueue(1024, 16).to(cuda)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     shuffle = torch.Generator(cuda).manual_seed(seed)

@@ -113,8 +113,8 @@ def _statistics(module: nn.Module) -> str | None:
         return None
     if isinstance(module, nn.SyncBatchNorm):
         return "all ranks' batch (SyncBatchNorm)"
-    splits = getattr(module, "num_splits", None)  # SplitBatchNorm
-    return f"{splits} sub-batches (SplitBatchNorm)" if splits else "its batch (BatchNorm)"
+    splits = getattr(module, "num_splits", 1)  # SplitBatchNorm; 1 is a plain BatchNorm
+    return f"{splits} sub-batches (SplitBatchNorm)" if splits != 1 else "its batch (BatchNorm)"
 
 
 def ema_dtype_problem(names: str, online: torch.dtype, ema_dtype: torch.dtype) -> str | None:

@@ -247,7 +247,7 @@ class MomentumEncoder(nn.Module):
             self._pairs = {}
             for kind in ("parameter",) if self.buffers_mode == "own" else ("parameter", "buffer"):
                 self._paired(kind)
-        except (TypeError, ValueError):
+        except Exception:  # a mismatch, or a warning that the filters made an error
             self.__dict__["_online"], self._pairs = previous, {}
             raise
         self._last_versions, self._version_moves = None, 0  # another model's counters

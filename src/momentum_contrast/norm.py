@@ -133,7 +133,8 @@ def convert_split_batchnorm(model: nn.Module, num_splits: int) -> nn.Module:
     BatchNorms by ``isinstance(m, nn.BatchNorm2d)`` (timm's ``freeze_batch_norm_2d``, a
     no-weight-decay parameter group) misses them; run it before, or test for ``_BatchNorm``.
     Convert before building the ``MomentumEncoder``, whose copy keeps what it copied (a
-    later conversion of the online model alone makes its updates warn).
+    later conversion of the online model's BatchNorms alone makes its updates warn; a
+    later change of a ``SplitBatchNorm``'s count alone is not seen).
 
     Args:
         model: any module.

@@ -211,6 +211,9 @@ def test_a_load_that_does_not_fit_loads_nothing() -> None:
         ({**ok, "ptr": torch.tensor(2.7)}, "ptr 2.7"),
         ({**ok, "ptr": torch.tensor(float("nan"))}, "ptr nan, not an int in [0, 4]"),
         ({**ok, "length": torch.tensor(True)}, "length True, not an int in [0, 5]"),
+        # not tensors: an AttributeError ('int' object has no attribute 'shape')
+        ({**ok, "ptr": 3}, "ptr of type int, not a tensor"),
+        ({**ok, "keys": [[0.0] * 3] * 5}, "keys of type list, not a tensor"),
         # a queue not yet full writes its next key at row `length`: this one wrote over a key
         # and left a zero row among the negatives
         ({**ok, "ptr": torch.tensor(4), "length": torch.tensor(3)}, "ptr 4 with length 3"),

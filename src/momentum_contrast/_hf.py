@@ -102,9 +102,8 @@ def hf_features(model: nn.Module) -> tuple[nn.Module, int] | None:
     base = getattr(model, "base_model", model)
     # CNNs: MobileViT, ResNet, ConvNeXt
     sizes = (getattr(config, name, None) for name in ("neck_hidden_sizes", "hidden_sizes"))
-    dim = next((s[-1] for s in sizes if isinstance(s, (list, tuple)) and s), None)
-    if dim is None:
-        dim = getattr(config, "hidden_size", None)  # transformers (ViT, DeiT, Swin)
+    hidden_size = getattr(config, "hidden_size", None)  # transformers (ViT, DeiT, Swin)
+    dim = next((s[-1] for s in sizes if isinstance(s, (list, tuple)) and s), hidden_size)
     if not isinstance(dim, int) or not isinstance(base, nn.Module):
         raise TypeError(
             f"strip_classifier: cannot tell the feature size of {name} from its config (no "

@@ -20,9 +20,8 @@ from momentum_contrast._checks import (
     check_same_device,
     check_same_shape,
 )
-from momentum_contrast._collectives import Group, gather_with_sizes
+from momentum_contrast._collectives import Group, gather_with_sizes, rank, world_size
 from momentum_contrast._queue_cross_entropy import QueueCrossEntropy
-from momentum_contrast.distributed import rank, world_size
 
 __all__ = [
     "InfoNCE",
@@ -51,14 +50,6 @@ def _float32_context(device: torch.device) -> contextlib.AbstractContextManager[
     if device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _transformed(*tensors: torch.Tensor) -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``) is active or any of
-    ``tensors`` carries a forward-mode AD tangent (host state and metadata: no sync)."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)  # type: ignore[no-untyped-call]
 
 
 def info_nce(
@@ -127,20 +118,23 @@ def info_nce(
         if negative_keys is None:
             logits = q @ k.T / t  # (N, N)
             targets = torch.arange(n, device=q.device)
-        else:
-            negatives = negative_keys.detach().to(dtype)  # (M, D)
-            # the compiler fuses the plain form itself; torch.func's transforms and forward-mode
-            # AD cannot run QueueCrossEntropy (no setup_context, vmap or jvp)
-            if torch.compiler.is_compiling() or _transformed(query, positive_key, negative_keys):
-                l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-                logits = torch.cat([l_pos, q @ negatives.T], dim=1) / t  # (N, 1 + M)
-                targets = torch.zeros(n, dtype=torch.long, device=q.device)
-                return F.cross_entropy(logits, targets, reduction=reduction)
-            losses: torch.Tensor = QueueCrossEntropy.apply(q / t, k, negatives)  # (N,)
-            if reduction == "none":
-                return losses
-            return losses.mean() if reduction == "mean" else losses.sum()
-        return F.cross_entropy(logits, targets, reduction=reduction)
+            return F.cross_entropy(logits, targets, reduction=reduction)
+        negatives = negative_keys.detach().to(dtype)  # (M, D)
+        # the compiler fuses the plain form itself; torch.func's transforms and forward-mode AD
+        # (a tangent on the query: the keys are detached) cannot run QueueCrossEntropy
+        if (
+            torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+            or fwAD.unpack_dual(query).tangent is not None  # type: ignore[no-untyped-call]
+        ):
+            l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+            logits = torch.cat([l_pos, q @ negatives.T], dim=1) / t  # (N, 1 + M)
+            targets = torch.zeros(n, dtype=torch.long, device=q.device)
+            return F.cross_entropy(logits, targets, reduction=reduction)
+        losses: torch.Tensor = QueueCrossEntropy.apply(q / t, k, negatives)  # (N,)
+        if reduction == "none":
+            return losses
+        return losses.mean() if reduction == "mean" else losses.sum()
 
 
 def _ctr(q: torch.Tensor, k: torch.Tensor, t: float, first: int) -> torch.Tensor:

@@ -43,10 +43,9 @@ class LARS(Optimizer):
     The settings after ``lr`` are keyword-only (``LARS(params, 0.1, 0.9)`` would have made
     0.9 the weight decay). The norms are taken in float32 at least (a float16 one would
     overflow above 65504). Every setting must be a finite real number ``>= 0``, in the
-    defaults and in each
-    parameter group (``TypeError`` for a non-number, ``ValueError`` naming the setting
-    for NaN, an infinity or a negative value). There is no ``eps``: a zero norm gives
-    the ratio 1 instead of a division by a small number.
+    defaults and in each parameter group (``TypeError`` for a non-number, ``ValueError``
+    naming the setting for NaN, an infinity or a negative value). There is no ``eps``: a
+    zero norm gives the ratio 1 instead of a division by a small number.
 
     Examples:
         >>> import torch

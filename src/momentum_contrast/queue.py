@@ -111,8 +111,13 @@ class KeyQueue(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         # all of the queue's tensors or none: torch would copy ptr and length, then refuse keys
-        keys, ptr, length = (state_dict.get(prefix + n) for n in ("keys", "ptr", "length"))
-        problems = []
+        entries = {n: state_dict.get(prefix + n) for n in ("keys", "ptr", "length")}
+        problems = [  # torch would copy the others, then refuse these
+            f"{name} of type {type(value).__name__}, not a tensor"
+            for name, value in entries.items()
+            if value is not None and not isinstance(value, torch.Tensor)
+        ]
+        keys, ptr, length = (v if isinstance(v, torch.Tensor) else None for v in entries.values())
         if keys is not None and tuple(keys.shape) != (self.size, self.dim):
             problems.append(f"keys of shape {tuple(keys.shape)}, not ({self.size}, {self.dim})")
         for name, value, high in (("ptr", ptr, self.size - 1), ("length", length, self.size)):

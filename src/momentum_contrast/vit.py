@@ -20,8 +20,8 @@ def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
 
     With ``reinit`` (as the reference) the projection is first re-drawn uniformly in
     ``±sqrt(6 / (in_channels * patch_area + dim))`` (Xavier-uniform over the flattened patch:
-    ``3 * patch_area`` for RGB, as the reference) with
-    a zero bias. Its parameters then get ``requires_grad=False``. Modifies ``vit`` in place.
+    ``3 * patch_area`` for RGB, as the reference) with a zero bias. Its parameters then get
+    ``requires_grad=False``. Modifies ``vit`` in place.
 
     Examples:
         >>> import torchvision

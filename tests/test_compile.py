@@ -20,6 +20,7 @@ from conftest import perturb_
 from torch import nn
 
 from momentum_contrast import (
+    KeyQueue,
     MomentumEncoder,
     cosine_momentum,
     info_nce,
@@ -221,3 +222,49 @@ def test_compiled_update_steps_weights_tied_by_memory_once(ema_dtype: torch.dtyp
         once = old + 0.5 * (online.a.weight.detach().to(old.dtype) - old)  # twice: 0.75 of it
         torch.testing.assert_close(key.a.weight.detach(), once, rtol=0, atol=1e-5)
         assert key.a.weight.data_ptr() == key.b.weight.data_ptr()  # still one memory
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("push_inside", [True, False])
+def test_a_compiled_queue_step_matches_eager(backend: str, push_inside: bool) -> None:
+    """The loss against ``negatives()``, then the push, before ``backward()``, as the
+    reference's forward does. Inductor elided the snapshot's copy and saved the queue's keys
+    for the backward: the push in the same graph made every gradient wrong, silently; the
+    push after the graph made the backward raise."""
+    torch.manual_seed(0)
+    eager, compiled = KeyQueue(32, 16), KeyQueue(32, 16)
+
+    def loss_of(queue: KeyQueue, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        loss = info_nce(q, k, queue.negatives(), temperature=0.2)
+        if push_inside:
+            queue.push(k)
+        return loss
+
+    compiled_loss = torch.compile(loss_of, backend=backend)
+    for _ in range(5):  # 40 keys: the queue wraps around
+        q = torch.randn(8, 16, requires_grad=True)
+        k = nn.functional.normalize(torch.randn(8, 16), dim=1)
+        results = []
+        for queue, fn in ((eager, loss_of), (compiled, compiled_loss)):
+            loss = fn(queue, q, k)
+            if not push_inside:
+                queue.push(k)
+            results.append((loss, *torch.autograd.grad(loss, q)))
+        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+    assert int(compiled.ptr) == int(eager.ptr) == 40 % 32
+    torch.testing.assert_close(compiled.keys, eager.keys, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_push_compiles_fullgraph_and_matches_eager(backend: str) -> None:
+    """In one process the push has nothing to gather: it read the keys' ``__dict__`` for
+    the gather that ``batch_unshuffle`` attaches, which broke the graph."""
+    torch.manual_seed(0)
+    eager, compiled = KeyQueue(32, 16), KeyQueue(32, 16)
+    push = torch.compile(compiled.push, fullgraph=True, backend=backend)
+    for _ in range(5):
+        k = torch.randn(8, 16)
+        eager.push(k)
+        push(k)
+    assert int(compiled.ptr) == int(eager.ptr) == 40 % 32
+    torch.testing.assert_close(compiled.keys, eager.keys, rtol=1e-6, atol=1e-7)

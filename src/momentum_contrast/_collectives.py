@@ -119,7 +119,10 @@ def members(group: Group) -> tuple[int, ...]:
 def gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     """``concat_all_gather``: the gather ``batch_unshuffle`` attached to its output when
     ``x`` is that output, unchanged since (version counter, data pointer), else a new one.
-    The attached gather is handed over once (and let go): a second call gathers anew."""
+    The attached gather is handed over once (and let go): a second call gathers anew.
+    Compiled, nothing attached is read (a graph cannot hold a tensor's ``__dict__``)."""
+    if torch.compiler.is_compiling():
+        return gather_with_sizes(x, group)[0]
     known = x.__dict__.pop("_moco_gathered", None)
     if known is not None and known[1:] == (x._version, x.data_ptr(), members(group)):
         gathered: torch.Tensor = known[0]

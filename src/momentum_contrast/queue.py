@@ -177,15 +177,29 @@ class KeyQueue(nn.Module):
     def negatives(self) -> torch.Tensor:
         """The valid keys, as a copy that a later [`push`][] cannot change.
 
+        Compiled code calls it eagerly: a graph break, so under ``fullgraph=True`` call it
+        outside the compiled function and pass its result in. Compiled, the copy would be
+        elided: inductor saves the queue's keys themselves for the backward, and a
+        ``push`` before ``backward()`` made the gradients wrong (the push in the same
+        graph) or raised autograd's "modified by an inplace operation" (the push after).
+
         Returns:
             ``(len(self), dim)`` tensor in the storage dtype, without gradient.
             It is a snapshot (as the reference's ``queue.clone()``), so a loss
             built from it backpropagates correctly even after the next ``push``.
         """
-        return self.keys[: self._length].clone()
+        snapshot: torch.Tensor = _copy_rows(self.keys, self._length)  # (len(self), D)
+        return snapshot
 
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, dim={self.dim}, dtype={self.keys.dtype}, "
             f"normalize={self.normalize}, gather={self.gather}"
         )
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _copy_rows(keys: torch.Tensor, rows: int) -> torch.Tensor:
+    """``keys[:rows]``, copied eagerly: compiled, inductor elides the copy (see
+    ``KeyQueue.negatives``)."""
+    return keys[:rows].clone()

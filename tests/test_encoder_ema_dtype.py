@@ -187,6 +187,34 @@ def test_an_ema_dtype_wider_than_float32_over_float32_weights_is_refused() -> No
     assert enc(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
 
 
+class KeptInFloat32(nn.Module):
+    """A float32 weight first (a scale: norms and position embeddings are often kept in
+    float32), then a bfloat16 layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+        self.linear = nn.Linear(4, 4).bfloat16()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale.to(x.dtype)
+
+
+def test_a_model_keeping_some_weights_in_float32_runs_in_its_narrower_dtype() -> None:
+    """The forward autocast to the dtype of the first floating weight, float32 here: the
+    float32 key encoder's linear layer met the bfloat16 input (a RuntimeError that did not
+    name ema_dtype)."""
+    torch.manual_seed(0)
+    online = KeptInFloat32()
+    enc = MomentumEncoder(online, ema_dtype=torch.float32)
+    assert {p.dtype for p in enc.key_encoder.parameters()} == {torch.float32}
+    x = torch.randn(3, 4).bfloat16()
+    out = enc(x)
+    assert out.dtype == torch.bfloat16
+    # the float32 copies of bfloat16 weights round back exactly: the online model's output
+    torch.testing.assert_close(out, online(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("assign", [False, True])
 @pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16])
 def test_the_update_after_a_load_starts_from_what_was_loaded(

@@ -128,8 +128,8 @@ class MomentumEncoder(nn.Module):
             write to them is simply the new state (``load_state_dict`` without
             ``assign=True``, which would put the file's dtype in their place). The forward
             runs under ``torch.autocast`` to the online model's dtype (that of its first
-            floating parameter) where it is narrower, and floating outputs come out in
-            that dtype. A key encoder in ``ema_dtype`` follows bfloat16/float16 weights in
+            floating parameter not in ``ema_dtype``: weights kept in float32, such as norms,
+            are passed over), and floating outputs come out in that dtype. A key encoder in ``ema_dtype`` follows bfloat16/float16 weights in
             float32, or weights of its own dtype; any other pair raises ``ValueError`` (at
             construction, and at the next ``forward`` or ``update`` after a cast of the
             online model). Complex weights, which outputs are cast, autocast's limits and
@@ -271,16 +271,18 @@ class MomentumEncoder(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the key encoder under ``torch.no_grad()`` (same signature as ``online``)."""
-        name, first = next(
-            ((n, p) for n, p in self.online.named_parameters() if p.is_floating_point()),
-            ("", None),
-        )
-        if self.ema_dtype is None or first is None or first.dtype == self.ema_dtype:
+        ema_dtype = self.ema_dtype
+        weights = () if ema_dtype is None else self.online.parameters()
+        # the dtype to autocast to: the first floating weight's not in ema_dtype (weights the
+        # model keeps in ema_dtype, such as float32 norms, are passed over)
+        first = next((p for p in weights if p.is_floating_point() and p.dtype != ema_dtype), None)
+        if first is None or ema_dtype is None:
             with torch.no_grad():
                 return self.key_encoder(*args, **kwargs)
         dtype = first.dtype
-        if problem := ema_dtype_problem(repr(name), dtype, self.ema_dtype):  # cast wider since
-            raise ValueError(f"MomentumEncoder: {problem}")
+        if ema_dtype_problem("", dtype, ema_dtype):  # cast wider since the copy was taken
+            name = next(repr(n) for n, p in self.online.named_parameters() if p is first)
+            raise ValueError(f"MomentumEncoder: {ema_dtype_problem(name, dtype, ema_dtype)}")
         with torch.no_grad(), torch.autocast(first.device.type, dtype=dtype):
             out = self.key_encoder(*args, **kwargs)
         return tree_map_only(

@@ -183,7 +183,7 @@ def test_modules_equal_functions() -> None:
 
 def test_loss_modules_take_keyword_arguments_only() -> None:
     """``InfoNCE(0.2, "mean", False)`` was accepted: every argument is keyword-only, as
-    in the functions."""
+    in the functions (``positive_offset`` of ``SymmetricContrastiveLoss``'s call too)."""
     with pytest.raises(TypeError, match="positional argument"):
         InfoNCE(0.2, "mean", False)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="positional argument"):
@@ -194,6 +194,13 @@ def test_loss_modules_take_keyword_arguments_only() -> None:
     assert (crit.temperature, crit.reduction, crit.normalize) == (0.5, "none", False)
     sym = SymmetricContrastiveLoss(temperature=0.2, gather=False)
     assert (sym.temperature, sym.gather) == (0.2, False)
+    q, k = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(TypeError, match="positional argument"):  # as the function's
+        sym(q, q, k, k, 0)  # type: ignore[misc]
+    assert torch.equal(
+        sym(q, q, k, k, positive_offset=2),
+        sym_loss(q, q, k, k, positive_offset=2, temperature=0.2, gather=False),
+    )
 
 
 def test_losses_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -342,7 +342,19 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         "unshuffle index of floats",
         lambda: batch_unshuffle(q8, torch.arange(4.0)),
         TypeError,
-        ["idx_unshuffle", "long tensor returned by batch_shuffle"],
+        ["idx_unshuffle", "long tensor returned by batch_shuffle", "got torch.float32"],
+    ),
+    (
+        "unshuffle index of ints",
+        lambda: batch_unshuffle(q8, torch.arange(4, dtype=torch.int32)),
+        TypeError,
+        ["idx_unshuffle", "got torch.int32"],
+    ),
+    (
+        "unshuffle index as a list",
+        lambda: batch_unshuffle(q8, [0, 1, 2, 3]),  # type: ignore[arg-type]
+        TypeError,
+        ["idx_unshuffle", "got list"],
     ),
     # convert
     (

@@ -216,7 +216,11 @@ def batch_unshuffle(
     """
     _check_batch(x)
     if not isinstance(idx_unshuffle, torch.Tensor) or idx_unshuffle.dtype != torch.long:
-        raise TypeError("idx_unshuffle must be the long tensor returned by batch_shuffle")
+        is_tensor = isinstance(idx_unshuffle, torch.Tensor)
+        got = idx_unshuffle.dtype if is_tensor else type(idx_unshuffle).__name__
+        raise TypeError(
+            f"idx_unshuffle must be the torch.long tensor returned by batch_shuffle, got {got}"
+        )
     check_same_device("idx_unshuffle", idx_unshuffle, "x", x)
     known = getattr(idx_unshuffle, "_moco_sizes", None)
     if known is not None and known[1] == c.members(group) and world_size(group) > 1:

@@ -64,9 +64,13 @@ def info_nce(
     """InfoNCE loss of MoCo v1/v2: each query against its key and the negatives.
 
     With ``negative_keys`` the logits of query ``i`` are ``[q_i·k_i, q_i·n_1, …,
-    q_i·n_M] / T`` and the target is index 0, exactly the reference's ``cat`` +
-    cross-entropy. Without them, the other rows of ``positive_key`` are the
-    negatives: logits ``q @ k.T / T``, targets ``arange(N)``.
+    q_i·n_M] / T`` and the target is index 0: the reference's ``cat`` + cross-entropy,
+    computed without the ``(N, 1 + M)`` concatenation (eagerly; under ``torch.compile``
+    as the reference), so equal to it up to float rounding. Without them, the other rows
+    of ``positive_key`` are the negatives: logits ``q @ k.T / T``, targets ``arange(N)``,
+    this process's rows only (for negatives from every rank, gather the keys with
+    [`concat_all_gather`][momentum_contrast.distributed.concat_all_gather], or use
+    [`symmetric_contrastive_loss`][], which does).
 
     Logits and loss are computed in float32 (float64 if any input is float64), also
     under ``torch.autocast``. Keys and negatives are detached: no gradient
@@ -322,8 +326,8 @@ class SymmetricContrastiveLoss(nn.Module):
         q2: torch.Tensor,
         k1: torch.Tensor,
         k2: torch.Tensor,
-        positive_offset: int | None = None,
         *,
+        positive_offset: int | None = None,
         group: Group = None,
     ) -> torch.Tensor:
         """Args as [`symmetric_contrastive_loss`][]: queries ``(N, D)``, keys ``(M, D)``;

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from harness import VITS, Env, fail
 from monitoring import plot
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 
 # ---- Every rank's random stream: saved by rank, restored by rank
@@ -183,6 +184,10 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
     rng = rng_states(device, world)
     debug_dump(state, rank, f"{step:07d}")
     if rank == 0:
+        tensors = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
+        if not all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point()):
+            fail(f"the weights of step {step} hold NaN or infinite values: training diverged "
+                 "(a smaller --lr?); not saved, the checkpoints before it are kept")  # fmt: skip
         plot(out)
         try:  # through a file of Python's, whose writes raise (a path of torch's may end a
             with open(out / "checkpoint.tmp", "wb") as f:  # file short and say nothing)
@@ -207,12 +212,13 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
 
 
 def resume_states(
-    resume: tuple[Path, dict[str, Any]] | None, pieces: dict[str, Any], env: Env, *,
-    load: Any = load_states, states: Any = state_of,
+    resume: tuple[Path, dict[str, Any]] | None, pieces: dict[str, Any], env: Env,
+    steps_per_epoch: int, *, load: Any = load_states, states: Any = state_of,
 ) -> tuple[int, Any, Any]:  # fmt: skip
     """The step, kNN baseline and every rank's random states of ``resume`` (load_resume's),
     its states loaded into ``pieces`` (``load``; ``states`` reads them back for the tests'
-    dump); a new run's: (0, None, [])."""
+    dump); a new run's: (0, None, []). Epochs of another length (another --batch-size,
+    --data or --shapes-train) are counted in this run's steps: at an epoch's end."""
     mine = (0, "") if resume is None else (resume[1]["step"], resume[0].name)
     every = [mine] * env[2]
     if env[2] > 1:  # every rank read the same checkpoint (a shared --output-dir), checked
@@ -223,10 +229,21 @@ def resume_states(
     if resume is None:
         return 0, None, []
     path, ckpt = resume
+    step, saved_epoch = ckpt["step"], ckpt.get("steps_per_epoch", steps_per_epoch)  # 0.3.0: none
+    if saved_epoch != steps_per_epoch:  # its step would be read in this run's epochs
+        if step % saved_epoch:
+            fail(f"--resume {path}: step {step} is within an epoch of {saved_epoch} steps, this "
+                 f"run's have {steps_per_epoch} (--batch-size, --data or --shapes-train "
+                 "changed): resume it with the flags that wrote it, or resume a checkpoint "
+                 "of an epoch's end")  # fmt: skip
+        step = step // saved_epoch * steps_per_epoch
+        if env[1] == 0:
+            print(f"warning: the checkpoint's epochs had {saved_epoch} steps, this run's have "
+                  f"{steps_per_epoch}: it resumes at step {step}", file=sys.stderr)  # fmt: skip
     load(pieces, ckpt)
     print(f"resumed from {path} at step {ckpt['step']}")
     debug_dump(states(pieces), env[1], "loaded")
-    return ckpt["step"], ckpt["knn_baseline"], ckpt["rng"]
+    return step, ckpt["knn_baseline"], ckpt["rng"]
 
 
 def rows_to_keep(resume: tuple[Path, dict[str, Any]] | None, out: Path) -> int:

@@ -197,10 +197,18 @@ def load_backbone(args: argparse.Namespace, path: str, kind: str, ckpt: Any, v3:
         whole = backbone(args.arch, args.image_size, keep_classifier=True)[0].state_dict()
         head = whole.keys() - features.state_dict().keys()
         state = {k: v for k, v in state.items() if k not in head}
-    if problems := mismatches(features.state_dict(), state):
-        stem = args.arch.startswith("resnet") and args.image_size <= 32
-        why = " (at --image-size 32 or less a ResNet has the CIFAR stem: 3x3 conv1, no max-pool)"
+    if problems := mismatches(own := features.state_dict(), state):
+        # a ResNet's stem follows the image size: conv1 tells the weights' from the model's
+        conv1 = [
+            t.shape for t in (own.get("conv1.weight"), state.get("conv1.weight")) if t is not None
+        ]
+        stem = args.arch.startswith("resnet") and len(conv1) == 2 and conv1[0] != conv1[1]
+        why = (" (a ResNet's conv1 is 3x3 with no max-pool, the CIFAR stem, at --image-size "
+               "32 or less, 7x7 above: pass the --image-size of the pre-training)")  # fmt: skip
         fail(f"--pretrained {path} does not fit --arch {args.arch}: {problems}{why * stem}")
+    if broken := [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]:
+        fail(f"--pretrained {path}: {len(broken)} weights hold NaN or infinite values (first: "
+             f"{broken[0]}): the pre-training diverged")  # fmt: skip
     features.load_state_dict(state)
     return features.eval().requires_grad_(False), dim
 

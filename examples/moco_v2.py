@@ -227,7 +227,7 @@ def main(version: str = "v2") -> None:
     pieces, train_step, augment, features = build(args, version, env)
     train, val, classes = load_data(args)
     steps_per_epoch, last = run_steps(args, len(train))
-    step, baseline, saved_rng = resume_states(resume, pieces, env)
+    step, baseline, saved_rng = resume_states(resume, pieces, env, steps_per_epoch)
     knn = KnnMonitor(features, (train, val, classes), args, env)  # measured on rank 0
     if baseline is None:
         baseline = knn(step, "kNN top-1 at random initialisation: {value:.1f}%")
@@ -235,7 +235,8 @@ def main(version: str = "v2") -> None:
                   keep=rows_to_keep(resume, out))  # fmt: skip
     restore_rng(saved_rng, args.seed, rank, world, step)  # from here each rank its own stream
     meta = {"recipe": recipe, "args": vars(args), "knn_baseline": baseline,
-            "num_heads": attention_heads(args.arch, features)}  # fmt: skip
+            "num_heads": attention_heads(args.arch, features),
+            "steps_per_epoch": steps_per_epoch}  # fmt: skip
     for x_q, x_k in training_views(args, train, augment, log, env, step=step, last=last):
         stats = train_step(x_q, x_k, step / steps_per_epoch)  # the epoch, a float
         step, epoch = step + 1, step // steps_per_epoch

@@ -315,7 +315,8 @@ def main() -> None:
     states, load = (fsdp_state_of, load_fsdp_states) if args.fsdp else (state_of, load_states)
     train, val, classes = load_data(args)
     steps_per_epoch, last = run_steps(args, len(train))
-    step, baseline, saved_rng = resume_states(resume, pieces, env, load=load, states=states)
+    step, baseline, saved_rng = resume_states(resume, pieces, env, steps_per_epoch, load=load,
+                                               states=states)  # fmt: skip
 
     def gather() -> None:  # --fsdp: a sharded backbone cannot run alone: to rank 0's copy
         from torch.distributed.checkpoint import state_dict as dcp
@@ -335,7 +336,8 @@ def main() -> None:
                   keep=rows_to_keep(resume, out))  # fmt: skip
     restore_rng(saved_rng, args.seed, rank, world, step)  # from here each rank its own stream
     meta = {"recipe": recipe, "args": vars(args), "knn_baseline": baseline,
-            "num_heads": attention_heads(args.arch, features)}  # fmt: skip
+            "num_heads": attention_heads(args.arch, features),
+            "steps_per_epoch": steps_per_epoch}  # fmt: skip
     for x1, x2 in training_views(args, train, augment, log, env, step=step, last=last):
         stats = train_step(x1, x2, step / steps_per_epoch)  # the epoch, a float
         step, epoch = step + 1, step // steps_per_epoch

@@ -7,7 +7,9 @@ features, measured on rank 0) and the last line (``report``).
 from __future__ import annotations
 
 import csv
+import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,10 @@ class StepLog:
                       "images_per_s": round(rate, 1)}
                      for (s, e, _, r, m), v in zip(self.pending, losses, strict=True)))  # fmt: skip
         self.last = {"loss": sum(losses) / len(losses), "lr": lr, "m": momentum, "img_s": rate}
+        for (step, *_), value in zip(self.pending, losses, strict=True):
+            if not math.isfinite(value):  # written first: it would train on, save NaN weights
+                sys.exit(f"error: loss {value} at step {step}: training diverged (a smaller "
+                         "--lr?); the checkpoints saved before it are kept")  # fmt: skip
         self.pending.clear()
 
 

@@ -372,3 +372,21 @@ def test_checkpoints_are_ordered_by_step_past_seven_digits(tmp_path: Path) -> No
         (tmp_path / name).write_text("")
     want = ["checkpoint_0000005.pt", "checkpoint_9999999.pt", "checkpoint_10000000.pt"]
     assert [p.name for p in checkpoints(tmp_path)] == want  # neither the user's nor Arabic digits
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_diverged_are_not_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float
+) -> None:
+    """A run whose weights went NaN saved them, and --keep deleted the last finite
+    checkpoints: --resume auto had nothing good to go back to."""
+    monkeypatch.setattr(checkpoints_module, "plot", lambda out: None)
+    env = (torch.device("cpu"), 0, 1)
+    good = {"model": {"w": torch.ones(4), "steps": torch.tensor(3)}, "optimizer": {"state": {}}}
+    for step in (1, 2):
+        checkpoints_module.save_checkpoint(tmp_path, good, {}, step, env, keep=2)
+    before = sorted(tmp_path.iterdir())
+    diverged = {**good, "optimizer": {"state": {0: {"momentum_buffer": torch.tensor([1.0, bad])}}}}
+    with pytest.raises(SystemExit, match="the weights of step 3 hold NaN or infinite values"):
+        checkpoints_module.save_checkpoint(tmp_path, diverged, {}, 3, env, keep=2)
+    assert sorted(tmp_path.iterdir()) == before  # both finite checkpoints kept

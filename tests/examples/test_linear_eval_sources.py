@@ -140,6 +140,30 @@ def test_a_whole_classification_models_state_dict_is_evaluated(tmp_path: Path) -
     refused = run("linear_eval.py", *small, check=False)
     (line,) = refused.stderr.strip().splitlines()
     assert "of another shape (first: conv1.weight)" in line and "the CIFAR stem" in line
+    # the other way, the common case: 32-px weights (a converted file records no image size)
+    # evaluated at the default size had no hint
+    import_examples()
+    import harness
+
+    cifar = harness.backbone("resnet18", 32, keep_classifier=True)[0]
+    torch.save(cifar.state_dict(), r18_32 := tmp_path / "r18_32.pth")
+    refused = run("linear_eval.py", *FLAGS, "--arch", "resnet18", "--pretrained", str(r18_32),
+                  check=False)  # fmt: skip
+    (line,) = refused.stderr.strip().splitlines()
+    assert "of another shape (first: conv1.weight)" in line and "the CIFAR stem" in line
+
+
+def test_weights_of_a_diverged_run_are_refused_before_training(tmp_path: Path) -> None:
+    """They trained every epoch, then failed with "the frozen backbone changed" (NaN is not
+    equal to NaN)."""
+    state = torchvision.models.resnet18().state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, src := tmp_path / "diverged.pth")
+    refused = run("linear_eval.py", *FLAGS, "--arch", "resnet18", "--pretrained", str(src),
+                  check=False)  # fmt: skip
+    (line,) = refused.stderr.strip().splitlines()
+    assert "1 weights hold NaN or infinite values (first: layer2.0.conv1.weight)" in line
+    assert "the pre-training diverged" in line and "epoch" not in refused.stdout
 
 
 def test_the_data_defaults_to_the_checkpoints() -> None:

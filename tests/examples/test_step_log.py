@@ -143,3 +143,15 @@ def test_a_resumed_log_loses_no_row_when_killed_while_it_rewrites(
     StepLog(path, every=1, batch_size=8, keep=6)
     with open(path) as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 7))
+
+
+def test_a_diverged_loss_stops_the_run_after_writing_its_row(tmp_path: Path) -> None:
+    """A NaN loss trained on (every later step NaN) and the kNN monitor printed an accuracy
+    of NaN weights."""
+    log = StepLog(tmp_path / "metrics.csv", every=3, batch_size=8)
+    for step, loss in enumerate([1.0, float("nan"), 2.0], start=1):
+        log.add(step, 0, torch.tensor(loss), 0.1, 0.99)
+    with pytest.raises(SystemExit, match="loss nan at step 2: training diverged"):
+        log.flush()
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["loss"] for r in csv.DictReader(f)] == ["1.0", "nan", "2.0"]

@@ -317,8 +317,9 @@ def load_resume(
         fail(f"{path} is a {ckpt['recipe']} checkpoint, not {recipe}")
     saved, ours = ckpt["args"], vars(args)
 
-    def changed(*names: str) -> str:  # None: not recorded (--temperature up to 0.3.0)
-        differ = [n for n in names if saved.get(n) is not None and saved[n] != ours[n]]
+    def changed(*names: str) -> str:  # None: not recorded (--temperature up to 0.3.0), or
+        known = [n for n in names if saved.get(n) is not None and ours[n] is not None]  # unused
+        differ = [n for n in known if saved[n] != ours[n]]
         flags = (f"--{n.replace('_', '-')} {ours[n]} (checkpoint: {saved[n]})" for n in differ)
         return ", ".join(flags)
 

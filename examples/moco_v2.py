@@ -51,6 +51,7 @@ from harness import (
     attention_heads,
     check_flags,
     checked_backbone,
+    fail,
     fraction,
     leave,
     load_data,
@@ -126,7 +127,13 @@ def parse_args(argv: list[str] | None = None, version: str = "v2") -> argparse.N
     data = parser.parse_known_args(argv)[0].data
     parser.set_defaults(temperature=0.2 if version == "v2" else 0.07)  # the papers' T
     parser.set_defaults(**RECIPES.get(data, {}))  # the data set's recipe, over the paper's
-    return parse_flags(parser, argv)
+    other = "schedule_milestones" if version == "v2" else "blur_p"  # the other paper's: unset
+    parser.set_defaults(**{other: None})
+    args = parse_flags(parser, argv)
+    if getattr(args, other) is not None:
+        uses = "a cosine schedule" if version == "v2" else "no blur"
+        fail(f"--{other.replace('_', '-')} is not MoCo {version}'s: it has {uses}")
+    return args
 
 
 def validate(args: argparse.Namespace, *, blur: bool) -> None:
@@ -159,7 +166,7 @@ def build(args: argparse.Namespace, version: str, env: Env) -> Any:
         augment = MoCoV2Augment(args.image_size, scale=(args.crop_min, 1), blur_p=args.blur_p)
     else:
         augment = MoCoV1Augment(args.image_size, scale=(args.crop_min, 1))
-    milestones = [int(m) for m in args.schedule_milestones.split(",")]
+        milestones = [int(m) for m in args.schedule_milestones.split(",")]
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
         key_encoder.to(memory_format=torch.channels_last)

@@ -329,3 +329,17 @@ def test_one_process_splits_the_batchnorm_of_both_encoders() -> None:
             m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
         ]
         assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 2 for m in norms)
+
+
+def test_the_other_papers_flag_is_refused_and_not_recorded() -> None:
+    """``moco_v1.py --blur-p 1`` trained as ``--blur-p 0`` (v1 has no blur) and
+    ``moco_v2.py --schedule-milestones 1`` as the default (v2's schedule is a cosine), while
+    ``--print-config`` and the checkpoint recorded the flag, and a resume warned when it
+    changed."""
+    with pytest.raises(SystemExit, match="--blur-p is not MoCo v1's: it has no blur"):
+        moco_v2.parse_args([*V12, "--blur-p", "1"], version="v1")
+    with pytest.raises(SystemExit, match="--schedule-milestones is not MoCo v2's: it has a cos"):
+        moco_v2.parse_args([*V12, "--schedule-milestones", "1"], version="v2")
+    v1, v2 = moco_v2.parse_args(V12, version="v1"), moco_v2.parse_args(V12, version="v2")
+    assert (v1.blur_p, v1.schedule_milestones) == (None, "20,25")
+    assert (v2.blur_p, v2.schedule_milestones) == (0.0, None)

@@ -44,6 +44,7 @@ from momentum_contrast.heads import strip_classifier
 # timm's have 6, as these scripts up to 0.2.0); checkpoints record the count (``num_heads``).
 VITS = {"vit_tiny": (4, 3, 192), "vit_small": (12, 12, 384), "vit_base": (12, 12, 768)}
 ARCHS = ("small_cnn", "resnet18", "resnet50", *VITS)
+BUILT_IN = ("shapes", "cifar10", "cifar100", "stl10")  # --data: these, else an ImageFolder root
 
 
 # ---- Flags: argparse checks each flag as it reads it; ``check_flags`` those that must fit
@@ -137,6 +138,12 @@ def check_flags(args: argparse.Namespace, *own: tuple[Any, str], blur: bool = Fa
         (arch == "small_cnn" and size < 8, f"{fits}: it halves the image three times: 8 px"),
         (arch in VITS and size % patch, f"{fits}: {patch}-px patches: use a multiple of {patch}"),
         (blur and size < 12, f"{fits}: the 23-px blur kernel needs 12 px at least"),
+        (args.data not in BUILT_IN and not Path(args.data, "train").is_dir(),
+         f"--data {args.data} has no train/ folder (an ImageFolder root), nor is it one of "
+         f"{', '.join(BUILT_IN)}"),
+        (args.data == "shapes" and args.shapes_train < b,
+         f"--batch-size {b} is larger than the {args.shapes_train} training images "
+         "(--shapes-train)"),
         (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA here"),
         (Path(args.output_dir).is_file(), f"--output-dir {args.output_dir} is a file"),
     ]:  # fmt: skip

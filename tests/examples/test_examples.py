@@ -96,8 +96,10 @@ def test_image_folder_data(tmp_path: Path) -> None:
 
 
 def test_clear_errors(tmp_path: Path) -> None:
-    missing = run("moco_v2.py", *V12, "--data", str(tmp_path / "nope"), check=False)
+    out = ["--output-dir", str(tmp_path / "out")]
+    missing = run("moco_v2.py", *V12, "--data", str(tmp_path / "nope"), *out, check=False)
     assert missing.returncode != 0 and "has no train/ folder" in missing.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything: no folder with a .lock
     (tmp_path / "empty" / "train").mkdir(parents=True)
     empty = run("moco_v2.py", *V12, "--data", str(tmp_path / "empty"), check=False)
     assert empty.returncode != 0 and "empty" in (empty.stderr + empty.stdout).lower()

@@ -175,9 +175,11 @@ def test_batch_larger_than_the_training_set(tmp_path: Path) -> None:
     )
     assert result.returncode == 1 and "top-1" not in result.stdout
     assert "--batch-size 128 is larger than the 64 training images" in result.stderr
-    pre = run("moco_v2.py", *V12, "--batch-size", "128", "--shuffle-splits", "1", check=False)
+    out = ["--output-dir", str(tmp_path / "out")]
+    pre = run("moco_v2.py", *V12, "--batch-size", "128", "--shuffle-splits", "1", *out, check=False)
     assert pre.returncode == 1
     assert "--batch-size 128 is larger than the 64 training images" in pre.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything: no folder with a .lock
 
 
 def test_scripts_check_flags_before_building_anything() -> None:

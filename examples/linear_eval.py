@@ -286,12 +286,12 @@ def main() -> None:
         fail("the frozen backbone changed during linear evaluation")
     result = {"pretrained": path, "top1": 100 * top1 / total, "top5": 100 * top5 / total,
               "images": total}  # fmt: skip
-    if rank == 0:
+    if rank == 0:  # every rank evaluated the whole held-out split: one says it
         (Path(args.output_dir) / "linear_eval.json").write_text(json.dumps(result, indent=1))
-    print(
-        f"linear evaluation of {path}: top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}% "
-        f"on {total} held-out images (backbone unchanged)"
-    )
+        print(
+            f"linear evaluation of {path}: top-1 {result['top1']:.1f}%, top-5 "
+            f"{result['top5']:.1f}% on {total} held-out images (backbone unchanged)"
+        )
 
 
 if __name__ == "__main__":

@@ -129,12 +129,12 @@ class MomentumEncoder(nn.Module):
             ``assign=True``, which would put the file's dtype in their place). The forward
             runs under ``torch.autocast`` to the online model's dtype (that of its first
             floating parameter not in ``ema_dtype``: weights kept in float32, such as norms,
-            are passed over), and floating outputs come out in that dtype. A key encoder in ``ema_dtype`` follows bfloat16/float16 weights in
-            float32, or weights of its own dtype; any other pair raises ``ValueError`` (at
-            construction, and at the next ``forward`` or ``update`` after a cast of the
-            online model). Complex weights, which outputs are cast, autocast's limits and
-            the update's float32 scratch are in the concepts guide:
-            [Low precision][low-precision-the-key-encoder-is-the-only-state].
+            are passed over), and floating outputs come out in that dtype. A key encoder in
+            ``ema_dtype`` follows bfloat16/float16 weights in float32, or weights of its own
+            dtype; any other pair raises ``ValueError`` (at construction, and at the next
+            ``forward`` or ``update`` after a cast of the online model). Complex weights,
+            which outputs are cast, autocast's limits and the update's float32 scratch are
+            in the concepts guide: [Low precision][low-precision-the-key-encoder-is-the-only-state].
 
     Examples:
         >>> import torch

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from example_runner import TINY, V3, V12, import_examples, run
+from example_runner import TINY, V3, V12, import_examples, run, run_2p_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_convert_official import official, official_v3_vit_small
@@ -260,3 +260,17 @@ def test_a_plain_vit_state_dict_is_evaluated_with_num_heads(tmp_path: Path) -> N
     result = run("linear_eval.py", *flags, "--num-heads", "3", "--output-dir", str(tmp_path))
     assert "backbone unchanged" in result.stdout
     assert json.loads((tmp_path / "linear_eval.json").read_text())["images"] == 32  # all held out
+
+
+def test_two_processes_say_the_result_once(tmp_path: Path) -> None:
+    """Every rank evaluates the whole held-out split with the same classifier (DDP): each
+    printed the result line."""
+    run("moco_v2.py", *V12, "--max-steps", "1", "--output-dir", str(tmp_path / "pre"))
+    (ckpt,) = (tmp_path / "pre").glob("checkpoint_*.pt")
+    out = tmp_path / "eval"
+    ranks = run_2p_ranks("linear_eval.py", *FLAGS, "--pretrained", str(ckpt), "--output-dir",
+                         str(out))  # fmt: skip
+    said = [line for stdout, _ in ranks for line in stdout.splitlines() if "top-1" in line]
+    assert len(said) == 1 and "linear evaluation of" in said[0] and said[0] in ranks[0][0]
+    result = json.loads((out / "linear_eval.json").read_text())
+    assert f"top-1 {result['top1']:.1f}%" in said[0] and result["images"] == 32

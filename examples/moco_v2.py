@@ -129,11 +129,10 @@ def parse_args(argv: list[str] | None = None, version: str = "v2") -> argparse.N
     parser.set_defaults(**RECIPES.get(data, {}))  # the data set's recipe, over the paper's
     other = "schedule_milestones" if version == "v2" else "blur_p"  # the other paper's: unset
     parser.set_defaults(**{other: None})
-    args = parse_flags(parser, argv)
-    if getattr(args, other) is not None:
+    if getattr(parser.parse_known_args(argv)[0], other) is not None:  # before --print-config
         uses = "a cosine schedule" if version == "v2" else "no blur"
         fail(f"--{other.replace('_', '-')} is not MoCo {version}'s: it has {uses}")
-    return args
+    return parse_flags(parser, argv)
 
 
 def validate(args: argparse.Namespace, *, blur: bool) -> None:

@@ -228,9 +228,9 @@ def test_compiled_update_steps_weights_tied_by_memory_once(ema_dtype: torch.dtyp
 @pytest.mark.parametrize("push_inside", [True, False])
 def test_a_compiled_queue_step_matches_eager(backend: str, push_inside: bool) -> None:
     """The loss against ``negatives()``, then the push, before ``backward()``, as the
-    reference's forward does. Inductor elided the snapshot's copy and saved the queue's keys
-    for the backward: the push in the same graph made every gradient wrong, silently; the
-    push after the graph made the backward raise."""
+    reference's forward does, in one graph. Inductor elided the snapshot's copy and saved the
+    queue's keys for the backward: the push in the same graph made every gradient wrong,
+    silently; the push after the graph made the backward raise."""
     torch.manual_seed(0)
     eager, compiled = KeyQueue(32, 16), KeyQueue(32, 16)
 
@@ -240,7 +240,7 @@ def test_a_compiled_queue_step_matches_eager(backend: str, push_inside: bool) ->
             queue.push(k)
         return loss
 
-    compiled_loss = torch.compile(loss_of, backend=backend)
+    compiled_loss = torch.compile(loss_of, fullgraph=True, backend=backend)
     for _ in range(5):  # 40 keys: the queue wraps around
         q = torch.randn(8, 16, requires_grad=True)
         k = nn.functional.normalize(torch.randn(8, 16), dim=1)

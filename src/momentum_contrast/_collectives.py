@@ -120,9 +120,10 @@ def gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     """``concat_all_gather``: the gather ``batch_unshuffle`` attached to its output when
     ``x`` is that output, unchanged since (version counter, data pointer), else a new one.
     The attached gather is handed over once (and let go): a second call gathers anew.
-    Compiled, nothing attached is read (a graph cannot hold a tensor's ``__dict__``)."""
-    if torch.compiler.is_compiling():
-        return gather_with_sizes(x, group)[0]
+    In one process there is nothing to gather, and nothing attached to read (a graph
+    cannot hold a tensor's ``__dict__``: the push compiles whole)."""
+    if world_size(group) == 1:
+        return x.detach()
     known = x.__dict__.pop("_moco_gathered", None)
     if known is not None and known[1:] == (x._version, x.data_ptr(), members(group)):
         gathered: torch.Tensor = known[0]

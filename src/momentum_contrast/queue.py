@@ -177,9 +177,9 @@ class KeyQueue(nn.Module):
     def negatives(self) -> torch.Tensor:
         """The valid keys, as a copy that a later [`push`][] cannot change.
 
-        Compiled code calls it eagerly: a graph break, so under ``fullgraph=True`` call it
-        outside the compiled function and pass its result in. Compiled, the copy would be
-        elided: inductor saves the queue's keys themselves for the backward, and a
+        The copy is an operator of this library's (``momentum_contrast::copy_rows``), which
+        compiles with ``fullgraph=True`` and which no compiler elides: inductor elided a
+        ``clone`` and saved the queue's keys themselves for the backward, so that a
         ``push`` before ``backward()`` made the gradients wrong (the push in the same
         graph) or raised autograd's "modified by an inplace operation" (the push after).
 
@@ -198,8 +198,13 @@ class KeyQueue(nn.Module):
         )
 
 
-@torch.compiler.disable  # type: ignore[untyped-decorator]
+@torch.library.custom_op("momentum_contrast::copy_rows", mutates_args=())
 def _copy_rows(keys: torch.Tensor, rows: int) -> torch.Tensor:
-    """``keys[:rows]``, copied eagerly: compiled, inductor elides the copy (see
-    ``KeyQueue.negatives``)."""
+    """``keys[:rows]``, copied in an operator of its own: compiled, inductor would elide a
+    plain ``clone`` and save the queue's keys for the backward (see ``KeyQueue.negatives``)."""
     return keys[:rows].clone()
+
+
+@_copy_rows.register_fake
+def _(keys: torch.Tensor, rows: int) -> torch.Tensor:
+    return keys.new_empty(rows, keys.shape[1])

@@ -338,8 +338,9 @@ def test_the_other_papers_flag_is_refused_and_not_recorded() -> None:
     ``moco_v2.py --schedule-milestones 1`` as the default (v2's schedule is a cosine), while
     ``--print-config`` and the checkpoint recorded the flag, and a resume warned when it
     changed."""
-    with pytest.raises(SystemExit, match="--blur-p is not MoCo v1's: it has no blur"):
-        moco_v2.parse_args([*V12, "--blur-p", "1"], version="v1")
+    for also in ([], ["--print-config"]):  # --print-config printed it and exited 0
+        with pytest.raises(SystemExit, match="--blur-p is not MoCo v1's: it has no blur"):
+            moco_v2.parse_args([*V12, "--blur-p", "1", *also], version="v1")
     with pytest.raises(SystemExit, match="--schedule-milestones is not MoCo v2's: it has a cos"):
         moco_v2.parse_args([*V12, "--schedule-milestones", "1"], version="v2")
     v1, v2 = moco_v2.parse_args(V12, version="v1"), moco_v2.parse_args(V12, version="v2")

@@ -218,7 +218,8 @@ def resume_states(
     """The step, kNN baseline and every rank's random states of ``resume`` (load_resume's),
     its states loaded into ``pieces`` (``load``; ``states`` reads them back for the tests'
     dump); a new run's: (0, None, []). Epochs of another length (another --batch-size,
-    --data or --shapes-train) are counted in this run's steps: at an epoch's end."""
+    --data or --shapes-train, into another folder: load_resume) are counted in this run's
+    steps, from a checkpoint of an epoch's end."""
     mine = (0, "") if resume is None else (resume[1]["step"], resume[0].name)
     every = [mine] * env[2]
     if env[2] > 1:  # every rank read the same checkpoint (a shared --output-dir), checked
@@ -241,7 +242,7 @@ def resume_states(
             print(f"warning: the checkpoint's epochs had {saved_epoch} steps, this run's have "
                   f"{steps_per_epoch}: it resumes at step {step}", file=sys.stderr)  # fmt: skip
     load(pieces, ckpt)
-    print(f"resumed from {path} at step {ckpt['step']}")
+    print(f"resumed from {path} at step {step}")
     debug_dump(states(pieces), env[1], "loaded")
     return step, ckpt["knn_baseline"], ckpt["rng"]
 
@@ -332,6 +333,13 @@ def load_resume(
     if (heads := VITS.get(args.arch, (0, None))[1]) and ckpt.get("num_heads") != heads:
         has = f"has {ckpt['num_heads']}" if ckpt.get("num_heads") else "does not record its"
         fail(f"--resume {path} {has} attention heads, --arch {args.arch} has {heads}")
+    if epochs := changed("batch_size", "data", "shapes_train"):  # the steps of an epoch
+        if "steps_per_epoch" not in ckpt:  # up to 0.3.0: the step could not be converted
+            fail(f"--resume {path} does not record the length of its epochs (written before "
+                 f"0.4.0): resume it with the flags that wrote it, not {epochs}")  # fmt: skip
+        if path.resolve().parent == Path(args.output_dir).resolve():
+            fail(f"--resume {path}: {epochs} change the length of the epochs, so the steps "
+                 "that checkpoints count: resume it into another --output-dir")  # fmt: skip
     if (differ := changed(*warn)) and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: resuming with changed {differ}", file=sys.stderr)
     return path, ckpt

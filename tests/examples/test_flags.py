@@ -117,9 +117,10 @@ def test_fsdp_needs_a_vit_and_accumulate_counts_per_process(
         moco_v3.validate(v3_args("--accumulate", "16"))
 
 
-def fake_checkpoint(path: Path, **changes: object) -> Path:
+def fake_checkpoint(path: Path, epoch_length: int | None = 4, **changes: object) -> Path:
     saved = {**vars(v2_args()), **changes}
-    torch.save({"recipe": "moco_v2", "step": 1, "args": saved, "model": {}, "rng": []}, path)
+    ckpt = {"recipe": "moco_v2", "step": 1, "args": saved, "model": {}, "rng": []}
+    torch.save(ckpt if epoch_length is None else {**ckpt, "steps_per_epoch": epoch_length}, path)
     return path
 
 
@@ -346,3 +347,22 @@ def test_the_other_papers_flag_is_refused_and_not_recorded() -> None:
     v1, v2 = moco_v2.parse_args(V12, version="v1"), moco_v2.parse_args(V12, version="v2")
     assert (v1.blur_p, v1.schedule_milestones) == (None, "20,25")
     assert (v2.blur_p, v2.schedule_milestones) == (0.0, None)
+
+
+def test_a_resume_that_changes_the_epochs_length_goes_into_another_folder(
+    tmp_path: Path,
+) -> None:
+    """Into its own folder, the old run's checkpoints (numbered in steps of the old epochs)
+    outranked the new run's, and --keep deleted the new ones; a checkpoint of 0.3.0 records
+    no epoch length, and its step was read in the new epochs (epochs skipped)."""
+    (tmp_path / "run").mkdir()
+    path = fake_checkpoint(tmp_path / "run" / "checkpoint_0000001.pt", batch_size=32)
+    into_its_folder = ("--resume", str(path), "--output-dir", str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match=r"--batch-size 16 \(checkpoint: 32\) change the len"):
+        load_resume(v2_args(*into_its_folder), *V2_RESUME)
+    assert load_resume(v2_args(*into_its_folder, "--batch-size", "32"), *V2_RESUME)
+    assert load_resume(v2_args("--resume", str(path)), *V2_RESUME)  # into another folder
+    old = fake_checkpoint(tmp_path / "old.pt", epoch_length=None, shapes_train=128)
+    with pytest.raises(SystemExit, match=r"does not record the length of its epochs"):
+        load_resume(v2_args("--resume", str(old)), *V2_RESUME)
+    assert load_resume(v2_args("--resume", str(old), "--shapes-train", "128"), *V2_RESUME)

@@ -87,14 +87,17 @@ def test_a_resume_with_another_batch_size_counts_epochs_not_steps(tmp_path: Path
     """Step 4 of 4-step epochs was taken for step 4 of 2-step epochs: the second epoch was
     skipped, with a warning that only named the changed flag. At an epoch's end the epochs
     are counted; within one the resume is refused."""
-    out, within = tmp_path / "run", tmp_path / "within"
+    first, within, out = tmp_path / "first", tmp_path / "within", tmp_path / "out"
     three = [*V12, "--epochs", "3"]
-    run("moco_v2.py", *three, "--max-steps", "4", "--output-dir", str(out))  # the first epoch
+    run("moco_v2.py", *three, "--max-steps", "4", "--output-dir", str(first))  # the 1st epoch
     run("moco_v2.py", *three, "--max-steps", "3", "--output-dir", str(within))
-    bigger = [*three, "--batch-size", "32", "--resume", "auto"]  # 2 steps per epoch
-    result = run("moco_v2.py", *bigger, "--output-dir", str(out))
+    bigger = [*three, "--batch-size", "32", "--output-dir", str(out)]  # 2 steps per epoch
+    (end,), (inside,) = first.glob("checkpoint_*.pt"), within.glob("checkpoint_*.pt")
+    result = run("moco_v2.py", *bigger, "--resume", str(end))
     assert "epochs had 4 steps, this run's have 2: it resumes at step 2" in result.stderr
+    assert "at step 2" in result.stdout
     rows = [(int(r["step"]), int(r["epoch"])) for r in metrics(out) if r["loss"]]
-    assert rows == [(1, 0), (2, 0), (3, 0), (4, 0), (3, 1), (4, 1), (5, 2), (6, 2)]
-    refused = run("moco_v2.py", *bigger, "--output-dir", str(within), check=False)
+    assert rows == [(3, 1), (4, 1), (5, 2), (6, 2)]  # epochs 2 and 3, in 2-step epochs
+    refused = run("moco_v2.py", *bigger[:-1], str(tmp_path / "x"), "--resume", str(inside),
+                  check=False)  # fmt: skip
     assert "step 3 is within an epoch of 4 steps, this run's have 2" in refused.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from data import Images, evaluation_batches, knn_split
 from torch import nn
 
@@ -59,17 +60,23 @@ class StepLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        losses = torch.stack([p[2] for p in self.pending]).float().tolist()  # the one read
+        stacked = torch.stack([p[2] for p in self.pending]).float()
+        finite = stacked.isfinite().all().float().reshape(1)  # every rank's (a collective)
+        if dist.is_initialized():  # a rank that diverged stops them all, together
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        *losses, everywhere = torch.cat([stacked, finite]).tolist()  # the one read
         now, (*_, lr, momentum) = time.perf_counter(), self.pending[-1]
         rate, self.tick = self.batch_size * len(losses) / (now - self.tick), now
         self.write(*({"step": s, "epoch": e, "loss": repr(v), "lr": r, "momentum": m,
                       "images_per_s": round(rate, 1)}
                      for (s, e, _, r, m), v in zip(self.pending, losses, strict=True)))  # fmt: skip
         self.last = {"loss": sum(losses) / len(losses), "lr": lr, "m": momentum, "img_s": rate}
-        for (step, *_), value in zip(self.pending, losses, strict=True):
-            if not math.isfinite(value):  # written first: it would train on, save NaN weights
-                sys.exit(f"error: loss {value} at step {step}: training diverged (a smaller "
-                         "--lr?); the checkpoints saved before it are kept")  # fmt: skip
+        if not everywhere:  # written first: it would train on, and save NaN weights
+            pending = zip(self.pending, losses, strict=True)
+            mine = [f"loss {v} at step {p[0]}" for p, v in pending if not math.isfinite(v)]
+            what = mine[0] if mine else f"another process's loss by step {self.pending[-1][0]}"
+            sys.exit(f"error: {what}: training diverged (a smaller --lr?); the checkpoints "
+                     "saved before it are kept")  # fmt: skip
         self.pending.clear()
 
 

@@ -13,11 +13,15 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from example_runner import TINY, V12, import_examples
 
 import_examples()
 import moco_v2  # noqa: E402
 from monitoring import StepLog  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _dist_workers import launch  # noqa: E402
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
@@ -155,3 +159,22 @@ def test_a_diverged_loss_stops_the_run_after_writing_its_row(tmp_path: Path) -> 
         log.flush()
     with open(tmp_path / "metrics.csv") as f:
         assert [r["loss"] for r in csv.DictReader(f)] == ["1.0", "nan", "2.0"]
+
+
+def diverged_on_rank_1() -> dict[str, Any]:
+    log = StepLog(None, every=2, batch_size=8)
+    log.add(1, 0, torch.tensor(1.0), 0.1, 0.99)
+    log.add(2, 0, torch.tensor(float("nan") if dist.get_rank() == 1 else 2.0), 0.1, 0.99)
+    try:
+        log.flush()
+    except SystemExit as e:
+        return {"said": str(e)}
+    return {"said": None}
+
+
+def test_a_rank_that_diverged_stops_every_rank(tmp_path: Path) -> None:
+    """Each rank looked at its own losses: rank 1 stopped, and rank 0 trained on into its
+    next collective (a "Connection closed by peer", or a wait until the NCCL timeout)."""
+    rank0, rank1 = launch(diverged_on_rank_1, 2, tmp_path)
+    assert rank1["said"].startswith("error: loss nan at step 2: training diverged")
+    assert rank0["said"].startswith("error: another process's loss by step 2: training diverged")

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import torch
 import torch.distributed as dist
-from harness import VITS, Env, fail
+from harness import BUILT_IN, VITS, Env, fail
 from monitoring import plot
 from torch import nn
 from torch.utils._pytree import tree_leaves
@@ -213,13 +213,14 @@ def save_checkpoint(out: Path, state: dict[str, Any], meta: dict[str, Any], step
 
 def resume_states(
     resume: tuple[Path, dict[str, Any]] | None, pieces: dict[str, Any], env: Env,
-    steps_per_epoch: int, *, load: Any = load_states, states: Any = state_of,
+    steps_per_epoch: int, out: Path, *, load: Any = load_states, states: Any = state_of,
 ) -> tuple[int, Any, Any]:  # fmt: skip
     """The step, kNN baseline and every rank's random states of ``resume`` (load_resume's),
     its states loaded into ``pieces`` (``load``; ``states`` reads them back for the tests'
     dump); a new run's: (0, None, []). Epochs of another length (another --batch-size,
-    --data or --shapes-train, into another folder: load_resume) are counted in this run's
-    steps, from a checkpoint of an epoch's end."""
+    --data or --shapes-train, or images added) are counted in this run's steps, from a
+    checkpoint of an epoch's end, into another --output-dir than its own (``out``): the
+    checkpoints there are numbered in steps of its epochs."""
     mine = (0, "") if resume is None else (resume[1]["step"], resume[0].name)
     every = [mine] * env[2]
     if env[2] > 1:  # every rank read the same checkpoint (a shared --output-dir), checked
@@ -232,6 +233,11 @@ def resume_states(
     path, ckpt = resume
     step, saved_epoch = ckpt["step"], ckpt.get("steps_per_epoch", steps_per_epoch)  # 0.3.0: none
     if saved_epoch != steps_per_epoch:  # its step would be read in this run's epochs
+        if path.resolve().parent == out.resolve():
+            fail(f"--resume {path}: its epochs had {saved_epoch} steps, this run's have "
+                 f"{steps_per_epoch} (--batch-size, --data or --shapes-train changed, or the "
+                 "images), and its folder's checkpoints count steps: resume it into another "
+                 "--output-dir")  # fmt: skip
         if step % saved_epoch:
             fail(f"--resume {path}: step {step} is within an epoch of {saved_epoch} steps, this "
                  f"run's have {steps_per_epoch} (--batch-size, --data or --shapes-train "
@@ -333,13 +339,16 @@ def load_resume(
     if (heads := VITS.get(args.arch, (0, None))[1]) and ckpt.get("num_heads") != heads:
         has = f"has {ckpt['num_heads']}" if ckpt.get("num_heads") else "does not record its"
         fail(f"--resume {path} {has} attention heads, --arch {args.arch} has {heads}")
-    if epochs := changed("batch_size", "data", "shapes_train"):  # the steps of an epoch
-        if "steps_per_epoch" not in ckpt:  # up to 0.3.0: the step could not be converted
+
+    def where(data: str) -> str:  # a built-in data set, or a folder however spelled
+        return data if data in BUILT_IN else str(Path(data).resolve())
+
+    if "steps_per_epoch" not in ckpt:  # up to 0.3.0: its epochs' length must be this run's
+        other_data = where(saved.get("data") or args.data) != where(args.data)
+        other_shapes = args.data == "shapes" and changed("shapes_train")
+        if changed("batch_size") or other_data or other_shapes:
             fail(f"--resume {path} does not record the length of its epochs (written before "
-                 f"0.4.0): resume it with the flags that wrote it, not {epochs}")  # fmt: skip
-        if path.resolve().parent == Path(args.output_dir).resolve():
-            fail(f"--resume {path}: {epochs} change the length of the epochs, so the steps "
-                 "that checkpoints count: resume it into another --output-dir")  # fmt: skip
+                 "0.4.0): resume it with its --batch-size, --data and --shapes-train")  # fmt: skip
     if (differ := changed(*warn)) and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: resuming with changed {differ}", file=sys.stderr)
     return path, ckpt

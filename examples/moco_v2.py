@@ -233,7 +233,7 @@ def main(version: str = "v2") -> None:
     pieces, train_step, augment, features = build(args, version, env)
     train, val, classes = load_data(args)
     steps_per_epoch, last = run_steps(args, len(train))
-    step, baseline, saved_rng = resume_states(resume, pieces, env, steps_per_epoch)
+    step, baseline, saved_rng = resume_states(resume, pieces, env, steps_per_epoch, out)
     knn = KnnMonitor(features, (train, val, classes), args, env)  # measured on rank 0
     if baseline is None:
         baseline = knn(step, "kNN top-1 at random initialisation: {value:.1f}%")

@@ -315,8 +315,8 @@ def main() -> None:
     states, load = (fsdp_state_of, load_fsdp_states) if args.fsdp else (state_of, load_states)
     train, val, classes = load_data(args)
     steps_per_epoch, last = run_steps(args, len(train))
-    step, baseline, saved_rng = resume_states(resume, pieces, env, steps_per_epoch, load=load,
-                                               states=states)  # fmt: skip
+    step, baseline, saved_rng = resume_states(resume, pieces, env, steps_per_epoch, out,
+                                               load=load, states=states)  # fmt: skip
 
     def gather() -> None:  # --fsdp: a sharded backbone cannot run alone: to rank 0's copy
         from torch.distributed.checkpoint import state_dict as dcp

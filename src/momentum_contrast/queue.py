@@ -51,10 +51,10 @@ class KeyQueue(nn.Module):
             reference takes rank 0's through DDP), whatever each rank's seed or group,
             and the global random stream is left as it was. ``"empty"``: starts with no
             keys and grows (its length is a host integer: a step under ``torch.compile``
-            recompiles at each new length, and past torch's recompile limit runs eagerly;
-            compile with ``"random"``); before the first ``push`` a loss against
-            ``negatives()`` (``(0, D)``) has no negative to score: it is 0, with a zero
-            gradient.
+            recompiles at each new length, and past torch's recompile limit runs eagerly, or
+            raises under ``fullgraph=True``; compile with ``"random"``); before the first
+            ``push`` a loss against ``negatives()`` (``(0, D)``) has no negative to score:
+            it is 0, with a zero gradient.
         normalize: L2-normalise every pushed key (the queue then always holds
             unit-norm keys, as ``info_nce`` expects of its negatives).
         gather: when ``torch.distributed`` is initialised, all-gather the keys of
@@ -188,7 +188,7 @@ class KeyQueue(nn.Module):
             It is a snapshot (as the reference's ``queue.clone()``), so a loss
             built from it backpropagates correctly even after the next ``push``.
         """
-        snapshot: torch.Tensor = _copy_rows(self.keys, self._length)  # (len(self), D)
+        snapshot: torch.Tensor = _copy_rows(self.keys.detach(), self._length)  # (len(self), D)
         return snapshot
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ import_examples()
 import linear_eval  # noqa: E402
 import moco_v2  # noqa: E402
 import moco_v3  # noqa: E402
-from checkpoints import load_resume  # noqa: E402
+from checkpoints import load_resume, resume_states  # noqa: E402
 from harness import attention_heads, check_steps  # noqa: E402
 from moco_v2 import validate  # noqa: E402
 
@@ -356,13 +356,28 @@ def test_a_resume_that_changes_the_epochs_length_goes_into_another_folder(
     outranked the new run's, and --keep deleted the new ones; a checkpoint of 0.3.0 records
     no epoch length, and its step was read in the new epochs (epochs skipped)."""
     (tmp_path / "run").mkdir()
-    path = fake_checkpoint(tmp_path / "run" / "checkpoint_0000001.pt", batch_size=32)
-    into_its_folder = ("--resume", str(path), "--output-dir", str(tmp_path / "run"))
-    with pytest.raises(SystemExit, match=r"--batch-size 16 \(checkpoint: 32\) change the len"):
-        load_resume(v2_args(*into_its_folder), *V2_RESUME)
-    assert load_resume(v2_args(*into_its_folder, "--batch-size", "32"), *V2_RESUME)
-    assert load_resume(v2_args("--resume", str(path)), *V2_RESUME)  # into another folder
+    path = tmp_path / "run" / "checkpoint_0000008.pt"
+    ckpt = {"step": 8, "steps_per_epoch": 4, "knn_baseline": 10.0, "rng": []}
+    env, nothing = (torch.device("cpu"), 0, 1), {"load": lambda *_: None, "states": dict}
+
+    def resume(steps_per_epoch: int, out: Path, step: int = 8) -> int:
+        got = resume_states((path, {**ckpt, "step": step}), {}, env, steps_per_epoch, out,
+                            **nothing)  # fmt: skip
+        return int(got[0])
+
+    assert resume(4, tmp_path / "run") == 8  # the same epochs: into its folder too
+    with pytest.raises(SystemExit, match=r"epochs had 4 steps, this run's have 2 .* another"):
+        resume(2, tmp_path / "run")  # whatever changed them: flags, or images added
+    assert resume(2, tmp_path / "new") == 4  # two epochs of 2 steps
+    assert resume(8, tmp_path / "new") == 16
+    with pytest.raises(SystemExit, match=r"step 6 is within an epoch of 4 steps"):
+        resume(2, tmp_path / "new", step=6)
     old = fake_checkpoint(tmp_path / "old.pt", epoch_length=None, shapes_train=128)
     with pytest.raises(SystemExit, match=r"does not record the length of its epochs"):
         load_resume(v2_args("--resume", str(old)), *V2_RESUME)
     assert load_resume(v2_args("--resume", str(old), "--shapes-train", "128"), *V2_RESUME)
+    (tmp_path / "images").mkdir()  # a folder, spelled another way: the same data
+    old = fake_checkpoint(tmp_path / "old2.pt", epoch_length=None, data=str(tmp_path / "images"))
+    spelled = str(tmp_path / "images") + "/"
+    folder = ("--data", spelled, "--arch", "small_cnn")  # (no shapes recipe: its arch given)
+    assert load_resume(v2_args("--resume", str(old), *folder), *V2_RESUME)

@@ -151,6 +151,27 @@ def test_losses_compile_fullgraph_and_match_eager() -> None:
     check_losses_compile(torch.device("cpu"), "aot_eager")
 
 
+def test_losses_compile_fullgraph_with_dynamic_shapes() -> None:
+    """``dynamic=True`` makes the temperature a symbolic float: its check must trace (it
+    called ``math.isfinite``, which Dynamo cannot, and fullgraph failed)."""
+    torch.manual_seed(0)
+    nce = torch.compile(info_nce, dynamic=True, fullgraph=True, backend="inductor")
+    sym = torch.compile(
+        symmetric_contrastive_loss, dynamic=True, fullgraph=True, backend="inductor"
+    )
+    queue = nn.functional.normalize(torch.randn(64, 16), dim=1)
+    for n, temperature in ((8, 0.2), (6, 0.07)):  # another batch and temperature
+        q1, q2, k1, k2 = (torch.randn(n, 16) for _ in range(4))
+        torch.testing.assert_close(
+            nce(q1, k1, queue, temperature=temperature),
+            info_nce(q1, k1, queue, temperature=temperature),
+        )
+        torch.testing.assert_close(
+            sym(q1, q2, k1, k2, temperature=temperature),
+            symmetric_contrastive_loss(q1, q2, k1, k2, temperature=temperature),
+        )
+
+
 def test_update_compiles_fullgraph_with_inductor_after_a_key_submodule_is_swapped() -> None:
     """The re-pairing after a swap froze the new key parameters with ``requires_grad_``,
     which Dynamo cannot trace under ``fullgraph=True``; compiled, the swap is followed."""

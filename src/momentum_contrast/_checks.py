@@ -58,9 +58,10 @@ def check_real(name: str, value: object) -> float:
 
 
 def check_positive(name: str, value: object) -> float:
-    """Require a finite real number > 0."""
+    """Require a finite real number > 0 (compiled with a symbolic float, the compiler may
+    prove ``v < inf`` for every value, and an infinite one passes)."""
     v = check_real(name, value)
-    if not (v > 0 and math.isfinite(v)):
+    if not 0 < v < math.inf:  # not math.isfinite: Dynamo cannot trace it
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return v
 

@@ -26,6 +26,7 @@ from momentum_contrast import (
     info_nce,
     symmetric_contrastive_loss,
 )
+from momentum_contrast.distributed import batch_shuffle, batch_unshuffle
 
 # Dynamo of torch 2.5 to 2.10 specialises a Python float momentum (2.13 and 2.14 do not):
 # each new value recompiles the update; a tensor momentum compiles once on every supported
@@ -75,12 +76,18 @@ def check_update_compiles(device: torch.device, backend: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def check_update_compiles_with_tensor_momentum(device: torch.device, backend: str) -> None:
+def check_update_compiles_with_tensor_momentum(
+    device: torch.device, backend: str, eager_first: bool = True
+) -> None:
+    """``eager_first``: an eager update (``m = 1`` changes nothing) before the compiled ones;
+    without it, the first compiled call stored the pairing and failed its own guard at
+    the second (one recompilation)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).to(device)
     model = model.double()
     compiled_enc = MomentumEncoder(model)
-    compiled_enc.update(1.0)  # eager: builds the pairing cache (m = 1 changes nothing)
+    if eager_first:
+        compiled_enc.update(1.0)
     counter = CountingBackend(backend)
     update = torch.compile(compiled_enc.update, fullgraph=True, backend=counter)
     m = torch.zeros((), dtype=torch.float64, device=device)
@@ -142,9 +149,12 @@ def test_update_compiles_fullgraph_without_recompiling(backend: str) -> None:
     check_update_compiles(torch.device("cpu"), backend)
 
 
+@pytest.mark.parametrize("eager_first", [True, False])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_update_with_a_changing_tensor_momentum_compiles_once(backend: str) -> None:
-    check_update_compiles_with_tensor_momentum(torch.device("cpu"), backend)
+def test_update_with_a_changing_tensor_momentum_compiles_once(
+    backend: str, eager_first: bool
+) -> None:
+    check_update_compiles_with_tensor_momentum(torch.device("cpu"), backend, eager_first)
 
 
 def test_losses_compile_fullgraph_and_match_eager() -> None:
@@ -170,6 +180,22 @@ def test_losses_compile_fullgraph_with_dynamic_shapes() -> None:
             sym(q1, q2, k1, k2, temperature=temperature),
             symmetric_contrastive_loss(q1, q2, k1, k2, temperature=temperature),
         )
+
+
+def test_shuffle_bn_compiles_once_for_every_batch_size() -> None:
+    """``batch_shuffle`` passed ``generator=None`` to ``randperm`` explicitly, which made
+    Dynamo specialise the batch size: a graph per size, eager past the recompile limit."""
+    counter = CountingBackend("aot_eager")
+
+    def shuffled_twice(x: torch.Tensor) -> torch.Tensor:
+        shuffled, idx_unshuffle = batch_shuffle(x)
+        return batch_unshuffle(shuffled * 2, idx_unshuffle)
+
+    compiled = torch.compile(shuffled_twice, dynamic=True, fullgraph=True, backend=counter)
+    for n in (8, 6, 9, 5):
+        x = torch.randn(n, 3)
+        assert torch.equal(compiled(x), x * 2)
+    assert counter.graphs == 1, counter.graphs
 
 
 def test_update_compiles_fullgraph_with_inductor_after_a_key_submodule_is_swapped() -> None:

@@ -169,7 +169,11 @@ def batch_shuffle(
             f"{type(generator).__module__}.{type(generator).__qualname__}"
         )
     gathered, sizes = c.gather_with_sizes(x, group)  # (sum N_r, ...)
-    perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator)
+    n = gathered.shape[0]  # generator=None given explicitly makes Dynamo fix n
+    if generator is None:
+        perm = torch.randperm(n, device=x.device)
+    else:
+        perm = torch.randperm(n, device=x.device, generator=generator)
     if world_size(group) > 1:
         dist.broadcast(
             perm, src=0 if group is None else dist.get_global_rank(group, 0), group=group

@@ -334,10 +334,15 @@ class MomentumEncoder(nn.Module):
                 torch._foreach_copy_(keys, onlines)
 
     def _paired(self, kind: str) -> Pairs:
-        """The pairing of ``kind`` tensors, checked against both models."""
+        """The pairing of ``kind`` tensors, checked against both models. A compiled update
+        neither reads nor keeps one: Dynamo's guards stand for it (a pairing kept would
+        fail the guard on the cache that the first compiled call set, and recompile)."""
         key_encoder = unwrap_model(self.key_encoder)
-        pairs = current(kind, self._pairs.get(kind), self.online, key_encoder, self.ema_dtype)
-        self._pairs[kind] = pairs
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self._pairs.get(kind)
+        pairs = current(kind, cached, self.online, key_encoder, self.ema_dtype)
+        if not compiling:
+            self._pairs[kind] = pairs
         return pairs
 
     def _warn_if_misused(self, pairs: Pairs) -> None:

@@ -167,6 +167,21 @@ def test_buffers_own_keeps_key_statistics() -> None:
     )
 
 
+def test_key_encoder_starts_in_training_mode_whatever_the_online_mode() -> None:
+    """A model loaded in eval mode (``from_pretrained``) gave a key encoder left in eval mode
+    after the loop's ``model.train()``: keys from frozen BatchNorm statistics, no warning."""
+    online = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)).eval()
+    encoder = MomentumEncoder(online)
+    assert all(m.training for m in encoder.key_encoder.modules())
+    assert not any(m.training for m in online.modules())  # the online model is left as it was
+    statistics = cast(torch.Tensor, encoder.key_encoder.get_buffer("1.running_mean"))
+    before = statistics.clone()
+    encoder(torch.randn(16, 4) + 3.0)
+    assert not torch.equal(statistics, before)  # moved by the batch's statistics
+    encoder.eval()
+    assert not any(m.training for m in encoder.key_encoder.modules())
+
+
 def test_buffers_copy_copies_all_buffers() -> None:
     online = SmallCNN()
     enc = MomentumEncoder(online, buffers="copy")

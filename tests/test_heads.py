@@ -314,9 +314,13 @@ def test_strip_torchvision_auxiliary_classifiers(build: str, side: int, dim: int
     assert out.shape == (2, 128) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "vit_tiny_patch16_224", "convnext_atto", "hiera_tiny_224", "mambaout_femto"],
+)
 def test_strip_timm_models_without_pooling_are_refused(name: str) -> None:
-    """global_pool="": (N, C, H, W) or (N, T, C) features under a promised (N, C)."""
+    """global_pool="": (N, C, H, W) or (N, T, C) features under a promised (N, C). Hiera's
+    and MambaOut's heads keep it as a ``pool_type`` string: they were taken."""
     with pytest.raises(TypeError, match=r'built with global_pool="": it gives a feature map'):
         strip_classifier(timm.create_model(name, global_pool=""))
     assert strip_classifier(timm.create_model(name))[1] > 0  # pooled by default

@@ -28,7 +28,8 @@ BufferMode = Literal["own", "copy", "ema"]
 papers' reference: BatchNorm statistics of the key encoder are its own); ``"copy"``:
 buffers are copied from the online model at every update; ``"ema"``: floating-point
 (and complex) buffers are averaged like parameters (integer buffers, such as BatchNorm's
-``num_batches_tracked``, are always copied, never averaged).
+``num_batches_tracked``, are always copied, never averaged), as ``key + (1 - m) *
+(online - key)``: a buffer holding ``inf`` (an additive attention mask) becomes NaN.
 
 Examples:
     >>> from typing import get_args
@@ -86,6 +87,11 @@ class MomentumEncoder(nn.Module):
     ``torch.compile(encoder.update)`` Dynamo's guards stand for the walk; what only an
     eager update sees is listed in the concepts guide
     ([What an update checks][what-an-update-checks]).
+
+    The key encoder starts in training mode, as the reference's (a model loaded in eval
+    mode, as ``transformers``' ``from_pretrained`` returns it, would otherwise give keys of
+    frozen BatchNorm statistics after your ``model.train()``); ``encoder.eval()`` and
+    ``encoder.train()`` set it.
 
     The copy is taken when it is built, with ``copy.deepcopy``, which copies the hooks
     registered on the online model too (a hook function that stores activations in a dict
@@ -216,7 +222,7 @@ class MomentumEncoder(nn.Module):
 
             key_encoder._apply(to_ema_dtype)  # type: ignore[no-untyped-call]
         _tie_as_online(base, key_encoder)
-        self.key_encoder = key_encoder
+        self.key_encoder = key_encoder.train()  # as the reference's, whatever online's mode
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
             p.grad = None

@@ -190,7 +190,8 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
       new module around their base model giving ``(N, C)``: its pooled output (average
       pooling; not a ``dense`` + tanh pooler), else the class token of
       ``last_hidden_state``, or the mean of its tokens or of its ``(N, C, H, W)`` map,
-      whatever the config's ``return_dict`` and ``output_*`` flags. Models that mask
+      whatever the config's ``return_dict`` and ``output_*`` flags (where ``transformers``
+      runs with them: its 5.x ConvNext fails with ``return_dict=False``). Models that mask
       patches at random (``mask_ratio``: ViTMAE, Hiera's MAE pre-training model, not its
       classifier) are refused. (Dinov2's classifier reads the class token and the mean
       patch token, ``2C``: this gives the ``C``-wide pooled class token.)
@@ -237,8 +238,9 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     reset = getattr(model, "reset_classifier", None)
     num_features = getattr(model, "num_features", None)
     if callable(reset) and isinstance(num_features, int):
-        head = getattr(model, "head", None)  # ConvNeXt's pooling is the head's
-        pools = (getattr(model, "global_pool", None), getattr(head, "global_pool", None))
+        head = getattr(model, "head", None)  # ConvNeXt's pooling is the head's (a module)
+        pools = [getattr(model, "global_pool", None), getattr(head, "global_pool", None)]
+        pools.append(getattr(head, "pool_type", None))  # Hiera's, MambaOut's: a string
         if any(p == "" or getattr(p, "pool_type", None) == "" for p in pools):
             raise TypeError(
                 f"strip_classifier: this timm {type(model).__name__} was built with "

@@ -21,7 +21,9 @@ def freeze_patch_embedding(vit: nn.Module, *, reinit: bool = True) -> nn.Module:
     With ``reinit`` (as the reference) the projection is first re-drawn uniformly in
     ``±sqrt(6 / (in_channels * patch_area + dim))`` (Xavier-uniform over the flattened patch:
     ``3 * patch_area`` for RGB, as the reference) with a zero bias. Its parameters then get
-    ``requires_grad=False``. Modifies ``vit`` in place.
+    ``requires_grad=False``. Modifies ``vit`` in place: call it before building the
+    [`MomentumEncoder`][momentum_contrast.encoder.MomentumEncoder], whose key encoder is a
+    copy taken then (values written later are not copied, and it would average towards them).
 
     Examples:
         >>> import torchvision
@@ -101,6 +103,10 @@ def sincos_position_embedding(
 
 def use_sincos_position_embedding(vit: nn.Module) -> nn.Module:
     """Replace a ViT's learned position embedding by the fixed sin-cos one (frozen).
+
+    Modifies ``vit`` in place: call it before building the
+    [`MomentumEncoder`][momentum_contrast.encoder.MomentumEncoder], as
+    [`freeze_patch_embedding`][].
 
     Examples:
         >>> import torchvision

@@ -53,14 +53,13 @@ def current(
     key: nn.Module,
     ema_dtype: torch.dtype | None,
 ) -> Pairs:
-    """``cached`` if both walks find what it was built from, else a new, checked pairing.
+    """``cached`` if both walks find what it was built from, else a new, checked pairing
+    (eager updates: a compiled one pairs by name, its guards standing for the cache).
 
     FSDP2 modules left unsharded (a root after a no-grad forward, whose next forward would
     reuse the gathered weights, stale after an update) show other tensors than the sharded
     shards that the update writes: they are resharded (locally, no collective) and the
     models walked again. FSDP1 is refused whenever the pairing is rebuilt."""
-    if torch.compiler.is_compiling():  # traced once: Dynamo guards the structure
-        return pair_by_name(kind, walk(online, kind), walk(key, kind), ema_dtype, True)
     for attempt in range(2):
         shard = local if cached and cached.sharded else None
         memo = cached and memo_of(online, key, kind, shard, cached.plain, cached.memo)[0]

@@ -17,7 +17,8 @@ from momentum_contrast._casts import keeping_dtype
 from momentum_contrast._checks import check_choice, check_positive, check_real, check_unit_interval
 from momentum_contrast._dtensor import fsdp2_modules, refuse_fsdp1
 from momentum_contrast._ema import check_momentum, lerp_
-from momentum_contrast._pairing import Pairs, current, ema_dtype_problem
+from momentum_contrast._pairing import Pairs, current, ema_dtype_problem, pair_by_name
+from momentum_contrast._walk import walk
 
 __all__ = ["BufferMode", "MomentumEncoder", "cosine_momentum", "unwrap_model"]
 
@@ -340,15 +341,15 @@ class MomentumEncoder(nn.Module):
                 torch._foreach_copy_(keys, onlines)
 
     def _paired(self, kind: str) -> Pairs:
-        """The pairing of ``kind`` tensors, checked against both models. A compiled update
-        neither reads nor keeps one: Dynamo's guards stand for it (a pairing kept would
-        fail the guard on the cache that the first compiled call set, and recompile)."""
+        """The pairing of ``kind`` tensors, checked against both models. Compiled, it is
+        traced and Dynamo's guards stand for the cache, neither read nor kept (a pairing kept
+        would fail the guard that the first compiled call set on it, and recompile)."""
         key_encoder = unwrap_model(self.key_encoder)
-        compiling = torch.compiler.is_compiling()
-        cached = None if compiling else self._pairs.get(kind)
-        pairs = current(kind, cached, self.online, key_encoder, self.ema_dtype)
-        if not compiling:
-            self._pairs[kind] = pairs
+        if torch.compiler.is_compiling():
+            online, key = walk(self.online, kind), walk(key_encoder, kind)
+            return pair_by_name(kind, online, key, self.ema_dtype, True)
+        pairs = current(kind, self._pairs.get(kind), self.online, key_encoder, self.ema_dtype)
+        self._pairs[kind] = pairs
         return pairs
 
     def _warn_if_misused(self, pairs: Pairs) -> None:

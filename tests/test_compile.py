@@ -163,7 +163,8 @@ def test_losses_compile_fullgraph_and_match_eager() -> None:
 
 def test_losses_compile_fullgraph_with_dynamic_shapes() -> None:
     """``dynamic=True`` makes the temperature a symbolic float: its check must trace (it
-    called ``math.isfinite``, which Dynamo cannot, and fullgraph failed)."""
+    called ``math.isfinite``, which Dynamo cannot, and fullgraph failed) and still refuse an
+    infinite one (``v < inf`` is taken as true for a symbolic float)."""
     torch.manual_seed(0)
     nce = torch.compile(info_nce, dynamic=True, fullgraph=True, backend="inductor")
     sym = torch.compile(
@@ -180,6 +181,13 @@ def test_losses_compile_fullgraph_with_dynamic_shapes() -> None:
             sym(q1, q2, k1, k2, temperature=temperature),
             symmetric_contrastive_loss(q1, q2, k1, k2, temperature=temperature),
         )
+    for compiled in (nce, torch.compile(info_nce)):  # symbolic, or after two values
+        for temperature in (0.3, 0.4):
+            compiled(q1, k1, queue, temperature=temperature)
+        # torch 2.5's fullgraph error names the check's line, not its message
+        refused = r'temperature must be a finite number > 0|check_positive\("temperature"'
+        with pytest.raises(Exception, match=refused):
+            compiled(q1, k1, queue, temperature=float("inf"))
 
 
 def test_shuffle_bn_compiles_once_for_every_batch_size() -> None:

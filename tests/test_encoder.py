@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 from typing import cast
 
 import pytest
@@ -167,19 +168,35 @@ def test_buffers_own_keeps_key_statistics() -> None:
     )
 
 
-def test_key_encoder_starts_in_training_mode_whatever_the_online_mode() -> None:
-    """A model loaded in eval mode (``from_pretrained``) gave a key encoder left in eval mode
-    after the loop's ``model.train()``: keys from frozen BatchNorm statistics, no warning."""
-    online = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)).eval()
+def test_key_encoder_left_in_eval_mode_while_the_online_model_trains_warns() -> None:
+    """A model loaded in eval mode (``from_pretrained``) and put in training mode after the
+    copy gave a key encoder in eval mode: keys of frozen BatchNorm statistics, silently."""
+    online = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
     encoder = MomentumEncoder(online)
-    assert all(m.training for m in encoder.key_encoder.modules())
-    assert not any(m.training for m in online.modules())  # the online model is left as it was
+    online.train()  # the loop's model.train()
+    with pytest.warns(RuntimeWarning, match=r"train online but not in the key encoder: 'the m"):
+        encoder.update()
+    encoder.train()
     statistics = cast(torch.Tensor, encoder.key_encoder.get_buffer("1.running_mean"))
     before = statistics.clone()
     encoder(torch.randn(16, 4) + 3.0)
     assert not torch.equal(statistics, before)  # moved by the batch's statistics
-    encoder.eval()
-    assert not any(m.training for m in encoder.key_encoder.modules())
+
+
+def test_modules_kept_in_eval_mode_on_both_sides_stay_so_without_a_warning() -> None:
+    """A BatchNorm frozen and a dropout switched off with ``.eval()`` before the copy: the
+    key encoder keeps them so, and nothing warns."""
+    online = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5))
+    online[1].eval()
+    online[2].eval()
+    encoder = MomentumEncoder(online)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.update()
+    assert [m.training for m in encoder.key_encoder.modules()] == [True, True, False, False]
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), online(x))  # same modes, same weights
 
 
 def test_buffers_copy_copies_all_buffers() -> None:

@@ -7,12 +7,14 @@ argument, what was expected and what was given. None of them reads tensor
 
 from __future__ import annotations
 
-import math
 import numbers
+import sys
 from collections.abc import Collection
 from typing import TypeGuard
 
 import torch
+
+_LARGEST_FLOAT = sys.float_info.max  # a global: torch 2.5's Dynamo cannot read sys's
 
 
 def check_float_matrix(name: str, x: object, dim: int | None = None) -> torch.Tensor:
@@ -58,10 +60,11 @@ def check_real(name: str, value: object) -> float:
 
 
 def check_positive(name: str, value: object) -> float:
-    """Require a finite real number > 0 (compiled with a symbolic float, the compiler may
-    prove ``v < inf`` for every value, and an infinite one passes)."""
+    """Require a finite real number > 0."""
     v = check_real(name, value)
-    if not 0 < v < math.inf:  # not math.isfinite: Dynamo cannot trace it
+    # not math.isfinite, which Dynamo cannot trace on a symbolic float, nor v < inf, which
+    # its symbolic shapes take as true for every value
+    if not 0 < v <= _LARGEST_FLOAT:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return v
 

@@ -89,10 +89,12 @@ class MomentumEncoder(nn.Module):
     eager update sees is listed in the concepts guide
     ([What an update checks][what-an-update-checks]).
 
-    The key encoder starts in training mode, as the reference's (a model loaded in eval
-    mode, as ``transformers``' ``from_pretrained`` returns it, would otherwise give keys of
-    frozen BatchNorm statistics after your ``model.train()``); ``encoder.eval()`` and
-    ``encoder.train()`` set it.
+    The key encoder's modules start in the modes of the online model's (a BatchNorm or a
+    dropout you put in eval mode stays so); ``encoder.train()`` and ``encoder.eval()`` set
+    them. The first update warns where a module trains online but not in the key encoder:
+    a model loaded in eval mode (as ``transformers``' ``from_pretrained`` returns it) and
+    put in training mode after the copy, whose keys would come from frozen BatchNorm
+    statistics; call ``encoder.train()``.
 
     The copy is taken when it is built, with ``copy.deepcopy``, which copies the hooks
     registered on the online model too (a hook function that stores activations in a dict
@@ -223,7 +225,7 @@ class MomentumEncoder(nn.Module):
 
             key_encoder._apply(to_ema_dtype)  # type: ignore[no-untyped-call]
         _tie_as_online(base, key_encoder)
-        self.key_encoder = key_encoder.train()  # as the reference's, whatever online's mode
+        self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -353,13 +355,16 @@ class MomentumEncoder(nn.Module):
         return pairs
 
     def _warn_if_misused(self, pairs: Pairs) -> None:
-        """Warn once each: an update with no optimizer step since the previous one, and a
-        low-precision key encoder without ``ema_dtype``. A step moves the online weights'
+        """Warn once each: key-encoder modules in eval mode that train online (at the first
+        update of an online model), an update with no optimizer step since the previous one,
+        and a low-precision key encoder without ``ema_dtype``. A step moves the online weights'
         version counters; once steps were seen to move them (twice: a reload of the online
         weights moves them once), an update that finds them where the previous one left them
         had no step before it. (A fused optimizer moves no counter: with one, nothing is
         learned and nothing is said.)"""
         versions, last = tuple(map(_version, pairs.onlines)), self._last_versions
+        if last is None:  # the first update of this online model
+            self._warn_if_idle()
         self._version_moves += last is not None and versions != last
         self._last_versions = versions
         if versions == last and self._version_moves >= 2 and not self._warned_misplaced:
@@ -385,6 +390,22 @@ class MomentumEncoder(nn.Module):
                 "build it with ema_dtype=torch.float32",
                 RuntimeWarning,
                 stacklevel=4,
+            )
+
+    def _warn_if_idle(self) -> None:
+        """Warn where a module trains online but not in the key encoder."""
+        keys = dict(unwrap_model(self.key_encoder).named_modules())
+        if idle := [
+            repr(name or "the model")
+            for name, module in self.online.named_modules()
+            if module.training and name in keys and not keys[name].training
+        ]:
+            warnings.warn(
+                f"MomentumEncoder: modules train online but not in the key encoder: "
+                f"{', '.join(idle[:3])}{' ...' * (len(idle) > 3)} (a model loaded in eval "
+                "mode, then put in training mode after the copy); call encoder.train()",
+                RuntimeWarning,
+                stacklevel=5,  # the caller of update()
             )
 
     def extra_repr(self) -> str:

@@ -239,8 +239,11 @@ def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     num_features = getattr(model, "num_features", None)
     if callable(reset) and isinstance(num_features, int):
         head = getattr(model, "head", None)  # ConvNeXt's pooling is the head's (a module)
-        pools = [getattr(model, "global_pool", None), getattr(head, "global_pool", None)]
-        pools.append(getattr(head, "pool_type", None))  # Hiera's, MambaOut's: a string
+        pools = (
+            getattr(model, "global_pool", None),
+            getattr(head, "global_pool", None),
+            getattr(head, "pool_type", None),  # Hiera's, MambaOut's: a string
+        )
         if any(p == "" or getattr(p, "pool_type", None) == "" for p in pools):
             raise TypeError(
                 f"strip_classifier: this timm {type(model).__name__} was built with "

@@ -95,10 +95,11 @@ def build_parser(v3: bool, trained: dict[str, Any]) -> argparse.ArgumentParser:
     arg("--protocol", choices=("v1v2", "v3"), default="v3" if v3 else "v1v2", help="the linear "
         "protocol and its defaults (default: the recipe of the checkpoint, v1v2 for a state "
         "dict)")  # fmt: skip
-    arg("--epochs", type=positive_int, default=100, help="epochs (v1/v2 100, v3 90)")
+    arg("--epochs", type=positive_int, default=100, help="epochs (v1/v2 100, v3 90; --data "
+        "shapes 5)")  # fmt: skip
     arg("--batch-size", type=positive_int, default=256, help="total over all processes")
-    arg("--lr", type=positive_float, default=30.0, help="learning rate (v3: times batch/256; "
-        "default 0.1, ViTs 3)")  # fmt: skip
+    arg("--lr", type=positive_float, default=30.0, help="learning rate (v1/v2 30; v3 0.1, ViTs 3, "
+        "times batch/256)")  # fmt: skip
     arg("--schedule-milestones", type=milestones, default="60,80", help="v1/v2: lr / 10 at epochs")
     arg("--shapes-train", type=positive_int, default=4000, help="--data shapes: training images")
     arg("--shapes-val", type=positive_int, default=1000, help="--data shapes: held-out images")

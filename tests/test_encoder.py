@@ -90,6 +90,14 @@ def test_key_is_frozen_and_forward_has_no_grad() -> None:
     assert not out.requires_grad and out.grad_fn is None
 
 
+def test_a_copy_taken_after_a_backward_holds_no_gradients() -> None:
+    online = SmallCNN()
+    online(torch.randn(4, 3, 8, 8)).sum().backward()  # the online model holds .grad
+    enc = MomentumEncoder(online)
+    assert all(p.grad is not None for p in online.parameters())
+    assert all(p.grad is None for p in enc.key_encoder.parameters())  # not copied, not saved
+
+
 @pytest.mark.parametrize(
     "change",
     ["rename", "add", "reshape_module", "reshape_data", "remove"],

@@ -13,6 +13,7 @@ from typing import cast
 import pytest
 import torch
 import torch.distributed as dist
+from _torch_version import FSDP2_TORCH, torch_at_least
 from torch import nn
 
 from momentum_contrast import MomentumEncoder
@@ -207,3 +208,42 @@ def test_an_encoder_built_after_fully_shard_says_to_build_it_first(process_group
     fully_shard(model)
     with pytest.raises(TypeError, match=r"build the MomentumEncoder first, then fully_shard"):
         MomentumEncoder(model)
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_fsdp1_on_a_submodule_is_refused(process_group: None, use_orig_params: bool) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0] = FullyShardedDataParallel(  # an auto-wrap policy wraps blocks, not the root
+        model[0], device_id=torch.device("cpu"), use_orig_params=use_orig_params
+    )
+    whole = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    FullyShardedDataParallel(whole, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    for given in (model, whole[0]):  # a wrapped block; a block of a wrapped model
+        with pytest.raises(TypeError, match=r"FSDP1 \(FullyShardedDataParallel\) is not supported"):
+            MomentumEncoder(given)
+
+
+@pytest.mark.skipif(
+    not torch_at_least(FSDP2_TORCH), reason=f"FSDP2 on the CPU needs torch>={FSDP2_TORCH}"
+)
+def test_a_second_update_without_a_step_warns_under_fsdp2(process_group: None) -> None:
+    from _dist_workers import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    key_encoder = MomentumEncoder(model, momentum=0.9)
+    fully_shard(model)
+    fully_shard(key_encoder.key_encoder)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one update per step: no warning
+        for _ in range(3):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            key_encoder.update()
+    with pytest.warns(RuntimeWarning, match=WARNING):
+        key_encoder.update()  # no step since the last one

@@ -153,6 +153,14 @@ def test_half_precision_storage(dtype: torch.dtype) -> None:
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
 
 
+def test_half_precision_keys_normalise_without_overflow() -> None:
+    queue = KeyQueue(8, 128, init="empty")
+    keys = torch.full((2, 128), 300.0, dtype=torch.float16)  # a sum of squares past 65,504
+    queue.push(keys)
+    norms = queue.negatives().norm(dim=1)  # the two keys pushed
+    torch.testing.assert_close(norms, torch.ones(2), rtol=1e-6, atol=0)
+
+
 def test_push_and_negatives_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
     queue = KeyQueue(100, 8)
     empty = KeyQueue(100, 8, init="empty")

@@ -94,10 +94,8 @@ def host_group(group: Group) -> Group:
             'init_process_group("cpu:gloo,cuda:nccl"), which its groups inherit), or gather '
             "under momentum_contrast.distributed.assume_equal_batches() (no host exchange)"
         )
-    for pg in list(dist.distributed_c10d._world.pg_group_ranks):
-        if not isinstance(pg, dist.ProcessGroup) or getattr(pg, "group_desc", "") != _HOST_GROUP:
-            continue
-        if dist.get_process_group_ranks(pg) == ranks:
+    for pg in list(dist.distributed_c10d._world.pg_group_ranks):  # made for the whole world
+        if isinstance(pg, dist.ProcessGroup) and getattr(pg, "group_desc", "") == _HOST_GROUP:
             return pg
     made = dist.new_group(ranks, backend="gloo", group_desc=_HOST_GROUP)
     return cast(dist.ProcessGroup, made)  # every rank is a member: none gets the non-member's -100

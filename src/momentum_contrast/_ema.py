@@ -27,8 +27,6 @@ import torch
 
 from momentum_contrast._checks import check_unit_interval
 
-Weight = float | torch.Tensor
-
 
 def check_momentum(value: object, devices: set[torch.device]) -> float | torch.Tensor:
     """A float in [0, 1], or a 0-d floating tensor on the parameters' device.
@@ -58,7 +56,7 @@ def check_momentum(value: object, devices: set[torch.device]) -> float | torch.T
 def lerp_(
     keys: list[torch.Tensor],
     onlines: list[torch.Tensor],
-    weight: Weight,
+    weight: float | torch.Tensor,
     scratch: list[torch.Tensor] | None = None,
 ) -> None:
     """``key += weight * (online - key)`` for every pair, in the keys' dtype (the onlines

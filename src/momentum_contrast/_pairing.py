@@ -77,8 +77,7 @@ def current(
         warn_if_normalised_otherwise(online, key)
     pairs.plain = plain(online, kind) and plain(key, kind)
     shard = local if pairs.sharded else None
-    pairs.memo, pairs.held, online_count = memo_of(online, key, kind, shard, pairs.plain)
-    pairs.onlines = pairs.held[:online_count]
+    pairs.memo, pairs.held = memo_of(online, key, kind, shard, pairs.plain)
     return pairs
 
 
@@ -246,7 +245,7 @@ def pair_by_name(
             p.requires_grad_(False)
     sharded = any(is_dtensor(t) for _, t in online_named + key_named)
     chunks = [c for keys, onlines in groups.values() for c in chunked(keys, onlines, compiling)]
-    return Pairs(chunks, sharded)
+    return Pairs(chunks, sharded, onlines=tuple([t for _, t in online_named]))
 
 
 def chunked(keys: list[torch.Tensor], onlines: list[torch.Tensor], compiling: bool) -> list[Group]:

@@ -31,8 +31,7 @@ def plain(model: nn.Module, kind: str) -> bool:
     or holds its names elsewhere than in dicts (TorchScript)."""
     attr = "_parameters" if kind == "parameter" else "_buffers"
     return all(
-        isinstance(m._modules, dict)
-        and isinstance(getattr(m, attr), dict)
+        isinstance(getattr(m, attr), dict)
         and all(getattr(type(m), f) is getattr(nn.Module, f) for f in _NAMED_WALKS)
         for m in model.modules()
     )
@@ -78,13 +77,12 @@ def memo_of(
     local: Callable[[torch.Tensor], torch.Tensor] | None,
     plain: bool,
     previous: tuple[Any, ...] = (),
-) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...], int]:
-    """``(memo, tensors, online_count)``: what names the tensors of both models (``layout``'s,
-    or the named walks' where they are not ``plain``), the tensor objects (by id:
-    `Pairs.held` keeps them, so no id is reused), their data addresses and sizes (of
-    ``local(t)`` where given: a ``DTensor``'s shard, which FSDP2 may re-pad); the tensors,
-    the online model's first, and how many are the online model's. ``previous``: the memo
-    this one is compared with."""
+) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...]]:
+    """``(memo, tensors)``: what names the tensors of both models (``layout``'s, or the
+    named walks' where they are not ``plain``), the tensor objects (by id: `Pairs.held`
+    keeps them, so no id is reused), their data addresses and sizes (of ``local(t)`` where
+    given: a ``DTensor``'s shard, which FSDP2 may re-pad); and the tensors, the online
+    model's first. ``previous``: the memo this one is compared with."""
     if plain:  # no walk longer than the last one (whose name lists ``previous`` holds) matches
         most = [len(names) for names in previous[:2]] if previous else [sys.maxsize] * 2
         (online_names, online_found), (key_names, key_found) = (
@@ -95,8 +93,7 @@ def memo_of(
         online_named, key_named = walk(online, kind), walk(key, kind)
         online_names, online_found = [n for n, _ in online_named], [t for _, t in online_named]
         key_names, key_found = [n for n, _ in key_named], [t for _, t in key_named]
-    onlines = [t for t in online_found if t is not None]
-    tensors = (*onlines, *(t for t in key_found if t is not None))
+    tensors = tuple([t for t in online_found + key_found if t is not None])
     data = tuple(map(local, tensors)) if local else tensors
     # a view swapped in at the same address: (16,) -> (1,). Shapes would cost twice as much
     # on the host; a view of the same size, (16,) -> (4, 4), on both sides is averaged as
@@ -104,7 +101,7 @@ def memo_of(
     numels = tuple(map(_numel, data))
     ids = tuple(map(id, (*online_found, *key_found)))  # id(None) where a tensor is None
     addresses = tuple(map(_data_ptr, data))
-    return (online_names, key_names, ids, addresses, numels), tensors, len(onlines)
+    return (online_names, key_names, ids, addresses, numels), tensors
 
 
 _data_ptr, _numel = torch.Tensor.data_ptr, torch.Tensor.numel

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, get_args
@@ -228,7 +227,6 @@ class MomentumEncoder(nn.Module):
         self.key_encoder = key_encoder
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
-            p.grad = None
         self._pairs: dict[str, Pairs] = {}
         # the online weights' version counters at the last update, how many times an
         # update found them moved since the one before, and which warnings were given
@@ -362,7 +360,7 @@ class MomentumEncoder(nn.Module):
         weights moves them once), an update that finds them where the previous one left them
         had no step before it. (A fused optimizer moves no counter: with one, nothing is
         learned and nothing is said.)"""
-        versions, last = tuple(map(_version, pairs.onlines)), self._last_versions
+        versions, last = tuple([t._version for t in pairs.onlines]), self._last_versions
         if last is None:  # the first update of this online model
             self._warn_if_idle()
         self._version_moves += last is not None and versions != last
@@ -413,9 +411,6 @@ class MomentumEncoder(nn.Module):
         return f"momentum={self.momentum}, buffers={self.buffers_mode!r}{dtype}"
 
 
-_version = operator.attrgetter("_version")
-
-
 def _tie_as_online(online: nn.Module, key_encoder: nn.Module) -> None:
     """Give the copy's parameters that are one memory in ``online`` but other objects (a
     ``load_state_dict(assign=True)`` of tied weights) one memory too, as other objects:
@@ -426,8 +421,6 @@ def _tie_as_online(online: nn.Module, key_encoder: nn.Module) -> None:
         try:
             address = p.data_ptr()
         except (RuntimeError, NotImplementedError):  # a subclass without storage
-            continue
-        if not address:  # no memory (meta)
             continue
         tied_to = first.setdefault((address, p.dtype, p.shape, p.stride()), name)
         if tied_to != name and online.get_parameter(tied_to) is not p:  # tied by memory only

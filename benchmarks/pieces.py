@@ -63,9 +63,11 @@ def ema(device: torch.device, bandwidth_gbs: float) -> list[Row]:
         encoder = MomentumEncoder(online, momentum=0.999)
         nbytes = sum(p.nbytes for p in online.parameters())
         floor = 3 * nbytes / (bandwidth_gbs * 1e9) * 1e3  # read key + read online + write key
+        m = torch.tensor(0.999, device=device)  # the form CUDA graphs and compile take
         fns: dict[str, Callable[[], object]] = {
             "reference .data loop": lambda o=online, k=key: ref.ema_data_loop(o, k, 0.999),
             "MomentumEncoder.update()": encoder.update,
+            "MomentumEncoder.update(0-d tensor m)": lambda e=encoder, m=m: e.update(m),
         }
         if device.type == "cuda":
             fns["MomentumEncoder.update() in a CUDA graph"] = graphed(encoder.update)

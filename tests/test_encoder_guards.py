@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import torch
@@ -247,3 +247,24 @@ def test_a_second_update_without_a_step_warns_under_fsdp2(process_group: None) -
             key_encoder.update()
     with pytest.warns(RuntimeWarning, match=WARNING):
         key_encoder.update()  # no step since the last one
+
+
+@pytest.mark.skipif(  # torch 2.5's DTensor linear backward raises IndexError on the CPU
+    not torch_at_least(FSDP2_TORCH), reason=f"DTensor training on the CPU: torch>={FSDP2_TORCH}"
+)
+def test_a_copy_of_tensor_parallel_weights_after_a_backward_holds_no_gradients(
+    process_group: None,
+) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_module, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    online = distribute_module(nn.Linear(4, 2), mesh)  # DTensor parameters
+    online(distribute_tensor(torch.randn(3, 4), mesh)).to_local().sum().backward()
+    enc = MomentumEncoder(online)  # a DTensor's deepcopy keeps .grad, a Parameter's does not
+    before = [p.detach().clone() for p in enc.key_encoder.parameters()]
+    both = nn.ModuleDict({"online": online, "key": enc})  # one optimizer over both, as the
+    torch.optim.SGD(both.parameters(), lr=1.0).step()  # reference builds it: frozen keys stay
+    assert all(p.grad is None for p in enc.key_encoder.parameters())
+    for p, b in zip(enc.key_encoder.parameters(), before, strict=True):
+        assert torch.equal(cast(Any, p).to_local(), cast(Any, b).to_local())  # DTensors

@@ -8,7 +8,7 @@ import io
 import pickle
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import cast
 
 import pytest
@@ -501,6 +501,40 @@ def test_a_torchscript_submodule_is_followed() -> None:
     enc.update()
     for now, old, new in zip(key.parameters(), before, online.parameters(), strict=True):
         torch.testing.assert_close(now, 0.5 * old + 0.5 * new.detach(), rtol=0, atol=1e-7)
+
+
+class _Children(MutableMapping[str, "nn.Module | None"]):
+    """A module registry that is not a dict (insertion-ordered, as torch's)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, nn.Module | None] = {}
+
+    def __getitem__(self, name: str) -> nn.Module | None:
+        return self.held[name]
+
+    def __setitem__(self, name: str, module: nn.Module | None) -> None:
+        self.held[name] = module
+
+    def __delitem__(self, name: str) -> None:
+        del self.held[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.held)
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+
+def test_a_model_whose_children_are_not_in_a_dict_is_followed() -> None:
+    online = nn.Module()
+    online.__dict__["_modules"] = _Children()
+    online.a, online.b = nn.Linear(2, 2), nn.Linear(2, 2)
+    enc = MomentumEncoder(online, momentum=0.0)
+    enc.update()
+    online.b = nn.Linear(2, 2)  # a replaced submodule: followed
+    enc.update()
+    key_b, online_b = cast(nn.Linear, enc.key_encoder.b), cast(nn.Linear, online.b)
+    torch.testing.assert_close(key_b.weight, online_b.weight.detach())
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

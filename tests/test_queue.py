@@ -155,7 +155,7 @@ def test_half_precision_storage(dtype: torch.dtype) -> None:
 
 def test_half_precision_keys_normalise_without_overflow() -> None:
     queue = KeyQueue(8, 128, init="empty")
-    keys = torch.full((2, 128), 300.0, dtype=torch.float16)  # a sum of squares past 65,504
+    keys = torch.full((2, 128), 30000.0, dtype=torch.float16)  # squares past 65,504
     queue.push(keys)
     norms = queue.negatives().norm(dim=1)  # the two keys pushed
     torch.testing.assert_close(norms, torch.ones(2), rtol=1e-6, atol=0)

@@ -49,7 +49,12 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
         "queue of another dim",
         lambda: mc.info_nce(q8, k8, torch.randn(16, 6)),
         ValueError,
-        ["negative_keys", "8 columns", "(16, 6)", "KeyQueue's dim must be the head's output width"],
+        [
+            "negative_keys",
+            "8 columns",
+            "(16, 6)",
+            "KeyQueue's dim must equal the head's output width",
+        ],
     ),
     (
         "1-D query",

@@ -20,8 +20,8 @@ _LARGEST_FLOAT = sys.float_info.max  # a global: torch 2.5's Dynamo cannot read 
 def check_float_matrix(
     name: str, x: object, dim: int | None = None, whose: str = ""
 ) -> torch.Tensor:
-    """Require a 2-D floating-point tensor, optionally with ``dim`` columns (``whose``
-    width: what the other tensor is)."""
+    """Require a 2-D floating-point tensor, optionally with ``dim`` columns (``whose``:
+    where that width comes from, said in the error)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -30,7 +30,8 @@ def check_float_matrix(
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(
-            f"{name} must have {dim} columns (the width of {whose}), got shape {tuple(x.shape)}"
+            f"{name} must have {dim} columns{f' ({whose})' if whose else ''}, "
+            f"got shape {tuple(x.shape)}"
         )
     return x
 

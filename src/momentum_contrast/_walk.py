@@ -31,7 +31,8 @@ def plain(model: nn.Module, kind: str) -> bool:
     or holds its names elsewhere than in dicts (TorchScript)."""
     attr = "_parameters" if kind == "parameter" else "_buffers"
     return all(
-        isinstance(getattr(m, attr), dict)
+        isinstance(m._modules, dict)
+        and isinstance(getattr(m, attr), dict)
         and all(getattr(type(m), f) is getattr(nn.Module, f) for f in _NAMED_WALKS)
         for m in model.modules()
     )

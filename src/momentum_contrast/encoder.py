@@ -225,8 +225,9 @@ class MomentumEncoder(nn.Module):
             key_encoder._apply(to_ema_dtype)  # type: ignore[no-untyped-call]
         _tie_as_online(base, key_encoder)
         self.key_encoder = key_encoder
-        for p in self.key_encoder.parameters():
+        for p in self.key_encoder.parameters():  # a tensor subclass's deepcopy keeps .grad
             p.requires_grad_(False)
+            p.grad = None
         self._pairs: dict[str, Pairs] = {}
         # the online weights' version counters at the last update, how many times an
         # update found them moved since the one before, and which warnings were given
@@ -421,6 +422,8 @@ def _tie_as_online(online: nn.Module, key_encoder: nn.Module) -> None:
         try:
             address = p.data_ptr()
         except (RuntimeError, NotImplementedError):  # a subclass without storage
+            continue
+        if not address:  # no memory (meta, empty): nothing shared to keep
             continue
         tied_to = first.setdefault((address, p.dtype, p.shape, p.stride()), name)
         if tied_to != name and online.get_parameter(tied_to) is not p:  # tied by memory only

@@ -68,7 +68,7 @@ def knn_predict(
         tensor([0])
     """
     check_float_matrix("features", features)
-    check_float_matrix("bank", bank, features.shape[1], "features")
+    check_float_matrix("bank", bank, features.shape[1], "the features' width")
     check_same_device("bank", bank, "features", features)
     if bank.shape[0] == 0 or features.shape[1] == 0:  # every score 0: every prediction class 0
         raise ValueError(

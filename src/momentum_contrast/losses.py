@@ -110,7 +110,7 @@ def info_nce(
             "negative_keys",
             negative_keys,
             query.shape[1],
-            "query: a KeyQueue's dim must be the head's output width",
+            "the query's width; a KeyQueue's dim must equal the head's output width",
         )
         check_same_device("negative_keys", negative_keys, "query", query)
     t = check_positive("temperature", temperature)
@@ -215,7 +215,7 @@ def symmetric_contrastive_loss(
     """
     check_float_matrix("q1", q1)
     for name, x in (("q2", q2), ("k1", k1), ("k2", k2)):
-        check_float_matrix(name, x, q1.shape[1], "q1")
+        check_float_matrix(name, x, q1.shape[1], "q1's width")
         check_same_device(name, x, "q1", q1)
     check_same_shape("q2", q2, "q1", q1)
     check_same_shape("k2", k2, "k1", k1)

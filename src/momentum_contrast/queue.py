@@ -158,7 +158,7 @@ class KeyQueue(nn.Module):
             group: the process group whose ranks share this queue (a data-parallel
                 group); the whole world by default. Pass the same one at every call.
         """
-        check_float_matrix("keys", keys, self.dim, "the queue: its dim")
+        check_float_matrix("keys", keys, self.dim, "the queue's dim")
         check_same_device("keys", keys, "the queue", self.keys)
         if self.gather:  # (world * N, D); the very keys batch_unshuffle returned: no exchange
             keys = gather(keys, group)

@@ -13,7 +13,7 @@ from _dist_ddp import (
     scenario_excluded_bf16_unseeded,
     scenario_key_written_before_first_update,
 )
-from _dist_workers import launch
+from _dist_workers import destroy_in_process, launch
 from torch import nn
 
 from momentum_contrast import KeyQueue
@@ -63,7 +63,7 @@ def test_too_late_once_wrapped(tmp_path: Path) -> None:
         with pytest.raises(TypeError, match="wrapped in DistributedDataParallel already"):
             exclude_from_ddp(ddp)
     finally:
-        torch.distributed.destroy_process_group()
+        destroy_in_process()
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -120,4 +120,4 @@ def test_exclusions_reach_ddp_through_a_later_torch_compile(tmp_path: Path) -> N
         kept = {id(b) for b in ddp.modules_buffers}
         assert id(model.queue.keys) not in kept and id(model.online[1].running_mean) in kept
     finally:
-        torch.distributed.destroy_process_group()
+        destroy_in_process()

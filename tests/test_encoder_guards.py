@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 import torch
 import torch.distributed as dist
+from _dist_workers import destroy_in_process
 from _torch_version import FSDP2_TORCH, torch_at_least
 from torch import nn
 
@@ -148,7 +149,7 @@ def process_group() -> Iterator[None]:
         try:
             yield
         finally:
-            dist.destroy_process_group()
+            destroy_in_process()
 
 
 @pytest.mark.parametrize("use_orig_params", [False, True])

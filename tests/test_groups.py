@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist_workers import global_tensor, launch
+from _dist_workers import destroy_in_process, global_tensor, launch
 
 import momentum_contrast.distributed as mcd
 from momentum_contrast import KeyQueue, symmetric_contrastive_loss
@@ -188,5 +188,5 @@ def test_a_group_without_gloo_gets_one_gloo_group_that_torch_keeps(
             assert c.all_gather_host([7, 8], sub) == [[7, 8]]
             monkeypatch.setattr(dist, "get_backend", real)
         finally:
-            dist.destroy_process_group()
+            destroy_in_process()
         assert made not in dist.distributed_c10d._world.pg_group_ranks  # gone with the rest

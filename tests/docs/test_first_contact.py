@@ -327,7 +327,25 @@ def test_benchmark_update_host_texts_agree_with_the_json() -> None:
         ratios = [g["ratio"] for g in got]
         assert max(ratios) <= 1.2, got  # the target
         quoted = f"{min(ratios):.2f}x-{max(ratios):.2f}x"
-        assert quoted in row[4] and quoted in performance, (row, ratios)
+        assert quoted in row[4], (row, ratios)
+
+
+def test_the_current_update_host_times_are_the_newest_json_everywhere() -> None:
+    """The newest three runs: each row's range of ratios, to three places in the benchmarks
+    README and to two in the performance page and the home page (in its order)."""
+    runs = json.loads((RESULTS / "cpu2-2026-12-07-update_host-evening.json").read_text())
+    section = _section(
+        (ROOT / "benchmarks" / "README.md").read_text(),
+        "## Measured: 2-core CPU, torch 2.14.1, 2026-12-07, evening",
+    )
+    pages = [(DOCS / name).read_text() for name in ("performance.md", "index.md")]
+    assert len(runs["runs"]) == 3
+    for i in range(4):
+        ratios = [run[i]["ratio"] for run in runs["runs"]]
+        assert max(ratios) <= 1.2, ratios  # the target
+        assert f"{min(ratios):.3f}x-{max(ratios):.3f}x" in section, ratios
+        for page in pages:
+            assert f"{min(ratios):.2f}x-{max(ratios):.2f}x" in page, ratios
 
 
 def test_benchmark_ema_texts_say_which_code_they_timed() -> None:

@@ -79,11 +79,15 @@ def reason(e: BaseException) -> str:
 
 
 def damaged_record(path: Path) -> str | None:
-    """The first record of a checkpoint (a zip) whose data fails its CRC-32, which torch.load
-    does not check; records saved without one (``torch.serialization.set_crc32_options
-    (False)`` writes 0) are not checked."""
+    """What is wrong with a checkpoint's records (a zip), which torch.load does not check, or
+    None: the first record whose data fails its CRC-32 (records saved without one,
+    ``torch.serialization.set_crc32_options(False)``, write 0 and are not checked), or one
+    marked as a folder, a bit of its header that no CRC-32 covers (torch then reads memory
+    that was never written for it, and loads leftover values as the weights)."""
     with zipfile.ZipFile(path) as archive:
         for record in archive.infolist():
+            if record.is_dir() or record.external_attr & 0x10:  # MS-DOS's folder bit
+                return f"its record {record.filename} is marked as a folder (a changed header)"
             if record.CRC == 0:  # none written (or an empty record: nothing to check)
                 continue
             try:
@@ -91,8 +95,17 @@ def damaged_record(path: Path) -> str | None:
                     while data.read(1 << 24):
                         pass
             except zipfile.BadZipFile:
-                return record.filename
+                return f"its record {record.filename} fails its CRC-32 check"
     return None
+
+
+def fingerprint(path: Path) -> str:
+    """What tells two checkpoints of one name apart, from the zip's directory alone: each
+    record's name, size and CRC-32 (another run's checkpoint_<step>.pt in a folder local to
+    each node has the same name, other contents)."""
+    with zipfile.ZipFile(path) as archive:
+        records = [(r.filename, r.file_size, r.CRC) for r in archive.infolist()]
+    return hashlib.blake2b(repr(records).encode(), digest_size=8).hexdigest()
 
 
 # ---- The checkpoint's states: the unwrapped modules' (no DDP "module." prefix)
@@ -221,10 +234,11 @@ def resume_states(
     --data or --shapes-train, or images added) are counted in this run's steps, from a
     checkpoint of an epoch's end, into another --output-dir than its own (``out``): the
     checkpoints there are numbered in steps of its epochs."""
-    mine = (0, "") if resume is None else (resume[1]["step"], resume[0].name)
+    mine: tuple[Any, ...] = (0, "") if resume is None else (resume[1]["step"], resume[0].name)
     every = [mine] * env[2]
     if env[2] > 1:  # every rank read the same checkpoint (a shared --output-dir), checked
-        dist.all_gather_object(every, mine)  # before any loading (a collective under --fsdp)
+        mine += (fingerprint(resume[0]),) if resume else ()  # before any loading (a
+        dist.all_gather_object(every, mine)  # collective under --fsdp): the same file
     if len(set(every)) > 1:
         fail(f"the processes would resume from different checkpoints {every}: every node "
              "must see the same --output-dir (a shared file system)")  # fmt: skip
@@ -297,7 +311,7 @@ def load_resume(
     for path in candidates:
         try:
             if (damaged := damaged_record(path)) is not None:
-                raise ValueError(f"its record {damaged} fails its CRC-32 check")
+                raise ValueError(damaged)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             break
         except Exception as e:  # no such file, not a PyTorch file, cut short, damaged

@@ -178,10 +178,12 @@ def setup(args: argparse.Namespace, *, alone: bool = False) -> Env:
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if restarts and shared and os.environ.get("RANK") == "0":
-        print("warning: torchrun shares its rendezvous store with these processes: restarted "
-              "ones would read the failed attempt's addresses and never connect (pytorch "
-              "issue 135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-              "(docs/guides/multi-node.md)", file=sys.stderr)  # fmt: skip
+        print("warning: torchrun shares its rendezvous store with these processes: under "
+              "the c10d rendezvous (--rdzv-backend c10d, --standalone), restarted ones would "
+              "read the failed attempt's addresses and never connect (pytorch issue 135712); "
+              "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. The static rendezvous "
+              "(torchrun's default) restarts without it (docs/guides/multi-node.md)",
+              file=sys.stderr)  # fmt: skip
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     elif alone:

@@ -33,10 +33,12 @@ import math
 import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from checkpoints import damaged_record
 from data import epoch_batches, evaluation_batches, loader, to_device
 from harness import (
     ARCHS,
@@ -141,6 +143,9 @@ def read_pretrained(argv: list[str]) -> tuple[str, str, dict[str, Any]]:
         fail(f"--pretrained {e}")
     except LayoutError as e:
         fail(f"--pretrained {path}: {e}")
+    # torch.load reads no checksum; a file in torch's legacy format (before 1.6) is no zip
+    if zipfile.is_zipfile(path) and (damaged := damaged_record(Path(path))):
+        fail(f"--pretrained {path}: {damaged}")
     return path, kind, torch.load(path, map_location="cpu", weights_only=True)
 
 

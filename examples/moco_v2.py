@@ -227,8 +227,8 @@ def main(version: str = "v2") -> None:
     args = parse_args(version=version)
     validate(args, blur=version == "v2" and args.blur_p > 0)
     recipe, out = f"moco_{version}", Path(args.output_dir)
-    resume = load_resume(args, recipe, MUST_MATCH, WARN_IF_CHANGED)  # before anything is built
     lock = claim(args.output_dir)  # held to the end: no second run writes there meanwhile
+    resume = load_resume(args, recipe, MUST_MATCH, WARN_IF_CHANGED)  # before anything is built
     _, rank, world = env = setup(args)
     pieces, train_step, augment, features = build(args, version, env)
     train, val, classes = load_data(args)

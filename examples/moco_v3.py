@@ -308,8 +308,8 @@ def main() -> None:
     args = parse_args()
     validate(args)
     recipe, out = "moco_v3", Path(args.output_dir)
-    resume = load_resume(args, recipe, MUST_MATCH, WARN_IF_CHANGED)  # before anything is built
     lock = claim(args.output_dir)  # held to the end: no second run writes there meanwhile
+    resume = load_resume(args, recipe, MUST_MATCH, WARN_IF_CHANGED)  # before anything is built
     _, rank, world = env = setup(args, alone=args.fsdp)  # --fsdp alone: a group of one
     pieces, train_step, augment, features = build(args, env)
     states, load = (fsdp_state_of, load_fsdp_states) if args.fsdp else (state_of, load_states)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,25 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
         same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
         return [] if same else [where]
     return [] if a == b else [f"{where}: {a!r:.60} != {b!r:.60}"]
+
+
+def damage(path: Path, *, folder_bit: bool = False) -> None:
+    """Change a checkpoint on the disk as a failing disk could: one byte in the middle of
+    its largest record's data (which then fails its CRC-32), or with ``folder_bit`` the bit
+    of that record's entry in the zip's directory that marks it a folder (which no CRC-32
+    covers, and which makes torch.load read leftover memory for the record)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+        at = archive.start_dir  # type: ignore[attr-defined]  # the directory's first entry
+    if not folder_bit:
+        start = record.header_offset  # a local header: 30 bytes, the name, the extra field
+        begin = start + 30 + int.from_bytes(data[start + 26 : start + 28], "little")
+        begin += int.from_bytes(data[start + 28 : start + 30], "little")
+        data[begin + record.file_size // 2] ^= 0xFF
+    else:
+        while data[at + 46 : at + 46 + len(record.filename)] != record.filename.encode():
+            n, m, k = (int.from_bytes(data[at + i : at + i + 2], "little") for i in (28, 30, 32))
+            at += 46 + n + m + k  # the next entry: 46 bytes, the name, extra field, comment
+        data[at + 38] |= 0x10  # the external attributes' MS-DOS folder bit
+    path.write_bytes(bytes(data))

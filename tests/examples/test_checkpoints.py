@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from example_runner import (
     V12,
     checkpoint,
+    damage,
     differences,
     import_examples,
     losses,
@@ -35,7 +37,10 @@ from example_runner import (
 import_examples()
 import checkpoints as checkpoints_module  # noqa: E402
 import moco_v2  # noqa: E402
-from checkpoints import checkpoints, claim, load_resume  # noqa: E402
+from checkpoints import checkpoints, claim, load_resume, resume_states  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _dist_workers import launch  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("checkpoints")
 
@@ -79,14 +84,18 @@ def test_a_resume_of_another_folders_checkpoint_keeps_no_rows_of_an_attempt_here
 
 def test_a_new_run_into_a_folder_that_holds_a_run_is_refused(tmp_path: Path) -> None:
     run("moco_v2.py", *V12, "--max-steps", "2", "--output-dir", str(tmp_path))
-    (tmp_path / ".lock").unlink()  # the first run's; the refusal must come before the lock
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    # the lock is taken first (a run in the folder would be named, not this one's checkpoints)
+    before = {
+        p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"
+    }
     result = run("moco_v2.py", *V12, "--output-dir", str(tmp_path), check=False)
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert str(tmp_path) in message and "checkpoint_0000002.pt" in message, result.stderr
     assert "--resume auto" in message and "another --output-dir" in message
-    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    after = {
+        p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"
+    }
     assert after == before  # the checkpoint and metrics.csv untouched
 
 
@@ -181,6 +190,60 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(
     with pytest.raises(SystemExit, match="CRC-32"):  # named: no fallback
         damaged = tmp_path / "checkpoint_0000008.pt.unreadable"
         load_resume(resume_args(tmp_path / "elsewhere", str(damaged)), *CHECKS)
+
+
+def test_a_record_marked_as_a_folder_is_skipped_for_the_one_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # one bit of the zip's directory, which no CRC-32 covers: torch.load then read leftover
+    # memory as the weights (NaN, 1e23), and the run diverged at its first step
+    fake(tmp_path, 4)
+    path = fake(tmp_path, 8)
+    torch.save({**torch.load(path, weights_only=True), "model": {"w": torch.ones(4096)}}, path)
+    damage(path, folder_bit=True)
+    resumed = load_resume(resume_args(tmp_path, "auto"), *CHECKS)
+    assert resumed is not None and resumed[1]["step"] == 4
+    err = capsys.readouterr().err
+    assert "checkpoint_0000008.pt is not a checkpoint" in err and "marked as a folder" in err
+    assert (tmp_path / "checkpoint_0000008.pt.unreadable").is_file()
+
+
+def resume_each_ranks_folder() -> dict[str, Any]:
+    """resume_states on each rank with the checkpoint_0000008.pt of its own folder."""
+    out = Path(os.environ["MOCO_TEST_FOLDERS"]) / f"rank{dist.get_rank()}"
+    path = out / "checkpoint_0000008.pt"
+    env = (torch.device("cpu"), dist.get_rank(), dist.get_world_size())
+    try:
+        resume_states((path, torch.load(path, weights_only=True)), {}, env, 4, out,
+                      load=lambda *_: None, states=dict)  # fmt: skip
+    except SystemExit as e:
+        return {"said": str(e)}
+    return {"said": None}
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_ranks_that_found_other_files_of_one_name_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same: bool
+) -> None:
+    """Folders local to each node: rank 1's holds another run's checkpoint of the same step
+    and name. Compared by (step, name) alone, both ranks resumed, each its own weights."""
+    ckpt = {"step": 8, "steps_per_epoch": 4, "knn_baseline": 1.0, "rng": []}
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank1").mkdir()
+    torch.save({**ckpt, "model": {"w": torch.zeros(3)}}, tmp_path / "rank0/checkpoint_0000008.pt")
+    if same:  # one file, as two nodes see it on a shared file system
+        shutil.copy(tmp_path / "rank0/checkpoint_0000008.pt", tmp_path / "rank1")
+    else:
+        torch.save(
+            {**ckpt, "model": {"w": torch.ones(3)}}, tmp_path / "rank1/checkpoint_0000008.pt"
+        )
+    monkeypatch.setenv("MOCO_TEST_FOLDERS", str(tmp_path))
+    (ranks := tmp_path / "ranks").mkdir()
+    said = [r["said"] for r in launch(resume_each_ranks_folder, 2, ranks)]
+    if same:
+        assert said == [None, None]
+    else:
+        assert all(s and "would resume from different checkpoints" in s for s in said), said
 
 
 def test_resuming_a_file_that_is_no_checkpoint_stops_in_one_line(tmp_path: Path) -> None:
@@ -310,11 +373,17 @@ def test_a_second_run_into_a_folder_in_use_stops(tmp_path: Path) -> None:
     try:
         second = run("moco_v2.py", *V12, "--output-dir", str(tmp_path), "--resume", "auto",
                      check=False)  # fmt: skip
+        written = sorted(p.name for p in tmp_path.iterdir())
+        fake(tmp_path, 4)  # the first run's first checkpoint
+        # without --resume: the folder is in use (it was told to continue that run with
+        # --resume auto, which then said "in use")
+        third = run("moco_v2.py", *V12, "--output-dir", str(tmp_path), check=False)
     finally:
         held.close()  # what the first run's exit does, even when it is killed
-    assert second.returncode != 0 and "is in use by another run" in second.stderr
+    for refused in (second, third):
+        assert refused.returncode != 0 and "is in use by another run" in refused.stderr
     assert f"process {os.getpid()} on" in second.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing else written
+    assert written == [".lock"]  # nothing else written
     again = claim(str(tmp_path))  # let go: the folder is free again
     assert again is not None
     again.close()

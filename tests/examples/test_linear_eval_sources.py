@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from example_runner import TINY, V3, V12, import_examples, run, run_2p_ranks
+from example_runner import TINY, V3, V12, damage, import_examples, run, run_2p_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_convert_official import official, official_v3_vit_small
@@ -41,7 +41,12 @@ def test_bad_files_get_one_line_errors(tmp_path: Path) -> None:
     torch.save(official("moco_v2_resnet50"), v2 := tmp_path / "v2.pth.tar")
     torch.save({"0.weight": torch.zeros(3, 3)}, head := tmp_path / "head.pth")
     (text := tmp_path / "notes.txt").write_text("not a checkpoint")
+    for name, folder_bit in (("crc.pth.tar", False), ("folder.pth.tar", True)):
+        (tmp_path / name).write_bytes(v2.read_bytes())  # torch.load reads either silently
+        damage(tmp_path / name, folder_bit=folder_bit)
     for extra, expected in (
+        (["--pretrained", str(tmp_path / "crc.pth.tar")], "fails its CRC-32 check"),
+        (["--pretrained", str(tmp_path / "folder.pth.tar")], "is marked as a folder"),
         (["--arch", "resnet18", "--pretrained", str(v2)], "does not fit --arch resnet18: "),
         (["--arch", "resnet18", "--pretrained", str(head)], "holds no backbone"),
         (["--pretrained", str(text)], "is not a PyTorch checkpoint"),

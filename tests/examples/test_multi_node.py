@@ -154,9 +154,11 @@ def test_the_sbatch_script_gives_the_run_of_two_plain_processes(
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
         }
         log = tmp_path / "job.log"
+        # --ntasks-per-node 2, a habit for one task per GPU: srun still starts one agent
+        # (with 2 agents on the node, one of them failed in torchrun's rendezvous)
         job = subprocess.run(
-            ["sbatch", "--wait", "--nodes", "1", "--output", str(log), str(SBATCH),
-             str(EXAMPLES / "moco_v2.py"), *V2, *LONGER, "--output-dir", str(slurm)],
+            ["sbatch", "--wait", "--nodes", "1", "--ntasks-per-node", "2", "--output", str(log),
+             str(SBATCH), str(EXAMPLES / "moco_v2.py"), *V2, *LONGER, "--output-dir", str(slurm)],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     output = log.read_text() if log.exists() else ""

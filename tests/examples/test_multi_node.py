@@ -6,6 +6,7 @@ which torchrun restarts and which resumes (MoCo v2 and v3), and the Slurm script
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -167,3 +168,47 @@ def test_the_sbatch_script_gives_the_run_of_two_plain_processes(
     assert losses(slurm) == losses(expected) and len(losses(expected)) == 9
     done, want = checkpoint(slurm), checkpoint(expected)
     assert not differences({k: done[k] for k in FINAL}, {k: want[k] for k in FINAL})
+
+
+def test_an_elastic_range_goes_on_without_a_lost_node(tmp_path: Path) -> None:
+    """The guide's line with ``--nnodes 1:2``: the second node (its agent and its process)
+    dies after a checkpoint; the first node's agent restarts its process, the rendezvous
+    completes with one node, and the run resumes in a world of one and ends. (The node at
+    --rdzv-endpoint hosts the rendezvous: it is the first one here, and its loss would end
+    the job.)"""
+    port, out = free_port(), tmp_path / "nodes"
+    env, command = guide_launch("moco_v2.py", [*V2, *LONGER, "--save-every", "2"], out, port)
+    command[command.index("--nnodes") + 1] = "1:2"
+    at = next(i for i, a in enumerate(command) if a.endswith("moco_v2.py"))
+    command[at:at] = ["--rdzv-conf", "last_call_timeout=10"]  # how long a round waits for more
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
+
+    def agent() -> subprocess.Popen[str]:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, cwd=EXAMPLES)  # fmt: skip
+
+    first, deadline = agent(), time.monotonic() + 120
+    try:
+        while subprocess.run(["bash", "-c", f"echo > /dev/tcp/127.0.0.1/{port}"],
+                             capture_output=True).returncode:  # fmt: skip
+            assert time.monotonic() < deadline and first.poll() is None, "no rendezvous"
+            time.sleep(0.1)  # the first node hosts the rendezvous store
+        second = agent()
+        try:
+            while not list(out.glob("checkpoint_*.pt")):
+                assert time.monotonic() < deadline and second.poll() is None, "no checkpoint"
+                time.sleep(0.02)
+            for pid in [*children(second.pid), second.pid]:  # the node: its process, its agent
+                os.kill(pid, signal.SIGKILL)
+            lost = second.communicate(timeout=60)[0]
+        finally:
+            second.kill()
+        output = first.communicate(timeout=600)[0]
+    finally:
+        first.kill()
+    assert "no checkpoint in" in lost, lost[-3000:]  # it had joined the first world of two
+    assert first.returncode == 0, output[-6000:]
+    assert "resumed from" in output, output[-6000:]
+    assert "random states of 2 processes, this run has 1" in output  # now a world of one
+    assert len(losses(out)) == 9 and all(math.isfinite(v) for v in losses(out))
+    assert checkpoint(out)["step"] == 9

@@ -82,11 +82,13 @@ def damaged_record(path: Path) -> str | None:
     """What is wrong with a checkpoint's records (a zip), which torch.load does not check, or
     None: the first record whose data fails its CRC-32 (records saved without one,
     ``torch.serialization.set_crc32_options(False)``, write 0 and are not checked), or one
-    marked as a folder, a bit of its header that no CRC-32 covers (torch then reads memory
-    that was never written for it, and loads leftover values as the weights)."""
+    holding data but marked as a folder, a bit of its header that no CRC-32 covers (torch
+    then reads memory that was never written for it, and loads leftover values as the
+    weights)."""
     with zipfile.ZipFile(path) as archive:
         for record in archive.infolist():
-            if record.is_dir() or record.external_attr & 0x10:  # MS-DOS's folder bit
+            # MS-DOS's folder bit on a record with data (a re-zipped file's folders hold none)
+            if (record.is_dir() or record.external_attr & 0x10) and record.file_size:
                 return f"its record {record.filename} is marked as a folder (a changed header)"
             if record.CRC == 0:  # none written (or an empty record: nothing to check)
                 continue
@@ -237,8 +239,11 @@ def resume_states(
     mine: tuple[Any, ...] = (0, "") if resume is None else (resume[1]["step"], resume[0].name)
     every = [mine] * env[2]
     if env[2] > 1:  # every rank read the same checkpoint (a shared --output-dir), checked
-        mine += (fingerprint(resume[0]),) if resume else ()  # before any loading (a
-        dist.all_gather_object(every, mine)  # collective under --fsdp): the same file
+        try:  # before the weights are loaded (a collective under --fsdp): the same file
+            mine += (fingerprint(resume[0]),) if resume else ()
+        except (OSError, zipfile.BadZipFile) as e:  # gone or rewritten since it was read:
+            mine += (f"unreadable now ({e})",)  # every rank still meets in the collective
+        dist.all_gather_object(every, mine)
     if len(set(every)) > 1:
         fail(f"the processes would resume from different checkpoints {every}: every node "
              "must see the same --output-dir (a shared file system)")  # fmt: skip

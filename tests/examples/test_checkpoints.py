@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,23 @@ def test_a_record_marked_as_a_folder_is_skipped_for_the_one_before(
     err = capsys.readouterr().err
     assert "checkpoint_0000008.pt is not a checkpoint" in err and "marked as a folder" in err
     assert (tmp_path / "checkpoint_0000008.pt.unreadable").is_file()
+
+
+def test_a_checkpoint_zipped_again_with_its_folders_resumes(tmp_path: Path) -> None:
+    # zip -r, or Python's zipfile, gives the folders entries of their own (marked as folders,
+    # holding no data), which torch.load reads past: the file is whole
+    fake(tmp_path / "saved", 8)
+    saved = tmp_path / "saved" / "checkpoint_0000008.pt"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(tmp_path / "again.pt", "w") as again:
+        folder = source.namelist()[0].split("/")[0]  # torch.save's: the file's stem
+        entry = zipfile.ZipInfo(f"{folder}/")  # what zip -r writes first: the folder
+        entry.external_attr = 0o40755 << 16 | 0x10  # a Unix folder, and MS-DOS's folder bit
+        again.writestr(entry, b"")
+        for record in source.infolist():
+            again.writestr(record, source.read(record))
+    assert any(r.is_dir() for r in zipfile.ZipFile(tmp_path / "again.pt").infolist())
+    resumed = load_resume(resume_args(tmp_path / "run", str(tmp_path / "again.pt")), *CHECKS)
+    assert resumed is not None and resumed[1]["step"] == 8
 
 
 def resume_each_ranks_folder() -> dict[str, Any]:
